@@ -1,0 +1,343 @@
+"""Command line: run, check, init, send, status, retry, refresh, tenant, receiver."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from webhookd import __version__, config, logs, views
+
+DEFAULT_CONFIG = "config.toml"
+
+
+def config_path(args: argparse.Namespace) -> str:
+    return str(args.config or os.environ.get("WEBHOOKD_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_or_exit(args: argparse.Namespace) -> config.Config:
+    try:
+        return config.load(config_path(args))
+    except config.ConfigError as exc:
+        for error in exc.errors:
+            print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+# -- run -----------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from webhookd.service import Service, install_signals
+    from webhookd.store import StoreError
+
+    cfg = load_or_exit(args)
+    logs.configure(cfg.daemon.log_format, cfg.daemon.log_level)
+    import structlog
+
+    log = structlog.get_logger("webhookd")
+    for warning in cfg.warnings:
+        log.warning("config_warning", warning=warning)
+
+    async def main() -> None:
+        shutdown, reload = asyncio.Event(), asyncio.Event()
+        service = Service(cfg)
+        install_signals(shutdown, reload, service)
+        await service.run(shutdown, reload)
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    except StoreError as exc:
+        log.error("database_unusable", error=str(exc), database=str(cfg.daemon.database))
+        return 1
+    except OSError as exc:
+        log.error("cannot_start", error=str(exc), listen=cfg.daemon.listen)
+        return 1
+    return 0
+
+
+# -- check and init ------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = load_or_exit(args)
+    d = cfg.daemon
+    print(f"{config_path(args)}: OK")
+    print(f"  database    {d.database} (durability {d.durability})")
+    print(f"  listen      {d.listen} ({'token required' if d.api_token else 'no token'})")
+    print(f"  tenants_dir {d.tenants_dir or '-'}")
+    if cfg.catalogue.custom:
+        print(f"  custom events: {', '.join(cfg.catalogue.custom)}")
+    print(f"  {len(cfg.tenants)} tenant(s)")
+    rows = []
+    for t in cfg.tenants.values():
+        events = "*" if "*" in t.events else f"{len(t.subscribed)} events"
+        rows.append(
+            [
+                t.name,
+                "enabled" if t.enabled else "disabled",
+                "batched" if t.batching else "single",
+                events,
+                t.secret_ref.kind,
+                "signed" if t.signing_secret else "-",
+                t.endpoint,
+            ]
+        )
+    if rows:
+        headers = ["TENANT", "STATE", "MODE", "EVENTS", "SECRET", "SIGNING", "ENDPOINT"]
+        print("\n" + views.table(headers, rows))
+    if cfg.warnings:
+        print(f"\n{len(cfg.warnings)} warning(s):")
+        for warning in cfg.warnings:
+            print(f"  warning: {warning}")
+    return 0
+
+
+def starter_config() -> dict[str, Any]:
+    return {
+        "daemon": {
+            "database": "webhookd.db",
+            "listen": "127.0.0.1:8787",
+            "api_token": secrets.token_urlsafe(32),
+            "tenants_dir": "tenants.d",
+            "log_format": "auto",
+            "log_level": "info",
+            "durability": "full",
+            "max_connections": 1000,
+            "source_address": "",
+            "allow_private_endpoints": False,
+            "shutdown_grace": 10.0,
+            "max_body_bytes": 10485760,
+            "ca_file": "",
+        },
+        "events": {"custom": []},
+        "delivery": {
+            "batch_size": 100,
+            "batch_window": 10.0,
+            "batch_timeout": 5.0,
+            "timeout": 10.0,
+            "retry_base": 30.0,
+            "retry_doublings": 12,
+            "retry_after_doublings": 86400.0,
+            "success_statuses": [200],
+            "recent_failures": 10,
+        },
+        "tenants": {
+            "example": {
+                "enabled": False,
+                "batching": True,
+                "endpoint": "https://hooks.example.com/webhooks",
+                "secret_env": "EXAMPLE_WEBHOOK_SECRET",
+                "events": ["PRODUCT_STATUS_CHANGED", "CHECK_COMPLETED"],
+            }
+        },
+    }
+
+
+STARTER_HEADER = """\
+# webhookd configuration, written by `webhookd init`.
+# Every key is shown with its default; config.example.toml explains each one.
+# The api_token below was generated for you: keep this file private (mode 0600).
+# Validate with `webhookd check -c {path}`; apply changes with SIGHUP (systemctl reload).
+
+"""
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        print(f"error: {path} exists; use --force to overwrite", file=sys.stderr)
+        return 1
+    text = STARTER_HEADER.format(path=path) + tomli_w.dumps(starter_config())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.chmod(path, 0o600)
+    print(f"wrote {path} (mode 0600) with a fresh api_token")
+    return 0
+
+
+# -- API clients ---------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    pass
+
+
+def api_call(
+    cfg: config.Config, method: str, path: str, body: Any = None, *, text: bool = False
+) -> Any:
+    host = cfg.daemon.listen_host
+    if host in ("0.0.0.0", "::", ""):  # listening everywhere: talk to ourselves on loopback
+        host = "127.0.0.1" if host != "::" else "::1"
+    host = f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{cfg.daemon.listen_port}{path}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if text:
+        request.add_header("Accept", "text/plain")
+    token = cfg.daemon.api_token.reveal()
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            payload = response.read()
+    except urllib.error.HTTPError as exc:
+        payload = exc.read()
+        try:
+            error = json.loads(payload)
+            message = f"{error.get('error')}: {error.get('detail')}"
+        except ValueError:
+            message = payload.decode(errors="replace")
+        raise ApiError(f"HTTP {exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ApiError(f"cannot reach webhookd at {url}: {reason}") from None
+    return payload.decode() if text else json.loads(payload)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    cfg = load_or_exit(args)
+    raw = args.data
+    if raw.startswith("@"):
+        raw = Path(raw[1:]).read_text(encoding="utf-8")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        print(f"error: --data is not valid JSON: {exc}", file=sys.stderr)
+        return 1
+    item: dict[str, Any] = {"event": args.event, "data": data}
+    if args.id:
+        item["id"] = args.id
+    answer = api_call(cfg, "POST", f"/v1/tenants/{args.tenant}/webhooks", item)
+    for webhook in answer["webhooks"]:
+        print(f"{webhook['status']}: id {webhook['id']} sequence {webhook['sequence']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = load_or_exit(args)
+    path = f"/v1/tenants/{args.tenant}/status" if args.tenant else "/v1/status"
+    print(api_call(cfg, "GET", path, text=True), end="")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    cfg = load_or_exit(args)
+    if args.all == bool(args.tenant):
+        print("error: name a TENANT or give --all", file=sys.stderr)
+        return 2
+    if args.all:
+        answer = api_call(cfg, "POST", "/v1/retry")
+        print(f"retrying {answer['count']} tenant(s): {', '.join(answer['retrying']) or '-'}")
+    else:
+        answer = api_call(cfg, "POST", f"/v1/tenants/{args.tenant}/retry")
+        state = "retrying now" if answer["retrying"] else f"nothing to retry ({answer['queue']})"
+        print(f"{args.tenant}: {state}")
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    cfg = load_or_exit(args)
+    answer = api_call(cfg, "POST", f"/v1/tenants/{args.tenant}/refresh")
+    print(f"{args.tenant}: cleared {answer['cleared']} failure(s)")
+    return 0
+
+
+def cmd_receiver(args: argparse.Namespace) -> int:
+    from webhookd import receiver
+
+    return receiver.main(args)
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="webhookd", description="Durable, ordered, per-tenant webhook delivery."
+    )
+    parser.add_argument("--version", action="version", version=f"webhookd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, *, with_config: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if with_config:
+            sub.add_argument(
+                "-c",
+                "--config",
+                metavar="CONFIG",
+                help="config file (default: $WEBHOOKD_CONFIG, else ./config.toml)",
+            )
+        return sub
+
+    command("run", "run the daemon in the foreground").set_defaults(func=cmd_run)
+    command("check", "validate the configuration and print a summary").set_defaults(
+        func=cmd_check
+    )
+    init = command("init", "write a starter config with a fresh api_token", with_config=False)
+    init.add_argument("path", nargs="?", default=DEFAULT_CONFIG, metavar="PATH")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(func=cmd_init)
+
+    send = command("send", "ingest one webhook through the API")
+    send.add_argument("tenant", metavar="TENANT")
+    send.add_argument("event", metavar="EVENT")
+    send.add_argument("--data", default="{}", metavar="JSON|@FILE", help="the data object")
+    send.add_argument("--id", help="the producer's id (makes a resend idempotent)")
+    send.set_defaults(func=cmd_send)
+
+    status = command("status", "show the status view as a table")
+    status.add_argument("tenant", nargs="?", metavar="TENANT")
+    status.set_defaults(func=cmd_status)
+
+    retry = command("retry", "attempt now, ignoring backoff")
+    retry.add_argument("tenant", nargs="?", metavar="TENANT")
+    retry.add_argument("--all", action="store_true", help="every waiting tenant")
+    retry.set_defaults(func=cmd_retry)
+
+    refresh = command("refresh", "clear a tenant's recent failures")
+    refresh.add_argument("tenant", metavar="TENANT")
+    refresh.set_defaults(func=cmd_refresh)
+
+    recv = command("receiver", "a development endpoint that prints deliveries", with_config=False)
+    recv.add_argument("--listen", default="127.0.0.1:9000", metavar="HOST:PORT")
+    recv.add_argument("--secret", default="", help="expected shared secret")
+    recv.add_argument("--signing-secret", default="", help="whsec_... to verify signatures")
+    recv.add_argument("--fail-rate", type=float, default=0.0, help="answer 503 this often (0-1)")
+    recv.add_argument("--delay", type=float, default=0.0, help="seconds to wait before answering")
+    recv.add_argument("--quiet", action="store_true", help="print a summary line per second")
+    recv.set_defaults(func=cmd_receiver)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

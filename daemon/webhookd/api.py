@@ -1,0 +1,266 @@
+"""The HTTP API: ingest, status, control, metrics. Handlers are thin; the service decides."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from webhookd import views
+from webhookd.config import TENANT_NAME
+from webhookd.service import IngestItem, NotFound, Service, ServiceError
+
+log = structlog.get_logger("webhookd.api")
+
+SERVICE = web.AppKey("service", Service)
+MAX_ITEMS = 1000
+MAX_ID_LENGTH = 255
+ITEM_KEYS = frozenset({"event", "data", "id"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "bad_request"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+def json_response(body: Any, status: int = 200, *, pretty: bool = False) -> web.Response:
+    option = orjson.OPT_INDENT_2 if pretty else 0
+    return web.Response(
+        body=orjson.dumps(body, option=option), status=status, content_type="application/json"
+    )
+
+
+def error_response(status: int, code: str, detail: str) -> web.Response:
+    return json_response({"error": code, "detail": detail}, status)
+
+
+ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error answers JSON `{"error", "detail"}`; a bug answers 500, never a traceback."""
+    try:
+        return await handler(request)
+    except ServiceError as exc:
+        return error_response(exc.status, exc.code, exc.detail)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        detail = exc.text if exc.text and exc.status != 404 else exc.reason
+        if exc.status == 404:
+            detail = f"no such path: {request.method} {request.path}"
+        elif exc.status == 413:
+            detail = "the request body is larger than max_body_bytes"
+        return error_response(exc.status, ERROR_CODES.get(exc.status, "http_error"), detail)
+    except Exception:
+        log.exception("request_failed", method=request.method, path=request.path)
+        return error_response(500, "internal", "an internal error occurred; see the daemon log")
+
+
+def auth_middleware(token: str) -> Any:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != "/healthz":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return error_response(
+                    401, "unauthorized", "send Authorization: Bearer <api_token>"
+                )
+        return await handler(request)
+
+    return check
+
+
+def create_app(service: Service) -> web.Application:
+    middlewares: list[Any] = [errors_middleware]
+    token = service.config.daemon.api_token.reveal()
+    if token:
+        middlewares.append(auth_middleware(token))
+    app = web.Application(
+        middlewares=middlewares, client_max_size=service.config.daemon.max_body_bytes
+    )
+    app[SERVICE] = service
+    app.add_routes(
+        [
+            web.post("/v1/tenants/{tenant}/webhooks", ingest),
+            web.get("/v1/tenants/{tenant}/webhooks", peek),
+            web.get("/v1/status", status_all),
+            web.get("/v1/tenants/{tenant}/status", status_one),
+            web.post("/v1/retry", retry_all),
+            web.post("/v1/tenants/{tenant}/retry", retry),
+            web.post("/v1/tenants/{tenant}/refresh", refresh),
+            web.post("/v1/tenants/{tenant}/pause", pause),
+            web.post("/v1/tenants/{tenant}/resume", resume),
+            web.post("/v1/tenants/{tenant}/skip", skip),
+            web.get("/v1/tenants/{tenant}/parked", parked),
+            web.post("/v1/tenants/{tenant}/parked/{id}/requeue", requeue),
+            web.get("/healthz", healthz),
+            web.get("/metrics", metrics),
+        ]
+    )
+    return app
+
+
+def tenant_name(request: web.Request) -> str:
+    name = request.match_info["tenant"]
+    if not TENANT_NAME.match(name):
+        raise NotFound(f"{name!r} is not a valid tenant name")
+    return name
+
+
+# -- ingest ------------------------------------------------------------------------------------
+
+
+def parse_ingest(body: bytes) -> list[IngestItem]:
+    """Validate an ingest body: one webhook object or a non-empty array of up to 1000."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    if isinstance(document, dict):
+        documents = [document]
+    elif isinstance(document, list):
+        if not document:
+            raise BadRequest("the array is empty; send 1 to 1000 webhooks")
+        if len(document) > MAX_ITEMS:
+            raise BadRequest(f"{len(document)} webhooks in one request; the limit is {MAX_ITEMS}")
+        documents = document
+    else:
+        raise BadRequest('expected a webhook object {"event", "data", "id"?} or an array of them')
+    return [_item(index, doc, many=isinstance(document, list)) for index, doc in enumerate(documents)]
+
+
+def _item(index: int, doc: Any, *, many: bool) -> IngestItem:
+    where = f"item {index}: " if many else ""
+    if not isinstance(doc, dict):
+        raise BadRequest(f"{where}expected an object")
+    unknown = set(doc) - ITEM_KEYS
+    if unknown:
+        raise BadRequest(f"{where}unknown field(s) {', '.join(sorted(unknown))}; "
+                         "expected event, data, id")
+    event = doc.get("event")
+    if not isinstance(event, str) or not event:
+        raise BadRequest(f"{where}event must be a non-empty string")
+    data = doc.get("data", {})
+    if not isinstance(data, dict):
+        raise BadRequest(f"{where}data must be a JSON object")
+    webhook_id = doc.get("id")
+    if webhook_id is not None and (
+        not isinstance(webhook_id, str) or not 0 < len(webhook_id) <= MAX_ID_LENGTH
+    ):
+        raise BadRequest(f"{where}id must be a string of 1 to {MAX_ID_LENGTH} characters")
+    return IngestItem(webhook_id, event, orjson.dumps(data).decode())
+
+
+async def ingest(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    name = tenant_name(request)
+    service.tenant_config(name)  # 404 before reading a body we would refuse anyway
+    content_type = request.headers.get("Content-Type", "application/json")
+    if not (request.content_type == "application/json" or request.content_type.endswith("+json")):
+        raise UnsupportedMediaType(
+            f"Content-Type {content_type!r} is not JSON; send application/json"
+        )
+    items = parse_ingest(await request.read())
+    results = await service.ingest(name, items)
+    return json_response({"webhooks": results}, 202)
+
+
+# -- status and control ------------------------------------------------------------------------
+
+
+def wants_text(request: web.Request) -> bool:
+    if request.query.get("format") == "text":
+        return True
+    accept = request.headers.get("Accept", "")
+    return "text/plain" in accept and "application/json" not in accept
+
+
+async def status_all(request: web.Request) -> web.Response:
+    status = request.app[SERVICE].status()
+    if wants_text(request):
+        return web.Response(text=views.status_table(status))
+    return json_response(status, pretty=True)
+
+
+async def status_one(request: web.Request) -> web.Response:
+    status = request.app[SERVICE].tenant_status(tenant_name(request))
+    if wants_text(request):
+        return web.Response(text=views.tenant_text(status))
+    return json_response(status, pretty=True)
+
+
+async def retry(request: web.Request) -> web.Response:
+    return json_response(request.app[SERVICE].retry(tenant_name(request)))
+
+
+async def retry_all(request: web.Request) -> web.Response:
+    return json_response(request.app[SERVICE].retry_all())
+
+
+async def refresh(request: web.Request) -> web.Response:
+    return json_response(await request.app[SERVICE].refresh(tenant_name(request)))
+
+
+async def pause(request: web.Request) -> web.Response:
+    return json_response(await request.app[SERVICE].set_paused(tenant_name(request), True))
+
+
+async def resume(request: web.Request) -> web.Response:
+    return json_response(await request.app[SERVICE].set_paused(tenant_name(request), False))
+
+
+async def skip(request: web.Request) -> web.Response:
+    return json_response(await request.app[SERVICE].skip(tenant_name(request)))
+
+
+async def parked(request: web.Request) -> web.Response:
+    name = tenant_name(request)
+    return json_response(
+        {"tenant": name, "parked": await request.app[SERVICE].parked(name)}, pretty=True
+    )
+
+
+async def requeue(request: web.Request) -> web.Response:
+    name = tenant_name(request)
+    return json_response(await request.app[SERVICE].requeue(name, request.match_info["id"]))
+
+
+async def peek(request: web.Request) -> web.Response:
+    name = tenant_name(request)
+    text = request.query.get("limit", "10")
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise BadRequest("limit must be an integer from 1 to 1000")
+    webhooks = await request.app[SERVICE].peek(name, int(text))
+    return json_response({"tenant": name, "webhooks": webhooks}, pretty=True)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    if await request.app[SERVICE].healthy():
+        return json_response({"status": "ok"})
+    return error_response(503, "unhealthy", "the database does not answer")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVICE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,613 @@
+"""TOML configuration -> frozen dataclasses, strictly validated.
+
+Every error names the file (as given) and the key path, and says what was expected:
+``config.toml: tenants.acme.endpoint: not an http(s) URL``. Unknown keys are errors, so a
+misspelled key never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from webhookd.events import ALL_EVENTS, EVENT_NAME, Catalogue, UnknownEvent
+
+TENANT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SIGNING_SECRET = re.compile(r"^whsec_[A-Za-z0-9+/=]+$")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """One or more configuration errors, each already prefixed with file and key path."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class Secret:
+    """A secret value that never shows itself in a repr, a log line or an f-string."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class DeliveryOptions:
+    """`[delivery]` defaults; any of them may be overridden in a tenant's table."""
+
+    batch_size: int = 100
+    batch_window: float = 10.0
+    batch_timeout: float = 5.0
+    timeout: float = 10.0
+    retry_base: float = 30.0
+    retry_doublings: int = 12
+    retry_after_doublings: float = 86400.0
+    success_statuses: tuple[int, ...] = (200,)
+    recent_failures: int = 10
+
+
+DELIVERY_KEYS = tuple(f.name for f in fields(DeliveryOptions))
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    database: Path = Path("webhookd.db")
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8787
+    api_token: Secret = field(default_factory=lambda: Secret(""))
+    tenants_dir: Path | None = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "info"
+    durability: Literal["full", "normal"] = "full"
+    max_connections: int = 1000
+    source_address: str = ""
+    allow_private_endpoints: bool = False
+    shutdown_grace: float = 10.0
+    max_body_bytes: int = 10 * 1024 * 1024
+    ca_file: Path | None = None
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """Where a tenant's secret comes from: `secret` (inline), `secret_file` or `secret_env`."""
+
+    kind: Literal["secret", "secret_file", "secret_env"]
+    # The file path or variable name; empty for an inline secret (its value is not kept here).
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    name: str
+    endpoint: str
+    events: tuple[str, ...]
+    subscribed: frozenset[str]
+    secret: Secret
+    secret_ref: SecretRef
+    enabled: bool = True
+    batching: bool = False
+    authorization_header: bool = True
+    signing_secret: Secret = field(default_factory=lambda: Secret(""))
+    source_address: str = ""
+    delivery: DeliveryOptions = field(default_factory=DeliveryOptions)
+    # Keys set explicitly in the tenant's own table, so the API can show them as written.
+    overrides: tuple[str, ...] = ()
+    # The file that defines the tenant; `from_api` when it lives in tenants_dir.
+    origin: Path = Path()
+    from_api: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    daemon: DaemonConfig
+    delivery: DeliveryOptions
+    catalogue: Catalogue
+    tenants: Mapping[str, TenantConfig]
+    warnings: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading typed values with key paths
+
+
+class _Table:
+    """One TOML table being read: takes typed keys, records errors, rejects leftovers."""
+
+    def __init__(self, source: str, path: str, raw: Any, errors: list[str]) -> None:
+        self.source = source
+        self.path = path
+        self.errors = errors
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            self.error("", "must be a table")
+            raw = {}
+        self.raw: dict[str, Any] = raw
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, message: str) -> None:
+        where = self.key(name) if name else self.path
+        self.errors.append(f"{self.source}: {where}: {message}")
+
+    def has(self, name: str) -> bool:
+        return name in self.raw
+
+    def sub(self, name: str) -> _Table:
+        self.seen.add(name)
+        return _Table(self.source, self.key(name), self.raw.get(name), self.errors)
+
+    def get(self, name: str, default: T, convert: Callable[[Any], T]) -> T:
+        """The value of `name` through `convert` (which raises ValueError with a message)."""
+        self.seen.add(name)
+        if name not in self.raw:
+            return default
+        try:
+            return convert(self.raw[name])
+        except ValueError as exc:
+            self.error(name, str(exc))
+            return default
+
+    def finish(self) -> None:
+        for name in sorted(set(self.raw) - self.seen):
+            self.error(name, "unknown key")
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _int(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected an integer")
+        if not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}, got {value}")
+        return value
+
+    return convert
+
+
+def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("expected a number")
+        value = float(value)
+        too_low = value <= low if low_open else value < low
+        if too_low or value > high:
+            bound = f"more than {low:g}" if low_open else f"from {low:g}"
+            raise ValueError(f"expected a number {bound} to {high:g}, got {value:g}")
+        return value
+
+    return convert
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(repr(c) for c in choices))
+        return str(value)
+
+    return convert
+
+
+def _ip_or_empty(value: Any) -> str:
+    text = _str(value)
+    if text:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError(f"not an IP address: {text!r}") from None
+    return text
+
+
+def _statuses(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of HTTP status codes")
+    for status in value:
+        if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 299:
+            raise ValueError("expected status codes from 200 to 299 (redirects are never followed)")
+    return tuple(sorted(set(value)))
+
+
+def endpoint_url(value: Any) -> str:
+    text = _str(value)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValueError("not an http(s) URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    if parts.username or parts.password:
+        raise ValueError("credentials in the URL are not allowed; use the tenant secret")
+    if parts.fragment:
+        raise ValueError("a URL fragment is never sent; remove it")
+    return text
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    text = _str(value)
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+
+
+@dataclass
+class _Context:
+    """What parsing one tenant needs from the rest of the file."""
+
+    source: str
+    base_dir: Path
+    catalogue: Catalogue
+    delivery: DeliveryOptions
+    errors: list[str]
+    warnings: list[str]
+    environ: Mapping[str, str]
+
+
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and resolve a configuration file (and its tenants_dir)."""
+    source = os.fspath(path)
+    config_path = Path(source)
+    try:
+        raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{source}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{source}: cannot read: {exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
+    return from_dict(raw, config_path, environ=os.environ if environ is None else environ)
+
+
+def from_dict(raw: dict[str, Any], config_path: Path, environ: Mapping[str, str]) -> Config:
+    source = os.fspath(config_path)
+    base_dir = config_path.resolve().parent
+    errors: list[str] = []
+    warnings: list[str] = []
+    root = _Table(source, "", raw, errors)
+
+    daemon = _daemon(root.sub("daemon"), base_dir, environ)
+    catalogue = _catalogue(root.sub("events"))
+    delivery = _delivery(root.sub("delivery"), DeliveryOptions())
+    ctx = _Context(source, base_dir, catalogue, delivery, errors, warnings, environ)
+
+    tenants: dict[str, TenantConfig] = {}
+    tenants_table = root.sub("tenants")
+    for name in tenants_table.raw:
+        tenants_table.seen.add(name)
+        table = tenants_table.sub(name)
+        if not TENANT_NAME.match(name):
+            table.error("", "tenant names are 1 to 64 of A-Z a-z 0-9 _ -")
+            continue
+        tenant = parse_tenant(name, table, ctx, origin=config_path.resolve(), from_api=False)
+        if tenant is not None:
+            tenants[name] = tenant
+    root.finish()
+
+    if daemon.tenants_dir is not None and daemon.tenants_dir.is_dir():
+        for tenant in _load_tenants_dir(daemon.tenants_dir, ctx):
+            if tenant.name in tenants:
+                errors.append(
+                    f"{tenant.origin}: tenant {tenant.name!r} is also defined in {source}; "
+                    "remove one of them"
+                )
+            else:
+                tenants[tenant.name] = tenant
+
+    if errors:
+        raise ConfigError(errors)
+    return Config(
+        path=config_path,
+        daemon=daemon,
+        delivery=delivery,
+        catalogue=catalogue,
+        tenants=dict(sorted(tenants.items())),
+        warnings=tuple(warnings),
+    )
+
+
+def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> DaemonConfig:
+    defaults = DaemonConfig()
+
+    def path_in(value: Any) -> Path:
+        text = _str(value)
+        if not text:
+            raise ValueError("expected a path, got an empty string")
+        return base_dir / Path(text).expanduser()
+
+    database = table.get("database", base_dir / defaults.database, path_in)
+    host, port = table.get("listen", ("127.0.0.1", 8787), parse_listen)
+    token = table.get("api_token", "", _str)
+    token_file = table.get("api_token_file", "", _str)
+    if token and token_file:
+        table.error("api_token_file", "set api_token or api_token_file, not both")
+    elif token_file:
+        try:
+            token = (base_dir / token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            table.error("api_token_file", f"cannot read {token_file!r}: {exc.strerror}")
+        else:
+            if not token:
+                table.error("api_token_file", f"{token_file!r} is empty")
+    if not token and not is_loopback(host):
+        table.error(
+            "listen",
+            f"{host} is not a loopback address: set api_token (or api_token_file) "
+            "so the API is not open to the network",
+        )
+    tenants_dir_text = table.get("tenants_dir", "tenants.d", _str)
+    ca_text = table.get("ca_file", "", _str)
+    ca_file = base_dir / ca_text if ca_text else None
+    if ca_file is not None and not ca_file.is_file():
+        table.error("ca_file", f"no such file: {ca_text!r}")
+    config = DaemonConfig(
+        database=database,
+        listen_host=host,
+        listen_port=port,
+        api_token=Secret(token),
+        tenants_dir=base_dir / tenants_dir_text if tenants_dir_text else None,
+        log_format=table.get("log_format", "auto", _choice("auto", "json", "console")),  # type: ignore[arg-type]
+        log_level=table.get("log_level", "info", _choice(*LOG_LEVELS)),
+        durability=table.get("durability", "full", _choice("full", "normal")),  # type: ignore[arg-type]
+        max_connections=table.get("max_connections", 1000, _int(1, 100_000)),
+        source_address=table.get("source_address", "", _ip_or_empty),
+        allow_private_endpoints=table.get("allow_private_endpoints", False, _bool),
+        shutdown_grace=table.get("shutdown_grace", 10.0, _number(0, 3600)),
+        max_body_bytes=table.get("max_body_bytes", defaults.max_body_bytes, _int(1024, 1 << 30)),
+        ca_file=ca_file,
+    )
+    table.finish()
+    return config
+
+
+def _catalogue(table: _Table) -> Catalogue:
+    def custom(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise ValueError("expected a list of event type names")
+        for event in value:
+            if not isinstance(event, str) or not EVENT_NAME.match(event):
+                raise ValueError(f"{event!r} is not an event name (A-Z, 0-9, _; 1 to 64)")
+            if Catalogue().is_known(event):
+                raise ValueError(f"{event} is already a built-in event type")
+        return tuple(dict.fromkeys(value))
+
+    catalogue = Catalogue(custom=table.get("custom", (), custom))
+    table.finish()
+    return catalogue
+
+
+def _delivery(table: _Table, base: DeliveryOptions, *, only_known: bool = True) -> DeliveryOptions:
+    """Delivery options from `table`, starting from `base`. Reads only [delivery] keys."""
+    values: dict[str, Any] = {}
+    converters: dict[str, Callable[[Any], Any]] = {
+        "batch_size": _int(1, 1000),
+        "batch_window": _number(0, 10),
+        "batch_timeout": _number(0, 600, low_open=True),
+        "timeout": _number(0, 600, low_open=True),
+        "retry_base": _number(0, 86400 * 7, low_open=True),
+        "retry_doublings": _int(0, 30),
+        "retry_after_doublings": _number(0, 86400 * 30, low_open=True),
+        "success_statuses": _statuses,
+        "recent_failures": _int(0, 1000),
+    }
+    for key, convert in converters.items():
+        values[key] = table.get(key, getattr(base, key), convert)
+    if only_known:
+        table.finish()
+    return DeliveryOptions(**values)
+
+
+def parse_tenant(
+    name: str, table: _Table, ctx: _Context, *, origin: Path, from_api: bool
+) -> TenantConfig | None:
+    """Validate one tenant table; None (with errors recorded) when it is invalid."""
+    errors_before = len(ctx.errors)
+    endpoint = table.get("endpoint", "", endpoint_url)
+    if not table.has("endpoint"):
+        table.error("endpoint", "required (the URL webhooks are sent to)")
+
+    events = _events(table, ctx, from_api=from_api)
+    secret, secret_ref = _secret(table, ctx)
+
+    signing = table.get("signing_secret", "", _signing_secret)
+    tenant = TenantConfig(
+        name=name,
+        endpoint=endpoint,
+        events=events,
+        subscribed=frozenset(),
+        secret=Secret(secret),
+        secret_ref=secret_ref,
+        enabled=table.get("enabled", True, _bool),
+        batching=table.get("batching", False, _bool),
+        authorization_header=table.get("authorization_header", True, _bool),
+        signing_secret=Secret(signing),
+        source_address=table.get("source_address", "", _ip_or_empty),
+        delivery=_delivery(table, ctx.delivery, only_known=False),
+        overrides=tuple(k for k in DELIVERY_KEYS if k in table.raw),
+        origin=origin,
+        from_api=from_api,
+    )
+    table.finish()
+    if len(ctx.errors) > errors_before:
+        return None
+    subscribed = ctx.catalogue.resolve(events)
+    return replace(tenant, subscribed=subscribed)
+
+
+def _signing_secret(value: Any) -> str:
+    text = _str(value)
+    if text and not SIGNING_SECRET.match(text):
+        raise ValueError("expected whsec_ followed by a base64 key (Standard Webhooks)")
+    if text:
+        try:
+            key = base64.b64decode(text.removeprefix("whsec_"), validate=True)
+        except binascii.Error:
+            raise ValueError("the part after whsec_ is not valid base64") from None
+        if len(key) < 16:
+            raise ValueError("the key is too short (at least 16 bytes after base64 decoding)")
+    return text
+
+
+def _events(table: _Table, ctx: _Context, *, from_api: bool) -> tuple[str, ...]:
+    if not table.has("events"):
+        table.error("events", 'required (a list of event types, or ["*"])')
+        return ()
+
+    def convert(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise ValueError('expected a non-empty list of event types, or ["*"]')
+        for event in value:
+            if not isinstance(event, str):
+                raise ValueError("expected event type names (strings)")
+            if event != ALL_EVENTS and not ctx.catalogue.is_known(event):
+                raise ValueError(f"unknown event type {event!r} (add it to [events] custom?)")
+        return tuple(dict.fromkeys(value))
+
+    events = table.get("events", (), convert)
+    deprecated = [e for e in events if ctx.catalogue.is_deprecated(e)]
+    if deprecated and from_api:
+        modern, refused = ctx.catalogue.modernise(events)
+        if refused:
+            table.error("events", "deprecated event types cannot be chosen: " + ", ".join(refused))
+        return tuple(modern)
+    for event in deprecated:
+        replacement = "COLLECTED_DATA_CHANGED" if event == "COLLECTED_DATA_UPDATED" else None
+        hint = f"; use {replacement}" if replacement else ""
+        ctx.warnings.append(
+            f"{table.source}: {table.key('events')}: {event} is deprecated{hint}"
+        )
+    return events
+
+
+def _secret(table: _Table, ctx: _Context) -> tuple[str, SecretRef]:
+    given = [k for k in ("secret", "secret_file", "secret_env") if table.has(k)]
+    for key in ("secret", "secret_file", "secret_env"):
+        table.seen.add(key)
+    if len(given) != 1:
+        table.error(
+            "secret",
+            "set exactly one of secret, secret_file, secret_env"
+            + (f" (found {', '.join(given)})" if given else ""),
+        )
+        return "", SecretRef("secret")
+    key = given[0]
+    value = table.raw[key]
+    if not isinstance(value, str) or not value:
+        table.error(key, "expected a non-empty string")
+        return "", SecretRef("secret")
+    if key == "secret":
+        return value, SecretRef("secret")
+    if key == "secret_env":
+        secret = ctx.environ.get(value, "")
+        if not secret:
+            table.error(key, f"environment variable {value} is not set or empty")
+        return secret, SecretRef("secret_env", value)
+    path = ctx.base_dir / Path(value).expanduser()
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+        mode = path.stat().st_mode
+    except OSError as exc:
+        table.error(key, f"cannot read {value!r}: {exc.strerror}")
+        return "", SecretRef("secret_file", value)
+    if not secret:
+        table.error(key, f"{value!r} is empty")
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        ctx.warnings.append(
+            f"{table.source}: {table.key(key)}: {value} is readable by other users; chmod 600 it"
+        )
+    return secret, SecretRef("secret_file", value)
+
+
+def _load_tenants_dir(directory: Path, ctx: _Context) -> list[TenantConfig]:
+    tenants: list[TenantConfig] = []
+    for file in sorted(directory.glob("*.toml")):
+        name = file.stem
+        source = os.fspath(file)
+        if not TENANT_NAME.match(name):
+            ctx.errors.append(f"{source}: the file name is not a valid tenant name")
+            continue
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            ctx.errors.append(f"{source}: cannot read: {exc}")
+            continue
+        except tomllib.TOMLDecodeError as exc:
+            ctx.errors.append(f"{source}: not valid TOML: {exc}")
+            continue
+        tenant_ctx = _Context(
+            source, ctx.base_dir, ctx.catalogue, ctx.delivery, ctx.errors, ctx.warnings, ctx.environ
+        )
+        table = _Table(source, "", raw, ctx.errors)
+        tenant = parse_tenant(name, table, tenant_ctx, origin=file.resolve(), from_api=True)
+        if tenant is not None:
+            tenants.append(tenant)
+    return tenants

@@ -1,0 +1,89 @@
+"""The event catalogue: which event types exist, which are deprecated, what replaces them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# As named by the reference product, in its own order.
+CURRENT: tuple[str, ...] = (
+    "PRODUCT_STATUS_CHANGED",
+    "TASK_CREATED",
+    "CHECK_COMPLETED",
+    "PRODUCT_BADGE_CHANGED",
+    "RISK_LEVEL_CHANGED",
+    "RISK_SCORE_CHANGED",
+    "TASK_STATE_CHANGED",
+    "COLLECTED_DATA_CHANGED",
+    "FORM_STATE_CHANGED",
+    "MANUAL_ACTION_REQUIRED",
+    "CUSTOMER_REQUEST_CHANGED",
+    "EVENTS_CREATED",
+    "EVENTS_UPDATED",
+)
+
+# Deprecated type -> its replacement (None: no replacement, just going away).
+DEPRECATED: dict[str, str | None] = {
+    "PROFILE_STATUS_CHANGED": None,
+    "TASK_IS_COMPLETE_CHANGED": None,
+    "COLLECTION_STEPS_COMPLETED": None,
+    "COLLECTED_DATA_UPDATED": "COLLECTED_DATA_CHANGED",
+}
+
+ALL_EVENTS = "*"
+EVENT_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+
+
+class UnknownEvent(ValueError):
+    """An event type that is neither built in nor declared in `[events] custom`."""
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Built-in types plus the deployment's custom ones."""
+
+    custom: tuple[str, ...] = ()
+
+    @property
+    def current(self) -> frozenset[str]:
+        """Every type a new subscription may name: built-in current plus custom."""
+        return frozenset(CURRENT) | frozenset(self.custom)
+
+    def is_known(self, event: str) -> bool:
+        return event in DEPRECATED or event in self.current
+
+    @staticmethod
+    def is_deprecated(event: str) -> bool:
+        return event in DEPRECATED
+
+    def resolve(self, events: Iterable[str]) -> frozenset[str]:
+        """The set of types a subscription list covers; `*` means every current type."""
+        subscribed: set[str] = set()
+        for event in events:
+            if event == ALL_EVENTS:
+                subscribed |= self.current
+            elif self.is_known(event):
+                subscribed.add(event)
+            else:
+                raise UnknownEvent(event)
+        return frozenset(subscribed)
+
+    @staticmethod
+    def modernise(events: Iterable[str]) -> tuple[list[str], list[str]]:
+        """For tenants made through the API: swap replaceable deprecated types, list the rest.
+
+        Returns (events with replacements applied, deprecated types that have no replacement).
+        """
+        modern: list[str] = []
+        refused: list[str] = []
+        for event in events:
+            if event in DEPRECATED:
+                replacement = DEPRECATED[event]
+                if replacement is None:
+                    refused.append(event)
+                    continue
+                event = replacement
+            if event not in modern:
+                modern.append(event)
+        return modern, refused

@@ -1,0 +1,540 @@
+"""Wiring: the store, one worker per tenant, the sender, the API; reload and ordered shutdown.
+
+The HTTP API talks to this module, never to SQL. Shutdown is ordered and bounded: stop
+ingest (503) -> let in-flight attempts finish up to `shutdown_grace` and record their
+outcomes -> close the API and the client -> commit what is pending and close the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from webhookd import config as config_mod
+from webhookd import logs, systemd
+from webhookd.config import Config, ConfigError, TenantConfig
+from webhookd.metrics import Metrics
+from webhookd.scheduler import Clock, InFlight, TenantWorker
+from webhookd.sender import Sender
+from webhookd.store import NewWebhook, Store, StoreError, TenantRecord, TenantRow, Webhook
+
+log = structlog.get_logger("webhookd.service")
+
+
+class ServiceError(Exception):
+    """An error an API caller sees as `{"error": code, "detail": message}` with `status`."""
+
+    status = 500
+    code = "internal"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ServiceError):
+    status, code = 409, "conflict"
+
+
+class UnknownEventType(ServiceError):
+    status, code = 422, "unknown_event"
+
+
+class Unavailable(ServiceError):
+    status, code = 503, "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class IngestItem:
+    """One validated ingest item; `data` is already JSON text."""
+
+    id: str | None
+    event: str
+    data: str
+
+
+def iso(when: float | None) -> str | None:
+    if when is None:
+        return None
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Service:
+    def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or Clock()
+        daemon = config.daemon
+        self.store = Store(daemon.database, durability=daemon.durability)
+        self.sender = Sender(
+            max_connections=daemon.max_connections,
+            source_address=daemon.source_address,
+            allow_private=daemon.allow_private_endpoints,
+            ca_file=daemon.ca_file,
+        )
+        self.metrics = Metrics(self)
+        self.workers: dict[str, TenantWorker] = {}
+        self.accepting = False
+        self.started = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.addresses: list[Any] = []
+        self._abort = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the database, start a worker per tenant, then listen."""
+        from webhookd.api import create_app  # the API depends on the service, not back
+
+        self.store.on_enqueued = self._enqueued
+        records = {r.name: r for r in await self.store.open()}
+        for name, tenant in self.config.tenants.items():
+            self._add_worker(records.pop(name, None) or TenantRecord(name, TenantRow()), tenant)
+        for record in records.values():  # in the database, no longer configured
+            if record.row.last_sequence > record.row.acked_sequence or record.parked:
+                self._add_worker(record, None)
+        app = create_app(self)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        daemon = self.config.daemon
+        site = web.TCPSite(self._runner, daemon.listen_host, daemon.listen_port)
+        await site.start()
+        self.addresses = list(self._runner.addresses)
+        self.accepting = True
+        self.started.set()
+        log.info(
+            "started",
+            listen=[_address(a) for a in self.addresses],
+            tenants=len(self.config.tenants),
+            waiting=sum(w.waiting for w in self.workers.values()),
+            database=str(daemon.database),
+        )
+
+    def _add_worker(self, record: TenantRecord, tenant: TenantConfig | None) -> TenantWorker:
+        worker = TenantWorker(
+            record,
+            tenant,
+            store=self.store,
+            sender=self.sender,
+            clock=self.clock,
+            on_attempt=self.metrics.attempted,
+        )
+        self.workers[record.name] = worker
+        worker.start()
+        return worker
+
+    def _enqueued(self, tenant: str, webhooks: list[Webhook]) -> None:
+        worker = self.workers.get(tenant)
+        if worker is not None:
+            worker.enqueued(webhooks)
+
+    async def run(
+        self, shutdown: asyncio.Event, reload: asyncio.Event | None = None
+    ) -> None:
+        """Serve until `shutdown` is set, reloading whenever `reload` is set."""
+        await self.start()
+        notifier = systemd.Notifier.from_environment()
+        notifier.ready(self.status_line())
+        tasks = [asyncio.create_task(notifier.watchdog_loop(self.status_line))]
+        if reload is not None:
+            tasks.append(asyncio.create_task(self._reload_loop(reload, notifier)))
+        try:
+            await shutdown.wait()
+        finally:
+            notifier.stopping()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self.stop()
+
+    def abort(self) -> None:
+        """A second stop signal: cancel in-flight attempts now (their webhooks stay queued)."""
+        self._abort.set()
+
+    async def stop(self) -> None:
+        """Ordered, bounded shutdown. Idempotent."""
+        if not self.started.is_set():
+            await self.store.close()
+            return
+        self.accepting = False
+        for worker in self.workers.values():
+            worker.stop()
+        tasks = [w.task for w in self.workers.values() if w.task is not None and not w.task.done()]
+        if tasks:
+            in_flight = sum(1 for w in self.workers.values() if w.in_flight)
+            grace = self.config.daemon.shutdown_grace
+            log.info("stopping", in_flight=in_flight, grace_s=grace)
+            # Whichever comes first: every attempt finished, the grace ran out, or a
+            # second signal. Then cancel what is left: its webhooks stay queued.
+            finished = asyncio.ensure_future(asyncio.wait(tasks))
+            aborted = asyncio.ensure_future(self._abort.wait())
+            await asyncio.wait(
+                [finished, aborted], timeout=grace, return_when=asyncio.FIRST_COMPLETED
+            )
+            finished.cancel()
+            aborted.cancel()
+            for task in tasks:
+                task.cancel()
+            for worker in self.workers.values():
+                await worker.join()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.sender.close()
+        await self.store.close()
+        self.started.clear()
+        log.info("stopped")
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def _reload_loop(self, reload: asyncio.Event, notifier: systemd.Notifier) -> None:
+        while True:
+            await reload.wait()
+            reload.clear()
+            notifier.reloading()
+            try:
+                await self.reload()
+            finally:
+                notifier.ready(self.status_line())
+
+    async def reload(self) -> bool:
+        """Re-read the configuration file; on any error keep the running configuration."""
+        async with self._reload_lock:
+            try:
+                new = await asyncio.to_thread(config_mod.load, self.config.path)
+            except ConfigError as exc:
+                for error in exc.errors:
+                    log.error("reload_rejected", error=error)
+                return False
+            self.apply(new)
+            return True
+
+    def apply(self, new: Config) -> None:
+        """Switch to `new`: start added tenants, orphan removed ones, reconfigure the rest."""
+        old = self.config
+        restart_keys = [
+            key
+            for key in vars(new.daemon)
+            if key not in ("log_level", "log_format", "allow_private_endpoints")
+            and getattr(new.daemon, key) != getattr(old.daemon, key)
+        ]
+        if restart_keys:
+            log.warning("restart_needed", keys=sorted(restart_keys))
+        for warning in new.warnings:
+            log.warning("config_warning", warning=warning)
+        logs.configure(new.daemon.log_format, new.daemon.log_level)
+        self.sender.allow_private = new.daemon.allow_private_endpoints
+        # Keys that need a restart keep their running values until then.
+        self.config = Config(
+            path=new.path,
+            daemon=_merge_daemon(old.daemon, new.daemon),
+            delivery=new.delivery,
+            catalogue=new.catalogue,
+            tenants=new.tenants,
+            warnings=new.warnings,
+        )
+        added, removed, changed = [], [], []
+        for name, tenant in new.tenants.items():
+            worker = self.workers.get(name)
+            if worker is None:
+                self._add_worker(TenantRecord(name, TenantRow()), tenant)
+                added.append(name)
+            elif worker.config != tenant:
+                worker.configure(tenant)
+                changed.append(name)
+        for name, worker in self.workers.items():
+            if name not in new.tenants and worker.config is not None:
+                worker.configure(None)
+                removed.append(name)
+        log.info("reloaded", added=added, removed=removed, changed=changed)
+
+    def set_tenant(self, tenant: TenantConfig) -> None:
+        """Apply one tenant's configuration live (the tenant API)."""
+        tenants = dict(self.config.tenants)
+        tenants[tenant.name] = tenant
+        self.config = _with_tenants(self.config, tenants)
+        worker = self.workers.get(tenant.name)
+        if worker is None:
+            self._add_worker(TenantRecord(tenant.name, TenantRow()), tenant)
+        else:
+            worker.configure(tenant)
+
+    def remove_tenant(self, name: str) -> None:
+        tenants = dict(self.config.tenants)
+        tenants.pop(name, None)
+        self.config = _with_tenants(self.config, tenants)
+        worker = self.workers.get(name)
+        if worker is not None:
+            worker.configure(None)
+
+    # -- ingest ------------------------------------------------------------------------------
+
+    def tenant_config(self, name: str) -> TenantConfig:
+        tenant = self.config.tenants.get(name)
+        if tenant is None:
+            raise NotFound(f"no tenant named {name!r} is configured")
+        return tenant
+
+    async def ingest(self, name: str, items: Sequence[IngestItem]) -> list[dict[str, Any]]:
+        """Queue what the tenant subscribes to; answer per item, in order, after the commit."""
+        if not self.accepting:
+            raise Unavailable("webhookd is shutting down; send again shortly")
+        tenant = self.tenant_config(name)
+        catalogue = self.config.catalogue
+        unknown = sorted({i.event for i in items if not catalogue.is_known(i.event)})
+        if unknown:
+            raise UnknownEventType(
+                "unknown event type " + ", ".join(unknown) + "; nothing was queued"
+            )
+        if not tenant.enabled:
+            self.metrics.ingested(name, "disabled", len(items))
+            return [{"id": i.id, "sequence": None, "status": "disabled"} for i in items]
+        answers: list[dict[str, Any] | None] = []
+        queued: list[NewWebhook] = []
+        for item in items:
+            if item.event in tenant.subscribed:
+                queued.append(NewWebhook(item.id, item.event, item.data))
+                answers.append(None)
+            else:
+                answers.append({"id": item.id, "sequence": None, "status": "not_subscribed"})
+        if queued:
+            try:
+                results = await self.store.enqueue(name, queued, self.clock.now())
+            except StoreError as exc:
+                raise Unavailable(f"nothing was queued: {exc}") from None
+            stored = iter(results)
+            for index, answer in enumerate(answers):
+                if answer is None:
+                    result = next(stored)
+                    answers[index] = {
+                        "id": result.id,
+                        "sequence": result.sequence,
+                        "status": result.status,
+                    }
+                    self.metrics.ingested(name, result.status, 1)
+        not_subscribed = len(items) - len(queued)
+        if not_subscribed:
+            self.metrics.ingested(name, "not_subscribed", not_subscribed)
+        return [a for a in answers if a is not None]
+
+    # -- status ------------------------------------------------------------------------------
+
+    def worker(self, name: str) -> TenantWorker:
+        worker = self.workers.get(name)
+        if worker is None or (worker.config is None and not worker.waiting and not worker.parked):
+            raise NotFound(f"no tenant named {name!r}")
+        return worker
+
+    def visible_workers(self) -> list[TenantWorker]:
+        return [
+            w
+            for name, w in sorted(self.workers.items())
+            if w.config is not None or w.waiting or w.parked
+        ]
+
+    def tenant_status(self, name: str) -> dict[str, Any]:
+        return self._status_of(self.worker(name), self.clock.now())
+
+    def _status_of(self, worker: TenantWorker, now: float) -> dict[str, Any]:
+        tenant = worker.config
+        state = worker.snapshot()
+        last = state["last_processed_at"]
+        return {
+            "tenant": worker.name,
+            "enabled": tenant.enabled if tenant else False,
+            "paused": state["paused"],
+            "batching": tenant.batching if tenant else False,
+            "queue": worker.queue_state,
+            "waiting": state["waiting"],
+            "oldest_waiting_at": iso(state["oldest_waiting_at"]),
+            "last_processed_at": iso(last),
+            "seconds_since_last_processed": None if last is None else round(now - last, 1),
+            "attempts": state["attempts"],
+            "next_attempt_at": iso(state["next_attempt_at"]),
+            "in_flight": worker.in_flight is not None,
+            "parked": state["parked"],
+            "recent_failures": [
+                {
+                    "at": iso(f.at),
+                    "attempt": f.attempt,
+                    "first_sequence": f.first_sequence,
+                    "last_sequence": f.last_sequence,
+                    "count": f.count,
+                    "status": f.status,
+                    "error": f.error,
+                    "duration_ms": f.duration_ms,
+                }
+                for f in state["failures"]
+            ],
+        }
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock.now()
+        tenants = [self._status_of(w, now) for w in self.visible_workers()]
+        totals: dict[str, int] = {"tenants": len(tenants), "waiting": 0, "parked": 0}
+        for state in ("empty", "waiting", "stalled", "paused", "disabled", "orphaned"):
+            totals[state] = 0
+        for status in tenants:
+            totals["waiting"] += status["waiting"]
+            totals["parked"] += status["parked"]
+            totals[status["queue"]] += 1
+        return {"tenants": tenants, "totals": totals}
+
+    def status_line(self) -> str:
+        visible = self.visible_workers()
+        waiting = sum(w.waiting for w in visible)
+        stalled = sum(1 for w in visible if w.queue_state == "stalled")
+        return f"{len(visible)} tenants, {waiting} waiting, {stalled} stalled"
+
+    # -- control -----------------------------------------------------------------------------
+
+    def retry(self, name: str) -> dict[str, Any]:
+        worker = self.worker(name)
+        will = worker.request_retry()
+        return {"tenant": name, "retrying": will, "queue": worker.queue_state}
+
+    def retry_all(self) -> dict[str, Any]:
+        retried = [
+            w.name
+            for w in self.visible_workers()
+            if w.waiting and w.queue_state in ("waiting", "stalled") and w.request_retry()
+        ]
+        return {"retrying": retried, "count": len(retried)}
+
+    async def refresh(self, name: str) -> dict[str, Any]:
+        cleared = await self._write(self.worker(name).clear_failures())
+        return {"tenant": name, "cleared": cleared}
+
+    async def set_paused(self, name: str, paused: bool) -> dict[str, Any]:
+        worker = self.worker(name)
+        await self._write(worker.set_paused(paused))
+        return {"tenant": name, "paused": paused, "queue": worker.queue_state}
+
+    async def skip(self, name: str) -> dict[str, Any]:
+        worker = self.worker(name)
+        try:
+            parked = await self._write(worker.skip())
+        except InFlight:
+            raise Conflict(
+                f"an attempt for {name} is in flight; skip again once it has finished"
+            ) from None
+        if parked is None:
+            raise Conflict(f"{name} has no webhook waiting to skip")
+        log.warning("skipped", tenant=name, sequence=parked.sequence, id=parked.id)
+        return {"tenant": name, "parked": {"id": parked.id, "sequence": parked.sequence}}
+
+    async def requeue(self, name: str, webhook_id: str) -> dict[str, Any]:
+        worker = self.worker(name)
+        webhook = await self._write(worker.requeue(webhook_id))
+        if webhook is None:
+            raise NotFound(f"{name} has no parked webhook with id {webhook_id!r}")
+        log.info("requeued", tenant=name, sequence=webhook.sequence, id=webhook.id)
+        return {"tenant": name, "id": webhook.id, "sequence": webhook.sequence}
+
+    async def parked(self, name: str) -> list[dict[str, Any]]:
+        self.worker(name)
+        return [
+            {
+                **_webhook_view(p.webhook),
+                "parked_at": iso(p.parked_at),
+            }
+            for p in await self.store.list_parked(name)
+        ]
+
+    async def peek(self, name: str, limit: int) -> list[dict[str, Any]]:
+        worker = self.worker(name)
+        rows = await self.store.read_queue(name, worker.row.acked_sequence, limit)
+        return [_webhook_view(w) for w in rows]
+
+    async def discard(self, name: str) -> int:
+        return await self._write(self.worker(name).discard())
+
+    async def _write(self, operation: Any) -> Any:
+        try:
+            return await operation
+        except StoreError as exc:
+            raise Unavailable(str(exc)) from None
+
+    async def healthy(self) -> bool:
+        try:
+            await asyncio.wait_for(self.store.ping(), 2.0)
+        except (TimeoutError, StoreError, Exception):
+            return False
+        return True
+
+
+def _webhook_view(w: Webhook) -> dict[str, Any]:
+    import orjson
+
+    return {
+        "id": w.id,
+        "sequence": w.sequence,
+        "event": w.event,
+        "timestamp": w.timestamp,
+        "accepted_at": iso(w.accepted_at),
+        "data": orjson.loads(w.data),
+    }
+
+
+def _with_tenants(config: Config, tenants: dict[str, TenantConfig]) -> Config:
+    return Config(
+        path=config.path,
+        daemon=config.daemon,
+        delivery=config.delivery,
+        catalogue=config.catalogue,
+        tenants=dict(sorted(tenants.items())),
+        warnings=config.warnings,
+    )
+
+
+def _merge_daemon(
+    running: config_mod.DaemonConfig, new: config_mod.DaemonConfig
+) -> config_mod.DaemonConfig:
+    from dataclasses import replace
+
+    return replace(
+        running,
+        log_level=new.log_level,
+        log_format=new.log_format,
+        allow_private_endpoints=new.allow_private_endpoints,
+    )
+
+
+def _address(address: Any) -> str:
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address)
+
+
+def install_signals(
+    shutdown: asyncio.Event, reload: asyncio.Event, service: Service
+) -> None:
+    """Signal handlers only set events: neither the store nor the loop is safe to touch there.
+
+    The first SIGTERM/SIGINT starts a graceful stop; a second one aborts in-flight attempts.
+    """
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if shutdown.is_set():
+            service.abort()
+        shutdown.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
