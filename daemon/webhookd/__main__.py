@@ -288,9 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command("run", "run the daemon in the foreground").set_defaults(func=cmd_run)
-    command("check", "validate the configuration and print a summary").set_defaults(
-        func=cmd_check
-    )
+    command("check", "validate the configuration and print a summary").set_defaults(func=cmd_check)
     init = command("init", "write a starter config with a fresh api_token", with_config=False)
     init.add_argument("path", nargs="?", default=DEFAULT_CONFIG, metavar="PATH")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")

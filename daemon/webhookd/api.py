@@ -83,9 +83,7 @@ def auth_middleware(token: str) -> Any:
         if request.path != "/healthz":
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
-                return error_response(
-                    401, "unauthorized", "send Authorization: Bearer <api_token>"
-                )
+                return error_response(401, "unauthorized", "send Authorization: Bearer <api_token>")
         return await handler(request)
 
     return check
@@ -147,7 +145,9 @@ def parse_ingest(body: bytes) -> list[IngestItem]:
         documents = document
     else:
         raise BadRequest('expected a webhook object {"event", "data", "id"?} or an array of them')
-    return [_item(index, doc, many=isinstance(document, list)) for index, doc in enumerate(documents)]
+    return [
+        _item(index, doc, many=isinstance(document, list)) for index, doc in enumerate(documents)
+    ]
 
 
 def _item(index: int, doc: Any, *, many: bool) -> IngestItem:
@@ -156,8 +156,9 @@ def _item(index: int, doc: Any, *, many: bool) -> IngestItem:
         raise BadRequest(f"{where}expected an object")
     unknown = set(doc) - ITEM_KEYS
     if unknown:
-        raise BadRequest(f"{where}unknown field(s) {', '.join(sorted(unknown))}; "
-                         "expected event, data, id")
+        raise BadRequest(
+            f"{where}unknown field(s) {', '.join(sorted(unknown))}; expected event, data, id"
+        )
     event = doc.get("event")
     if not isinstance(event, str) or not event:
         raise BadRequest(f"{where}event must be a non-empty string")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from webhookd.events import ALL_EVENTS, EVENT_NAME, Catalogue, UnknownEvent
+from webhookd.events import ALL_EVENTS, EVENT_NAME, Catalogue
 
 TENANT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SIGNING_SECRET = re.compile(r"^whsec_[A-Za-z0-9+/=]+$")
@@ -220,12 +220,12 @@ def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[Any
     def convert(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError("expected a number")
-        value = float(value)
-        too_low = value <= low if low_open else value < low
-        if too_low or value > high:
+        number = float(value)
+        too_low = number <= low if low_open else number < low
+        if too_low or number > high:
             bound = f"more than {low:g}" if low_open else f"from {low:g}"
-            raise ValueError(f"expected a number {bound} to {high:g}, got {value:g}")
-        return value
+            raise ValueError(f"expected a number {bound} to {high:g}, got {number:g}")
+        return number
 
     return convert
 
@@ -532,7 +532,8 @@ def _events(table: _Table, ctx: _Context, *, from_api: bool) -> tuple[str, ...]:
                 raise ValueError(f"unknown event type {event!r} (add it to [events] custom?)")
         return tuple(dict.fromkeys(value))
 
-    events = table.get("events", (), convert)
+    nothing: tuple[str, ...] = ()
+    events = table.get("events", nothing, convert)
     deprecated = [e for e in events if ctx.catalogue.is_deprecated(e)]
     if deprecated and from_api:
         modern, refused = ctx.catalogue.modernise(events)
@@ -542,9 +543,7 @@ def _events(table: _Table, ctx: _Context, *, from_api: bool) -> tuple[str, ...]:
     for event in deprecated:
         replacement = "COLLECTED_DATA_CHANGED" if event == "COLLECTED_DATA_UPDATED" else None
         hint = f"; use {replacement}" if replacement else ""
-        ctx.warnings.append(
-            f"{table.source}: {table.key('events')}: {event} is deprecated{hint}"
-        )
+        ctx.warnings.append(f"{table.source}: {table.key('events')}: {event} is deprecated{hint}")
     return events
 
 

@@ -77,11 +77,12 @@ class Catalogue:
         """
         modern: list[str] = []
         refused: list[str] = []
-        for event in events:
-            if event in DEPRECATED:
-                replacement = DEPRECATED[event]
+        for given in events:
+            event = given
+            if given in DEPRECATED:
+                replacement = DEPRECATED[given]
                 if replacement is None:
-                    refused.append(event)
+                    refused.append(given)
                     continue
                 event = replacement
             if event not in modern:

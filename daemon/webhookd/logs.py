@@ -10,8 +10,12 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-          "error": logging.ERROR}
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 # Belt and braces: secrets are never passed to a logger, but should one ever be, by these
 # names, it is masked rather than written to the journal.
 REDACTED_KEYS = frozenset({"secret", "signing_secret", "api_token", "token", "authorization"})

@@ -60,9 +60,7 @@ def is_success(status: int, success_statuses: Collection[int]) -> bool:
     return status in success_statuses
 
 
-def batch_due_at(
-    waiting: int, batch_size: int, oldest_accepted_at: float, window: float
-) -> float:
+def batch_due_at(waiting: int, batch_size: int, oldest_accepted_at: float, window: float) -> float:
     """When a batched tenant's next (non-retry) batch is due, as a wall-clock time.
 
     A full batch is due at once (returns 0.0, the distant past); a partial one when its

@@ -78,9 +78,7 @@ class Receiver:
         if self.secret and request.headers.get("Authorization") != f"Bearer {self.secret}":
             self.say(f"{path}: 401 wrong or missing Authorization header")
             return web.Response(status=401, text="bad authorization")
-        if self.signing_secret and not verify_signature(
-            self.signing_secret, request.headers, body
-        ):
+        if self.signing_secret and not verify_signature(self.signing_secret, request.headers, body):
             self.say(f"{path}: 401 bad webhook-signature")
             return web.Response(status=401, text="bad signature")
         try:

@@ -38,10 +38,10 @@ class Clock:
     def now(self) -> float:
         return time.time()
 
-    async def wait(self, event: asyncio.Event, timeout: float) -> None:
-        """Return when `event` is set or `timeout` seconds have passed, whichever is first."""
+    async def wait(self, event: asyncio.Event, delay: float) -> None:
+        """Return when `event` is set or `delay` seconds have passed, whichever is first."""
         loop = asyncio.get_running_loop()
-        handle = loop.call_later(timeout, event.set)
+        handle = loop.call_later(delay, event.set)
         try:
             await event.wait()
         finally:

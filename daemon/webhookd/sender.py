@@ -57,9 +57,10 @@ def is_blocked(address: str) -> bool:
 def encode_body(tenant: TenantConfig, webhooks: Sequence[Webhook], *, batched: bool) -> bytes:
     """The exact request body. Stored `data` text is spliced in, never decoded and re-encoded."""
     secret = orjson.dumps(tenant.secret.reveal()).decode()
+    # Field order as SPEC §3 shows it. `event` is a validated catalogue name: no escaping.
     parts = [
-        '{"id":%s,"sequence":%d,"event":"%s","secret":%s,"timestamp":%d,"data":%s}'
-        % (orjson.dumps(w.id).decode(), w.sequence, w.event, secret, w.timestamp, w.data)
+        f'{{"id":{orjson.dumps(w.id).decode()},"sequence":{w.sequence},"event":"{w.event}",'
+        f'"secret":{secret},"timestamp":{w.timestamp},"data":{w.data}}}'
         for w in webhooks
     ]
     text = "[" + ",".join(parts) + "]" if batched else parts[0]
@@ -194,18 +195,7 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return f"DNS: cannot resolve {exc.host}"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        cause = exc.os_error
-        if isinstance(cause, BlockedAddress):
-            return cause.strerror or "blocked: resolves to private address"
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(cause, socket.gaierror):
-            return f"DNS: cannot resolve {exc.host}"
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return f"TLS: certificate {cause.verify_message or 'verify failed'}"
-        if isinstance(cause, ssl.SSLError):
-            return f"TLS: {cause.reason or cause}"
-        return f"cannot connect: {cause.strerror or cause}"
+        return _connect_error(exc)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "connection closed before a response"
     if isinstance(exc, aiohttp.ClientPayloadError):
@@ -219,6 +209,21 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientOSError):
         return f"connection error: {exc.strerror or exc}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _connect_error(exc: aiohttp.ClientConnectorError) -> str:
+    cause = exc.os_error
+    if isinstance(cause, BlockedAddress):
+        return cause.strerror or "blocked: resolves to private address"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, socket.gaierror):
+        return f"DNS: cannot resolve {exc.host}"
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS: certificate {cause.verify_message or 'verify failed'}"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS: {cause.reason or cause}"
+    return f"cannot connect: {cause.strerror or cause}"
 
 
 def _reason(exc: BaseException) -> str:

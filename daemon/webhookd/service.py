@@ -101,7 +101,8 @@ class Service:
         self.store.on_enqueued = self._enqueued
         records = {r.name: r for r in await self.store.open()}
         for name, tenant in self.config.tenants.items():
-            self._add_worker(records.pop(name, None) or TenantRecord(name, TenantRow()), tenant)
+            record = records.pop(name) if name in records else TenantRecord(name, TenantRow())
+            self._add_worker(record, tenant)
         for record in records.values():  # in the database, no longer configured
             if record.row.last_sequence > record.row.acked_sequence or record.parked:
                 self._add_worker(record, None)
@@ -140,9 +141,7 @@ class Service:
         if worker is not None:
             worker.enqueued(webhooks)
 
-    async def run(
-        self, shutdown: asyncio.Event, reload: asyncio.Event | None = None
-    ) -> None:
+    async def run(self, shutdown: asyncio.Event, reload: asyncio.Event | None = None) -> None:
         """Serve until `shutdown` is set, reloading whenever `reload` is set."""
         await self.start()
         notifier = systemd.Notifier.from_environment()
@@ -461,7 +460,8 @@ class Service:
         return [_webhook_view(w) for w in rows]
 
     async def discard(self, name: str) -> int:
-        return await self._write(self.worker(name).discard())
+        dropped: int = await self._write(self.worker(name).discard())
+        return dropped
 
     async def _write(self, operation: Any) -> Any:
         try:
@@ -521,9 +521,7 @@ def _address(address: Any) -> str:
     return str(address)
 
 
-def install_signals(
-    shutdown: asyncio.Event, reload: asyncio.Event, service: Service
-) -> None:
+def install_signals(shutdown: asyncio.Event, reload: asyncio.Event, service: Service) -> None:
     """Signal handlers only set events: neither the store nor the loop is safe to touch there.
 
     The first SIGTERM/SIGINT starts a graceful stop; a second one aborts in-flight attempts.

@@ -277,7 +277,8 @@ class _Op:
 
     batchable = True
 
-    def __init__(self) -> None:
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def apply(self, tx: _Tx) -> Any:
@@ -286,7 +287,7 @@ class _Op:
 
 class _Enqueue(_Op):
     def __init__(self, tenant: str, items: Sequence[NewWebhook], accepted_at: float) -> None:
-        super().__init__()
+        super().__init__(tenant)
         self.tenant = tenant
         self.items = items
         self.accepted_at = accepted_at
@@ -319,7 +320,7 @@ class _Enqueue(_Op):
 
 class _Acknowledge(_Op):
     def __init__(self, tenant: str, through: int, at: float) -> None:
-        super().__init__()
+        super().__init__(tenant)
         self.tenant, self.through, self.at = tenant, through, at
 
     def apply(self, tx: _Tx) -> None:
@@ -342,7 +343,7 @@ class _RecordFailure(_Control):
     def __init__(
         self, tenant: str, failure: Failure, next_attempt_at: float | None, keep: int
     ) -> None:
-        super().__init__()
+        super().__init__(tenant)
         self.tenant, self.failure, self.next_attempt_at, self.keep = (
             tenant,
             failure,
@@ -385,7 +386,7 @@ def _prune_failures(conn: sqlite3.Connection, tenant: str, keep: int) -> None:
 
 class _ClearFailures(_Control):
     def __init__(self, tenant: str) -> None:
-        super().__init__()
+        super().__init__(tenant)
         self.tenant = tenant
 
     def apply(self, tx: _Tx) -> int:
@@ -396,7 +397,7 @@ class _ClearFailures(_Control):
 
 class _SetPaused(_Control):
     def __init__(self, tenant: str, paused: bool) -> None:
-        super().__init__()
+        super().__init__(tenant)
         self.tenant, self.paused = tenant, paused
 
     def apply(self, tx: _Tx) -> None:
@@ -405,7 +406,7 @@ class _SetPaused(_Control):
 
 class _SetAttempts(_Control):
     def __init__(self, tenant: str, attempts: int, next_attempt_at: float | None) -> None:
-        super().__init__()
+        super().__init__(tenant)
         self.tenant, self.attempts, self.next_attempt_at = tenant, attempts, next_attempt_at
 
     def apply(self, tx: _Tx) -> None:
@@ -417,7 +418,7 @@ class _Park(_Control):
     """Move the head webhook to `parked`; its sequence becomes a visible gap."""
 
     def __init__(self, tenant: str, sequence: int, at: float) -> None:
-        super().__init__()
+        super().__init__(tenant)
         self.tenant, self.sequence, self.at = tenant, sequence, at
 
     def apply(self, tx: _Tx) -> Webhook | None:
@@ -447,7 +448,7 @@ class _Requeue(_Control):
     """Put a parked webhook back at the tail: a new sequence, the same id and data."""
 
     def __init__(self, tenant: str, webhook_id: str, at: float) -> None:
-        super().__init__()
+        super().__init__(tenant)
         self.tenant, self.webhook_id, self.at = tenant, webhook_id, at
         self.queued: list[Webhook] = []
 
@@ -478,7 +479,7 @@ class _Discard(_Control):
     """Drop a tenant's queue, parked webhooks and failures (an operator's explicit choice)."""
 
     def __init__(self, tenant: str) -> None:
-        super().__init__()
+        super().__init__(tenant)
         self.tenant = tenant
 
     def apply(self, tx: _Tx) -> int:
@@ -615,7 +616,7 @@ class Store:
             for op, result in zip(ops, results, strict=True):
                 queued = getattr(op, "queued", None)
                 if queued and self.on_enqueued is not None:
-                    self.on_enqueued(getattr(op, "tenant"), queued)
+                    self.on_enqueued(op.tenant, queued)
                 if not op.future.done():  # the caller may have been cancelled meanwhile
                     op.future.set_result(result)
             if self._closing and not self._pending:

@@ -113,7 +113,9 @@ def tenant_text(t: dict[str, Any], now: float | None = None) -> str:
             ]
             for f in failures
         ]
-        lines.append(table(["AT", "ATTEMPT", "SEQUENCES", "COUNT", "STATUS", "TOOK", "ERROR"], rows))
+        lines.append(
+            table(["AT", "ATTEMPT", "SEQUENCES", "COUNT", "STATUS", "TOOK", "ERROR"], rows)
+        )
     else:
         lines.append("recent failures: none")
     return "\n".join(lines) + "\n"

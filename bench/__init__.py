@@ -1,0 +1,1 @@
+"""Benchmarks for webhookd (`make bench`); not part of the test suite."""

@@ -1,0 +1,293 @@
+"""Shared fixtures: a real receiver on 127.0.0.1, real config files, an in-process daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import tomli_w
+from aiohttp import web
+
+from webhookd import config as config_mod
+from webhookd.service import Service
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_for(
+    condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01
+) -> Any:
+    """Poll `condition` until it is truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+        await asyncio.sleep(interval)
+
+
+# -- a real HTTP receiver ------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float  # time.monotonic()
+    status: int  # what we answered
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def webhooks(self) -> list[dict[str, Any]]:
+        document = self.json
+        return document if isinstance(document, list) else [document]
+
+
+Behaviour = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Receiver:
+    """Records every request; answers 200 unless a path is scripted otherwise."""
+
+    port: int = 0
+    requests: list[Received] = field(default_factory=list)
+    scripts: dict[str, list[int | Behaviour]] = field(default_factory=dict)
+    defaults: dict[str, int | Behaviour] = field(default_factory=dict)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def script(self, path: str, *answers: int | Behaviour) -> None:
+        """Answer the next requests to `path` with these, in order, then the default."""
+        self.scripts.setdefault(path, []).extend(answers)
+
+    def always(self, path: str, answer: int | Behaviour) -> None:
+        self.defaults[path] = answer
+
+    def at(self, path: str, *, ok_only: bool = False) -> list[Received]:
+        return [r for r in self.requests if r.path == path and (r.status == 200 or not ok_only)]
+
+    def sequences(self, path: str, *, ok_only: bool = True) -> list[int]:
+        return [w["sequence"] for r in self.at(path, ok_only=ok_only) for w in r.webhooks]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        queue = self.scripts.get(request.path)
+        answer: int | Behaviour = queue.pop(0) if queue else self.defaults.get(request.path, 200)
+        if isinstance(answer, int):
+            response: web.StreamResponse = web.Response(status=answer, text="ok")
+        else:
+            response = await answer(request)
+        self.requests.append(
+            Received(request.path, dict(request.headers), body, time.monotonic(), response.status)
+        )
+        return response
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    recv = Receiver()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/{path:.*}", recv.handle)
+    # Handlers that hang on purpose are cancelled when the client gives up, and teardown
+    # does not wait for them.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    recv.port = runner.addresses[0][1]
+    yield recv
+    await runner.cleanup()
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def tenant(endpoint: str, **overrides: Any) -> dict[str, Any]:
+    """A tenant table with test-friendly defaults (any key may be overridden)."""
+    table: dict[str, Any] = {"endpoint": endpoint, "secret": "s3cr3t", "events": ["*"]}
+    table.update(overrides)
+    return table
+
+
+def write_config(
+    directory: Path,
+    tenants: dict[str, dict[str, Any]],
+    *,
+    daemon: dict[str, Any] | None = None,
+    delivery: dict[str, Any] | None = None,
+    events: dict[str, Any] | None = None,
+    name: str = "config.toml",
+) -> Path:
+    raw: dict[str, Any] = {
+        "daemon": {
+            "database": "webhookd.db",
+            "listen": f"127.0.0.1:{free_port()}",
+            "allow_private_endpoints": True,
+            "log_level": "warning",
+            "shutdown_grace": 2.0,
+            **(daemon or {}),
+        },
+        "delivery": {"retry_base": 0.05, **(delivery or {})},
+        "tenants": tenants,
+    }
+    if events:
+        raw["events"] = events
+    path = directory / name
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+# -- an in-process daemon ------------------------------------------------------------------------
+
+
+class Daemon:
+    """A started Service plus an HTTP client pointed at its API."""
+
+    def __init__(self, service: Service, session: aiohttp.ClientSession) -> None:
+        self.service = service
+        self.session = session
+        d = service.config.daemon
+        self.base = f"http://{d.listen_host}:{service.addresses[0][1]}"
+        token = d.api_token.reveal()
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        async with self.session.request(
+            method, self.base + path, headers=headers, **kwargs
+        ) as response:
+            text = await response.text()
+            try:
+                return response.status, json.loads(text)
+            except ValueError:
+                return response.status, text
+
+    async def ingest(self, tenant_name: str, items: Any, expect: int = 202) -> Any:
+        status, body = await self.request("POST", f"/v1/tenants/{tenant_name}/webhooks", json=items)
+        assert status == expect, (status, body)
+        return body
+
+    async def status(self, tenant_name: str) -> dict[str, Any]:
+        status, body = await self.request("GET", f"/v1/tenants/{tenant_name}/status")
+        assert status == 200, body
+        return body  # type: ignore[no-any-return]
+
+
+StartDaemon = Callable[..., Awaitable[Daemon]]
+
+
+@pytest.fixture
+async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
+    """Start an in-process daemon from a config file; stopped at teardown."""
+    started: list[Daemon] = []
+    session = aiohttp.ClientSession()
+
+    async def start(config_path: Path | None = None, **kwargs: Any) -> Daemon:
+        path = config_path or write_config(tmp_path, **kwargs)
+        service = Service(config_mod.load(path))
+        await service.start()
+        daemon = Daemon(service, session)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        await daemon.service.stop()
+    await session.close()
+
+
+# -- the daemon as a subprocess ------------------------------------------------------------------
+
+
+class Process:
+    """`webhookd run` as a child process, for end-to-end, signal and kill -9 tests."""
+
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.config = config_mod.load(config_path)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = config_path.parent / "daemon.log"
+
+    @property
+    def base(self) -> str:
+        d = self.config.daemon
+        return f"http://{d.listen_host}:{d.listen_port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "webhookd", "run", "-c", str(self.config_path)],
+            stdout=log,
+            stderr=log,
+            env=self.env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log()}")
+            try:
+                with socket.create_connection(
+                    (self.config.daemon.listen_host, self.config.daemon.listen_port), 0.2
+                ):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise AssertionError(f"daemon did not listen within {timeout}s: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def process_factory() -> Iterator[Callable[..., Process]]:
+    made: list[Process] = []
+
+    def make(config_path: Path, env: dict[str, str] | None = None) -> Process:
+        process = Process(config_path, env)
+        made.append(process)
+        return process
+
+    yield make
+    for process in made:
+        process.stop()
