@@ -240,13 +240,13 @@ class Process:
         return f"http://{d.listen_host}:{d.listen_port}"
 
     def start(self, timeout: float = 15.0) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "webhookd", "run", "-c", str(self.config_path)],
-            stdout=log,
-            stderr=log,
-            env=self.env,
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "webhookd", "run", "-c", str(self.config_path)],
+                stdout=log,
+                stderr=log,
+                env=self.env,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -106,13 +106,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def starter_config() -> dict[str, Any]:
+def starter_config(state_dir: str = "") -> dict[str, Any]:
+    base = state_dir.rstrip("/") + "/" if state_dir else ""
     return {
         "daemon": {
-            "database": "webhookd.db",
+            "database": f"{base}webhookd.db",
             "listen": "127.0.0.1:8787",
             "api_token": secrets.token_urlsafe(32),
-            "tenants_dir": "tenants.d",
+            "tenants_dir": f"{base}tenants.d",
             "log_format": "auto",
             "log_level": "info",
             "durability": "full",
@@ -161,7 +162,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         print(f"error: {path} exists; use --force to overwrite", file=sys.stderr)
         return 1
-    text = STARTER_HEADER.format(path=path) + tomli_w.dumps(starter_config())
+    text = STARTER_HEADER.format(path=path) + tomli_w.dumps(starter_config(args.state_dir))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -260,6 +261,73 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option_value(text: str) -> Any:
+    """`key=value` from the command line: the value read as TOML, else as a plain string."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def cmd_tenant(args: argparse.Namespace) -> int:
+    cfg = load_or_exit(args)
+    if args.action == "show":
+        path = f"/v1/tenants/{args.name}" if args.name else "/v1/tenants"
+        print(json.dumps(api_call(cfg, "GET", path), indent=2))
+        return 0
+    if not args.name:
+        print(f"error: tenant {args.action} needs a NAME", file=sys.stderr)
+        return 2
+    if args.action == "rm":
+        query = "?discard=true" if args.discard else ""
+        answer = api_call(cfg, "DELETE", f"/v1/tenants/{args.name}{query}")
+        print(f"removed {args.name} (discarded {answer['discarded']} waiting webhook(s))")
+        return 0
+    # set: start from the current tenant (masked secrets are kept as they are), apply flags.
+    try:
+        current = api_call(cfg, "GET", f"/v1/tenants/{args.name}")
+    except ApiError as exc:
+        if "HTTP 404" not in str(exc):
+            raise
+        current = {}
+    table = {k: v for k, v in current.items() if k not in ("tenant", "source", "delivery")}
+    if args.file:
+        import tomllib
+
+        table.update(tomllib.loads(Path(args.file).read_text(encoding="utf-8")))
+    secrets_given = {
+        "secret": args.secret,
+        "secret_env": args.secret_env,
+        "secret_file": args.secret_file,
+    }
+    if any(secrets_given.values()):
+        for key in secrets_given:
+            table.pop(key, None)
+        table.update({k: v for k, v in secrets_given.items() if v})
+    simple = {
+        "endpoint": args.endpoint,
+        "batching": args.batching,
+        "enabled": args.enabled,
+        "authorization_header": args.authorization_header,
+        "signing_secret": args.signing_secret,
+        "source_address": args.source_address,
+    }
+    table.update({k: v for k, v in simple.items() if v is not None})
+    if args.events:
+        table["events"] = [e.strip() for e in args.events.split(",") if e.strip()]
+    for option in args.option:
+        key, sep, value = option.partition("=")
+        if not sep:
+            print(f"error: --option {option!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        table[key.strip()] = _option_value(value.strip())
+    answer = api_call(cfg, "PUT", f"/v1/tenants/{args.name}", table)
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
 def cmd_receiver(args: argparse.Namespace) -> int:
     from webhookd import receiver
 
@@ -292,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     init = command("init", "write a starter config with a fresh api_token", with_config=False)
     init.add_argument("path", nargs="?", default=DEFAULT_CONFIG, metavar="PATH")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.add_argument(
+        "--state-dir",
+        default="",
+        metavar="DIR",
+        help="put the database and tenants.d here (e.g. /var/lib/webhookd under systemd)",
+    )
     init.set_defaults(func=cmd_init)
 
     send = command("send", "ingest one webhook through the API")
@@ -313,6 +387,41 @@ def build_parser() -> argparse.ArgumentParser:
     refresh = command("refresh", "clear a tenant's recent failures")
     refresh.add_argument("tenant", metavar="TENANT")
     refresh.set_defaults(func=cmd_refresh)
+
+    tenant_cmd = command("tenant", "show, create, change or remove API-managed tenants")
+    tenant_cmd.add_argument("action", choices=["show", "set", "rm"])
+    tenant_cmd.add_argument("name", nargs="?", metavar="NAME")
+    tenant_cmd.add_argument("--endpoint", help="the URL webhooks are sent to")
+    tenant_cmd.add_argument("--events", help='comma-separated event types, or "*"')
+    tenant_cmd.add_argument("--secret", help="the shared secret (stored in the tenant file)")
+    tenant_cmd.add_argument("--secret-env", help="read the secret from this variable")
+    tenant_cmd.add_argument("--secret-file", help="read the secret from this file")
+    tenant_cmd.add_argument("--signing-secret", help="whsec_... for Standard Webhooks signing")
+    tenant_cmd.add_argument("--source-address", help="local IP to send this tenant's webhooks from")
+    for flag, key in (("batching", "batching"), ("enabled", "enabled")):
+        group = tenant_cmd.add_mutually_exclusive_group()
+        group.add_argument(f"--{flag}", dest=key, action="store_true", default=None)
+        off = "--disabled" if flag == "enabled" else f"--no-{flag}"
+        group.add_argument(off, dest=key, action="store_false")
+    tenant_cmd.add_argument(
+        "--no-authorization-header",
+        dest="authorization_header",
+        action="store_false",
+        default=None,
+        help="omit Authorization (for endpoints that reject it); the body secret still goes",
+    )
+    tenant_cmd.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [delivery] override, e.g. batch_window=2.0 (repeatable)",
+    )
+    tenant_cmd.add_argument("--file", help="a TOML file holding the tenant table")
+    tenant_cmd.add_argument(
+        "--discard", action="store_true", help="rm: drop webhooks still waiting"
+    )
+    tenant_cmd.set_defaults(func=cmd_tenant)
 
     recv = command("receiver", "a development endpoint that prints deliveries", with_config=False)
     recv.add_argument("--listen", default="127.0.0.1:9000", metavar="HOST:PORT")

@@ -116,6 +116,9 @@ def create_app(service: Service) -> web.Application:
             web.get("/metrics", metrics),
         ]
     )
+    from webhookd import tenants_api  # its handlers use this module's helpers
+
+    tenants_api.add_routes(app)
     return app
 
 

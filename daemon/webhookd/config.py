@@ -610,3 +610,110 @@ def _load_tenants_dir(directory: Path, ctx: _Context) -> list[TenantConfig]:
         if tenant is not None:
             tenants.append(tenant)
     return tenants
+
+
+# ---------------------------------------------------------------------------------------------
+# Tenants made through the API: validated like the file, written to tenants_dir
+
+
+TENANT_KEYS = (
+    "enabled",
+    "batching",
+    "endpoint",
+    "secret",
+    "secret_file",
+    "secret_env",
+    "events",
+    "authorization_header",
+    "signing_secret",
+    "source_address",
+)
+
+
+def parse_api_tenant(
+    name: str, raw: Any, config: Config, *, source: str, environ: Mapping[str, str] | None = None
+) -> tuple[TenantConfig, list[str]]:
+    """Validate a tenant table sent to the API (or CLI); raises ConfigError with key paths.
+
+    Deprecated event types are refused, except COLLECTED_DATA_UPDATED, which becomes
+    COLLECTED_DATA_CHANGED. Returns the tenant and any warnings.
+    """
+    if not TENANT_NAME.match(name):
+        raise ConfigError([f"{source}: tenant names are 1 to 64 of A-Z a-z 0-9 _ -"])
+    errors: list[str] = []
+    warnings: list[str] = []
+    assert config.daemon.tenants_dir is not None
+    ctx = _Context(
+        source,
+        config.path.resolve().parent,
+        config.catalogue,
+        config.delivery,
+        errors,
+        warnings,
+        os.environ if environ is None else environ,
+    )
+    table = _Table(source, "", raw, errors)
+    origin = (config.daemon.tenants_dir / f"{name}.toml").resolve()
+    tenant = parse_tenant(name, table, ctx, origin=origin, from_api=True)
+    if errors or tenant is None:
+        raise ConfigError(errors or [f"{source}: invalid tenant"])
+    return tenant, warnings
+
+
+def tenant_table(tenant: TenantConfig, *, redact: bool) -> dict[str, Any]:
+    """The tenant as a TOML table (as written in a tenants_dir file), secrets optionally masked."""
+    table: dict[str, Any] = {
+        "enabled": tenant.enabled,
+        "batching": tenant.batching,
+        "endpoint": tenant.endpoint,
+    }
+    ref = tenant.secret_ref
+    if ref.kind == "secret":
+        table["secret"] = "***" if redact else tenant.secret.reveal()
+    else:
+        table[ref.kind] = ref.where
+    table["events"] = list(tenant.events)
+    table["authorization_header"] = tenant.authorization_header
+    if tenant.signing_secret:
+        table["signing_secret"] = "***" if redact else tenant.signing_secret.reveal()
+    if tenant.source_address:
+        table["source_address"] = tenant.source_address
+    for key in tenant.overrides:
+        value = getattr(tenant.delivery, key)
+        table[key] = list(value) if isinstance(value, tuple) else value
+    return table
+
+
+def write_tenant_file(directory: Path, name: str, table: Mapping[str, Any]) -> Path:
+    """Write `directory/name.toml` atomically (temp file, fsync, rename) with mode 0600."""
+    import tomli_w
+
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{name}.toml"
+    temporary = directory / f".{name}.toml.tmp"
+    text = (
+        f"# Tenant {name}, written by the webhookd tenant API. It may hold a secret: mode 0600.\n"
+        + tomli_w.dumps(dict(table))
+    )
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, target)
+    _fsync_dir(directory)
+    return target
+
+
+def remove_tenant_file(directory: Path, name: str) -> None:
+    (directory / f"{name}.toml").unlink(missing_ok=True)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -56,6 +56,10 @@ class Unavailable(ServiceError):
     status, code = 503, "unavailable"
 
 
+class InvalidTenant(ServiceError):
+    status, code = 400, "invalid_tenant"
+
+
 @dataclass(frozen=True, slots=True)
 class IngestItem:
     """One validated ingest item; `data` is already JSON text."""
@@ -146,7 +150,7 @@ class Service:
         await self.start()
         notifier = systemd.Notifier.from_environment()
         notifier.ready(self.status_line())
-        tasks = [asyncio.create_task(notifier.watchdog_loop(self.status_line))]
+        tasks = [asyncio.create_task(notifier.watchdog_loop(self.status_line, self.healthy))]
         if reload is not None:
             tasks.append(asyncio.create_task(self._reload_loop(reload, notifier)))
         try:
@@ -271,6 +275,59 @@ class Service:
             self._add_worker(TenantRecord(tenant.name, TenantRow()), tenant)
         else:
             worker.configure(tenant)
+
+    async def put_tenant(self, name: str, raw: Any) -> tuple[bool, TenantConfig]:
+        """Create or replace an API tenant: validate, write its file atomically, apply live.
+
+        Returns (created, tenant). A masked secret ("***", as GET shows it) keeps the
+        current one, so a GET can be edited and PUT back.
+        """
+        async with self._reload_lock:
+            existing = self.config.tenants.get(name)
+            if existing is not None and not existing.from_api:
+                raise Conflict(f"tenant {name!r} is defined in {self.config.path}; change it there")
+            directory = self.config.daemon.tenants_dir
+            if directory is None:
+                raise Conflict("tenants_dir is not set in [daemon]; the tenant API needs it")
+            if isinstance(raw, dict) and existing is not None:
+                raw = _keep_masked_secrets(raw, existing)
+            try:
+                tenant, warnings = config_mod.parse_api_tenant(
+                    name, raw, self.config, source=f"PUT /v1/tenants/{name}"
+                )
+            except ConfigError as exc:
+                raise InvalidTenant("; ".join(exc.errors)) from None
+            table = config_mod.tenant_table(tenant, redact=False)
+            try:
+                await asyncio.to_thread(config_mod.write_tenant_file, directory, name, table)
+            except OSError as exc:
+                raise Unavailable(f"cannot write {directory}/{name}.toml: {exc.strerror}") from None
+            self.set_tenant(tenant)
+            for warning in warnings:
+                log.warning("config_warning", warning=warning)
+            log.info("tenant_saved", tenant=name, created=existing is None)
+            return existing is None, tenant
+
+    async def delete_tenant(self, name: str, *, discard: bool) -> dict[str, Any]:
+        """Remove an API tenant. Refused while webhooks wait, unless `discard`."""
+        async with self._reload_lock:
+            existing = self.config.tenants.get(name)
+            if existing is None:
+                raise NotFound(f"no tenant named {name!r} is configured")
+            if not existing.from_api:
+                raise Conflict(f"tenant {name!r} is defined in {self.config.path}; remove it there")
+            worker = self.workers[name]
+            if worker.waiting and not discard:
+                raise Conflict(
+                    f"{worker.waiting} webhook(s) are waiting for {name}; let them deliver, "
+                    "or DELETE with ?discard=true to drop them"
+                )
+            directory = existing.origin.parent
+            await asyncio.to_thread(config_mod.remove_tenant_file, directory, name)
+            self.remove_tenant(name)  # no new attempt starts from here on
+            dropped = await self._write(worker.discard()) if discard else 0
+            log.warning("tenant_deleted", tenant=name, discarded=dropped)
+            return {"tenant": name, "deleted": True, "discarded": dropped}
 
     def remove_tenant(self, name: str) -> None:
         tenants = dict(self.config.tenants)
@@ -488,6 +545,15 @@ def _webhook_view(w: Webhook) -> dict[str, Any]:
         "accepted_at": iso(w.accepted_at),
         "data": orjson.loads(w.data),
     }
+
+
+def _keep_masked_secrets(raw: dict[str, Any], existing: TenantConfig) -> dict[str, Any]:
+    raw = dict(raw)
+    if raw.get("secret") == "***" and existing.secret_ref.kind == "secret":
+        raw["secret"] = existing.secret.reveal()
+    if raw.get("signing_secret") == "***" and existing.signing_secret:
+        raw["signing_secret"] = existing.signing_secret.reveal()
+    return raw
 
 
 def _with_tenants(config: Config, tenants: dict[str, TenantConfig]) -> Config:
