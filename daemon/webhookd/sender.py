@@ -188,8 +188,7 @@ def _clip(text: str, limit: int = 200) -> str:
 def describe_error(exc: BaseException) -> str:
     """A short, specific, secret-free sentence for a failed connection or exchange."""
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        reason = getattr(exc.certificate_error, "verify_message", None) or "verify failed"
-        return f"TLS: certificate {reason}"
+        return _certificate_error(exc.certificate_error)
     if isinstance(exc, aiohttp.ClientConnectorSSLError | aiohttp.ClientSSLError):
         return f"TLS: {_reason(exc)}"
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
@@ -220,14 +219,19 @@ def _connect_error(exc: aiohttp.ClientConnectorError) -> str:
     if isinstance(cause, socket.gaierror):
         return f"DNS: cannot resolve {exc.host}"
     if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"TLS: certificate {cause.verify_message or 'verify failed'}"
+        return _certificate_error(cause)
     if isinstance(cause, ssl.SSLError):
         return f"TLS: {cause.reason or cause}"
     return f"cannot connect: {cause.strerror or cause}"
 
 
+def _certificate_error(exc: BaseException) -> str:
+    detail = getattr(exc, "verify_message", None)
+    return "TLS: certificate verify failed" + (f" ({detail})" if detail else "")
+
+
 def _reason(exc: BaseException) -> str:
     cause = getattr(exc, "os_error", None) or exc.__cause__ or exc
     if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"certificate {cause.verify_message or 'verify failed'}"
+        return _certificate_error(cause).removeprefix("TLS: ")
     return str(getattr(cause, "reason", None) or cause)
