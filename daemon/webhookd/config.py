@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import os
 import re
 import stat
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 from webhookd.events import ALL_EVENTS, EVENT_NAME, Catalogue
 
 TENANT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 SIGNING_SECRET = re.compile(r"^whsec_[A-Za-z0-9+/=]+$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -164,7 +166,9 @@ class _Table:
         self.seen: set[str] = set()
 
     def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
+        # Quoted as TOML quotes it when the key is not bare, so "acme.eu" is one key.
+        part = name if BARE_KEY.match(name) else json.dumps(name, ensure_ascii=False)
+        return f"{self.path}.{part}" if self.path else part
 
     def error(self, name: str, message: str) -> None:
         where = self.key(name) if name else self.path
@@ -223,17 +227,27 @@ def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[Any
         number = float(value)
         too_low = number <= low if low_open else number < low
         if too_low or number > high:
-            bound = f"more than {low:g}" if low_open else f"from {low:g}"
-            raise ValueError(f"expected a number {bound} to {high:g}, got {number:g}")
+            bounds = (
+                f"greater than {_plain(low)} and at most {_plain(high)}"
+                if low_open
+                else f"from {_plain(low)} to {_plain(high)}"
+            )
+            raise ValueError(f"expected a number {bounds}, got {_plain(number)}")
         return number
 
     return convert
 
 
+def _plain(number: float) -> str:
+    """A number as a person writes it: 600, 0.5, 2592000 (never 2.592e+06)."""
+    return str(int(number)) if number == int(number) else repr(number)
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if value not in choices:
-            raise ValueError("expected one of " + ", ".join(repr(c) for c in choices))
+            expected = ", ".join(repr(c) for c in choices)
+            raise ValueError(f"expected one of {expected}, got {value!r}")
         return str(value)
 
     return convert
@@ -253,8 +267,12 @@ def _statuses(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError("expected a non-empty list of HTTP status codes")
     for status in value:
-        if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 299:
-            raise ValueError("expected status codes from 200 to 299 (redirects are never followed)")
+        if isinstance(status, bool) or not isinstance(status, int):
+            raise ValueError(f"expected integer status codes from 200 to 299, got {status!r}")
+        if 300 <= status <= 399:
+            raise ValueError(f"{status} cannot be a success: redirects are never followed")
+        if not 200 <= status <= 299:
+            raise ValueError(f"expected status codes from 200 to 299, got {status}")
     return tuple(sorted(set(value)))
 
 
@@ -354,11 +372,11 @@ def from_dict(raw: dict[str, Any], config_path: Path, environ: Mapping[str, str]
     root.finish()
 
     if daemon.tenants_dir is not None and daemon.tenants_dir.is_dir():
-        for tenant in _load_tenants_dir(daemon.tenants_dir, ctx):
+        for tenant_source, tenant in _load_tenants_dir(daemon.tenants_dir, ctx):
             if tenant.name in tenants:
                 errors.append(
-                    f"{tenant.origin}: tenant {tenant.name!r} is also defined in {source}; "
-                    "remove one of them"
+                    f"{tenant_source}: tenant {tenant.name!r} is also defined in {source} "
+                    f"(tenants.{tenant.name}); remove one of them"
                 )
             else:
                 tenants[tenant.name] = tenant
@@ -382,7 +400,7 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         text = _str(value)
         if not text:
             raise ValueError("expected a path, got an empty string")
-        return base_dir / Path(text).expanduser()
+        return _path(base_dir, text)
 
     database = table.get("database", base_dir / defaults.database, path_in)
     host, port = table.get("listen", ("127.0.0.1", 8787), parse_listen)
@@ -392,7 +410,7 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         table.error("api_token_file", "set api_token or api_token_file, not both")
     elif token_file:
         try:
-            token = (base_dir / token_file).read_text(encoding="utf-8").strip()
+            token = _path(base_dir, token_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
             table.error("api_token_file", f"cannot read {token_file!r}: {exc.strerror}")
         else:
@@ -406,7 +424,7 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         )
     tenants_dir_text = table.get("tenants_dir", "tenants.d", _str)
     ca_text = table.get("ca_file", "", _str)
-    ca_file = base_dir / ca_text if ca_text else None
+    ca_file = _path(base_dir, ca_text) if ca_text else None
     if ca_file is not None and not ca_file.is_file():
         table.error("ca_file", f"no such file: {ca_text!r}")
     config = DaemonConfig(
@@ -414,7 +432,7 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         listen_host=host,
         listen_port=port,
         api_token=Secret(token),
-        tenants_dir=base_dir / tenants_dir_text if tenants_dir_text else None,
+        tenants_dir=_path(base_dir, tenants_dir_text) if tenants_dir_text else None,
         log_format=table.get("log_format", "auto", _choice("auto", "json", "console")),  # type: ignore[arg-type]
         log_level=table.get("log_level", "info", _choice(*LOG_LEVELS)),
         durability=table.get("durability", "full", _choice("full", "normal")),  # type: ignore[arg-type]
@@ -427,6 +445,11 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
     )
     table.finish()
     return config
+
+
+def _path(base_dir: Path, text: str) -> Path:
+    """A path from the file: `~` expanded, relative ones against the config file's folder."""
+    return base_dir / Path(text).expanduser()
 
 
 def _catalogue(table: _Table) -> Catalogue:
@@ -539,6 +562,11 @@ def _events(table: _Table, ctx: _Context, *, from_api: bool) -> tuple[str, ...]:
         modern, refused = ctx.catalogue.modernise(events)
         if refused:
             table.error("events", "deprecated event types cannot be chosen: " + ", ".join(refused))
+        elif "COLLECTED_DATA_UPDATED" in events:
+            ctx.warnings.append(
+                f"{table.source}: {table.key('events')}: COLLECTED_DATA_UPDATED is deprecated; "
+                "subscribed to COLLECTED_DATA_CHANGED instead"
+            )
         return tuple(modern)
     for event in deprecated:
         replacement = "COLLECTED_DATA_CHANGED" if event == "COLLECTED_DATA_UPDATED" else None
@@ -570,7 +598,7 @@ def _secret(table: _Table, ctx: _Context) -> tuple[str, SecretRef]:
         if not secret:
             table.error(key, f"environment variable {value} is not set or empty")
         return secret, SecretRef("secret_env", value)
-    path = ctx.base_dir / Path(value).expanduser()
+    path = _path(ctx.base_dir, value)
     try:
         secret = path.read_text(encoding="utf-8").strip()
         mode = path.stat().st_mode
@@ -586,8 +614,8 @@ def _secret(table: _Table, ctx: _Context) -> tuple[str, SecretRef]:
     return secret, SecretRef("secret_file", value)
 
 
-def _load_tenants_dir(directory: Path, ctx: _Context) -> list[TenantConfig]:
-    tenants: list[TenantConfig] = []
+def _load_tenants_dir(directory: Path, ctx: _Context) -> list[tuple[str, TenantConfig]]:
+    tenants: list[tuple[str, TenantConfig]] = []
     for file in sorted(directory.glob("*.toml")):
         name = file.stem
         source = os.fspath(file)
@@ -608,7 +636,7 @@ def _load_tenants_dir(directory: Path, ctx: _Context) -> list[TenantConfig]:
         table = _Table(source, "", raw, ctx.errors)
         tenant = parse_tenant(name, table, tenant_ctx, origin=file.resolve(), from_api=True)
         if tenant is not None:
-            tenants.append(tenant)
+            tenants.append((source, tenant))
     return tenants
 
 

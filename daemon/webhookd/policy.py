@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import email.utils
 from collections.abc import Collection
+from datetime import UTC
 from typing import Literal
 
 QueueState = Literal["orphaned", "disabled", "paused", "stalled", "waiting", "empty"]
@@ -29,15 +30,17 @@ def retry_after_seconds(header: str | None, now: float) -> float | None:
     if header is None:
         return None
     text = header.strip()
-    if text.isdigit():
+    # The header comes from the tenant's endpoint: anything may arrive ("²" is a digit to
+    # str.isdigit, a year 99999999999 overflows), and none of it may raise.
+    if text.isascii() and text.isdigit():
         return float(text)
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
+        if when.tzinfo is None:  # asctime dates carry no zone; HTTP dates are always GMT
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, when.timestamp() - now)
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
-    if when.tzinfo is None:  # an HTTP date is always GMT; some servers omit the zone
-        return None
-    return max(0.0, when.timestamp() - now)
 
 
 def next_delay(

@@ -18,10 +18,13 @@ from typing import Any
 
 import aiohttp
 import orjson
+import structlog
 
 from webhookd import __version__, policy
 from webhookd.config import TenantConfig
 from webhookd.store import Webhook
+
+log = structlog.get_logger("webhookd.sender")
 
 USER_AGENT = f"webhookd/{__version__}"
 # Responses are read to the end (so the connection can be reused and the whole exchange is
@@ -166,6 +169,10 @@ class Sender:
             return Outcome(False, None, describe_error(exc), _since(started))
         except OSError as exc:
             return Outcome(False, None, describe_error(exc), _since(started))
+        except Exception as exc:
+            # Whatever the endpoint did, the attempt must end as an outcome to record.
+            log.exception("send_crashed", tenant=tenant.name)
+            return Outcome(False, None, f"unexpected error: {type(exc).__name__}", _since(started))
         duration = _since(started)
         if policy.is_success(status, tenant.delivery.success_statuses):
             return Outcome(True, status, None, duration)

@@ -544,6 +544,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
+            _refuse_newer(conn)  # before any pragma changes a database we must not touch
             for pragma in PRAGMAS_COMMON:
                 conn.execute(pragma)
             synchronous = "FULL" if self.durability == "full" else "NORMAL"
@@ -616,7 +617,12 @@ class Store:
             for op, result in zip(ops, results, strict=True):
                 queued = getattr(op, "queued", None)
                 if queued and self.on_enqueued is not None:
-                    self.on_enqueued(op.tenant, queued)
+                    try:
+                        self.on_enqueued(op.tenant, queued)
+                    except Exception:
+                        # The rows are committed; the tenant's worker reads them from the
+                        # database instead. The writer itself must keep running.
+                        log.exception("enqueue_notify_failed", tenant=op.tenant)
                 if not op.future.done():  # the caller may have been cancelled meanwhile
                     op.future.set_result(result)
             if self._closing and not self._pending:
@@ -763,13 +769,18 @@ def _lookup_ids(tx: _Tx, ops: Iterable[_Enqueue]) -> None:
                 tx.known_ids[(tenant, found_id)] = sequence
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+def _refuse_newer(conn: sqlite3.Connection) -> int:
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise SchemaTooNew(
             f"the database schema is version {version}, newer than this webhookd "
             f"understands ({SCHEMA_VERSION}); run a newer webhookd"
         )
+    return version
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    version = _refuse_newer(conn)
     for target, statements in MIGRATIONS:
         if target <= version:
             continue
