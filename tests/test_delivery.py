@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
+import dataclasses
+import hashlib
+import hmac
 import itertools
+import time
+from collections.abc import MutableMapping
+from datetime import datetime
+from typing import Any
 
+import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
-from tests.conftest import Receiver, StartDaemon, tenant, wait_for
+from tests.conftest import (
+    Behaviour,
+    Daemon,
+    Received,
+    Receiver,
+    StartDaemon,
+    free_port,
+    tenant,
+    wait_for,
+)
+from webhookd.config import Secret
 
 
 async def test_unbatched_delivers_one_at_a_time_in_order(
@@ -60,6 +81,8 @@ async def test_failure_keeps_head_and_backs_off(
     for gap, expected in zip(gaps[:3], [0.1, 0.2, 0.4], strict=True):
         assert expected * 0.9 <= gap < expected + 0.25, gaps
     assert [w["sequence"] for r in receiver.at("/acme") for w in r.webhooks] == [1, 1, 1, 1, 2]
+    # The receiver logs its 200 before the daemon has recorded it.
+    await wait_for(lambda: daemon.service.workers["acme"].waiting == 0, timeout=2)
     status = await daemon.status("acme")
     assert status["queue"] == "empty"
     assert status["attempts"] == 0
@@ -88,3 +111,536 @@ async def test_hanging_endpoint_times_out_and_does_not_delay_others(
     status = await daemon.status("slow")
     assert status["queue"] == "stalled"
     assert status["recent_failures"][0]["error"] == "timeout after 0.3 s"
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def lower_headers(received: Received) -> dict[str, str]:
+    return {key.lower(): value for key, value in received.headers.items()}
+
+
+def verify_standard_webhooks(secret: str, headers: dict[str, str], body: bytes) -> bool:
+    """An independent Standard Webhooks check, written from the published description."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.{body.decode()}"
+    digest = hmac.new(key, signed.encode(), hashlib.sha256).digest()
+    expected = base64.b64encode(digest).decode()
+    # The header may carry several space-separated signatures; one valid v1 is enough.
+    return any(
+        version == "v1" and hmac.compare_digest(signature, expected)
+        for version, _, signature in (
+            part.partition(",") for part in headers["webhook-signature"].split()
+        )
+    )
+
+
+class Listener:
+    """A bare TCP listener that only counts connections: proves nothing ever came."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/moved"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def gaps(requests: list[Received]) -> list[float]:
+    return [b.at - a.at for a, b in itertools.pairwise(requests)]
+
+
+def delays(logs: list[MutableMapping[str, Any]]) -> list[float]:
+    """The scheduled waits, exactly as the scheduler logged them (immune to machine load)."""
+    return [e["delay_s"] for e in logs if e["event"] == "delivery_failed"]
+
+
+async def wait_attempts(daemon: Daemon, name: str, attempts: int, timeout: float = 3) -> None:
+    await wait_for(lambda: daemon.service.workers[name].row.attempts == attempts, timeout)
+
+
+# -- batching ------------------------------------------------------------------------------------
+
+
+async def test_batched_bodies_are_arrays_of_consecutive_sequences(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await start_daemon(
+        tenants={
+            "acme": tenant(receiver.url("/acme"), batching=True, batch_size=4, batch_window=0.1)
+        }
+    )
+    await daemon.ingest("acme", {"event": "CHECK_COMPLETED", "data": {"n": 0}})
+    await wait_for(lambda: len(receiver.at("/acme")) == 1, timeout=2)
+    single = receiver.at("/acme")[0]
+    assert single.body.startswith(b"[")
+    assert isinstance(single.json, list)
+    assert [w["sequence"] for w in single.json] == [1]
+
+    await daemon.ingest(
+        "acme", [{"event": "CHECK_COMPLETED", "data": {"n": n}} for n in range(1, 11)]
+    )
+    await wait_for(lambda: len(receiver.sequences("/acme")) == 11, timeout=3)
+    batches = [r.json for r in receiver.at("/acme")]
+    assert all(isinstance(b, list) for b in batches)
+    assert [len(b) for b in batches] == [1, 4, 4, 2]
+    for batch in batches:
+        sequences = [w["sequence"] for w in batch]
+        assert sequences == list(range(sequences[0], sequences[0] + len(sequences)))
+        assert set(batch[0]) == {"id", "sequence", "event", "secret", "timestamp", "data"}
+    assert receiver.sequences("/acme") == list(range(1, 12))
+    assert [w["data"]["n"] for b in batches for w in b] == list(range(11))
+
+
+async def test_failed_batch_is_resent_as_head_with_newer_ones(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    receiver.script("/acme", 500)
+    daemon = await start_daemon(
+        tenants={
+            "acme": tenant(
+                receiver.url("/acme"),
+                batching=True,
+                batch_size=5,
+                batch_window=0.0,
+                retry_base=0.5,
+            )
+        }
+    )
+    await daemon.ingest("acme", [{"event": "CHECK_COMPLETED", "data": {"n": n}} for n in range(3)])
+    await wait_for(lambda: len(receiver.at("/acme")) == 1, timeout=2)
+    # In backoff now: four more join the queue behind the failed three.
+    await daemon.ingest(
+        "acme", [{"event": "CHECK_COMPLETED", "data": {"n": n}} for n in range(3, 7)]
+    )
+    await wait_for(lambda: len(receiver.sequences("/acme")) == 7, timeout=3)
+    requests = receiver.at("/acme")
+    assert [r.status for r in requests] == [500, 200, 200]
+    assert [[w["sequence"] for w in r.webhooks] for r in requests] == [
+        [1, 2, 3],
+        [1, 2, 3, 4, 5],
+        [6, 7],
+    ]
+    # The same webhooks, not copies: same ids, data and timestamps.
+    assert requests[1].webhooks[:3] == requests[0].webhooks
+    assert gaps(requests)[0] >= 0.45
+
+
+async def test_partial_batch_window_counts_from_the_oldest_webhook(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    window = 1.0
+    daemon = await start_daemon(
+        tenants={
+            "acme": tenant(receiver.url("/acme"), batching=True, batch_size=10, batch_window=window)
+        }
+    )
+    first_ingest = time.monotonic()
+    await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+    await asyncio.sleep(window / 2)  # let half the window pass: nothing may go yet
+    assert receiver.at("/acme") == []
+    await daemon.ingest("acme", [{"event": "CHECK_COMPLETED"}, {"event": "CHECK_COMPLETED"}])
+    await wait_for(lambda: len(receiver.at("/acme")) == 1, timeout=3)
+    batch = receiver.at("/acme")[0]
+    assert [w["sequence"] for w in batch.webhooks] == [1, 2, 3]
+    waited = batch.at - first_ingest
+    # Due at window after the first webhook, not window after the newest (1.5 s).
+    assert window * 0.95 <= waited < window * 1.35, waited
+
+
+# -- backoff -------------------------------------------------------------------------------------
+
+
+def answer_with_retry_after(status: int, seconds: str) -> Behaviour:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Retry-After": seconds})
+
+    return answer
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_delays_at_least_that_long(
+    status: int, receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    receiver.script("/acme", answer_with_retry_after(status, "1"))
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"), retry_base=0.01)})
+    with capture_logs() as logs:
+        await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+        await wait_for(lambda: len(receiver.at("/acme", ok_only=True)) == 1, timeout=3)
+    requests = receiver.at("/acme")
+    assert [r.status for r in requests] == [status, 200]
+    assert delays(logs) == [1.0]
+    assert 1.0 <= gaps(requests)[0] < 1.8, gaps(requests)
+
+
+async def test_retry_after_is_capped_by_retry_after_doublings(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    receiver.script("/acme", answer_with_retry_after(503, "3600"))
+    daemon = await start_daemon(
+        tenants={
+            "acme": tenant(
+                receiver.url("/acme"),
+                retry_base=0.01,
+                retry_doublings=3,
+                retry_after_doublings=0.3,
+            )
+        }
+    )
+    with capture_logs() as logs:
+        await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+        await wait_for(lambda: len(receiver.at("/acme", ok_only=True)) == 1, timeout=3)
+    assert delays(logs) == [0.3]
+    gap = gaps(receiver.at("/acme"))[0]
+    assert 0.29 <= gap < 1.0, gap
+
+
+async def test_retry_after_is_ignored_on_500(receiver: Receiver, start_daemon: StartDaemon) -> None:
+    receiver.script("/acme", answer_with_retry_after(500, "5"))
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"), retry_base=0.05)})
+    with capture_logs() as logs:
+        await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+        await wait_for(lambda: len(receiver.at("/acme", ok_only=True)) == 1, timeout=3)
+    assert delays(logs) == [0.05]
+    requests = receiver.at("/acme")
+    assert [r.status for r in requests] == [500, 200]
+    assert 0.045 <= gaps(requests)[0] < 1.0, gaps(requests)
+
+
+async def test_backoff_doubles_then_levels_at_retry_after_doublings(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    receiver.script("/acme", 500, 500, 500, 500)
+    daemon = await start_daemon(
+        tenants={
+            "acme": tenant(
+                receiver.url("/acme"),
+                retry_base=0.05,
+                retry_doublings=2,
+                retry_after_doublings=0.3,
+            )
+        }
+    )
+    with capture_logs() as logs:
+        await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+        await wait_for(lambda: len(receiver.at("/acme", ok_only=True)) == 1, timeout=3)
+    # 0.05 × 2^(n−1) while n ≤ 2, then 0.3 (a continued doubling would give 0.2, 0.4).
+    expected = [0.05, 0.1, 0.3, 0.3]
+    assert delays(logs) == expected
+    observed = gaps(receiver.at("/acme"))
+    assert len(observed) == 4, observed
+    for gap, wait in zip(observed, expected, strict=True):
+        assert wait * 0.95 <= gap < wait + 0.4, observed
+    # The receiver logs its 200 before the daemon has recorded it.
+    await wait_for(lambda: daemon.service.workers["acme"].waiting == 0, timeout=2)
+    status = await daemon.status("acme")
+    assert [f["attempt"] for f in status["recent_failures"]] == [4, 3, 2, 1]
+    assert status["attempts"] == 0
+
+
+# -- what counts as success ----------------------------------------------------------------------
+
+
+async def test_success_statuses_widen_success_201_fails_by_default(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    receiver.always("/wide", 204)
+    receiver.script("/narrow", 201)
+    daemon = await start_daemon(
+        tenants={
+            "wide": tenant(receiver.url("/wide"), success_statuses=[200, 204], retry_base=5),
+            "narrow": tenant(receiver.url("/narrow"), retry_base=0.05),
+        }
+    )
+    await daemon.ingest("wide", [{"event": "CHECK_COMPLETED"}, {"event": "CHECK_COMPLETED"}])
+    await daemon.ingest("narrow", {"event": "CHECK_COMPLETED"})
+    await wait_for(lambda: len(receiver.at("/wide")) == 2, timeout=2)
+    await wait_for(lambda: len(receiver.at("/narrow")) == 2, timeout=2)
+    assert [r.webhooks[0]["sequence"] for r in receiver.at("/wide")] == [1, 2]
+    wide = await daemon.status("wide")
+    assert wide["recent_failures"] == []
+    await wait_for(lambda: daemon.service.workers["wide"].waiting == 0, timeout=2)
+    assert (await daemon.status("wide"))["queue"] == "empty"
+
+    assert [r.status for r in receiver.at("/narrow")] == [201, 200]
+    assert [r.webhooks[0]["sequence"] for r in receiver.at("/narrow")] == [1, 1]
+    narrow = await daemon.status("narrow")
+    assert [(f["status"], f["error"]) for f in narrow["recent_failures"]] == [(201, "HTTP 201")]
+
+
+async def test_redirect_is_a_failure_and_never_followed(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    elsewhere = Listener()
+    location = await elsewhere.start()
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": location})
+
+    receiver.script("/acme", redirect)
+    try:
+        daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"), retry_base=0.2)})
+        await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+        await wait_for(lambda: len(receiver.at("/acme", ok_only=True)) == 1, timeout=3)
+        assert [r.status for r in receiver.at("/acme")] == [302, 200]
+        failure = (await daemon.status("acme"))["recent_failures"][0]
+        assert failure["status"] == 302
+        assert failure["error"] == f"redirect to {location} not followed (HTTP 302)"
+        assert elsewhere.connections == 0
+    finally:
+        await elsewhere.close()
+
+
+# -- headers and signatures ----------------------------------------------------------------------
+
+
+async def test_authorization_header_false_omits_it_but_keeps_body_secret(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await start_daemon(
+        tenants={"acme": tenant(receiver.url("/acme"), authorization_header=False)}
+    )
+    await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+    await wait_for(lambda: len(receiver.at("/acme")) == 1, timeout=2)
+    received = receiver.at("/acme")[0]
+    assert "authorization" not in lower_headers(received)
+    assert received.json["secret"] == "s3cr3t"
+
+
+SIGNING_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+
+
+async def test_standard_webhooks_signature_unbatched(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await start_daemon(
+        tenants={"acme": tenant(receiver.url("/acme"), signing_secret=SIGNING_SECRET)}
+    )
+    await daemon.ingest(
+        "acme", [{"event": "CHECK_COMPLETED", "id": "evt-1"}, {"event": "TASK_CREATED"}]
+    )
+    await wait_for(lambda: len(receiver.at("/acme")) == 2, timeout=2)
+    for received in receiver.at("/acme"):
+        headers = lower_headers(received)
+        assert headers["webhook-id"] == received.json["id"]
+        assert abs(int(headers["webhook-timestamp"]) - time.time()) < 10
+        assert verify_standard_webhooks(SIGNING_SECRET, headers, received.body)
+        # The check is not vacuous: another key, or another body, does not verify.
+        other = "whsec_" + base64.b64encode(bytes(32)).decode()
+        assert not verify_standard_webhooks(other, headers, received.body)
+        assert not verify_standard_webhooks(SIGNING_SECRET, headers, received.body + b" ")
+    assert lower_headers(receiver.at("/acme")[0])["webhook-id"] == "evt-1"
+
+
+async def test_standard_webhooks_signature_batched(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await start_daemon(
+        tenants={
+            "acme": tenant(
+                receiver.url("/acme"),
+                signing_secret=SIGNING_SECRET,
+                batching=True,
+                batch_size=3,
+                batch_window=0.1,
+            )
+        }
+    )
+    await daemon.ingest("acme", [{"event": "CHECK_COMPLETED"} for _ in range(5)])
+    await wait_for(lambda: len(receiver.sequences("/acme")) == 5, timeout=2)
+    ids = []
+    for received in receiver.at("/acme"):
+        headers = lower_headers(received)
+        ids.append(headers["webhook-id"])
+        assert abs(int(headers["webhook-timestamp"]) - time.time()) < 10
+        assert verify_standard_webhooks(SIGNING_SECRET, headers, received.body)
+    assert ids == ["acme.1-3", "acme.4-5"]
+
+
+async def test_rotated_secret_applies_to_the_queued_webhook(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    receiver.script("/acme", 500)
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"), retry_base=30)})
+    await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+    await wait_attempts(daemon, "acme", 1)
+    first = receiver.at("/acme")[0]
+    assert first.headers["Authorization"] == "Bearer s3cr3t"
+    cfg = daemon.service.config.tenants["acme"]
+    daemon.service.set_tenant(dataclasses.replace(cfg, secret=Secret("new")))
+    status, _ = await daemon.request("POST", "/v1/tenants/acme/retry")
+    assert status == 200
+    await wait_for(lambda: len(receiver.at("/acme")) == 2, timeout=2)
+    resent = receiver.at("/acme")[1]
+    assert resent.status == 200
+    assert resent.json["sequence"] == 1
+    assert resent.json["id"] == first.json["id"]
+    assert resent.json["secret"] == "new"
+    assert resent.headers["Authorization"] == "Bearer new"
+
+
+# -- failures, retries, control ------------------------------------------------------------------
+
+
+async def test_dead_endpoint_is_connection_refused_and_does_not_delay_others(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/hooks"
+    daemon = await start_daemon(
+        tenants={"dead": tenant(dead, retry_base=5), "live": tenant(receiver.url("/live"))}
+    )
+    await daemon.ingest("dead", [{"event": "CHECK_COMPLETED"} for _ in range(3)])
+    for _ in range(5):
+        await daemon.ingest("live", {"event": "CHECK_COMPLETED"})
+    await wait_for(lambda: len(receiver.at("/live")) == 5, timeout=1)
+    assert receiver.sequences("/live") == [1, 2, 3, 4, 5]
+    await wait_attempts(daemon, "dead", 1)
+    status = await daemon.status("dead")
+    assert status["queue"] == "stalled"
+    assert status["waiting"] == 3
+    failure = status["recent_failures"][0]
+    assert failure["error"] == "connection refused"
+    assert failure["status"] is None
+    assert (failure["first_sequence"], failure["count"]) == (1, 1)
+
+
+async def test_retry_during_backoff_attempts_now_and_keeps_attempts(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    receiver.script("/acme", 500, 500)
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"), retry_base=30)})
+    await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+    await wait_attempts(daemon, "acme", 1)
+    before = await daemon.status("acme")
+    assert before["queue"] == "stalled"
+    assert before["next_attempt_at"] is not None
+
+    status, body = await daemon.request("POST", "/v1/tenants/acme/retry")
+    answered = time.monotonic()
+    assert status == 200
+    assert body["retrying"] is True
+    await wait_for(lambda: len(receiver.at("/acme")) == 2, timeout=2)
+    # SPEC §4: the next attempt starts within 100 ms of the retry call.
+    assert receiver.at("/acme")[1].at - answered < 0.1
+
+    await wait_attempts(daemon, "acme", 2)
+    after = await daemon.status("acme")
+    assert [f["attempt"] for f in after["recent_failures"]] == [2, 1]
+    # The second failure backs off as attempt 2: 30 × 2 = 60 s, not 30 s again.
+    next_at = datetime.fromisoformat(after["next_attempt_at"]).timestamp()
+    assert 55 <= next_at - time.time() <= 62
+
+
+async def test_retry_during_an_attempt_makes_the_next_start_at_once(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def held_then_500(request: web.Request) -> web.Response:
+        started.set()
+        await release.wait()
+        return web.Response(status=500)
+
+    receiver.script("/acme", held_then_500)
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"), retry_base=30)})
+    await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+    await wait_for(started.is_set, timeout=2)
+    status, body = await daemon.request("POST", "/v1/tenants/acme/retry")
+    assert status == 200
+    assert body["retrying"] is True
+    released = time.monotonic()
+    release.set()
+    await wait_for(lambda: len(receiver.at("/acme")) == 2, timeout=2)
+    requests = receiver.at("/acme")
+    assert [r.status for r in requests] == [500, 200]
+    assert requests[1].at - released < 0.5
+    status_after = await daemon.status("acme")
+    assert [f["attempt"] for f in status_after["recent_failures"]] == [1]
+
+
+async def test_disabled_tenant_answers_disabled_and_sends_nothing(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"), enabled=False)})
+    body = await daemon.ingest(
+        "acme", [{"event": "CHECK_COMPLETED", "id": "mine"}, {"event": "TASK_CREATED"}]
+    )
+    assert body == {
+        "webhooks": [
+            {"id": "mine", "sequence": None, "status": "disabled"},
+            {"id": None, "sequence": None, "status": "disabled"},
+        ]
+    }
+    await asyncio.sleep(0.3)  # let time pass: nothing may be sent
+    assert receiver.requests == []
+    status = await daemon.status("acme")
+    assert (status["queue"], status["waiting"], status["enabled"]) == ("disabled", 0, False)
+
+
+async def test_paused_tenant_queues_and_sends_after_resume(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"))})
+    status, body = await daemon.request("POST", "/v1/tenants/acme/pause")
+    assert (status, body["paused"]) == (200, True)
+    answer = await daemon.ingest("acme", [{"event": "CHECK_COMPLETED"} for _ in range(3)])
+    assert [w["status"] for w in answer["webhooks"]] == ["queued"] * 3
+    await asyncio.sleep(0.3)  # let time pass: nothing may be sent
+    assert receiver.requests == []
+    paused = await daemon.status("acme")
+    assert (paused["queue"], paused["waiting"], paused["paused"]) == ("paused", 3, True)
+
+    status, body = await daemon.request("POST", "/v1/tenants/acme/resume")
+    assert (status, body["paused"]) == (200, False)
+    await wait_for(lambda: len(receiver.at("/acme")) == 3, timeout=2)
+    assert receiver.sequences("/acme") == [1, 2, 3]
+
+
+async def test_many_tenants_in_order_with_one_request_in_flight_each(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    names = [f"t{i:02d}" for i in range(50)]
+    in_flight: collections.Counter[str] = collections.Counter()
+    most: collections.Counter[str] = collections.Counter()
+
+    async def track(request: web.Request) -> web.Response:
+        in_flight[request.path] += 1
+        most[request.path] = max(most[request.path], in_flight[request.path])
+        try:
+            await asyncio.sleep(0.002)  # widen the window in which an overlap would show
+        finally:
+            in_flight[request.path] -= 1
+        return web.Response(text="ok")
+
+    for name in names:
+        receiver.always(f"/{name}", track)
+    daemon = await start_daemon(tenants={name: tenant(receiver.url(f"/{name}")) for name in names})
+
+    async def produce(name: str) -> None:
+        for chunk in range(4):
+            items = [
+                {"event": "CHECK_COMPLETED", "data": {"n": n}}
+                for n in range(chunk * 5, chunk * 5 + 5)
+            ]
+            await daemon.ingest(name, items)
+
+    await asyncio.gather(*(produce(name) for name in names))
+    await wait_for(lambda: len(receiver.requests) == 1000, timeout=15)
+    for name in names:
+        received = receiver.at(f"/{name}")
+        assert [r.json["sequence"] for r in received] == list(range(1, 21)), name
+        assert [r.json["data"]["n"] for r in received] == list(range(20)), name
+    assert set(most) == {f"/{name}" for name in names}
+    assert max(most.values()) == 1, most

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hmac
+import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +23,7 @@ SERVICE = web.AppKey("service", Service)
 MAX_ITEMS = 1000
 MAX_ID_LENGTH = 255
 ITEM_KEYS = frozenset({"event", "data", "id"})
+LONG_DIGITS = re.compile(rb"\d{19,}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -132,11 +135,35 @@ def tenant_name(request: web.Request) -> str:
 # -- ingest ------------------------------------------------------------------------------------
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _load_json(body: bytes) -> tuple[Any, bool]:
+    """Parse a body; (document, exact). orjson is the fast path.
+
+    orjson turns integers beyond 64 bits into floats, which would change what the producer
+    sent. Such a body (any run of 19+ digits, found by one C-level scan) goes through the
+    standard library instead, which keeps them exact.
+    """
+    if LONG_DIGITS.search(body) is None:
+        return orjson.loads(body), False
+    return json.loads(body, parse_constant=_reject_constant), True
+
+
+def _encode_data(data: dict[str, Any], exact: bool) -> str:
+    if not exact:
+        return orjson.dumps(data).decode()
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    text.encode()  # a lone surrogate cannot be sent: UnicodeEncodeError, answered 400
+    return text
+
+
 def parse_ingest(body: bytes) -> list[IngestItem]:
     """Validate an ingest body: one webhook object or a non-empty array of up to 1000."""
     try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        document, exact = _load_json(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeError included
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
     if isinstance(document, dict):
         documents = [document]
@@ -148,12 +175,11 @@ def parse_ingest(body: bytes) -> list[IngestItem]:
         documents = document
     else:
         raise BadRequest('expected a webhook object {"event", "data", "id"?} or an array of them')
-    return [
-        _item(index, doc, many=isinstance(document, list)) for index, doc in enumerate(documents)
-    ]
+    many = isinstance(document, list)
+    return [_item(index, doc, many=many, exact=exact) for index, doc in enumerate(documents)]
 
 
-def _item(index: int, doc: Any, *, many: bool) -> IngestItem:
+def _item(index: int, doc: Any, *, many: bool, exact: bool) -> IngestItem:
     where = f"item {index}: " if many else ""
     if not isinstance(doc, dict):
         raise BadRequest(f"{where}expected an object")
@@ -173,15 +199,22 @@ def _item(index: int, doc: Any, *, many: bool) -> IngestItem:
         not isinstance(webhook_id, str) or not 0 < len(webhook_id) <= MAX_ID_LENGTH
     ):
         raise BadRequest(f"{where}id must be a string of 1 to {MAX_ID_LENGTH} characters")
-    return IngestItem(webhook_id, event, orjson.dumps(data).decode())
+    try:
+        encoded = _encode_data(data, exact)
+    except UnicodeEncodeError:
+        raise BadRequest(f"{where}data holds a string that is not valid Unicode") from None
+    return IngestItem(webhook_id, event, encoded)
 
 
 async def ingest(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     name = tenant_name(request)
     service.tenant_config(name)  # 404 before reading a body we would refuse anyway
-    content_type = request.headers.get("Content-Type", "application/json")
-    if not (request.content_type == "application/json" or request.content_type.endswith("+json")):
+    content_type = request.headers.get("Content-Type")
+    # No Content-Type at all is taken as JSON; a declared other type is refused.
+    if content_type is not None and not (
+        request.content_type == "application/json" or request.content_type.endswith("+json")
+    ):
         raise UnsupportedMediaType(
             f"Content-Type {content_type!r} is not JSON; send application/json"
         )

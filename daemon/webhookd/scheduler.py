@@ -152,10 +152,16 @@ class TenantWorker:
         self.wake.set()
 
     def request_retry(self) -> bool:
-        """Make the next attempt start now, whatever the backoff. True if there is one to make."""
+        """Make the next attempt start now, whatever the backoff. True if there is one to make.
+
+        Paused, disabled or orphaned tenants ignore it: a retry must not linger and cut a
+        backoff short long after, when the tenant is resumed.
+        """
+        if self.queue_state not in ("waiting", "stalled"):
+            return False
         self.retry_requested = True
         self.wake.set()
-        return self.waiting > 0 and self.queue_state in ("waiting", "stalled")
+        return True
 
     async def set_paused(self, paused: bool) -> None:
         await self._store.set_paused(self.name, paused)

@@ -58,7 +58,7 @@ def is_blocked(address: str) -> bool:
 
 
 def encode_body(tenant: TenantConfig, webhooks: Sequence[Webhook], *, batched: bool) -> bytes:
-    """The exact request body. Stored `data` text is spliced in, never decoded and re-encoded."""
+    """The exact request body: stored `data` JSON text is spliced in, not re-encoded per send."""
     secret = orjson.dumps(tenant.secret.reveal()).decode()
     # Field order as SPEC §3 shows it. `event` is a validated catalogue name: no escaping.
     parts = [

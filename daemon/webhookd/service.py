@@ -441,13 +441,22 @@ class Service:
     def status(self) -> dict[str, Any]:
         now = self.clock.now()
         tenants = [self._status_of(w, now) for w in self.visible_workers()]
-        totals: dict[str, int] = {"tenants": len(tenants), "waiting": 0, "parked": 0}
-        for state in ("empty", "waiting", "stalled", "paused", "disabled", "orphaned"):
-            totals[state] = 0
+        # `waiting` and `parked` count webhooks; `queues` counts tenants per queue state,
+        # and the states an operator looks for are repeated at the top level.
+        queues = dict.fromkeys(("empty", "waiting", "stalled", "paused", "disabled", "orphaned"), 0)
         for status in tenants:
-            totals["waiting"] += status["waiting"]
-            totals["parked"] += status["parked"]
-            totals[status["queue"]] += 1
+            queues[status["queue"]] += 1
+        totals: dict[str, Any] = {
+            "tenants": len(tenants),
+            "waiting": sum(s["waiting"] for s in tenants),
+            "stalled": queues["stalled"],
+            "paused": queues["paused"],
+            "disabled": queues["disabled"],
+            "orphaned": queues["orphaned"],
+            "parked": sum(s["parked"] for s in tenants),
+            "in_flight": sum(1 for s in tenants if s["in_flight"]),
+            "queues": queues,
+        }
         return {"tenants": tenants, "totals": totals}
 
     def status_line(self) -> str:

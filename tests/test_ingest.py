@@ -1,0 +1,448 @@
+"""Ingest through the HTTP API: answers, validation, limits, durability, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Daemon, Receiver, StartDaemon, tenant, wait_for
+
+EVENT = "CHECK_COMPLETED"
+
+
+async def paused_daemon(start_daemon: StartDaemon, receiver: Receiver, **kwargs: Any) -> Daemon:
+    """A daemon whose tenant `acme` is paused, so `waiting` counts exactly what was queued."""
+    tenants = {
+        "acme": tenant(receiver.url("/acme"), events=["CHECK_COMPLETED", "TASK_CREATED"]),
+        "off": tenant(receiver.url("/off"), enabled=False),
+    }
+    daemon = await start_daemon(tenants=tenants, **kwargs)
+    status, _ = await daemon.request("POST", "/v1/tenants/acme/pause")
+    assert status == 200
+    return daemon
+
+
+async def post_raw(
+    daemon: Daemon, body: bytes, content_type: str = "application/json", name: str = "acme"
+) -> tuple[int, Any]:
+    return await daemon.request(
+        "POST",
+        f"/v1/tenants/{name}/webhooks",
+        data=body,
+        headers={"Content-Type": content_type},
+    )
+
+
+def assert_error(body: Any, code: str) -> None:
+    assert isinstance(body, dict), body
+    assert set(body) == {"error", "detail"}, body
+    assert body["error"] == code, body
+    assert isinstance(body["detail"], str)
+    assert body["detail"], body
+
+
+async def assert_nothing_queued(daemon: Daemon, name: str = "acme") -> None:
+    """Nothing waits, and no sequence number was used up by the refused request."""
+    status = await daemon.status(name)
+    assert status["waiting"] == 0, status
+    answer = await daemon.ingest(name, {"event": EVENT})
+    assert answer["webhooks"][0]["sequence"] == 1, answer
+
+
+def is_uuid(text: Any) -> bool:
+    try:
+        uuid.UUID(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# -- answers -------------------------------------------------------------------------------------
+
+
+async def test_single_object_is_queued_with_a_generated_uuid(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    status, body = await daemon.request(
+        "POST", "/v1/tenants/acme/webhooks", json={"event": EVENT, "data": {"k": "v"}}
+    )
+    assert status == 202
+    assert list(body) == ["webhooks"]
+    [entry] = body["webhooks"]
+    assert set(entry) == {"id", "sequence", "status"}
+    assert (entry["sequence"], entry["status"]) == (1, "queued")
+    assert is_uuid(entry["id"]), entry
+
+
+async def test_array_answers_one_entry_per_item_in_request_order(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    body = await daemon.ingest(
+        "acme",
+        [
+            {"event": "CHECK_COMPLETED", "id": "a"},
+            {"event": "PRODUCT_STATUS_CHANGED", "id": "ns"},  # not in acme's events
+            {"event": "TASK_CREATED"},
+            {"event": "CHECK_COMPLETED", "id": "a"},  # duplicate within the request
+            {"event": "RISK_LEVEL_CHANGED"},  # not subscribed, no id
+            {"event": "TASK_CREATED", "id": "b", "data": {"x": 1}},
+        ],
+    )
+    entries = body["webhooks"]
+    assert [e["status"] for e in entries] == [
+        "queued",
+        "not_subscribed",
+        "queued",
+        "duplicate",
+        "not_subscribed",
+        "queued",
+    ]
+    assert [e["sequence"] for e in entries] == [1, None, 2, 1, None, 3]
+    assert [e["id"] for e in entries[:2]] == ["a", "ns"]
+    assert is_uuid(entries[2]["id"])
+    assert [e["id"] for e in entries[3:]] == ["a", None, "b"]
+    assert (await daemon.status("acme"))["waiting"] == 3
+
+    disabled = await daemon.ingest("off", [{"event": EVENT, "id": "z"}, {"event": EVENT}])
+    assert disabled["webhooks"] == [
+        {"id": "z", "sequence": None, "status": "disabled"},
+        {"id": None, "sequence": None, "status": "disabled"},
+    ]
+
+
+async def test_duplicates_across_requests_keep_their_first_sequence(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"))})
+    first = await daemon.ingest("acme", [{"event": EVENT, "id": "x"}, {"event": EVENT, "id": "y"}])
+    assert [e["sequence"] for e in first["webhooks"]] == [1, 2]
+    # Delivered meanwhile: a late resend by the producer is still a duplicate.
+    await wait_for(lambda: len(receiver.at("/acme")) == 2, timeout=2)
+    again = await daemon.ingest(
+        "acme",
+        [{"event": EVENT, "id": "y"}, {"event": EVENT, "id": "w"}, {"event": EVENT, "id": "x"}],
+    )
+    assert again["webhooks"] == [
+        {"id": "y", "sequence": 2, "status": "duplicate"},
+        {"id": "w", "sequence": 3, "status": "queued"},
+        {"id": "x", "sequence": 1, "status": "duplicate"},
+    ]
+    await wait_for(lambda: len(receiver.at("/acme")) == 3, timeout=2)
+    assert [r.json["id"] for r in receiver.at("/acme")] == ["x", "y", "w"]
+    assert receiver.sequences("/acme") == [1, 2, 3]
+
+
+async def test_data_defaults_to_an_empty_object(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"))})
+    await daemon.ingest("acme", [{"event": EVENT}, {"event": EVENT, "data": {"n": [1, 2]}}])
+    await wait_for(lambda: len(receiver.at("/acme")) == 2, timeout=2)
+    assert [r.json["data"] for r in receiver.at("/acme")] == [{}, {"n": [1, 2]}]
+
+
+async def test_data_arrives_exactly_as_sent_even_beyond_64_bit_integers(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"))})
+    body = (
+        b'{"event": "CHECK_COMPLETED", "data": {"big": 123456789012345678901234567890,'
+        b' "neg": -98765432109876543210, "f": 0.1, "s": "caf\\u00e9 \\u2603", "n": null}}'
+    )
+    status, answer = await daemon.request(
+        "POST", "/v1/tenants/acme/webhooks", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert status == 202, answer
+    await wait_for(lambda: len(receiver.at("/acme")) == 1, timeout=2)
+    data = receiver.at("/acme")[0].json["data"]
+    assert data == {
+        "big": 123456789012345678901234567890,
+        "neg": -98765432109876543210,
+        "f": 0.1,
+        "s": "café ☃",
+        "n": None,
+    }
+    assert isinstance(data["big"], int)
+
+
+# -- refused requests: 400 and nothing queued ----------------------------------------------------
+
+VALID = {"event": EVENT}
+
+BAD_BODIES: dict[str, bytes] = {
+    "bad JSON": b'{"event": "CHECK_COMPLETED",',
+    "not UTF-8 JSON": b'{"event": "\xff"}',
+    "JSON string": b'"CHECK_COMPLETED"',
+    "JSON number": b"42",
+    "JSON null": b"null",
+    "empty body": b"",
+    "empty array": b"[]",
+    "1001 items": json.dumps([VALID] * 1001).encode(),
+    "array of non-objects": json.dumps([VALID, "x"]).encode(),
+    "missing event": json.dumps([VALID, {"data": {}}]).encode(),
+    "event not a string": json.dumps({"event": 7}).encode(),
+    "id a number": json.dumps([VALID, {"event": EVENT, "id": 5}]).encode(),
+    "id empty": json.dumps({"event": EVENT, "id": ""}).encode(),
+    "unknown field": json.dumps([VALID, {"event": EVENT, "payload": {}}]).encode(),
+    "data a list": json.dumps([VALID, {"event": EVENT, "data": [1]}]).encode(),
+    "data a string": json.dumps({"event": EVENT, "data": "x"}).encode(),
+    "data a number": json.dumps({"event": EVENT, "data": 3}).encode(),
+    "NaN with a long integer": b'{"event": "CHECK_COMPLETED", "data": {"a": NaN, '
+    b'"b": 12345678901234567890123}}',
+    "lone surrogate with a long integer": b'{"event": "CHECK_COMPLETED", "data": '
+    b'{"s": "\\ud800", "b": 12345678901234567890123}}',
+}
+
+
+@pytest.mark.parametrize("body", list(BAD_BODIES.values()), ids=list(BAD_BODIES))
+async def test_bad_request_is_400_and_queues_nothing(
+    body: bytes, receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    status, answer = await post_raw(daemon, body)
+    assert status == 400, answer
+    assert_error(answer, "bad_request")
+    await assert_nothing_queued(daemon)
+
+
+async def test_1000_items_are_the_limit(receiver: Receiver, start_daemon: StartDaemon) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    body = await daemon.ingest("acme", [VALID] * 1000)
+    assert [e["sequence"] for e in body["webhooks"]] == list(range(1, 1001))
+    assert (await daemon.status("acme"))["waiting"] == 1000
+
+
+async def test_unknown_event_type_is_422_and_nothing_is_queued(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    items = [VALID, {"event": "TASK_CREATED", "id": "t"}, {"event": "NOT_AN_EVENT"}, VALID]
+    status, answer = await daemon.request("POST", "/v1/tenants/acme/webhooks", json=items)
+    assert status == 422, answer
+    assert_error(answer, "unknown_event")
+    assert "NOT_AN_EVENT" in answer["detail"]
+    await assert_nothing_queued(daemon)
+    # The id of the refused request was not remembered either.
+    again = await daemon.ingest("acme", {"event": "TASK_CREATED", "id": "t"})
+    assert again["webhooks"] == [{"id": "t", "sequence": 2, "status": "queued"}]
+
+
+@pytest.mark.parametrize("name", ["nobody", "bad.name", "a" * 65, "sp%20ace"])
+async def test_unknown_or_invalid_tenant_is_404(
+    name: str, receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    status, answer = await daemon.request("POST", f"/v1/tenants/{name}/webhooks", json=VALID)
+    assert status == 404, answer
+    assert_error(answer, "not_found")
+
+
+async def test_body_over_max_body_bytes_is_413(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    limit = 2048
+    daemon = await paused_daemon(start_daemon, receiver, daemon={"max_body_bytes": limit})
+
+    def body_of(size: int) -> bytes:
+        head = b'{"event": "CHECK_COMPLETED", "data": {"pad": "'
+        tail = b'"}}'
+        return head + b"x" * (size - len(head) - len(tail)) + tail
+
+    status, answer = await post_raw(daemon, body_of(limit + 1))
+    assert status == 413, answer
+    assert_error(answer, "too_large")
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: checked while reading
+        for _ in range(4):
+            yield b" " * 1024
+        yield body_of(limit)
+
+    status, answer = await daemon.request(
+        "POST",
+        "/v1/tenants/acme/webhooks",
+        data=chunked(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 413, answer
+    assert_error(answer, "too_large")
+    await assert_nothing_queued(daemon)
+
+    status, answer = await post_raw(daemon, body_of(limit))  # exactly the limit is fine
+    assert status == 202, answer
+    assert answer["webhooks"][0]["sequence"] == 2
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+async def test_non_json_content_type_is_415(
+    content_type: str, receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    status, answer = await post_raw(daemon, json.dumps(VALID).encode(), content_type)
+    assert status == 415, answer
+    assert_error(answer, "unsupported_media_type")
+    await assert_nothing_queued(daemon)
+
+
+async def test_missing_content_type_is_not_misreported(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    # Either answer is defensible (take it as JSON, or ask for a Content-Type); claiming
+    # that the request said application/json when it sent no Content-Type at all is not.
+    url = daemon.base + "/v1/tenants/acme/webhooks"
+    async with (
+        aiohttp.ClientSession(skip_auto_headers=["Content-Type"]) as session,
+        session.post(url, data=json.dumps(VALID).encode()) as response,
+    ):
+        assert "Content-Type" not in response.request_info.headers
+        status, answer = response.status, await response.json()
+    assert status in (202, 415), answer
+    if status == 415:
+        assert_error(answer, "unsupported_media_type")
+        assert "'application/json' is not JSON" not in answer["detail"], answer
+
+
+async def test_json_suffix_content_type_is_accepted(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    for content_type in ("application/json; charset=utf-8", "application/vnd.acme+json"):
+        status, answer = await post_raw(daemon, json.dumps(VALID).encode(), content_type)
+        assert status == 202, (content_type, answer)
+
+
+async def test_shutting_down_is_503_and_nothing_is_queued(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    daemon.service.accepting = False  # what stop() does first
+    status, answer = await daemon.request("POST", "/v1/tenants/acme/webhooks", json=[VALID] * 3)
+    assert status == 503, answer
+    assert_error(answer, "unavailable")
+    daemon.service.accepting = True
+    await assert_nothing_queued(daemon)
+
+
+async def test_store_write_failure_is_503_and_ingest_recovers(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    store = daemon.service.store
+    loop = asyncio.get_running_loop()
+
+    def pragma(statement: str) -> Any:
+        assert store._conn is not None
+        return store._conn.execute(statement).fetchone()
+
+    # The writer thread owns the connection: run the pragma there, between commits.
+    pages = (await loop.run_in_executor(store._executor, pragma, "PRAGMA page_count"))[0]
+    await loop.run_in_executor(store._executor, pragma, f"PRAGMA max_page_count = {pages}")
+    big = {"event": EVENT, "data": {"blob": "x" * 200_000}}
+    status, answer = await daemon.request(
+        "POST", "/v1/tenants/acme/webhooks", json=[VALID, big, VALID]
+    )
+    assert status == 503, answer
+    assert_error(answer, "unavailable")
+    assert "full" in answer["detail"], answer
+    assert "nothing was queued" in answer["detail"], answer
+    assert (await daemon.status("acme"))["waiting"] == 0
+
+    await loop.run_in_executor(store._executor, pragma, "PRAGMA max_page_count = 1073741823")
+    again = await daemon.ingest("acme", [big, VALID])
+    assert [e["sequence"] for e in again["webhooks"]] == [1, 2]
+    assert (await daemon.status("acme"))["waiting"] == 2
+    status, _ = await daemon.request("POST", "/v1/tenants/acme/resume")
+    assert status == 200
+    await wait_for(lambda: len(receiver.at("/acme")) == 2, timeout=3)
+    assert receiver.sequences("/acme") == [1, 2]
+    assert receiver.at("/acme")[0].json["data"] == big["data"]
+
+
+# -- other paths ---------------------------------------------------------------------------------
+
+
+async def test_healthz_and_unknown_paths(receiver: Receiver, start_daemon: StartDaemon) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    status, _ = await daemon.request("GET", "/healthz")
+    assert status == 200
+    for method, path in [("GET", "/nope"), ("POST", "/v1/tenants/acme/nope"), ("GET", "/v2")]:
+        status, answer = await daemon.request(method, path)
+        assert status == 404, (method, path, answer)
+        assert_error(answer, "not_found")
+
+
+# -- durability and group commit -----------------------------------------------------------------
+
+
+def read_committed(database: Path, tenant_name: str) -> list[tuple[int, str]]:
+    """What another process would see: a fresh read-only connection to the file."""
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        rows = conn.execute(
+            "SELECT sequence, id FROM webhooks WHERE tenant = ? ORDER BY sequence",
+            (tenant_name,),
+        ).fetchall()
+    finally:
+        conn.close()
+    return [(int(sequence), str(webhook_id)) for sequence, webhook_id in rows]
+
+
+async def test_answer_comes_only_after_the_commit(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    database = daemon.service.config.daemon.database
+    expected: list[tuple[int, str]] = []
+    for n in range(20):
+        items = [{"event": EVENT, "id": f"w{n}-{k}"} for k in range(n % 3 + 1)]
+        answer = await daemon.ingest("acme", items)
+        expected += [(e["sequence"], e["id"]) for e in answer["webhooks"]]
+        # Checked straight after each 202: the rows must already be on disk.
+        assert await asyncio.to_thread(read_committed, database, "acme") == expected
+
+
+async def test_concurrent_ingest_is_group_committed(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    store = daemon.service.store
+    commits_before = store.commits
+
+    async def one(n: int) -> tuple[int, Any]:
+        return await daemon.request(
+            "POST", "/v1/tenants/acme/webhooks", json={"event": EVENT, "data": {"n": n}}
+        )
+
+    answers = await asyncio.gather(*(one(n) for n in range(200)))
+    assert [status for status, _ in answers] == [202] * 200
+    sequences = sorted(body["webhooks"][0]["sequence"] for _, body in answers)
+    assert sequences == list(range(1, 201))
+    commits = store.commits - commits_before
+    assert commits < 50, commits
+    assert (await daemon.status("acme"))["waiting"] == 200
+
+
+async def test_concurrent_requests_with_one_id_queue_it_once(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await paused_daemon(start_daemon, receiver)
+    answers = await asyncio.gather(
+        *(
+            daemon.ingest("acme", {"event": EVENT, "id": "same", "data": {"n": n}})
+            for n in range(20)
+        )
+    )
+    entries = [a["webhooks"][0] for a in answers]
+    assert sorted(e["status"] for e in entries) == ["duplicate"] * 19 + ["queued"]
+    assert {(e["id"], e["sequence"]) for e in entries} == {("same", 1)}
+    assert (await daemon.status("acme"))["waiting"] == 1

@@ -1,0 +1,1050 @@
+"""The operator's view: status and its queue states, control calls, access, metrics, CLI.
+
+Real receiver, real SQLite, the daemon in-process or as a subprocess; no mocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import (
+    Daemon,
+    Process,
+    Receiver,
+    StartDaemon,
+    free_port,
+    tenant,
+    wait_for,
+    write_config,
+)
+from webhookd import config as config_mod
+
+EVENT = "CHECK_COMPLETED"
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+STATES = ("orphaned", "disabled", "paused", "stalled", "waiting", "empty")
+
+# SPEC §6, tenant status: field -> expected kind.
+STATUS_FIELDS = {
+    "tenant": "str",
+    "enabled": "bool",
+    "paused": "bool",
+    "batching": "bool",
+    "queue": "str",
+    "waiting": "int",
+    "oldest_waiting_at": "time?",
+    "last_processed_at": "time?",
+    "seconds_since_last_processed": "number?",
+    "attempts": "int",
+    "next_attempt_at": "time?",
+    "recent_failures": "list",
+}
+FAILURE_FIELDS = {
+    "at": "time",
+    "attempt": "int",
+    "first_sequence": "int",
+    "last_sequence": "int",
+    "count": "int",
+    "status": "int?",
+    "error": "str",
+    "duration_ms": "number",
+}
+
+
+def is_kind(value: Any, kind: str) -> bool:
+    if kind.endswith("?"):
+        return value is None or is_kind(value, kind[:-1])
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "time":
+        return isinstance(value, str) and ISO.match(value) is not None
+    if kind == "list":
+        return isinstance(value, list)
+    raise AssertionError(kind)
+
+
+def assert_status_shape(status: dict[str, Any]) -> None:
+    for key, kind in STATUS_FIELDS.items():
+        assert key in status, (key, status)
+        assert is_kind(status[key], kind), (key, kind, status[key])
+    assert status["queue"] in STATES, status
+    for failure in status["recent_failures"]:
+        for key, kind in FAILURE_FIELDS.items():
+            assert key in failure, (key, failure)
+            assert is_kind(failure[key], kind), (key, kind, failure[key])
+
+
+def stamp(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+def state_of(daemon: Daemon, name: str) -> dict[str, Any]:
+    """The status the API would answer, read in-process (for polling with wait_for)."""
+    return daemon.service.tenant_status(name)
+
+
+async def raw(
+    daemon: Daemon, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any
+) -> tuple[int, str, str]:
+    """A request without the fixture's default headers: (status, content type, body text)."""
+    async with daemon.session.request(
+        method, daemon.base + path, headers=headers or {}, **kwargs
+    ) as response:
+        return response.status, response.content_type, await response.text()
+
+
+def assert_error(body: Any, code: str) -> None:
+    assert isinstance(body, dict), body
+    assert set(body) == {"error", "detail"}, body
+    assert body["error"] == code, body
+    assert isinstance(body["detail"], str) and body["detail"], body
+
+
+def is_poison(request_body: dict[str, Any]) -> bool:
+    return bool(request_body.get("data", {}).get("poison"))
+
+
+# -- 1. queue states ----------------------------------------------------------------------------
+
+
+async def test_every_queue_state_in_tenant_and_daemon_status(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    receiver.always("/stalled", 503)
+    daemon = await start_daemon(
+        tenants={
+            # Names chosen so that name order differs from the order of the states.
+            "d-empty": tenant(receiver.url("/empty")),
+            "a-waiting": tenant(
+                receiver.url("/waiting"), batching=True, batch_size=100, batch_window=10.0
+            ),
+            "e-stalled": tenant(
+                receiver.url("/stalled"), batching=True, batch_window=0.0, retry_base=30.0
+            ),
+            "c-paused": tenant(receiver.url("/paused")),
+            "b-disabled": tenant(receiver.url("/disabled"), enabled=False),
+        }
+    )
+    before = time.time()
+
+    await daemon.ingest("d-empty", {"event": EVENT})
+    await wait_for(lambda: state_of(daemon, "d-empty")["last_processed_at"] is not None)
+
+    await daemon.ingest("a-waiting", [{"event": EVENT}, {"event": EVENT}])
+    await daemon.ingest("e-stalled", [{"event": EVENT} for _ in range(3)])
+    status, body = await daemon.request("POST", "/v1/tenants/c-paused/pause")
+    assert (status, body["paused"]) == (200, True)
+    await daemon.ingest("c-paused", [{"event": EVENT} for _ in range(4)])
+    await daemon.ingest("b-disabled", {"event": EVENT})
+    await wait_for(lambda: state_of(daemon, "e-stalled")["attempts"] >= 1, timeout=5)
+    after = time.time()
+
+    empty = await daemon.status("d-empty")
+    assert_status_shape(empty)
+    assert (empty["queue"], empty["waiting"], empty["attempts"]) == ("empty", 0, 0)
+    assert empty["oldest_waiting_at"] is None
+    assert empty["next_attempt_at"] is None
+    assert empty["recent_failures"] == []
+    assert empty["last_processed_at"] is not None
+    assert before - 1 <= stamp(empty["last_processed_at"]) <= time.time() + 1
+    assert isinstance(empty["seconds_since_last_processed"], float)
+    assert 0 <= empty["seconds_since_last_processed"] < 10
+
+    waiting = await daemon.status("a-waiting")
+    assert_status_shape(waiting)
+    assert (waiting["queue"], waiting["waiting"], waiting["batching"]) == ("waiting", 2, True)
+    assert waiting["attempts"] == 0
+    assert waiting["next_attempt_at"] is None
+    assert waiting["oldest_waiting_at"] is not None
+    assert before - 1 <= stamp(waiting["oldest_waiting_at"]) <= after + 1
+    assert waiting["last_processed_at"] is None
+    assert waiting["seconds_since_last_processed"] is None
+    assert receiver.at("/waiting") == []  # the partial batch is being held
+
+    stalled = await daemon.status("e-stalled")
+    assert_status_shape(stalled)
+    assert (stalled["queue"], stalled["waiting"]) == ("stalled", 3)
+    assert stalled["attempts"] >= 1
+    assert stalled["next_attempt_at"] is not None
+    # retry_base 30: the next attempt is ~30 s after the failure (ISO drops the fraction).
+    assert 25 <= stamp(stalled["next_attempt_at"]) - time.time() <= 31
+    assert stalled["oldest_waiting_at"] is not None
+    assert before - 1 <= stamp(stalled["oldest_waiting_at"]) <= after + 1
+    failure = stalled["recent_failures"][0]
+    assert failure["status"] == 503
+    assert failure["error"] == "HTTP 503"
+    assert failure["attempt"] == 1
+    assert (failure["first_sequence"], failure["last_sequence"], failure["count"]) == (1, 3, 3)
+    assert failure["duration_ms"] >= 0
+    assert before - 1 <= stamp(failure["at"]) <= after + 1
+
+    paused = await daemon.status("c-paused")
+    assert_status_shape(paused)
+    assert (paused["queue"], paused["waiting"], paused["paused"]) == ("paused", 4, True)
+    assert paused["next_attempt_at"] is None
+    assert paused["oldest_waiting_at"] is not None
+
+    disabled = await daemon.status("b-disabled")
+    assert_status_shape(disabled)
+    assert (disabled["queue"], disabled["waiting"], disabled["enabled"]) == ("disabled", 0, False)
+    assert disabled["next_attempt_at"] is None
+
+    status, everything = await daemon.request("GET", "/v1/status")
+    assert status == 200
+    assert set(everything) >= {"tenants", "totals"}
+    names = [t["tenant"] for t in everything["tenants"]]
+    assert names == ["a-waiting", "b-disabled", "c-paused", "d-empty", "e-stalled"]
+    for one in everything["tenants"]:
+        assert_status_shape(one)
+    assert {t["tenant"]: t["queue"] for t in everything["tenants"]} == {
+        "a-waiting": "waiting",
+        "b-disabled": "disabled",
+        "c-paused": "paused",
+        "d-empty": "empty",
+        "e-stalled": "stalled",
+    }
+    totals = everything["totals"]
+    assert totals["tenants"] == 5
+    assert totals["stalled"] == 1
+    for state in ("paused", "disabled"):
+        assert totals[state] == 1, (state, totals)
+    assert totals["orphaned"] == 0
+    # Tenants per queue state, every state present.
+    assert totals["queues"] == {
+        "empty": 1,
+        "waiting": 1,
+        "stalled": 1,
+        "paused": 1,
+        "disabled": 1,
+        "orphaned": 0,
+    }
+    # "waiting" in totals is the webhooks waiting across tenants (as in the systemd status
+    # line, "N tenants, N waiting, N stalled"), the sum of each tenant's `waiting`.
+    assert sum(t["waiting"] for t in everything["tenants"]) == 2 + 3 + 4
+    assert totals["waiting"] == 2 + 3 + 4, totals
+
+
+async def test_removed_tenant_is_orphaned_keeps_its_queue_and_resumes_when_added_back(
+    tmp_path: Path, receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    tenants = {
+        "acme": tenant(receiver.url("/acme"), retry_base=0.2),
+        "other": tenant(receiver.url("/other")),
+    }
+    receiver.always("/acme", 503)
+    path = write_config(tmp_path, tenants)
+    daemon = await start_daemon(path)
+    items = [{"event": EVENT, "id": f"w{n}", "data": {"n": n}} for n in range(3)]
+    await daemon.ingest("acme", items)
+    await wait_for(lambda: state_of(daemon, "acme")["attempts"] >= 1, timeout=5)
+
+    write_config(tmp_path, {"other": tenants["other"]}, daemon=_daemon_table(daemon))
+    assert await daemon.service.reload() is True
+
+    worker = daemon.service.workers["acme"]
+    await wait_for(lambda: worker.in_flight is None, timeout=5)
+    sent = len(receiver.at("/acme"))
+
+    orphaned = await daemon.status("acme")
+    assert_status_shape(orphaned)
+    assert (orphaned["queue"], orphaned["waiting"]) == ("orphaned", 3)
+    status, everything = await daemon.request("GET", "/v1/status")
+    assert status == 200
+    assert [t["tenant"] for t in everything["tenants"]] == ["acme", "other"]
+    assert everything["tenants"][0]["queue"] == "orphaned"
+    assert everything["totals"]["orphaned"] == 1
+    assert everything["totals"]["waiting"] == 3
+    status, peeked = await daemon.request("GET", "/v1/tenants/acme/webhooks?limit=10")
+    assert status == 200
+    assert [w["id"] for w in peeked["webhooks"]] == ["w0", "w1", "w2"]
+    # Not configured: ingest is refused, and nothing is attempted (short negative check).
+    await daemon.ingest("acme", {"event": EVENT}, expect=404)
+    await asyncio.sleep(0.6)
+    assert len(receiver.at("/acme")) == sent
+
+    receiver.always("/acme", 200)
+    write_config(tmp_path, tenants, daemon=_daemon_table(daemon))
+    assert await daemon.service.reload() is True
+    await wait_for(lambda: len(receiver.at("/acme", ok_only=True)) == 3, timeout=5)
+    await wait_for(lambda: state_of(daemon, "acme")["waiting"] == 0, timeout=5)
+    assert receiver.sequences("/acme") == [1, 2, 3]
+    assert [r.json["id"] for r in receiver.at("/acme", ok_only=True)] == ["w0", "w1", "w2"]
+    resumed = await daemon.status("acme")
+    assert (resumed["queue"], resumed["waiting"], resumed["attempts"]) == ("empty", 0, 0)
+
+
+def _daemon_table(daemon: Daemon) -> dict[str, Any]:
+    """The [daemon] keys of a running in-process daemon, so a rewritten file keeps them."""
+    d = daemon.service.config.daemon
+    return {"database": str(d.database), "listen": f"{d.listen_host}:{d.listen_port}"}
+
+
+# -- 2. retry -----------------------------------------------------------------------------------
+
+
+async def test_retry_during_a_long_backoff_attempts_at_once_and_keeps_counting(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    receiver.always("/acme", 503)
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"), retry_base=30.0)})
+    await daemon.ingest("acme", {"event": EVENT})
+    await wait_for(lambda: state_of(daemon, "acme")["attempts"] == 1, timeout=5)
+
+    posted = time.monotonic()
+    status, body = await daemon.request("POST", "/v1/tenants/acme/retry")
+    assert status == 200
+    assert body["retrying"] is True
+    await wait_for(lambda: len(receiver.at("/acme")) == 2, timeout=3)
+    took = receiver.at("/acme")[1].at - posted
+    # SPEC §4: within 100 ms; up to 300 ms tolerated on a loaded machine, never the 30 s backoff.
+    assert took < 0.3, took
+
+    await wait_for(lambda: state_of(daemon, "acme")["attempts"] == 2, timeout=3)
+    after = await daemon.status("acme")
+    assert after["queue"] == "stalled"
+    assert [f["attempt"] for f in after["recent_failures"]] == [2, 1]
+    # attempts was not reset: the second failure backs off 30 × 2 = 60 s.
+    assert 55 <= stamp(after["next_attempt_at"]) - time.time() <= 61
+
+
+async def test_retry_all_retries_every_waiting_tenant(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    receiver.script("/s1", 503)
+    receiver.script("/s2", 503)
+    daemon = await start_daemon(
+        tenants={
+            "s1": tenant(receiver.url("/s1"), retry_base=30.0),
+            "s2": tenant(receiver.url("/s2"), retry_base=30.0),
+            "w": tenant(receiver.url("/w"), batching=True, batch_window=10.0),
+            "p": tenant(receiver.url("/p")),
+            "e": tenant(receiver.url("/e")),
+            "d": tenant(receiver.url("/d"), enabled=False),
+        }
+    )
+    await daemon.request("POST", "/v1/tenants/p/pause")
+    for name in ("s1", "s2", "w", "p"):
+        await daemon.ingest(name, {"event": EVENT})
+    await wait_for(lambda: state_of(daemon, "s1")["attempts"] == 1, timeout=5)
+    await wait_for(lambda: state_of(daemon, "s2")["attempts"] == 1, timeout=5)
+    assert state_of(daemon, "w")["queue"] == "waiting"
+
+    posted = time.monotonic()
+    status, body = await daemon.request("POST", "/v1/retry")
+    assert status == 200
+    assert sorted(body["retrying"]) == ["s1", "s2", "w"]
+    assert body["count"] == 3
+    await wait_for(
+        lambda: all(receiver.at(f"/{n}", ok_only=True) for n in ("s1", "s2", "w")), timeout=3
+    )
+    for name in ("s1", "s2", "w"):
+        assert receiver.at(f"/{name}", ok_only=True)[0].at - posted < 1.0, name
+    assert receiver.at("/p") == []
+    assert receiver.at("/e") == []
+    # The 200 is recorded just after it arrives.
+    await wait_for(
+        lambda: all(state_of(daemon, n)["queue"] == "empty" for n in ("s1", "s2", "w")),
+        timeout=3,
+    )
+    assert state_of(daemon, "p")["queue"] == "paused"
+
+
+# -- subprocess helpers -------------------------------------------------------------------------
+
+
+async def run_cli(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
+    """`python -m webhookd ARGS` without blocking the loop the receiver runs on."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "webhookd",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+class Remote:
+    """An HTTP client for a subprocess daemon."""
+
+    def __init__(self, process: Process, session: aiohttp.ClientSession) -> None:
+        self.process = process
+        self.session = session
+        token = process.config.daemon.api_token.reveal()
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def get(self, path: str, **kwargs: Any) -> tuple[int, Any]:
+        return await self.call("GET", path, **kwargs)
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        async with self.session.request(
+            method, self.process.base + path, headers=headers, **kwargs
+        ) as response:
+            if response.content_type == "application/json":
+                return response.status, await response.json()
+            return response.status, await response.text()
+
+    async def status(self, name: str) -> dict[str, Any]:
+        status, body = await self.get(f"/v1/tenants/{name}/status")
+        assert status == 200, body
+        assert isinstance(body, dict)
+        return body
+
+    async def until(
+        self, name: str, condition: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = await self.status(name)
+            if condition(status):
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}: condition not met within {timeout}s: {status}")
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+async def start_process(
+    process_factory: Callable[..., Process], path: Path, session: aiohttp.ClientSession
+) -> Remote:
+    process = process_factory(path)
+    await asyncio.to_thread(process.start)
+    return Remote(process, session)
+
+
+async def test_cli_retry_tenant_and_all_against_a_subprocess(
+    tmp_path: Path,
+    receiver: Receiver,
+    process_factory: Callable[..., Process],
+    session: aiohttp.ClientSession,
+) -> None:
+    receiver.script("/a", 503)
+    receiver.script("/b", 503)
+    path = write_config(
+        tmp_path,
+        {"a": tenant(receiver.url("/a")), "b": tenant(receiver.url("/b"))},
+        delivery={"retry_base": 30.0},
+    )
+    remote = await start_process(process_factory, path, session)
+    await remote.call("POST", "/v1/tenants/a/webhooks", json={"event": EVENT})
+    await remote.call("POST", "/v1/tenants/b/webhooks", json={"event": EVENT})
+    await remote.until("a", lambda s: s["attempts"] == 1)
+    await remote.until("b", lambda s: s["attempts"] == 1)
+
+    code, out, err = await run_cli("retry", "a", "-c", str(path))
+    assert (code, err) == (0, ""), err
+    assert out.strip() == "a: retrying now"
+    await wait_for(lambda: receiver.at("/a", ok_only=True), timeout=5)
+    await remote.until("a", lambda s: s["waiting"] == 0)
+    assert receiver.at("/b", ok_only=True) == []  # only the named tenant was retried
+
+    code, out, err = await run_cli("retry", "--all", "-c", str(path))
+    assert (code, err) == (0, ""), err
+    assert out.strip() == "retrying 1 tenant(s): b"
+    await wait_for(lambda: receiver.at("/b", ok_only=True), timeout=5)
+    await remote.until("b", lambda s: s["waiting"] == 0)
+
+    code, out, _ = await run_cli("retry", "--all", "-c", str(path))
+    assert (code, out.strip()) == (0, "retrying 0 tenant(s): -")
+    code, out, _ = await run_cli("retry", "a", "-c", str(path))
+    assert (code, out.strip()) == (0, "a: nothing to retry (empty)")
+    code, _, err = await run_cli("retry", "-c", str(path))
+    assert code == 2
+    assert "TENANT" in err
+
+
+# -- 3. recent failures -------------------------------------------------------------------------
+
+
+async def test_recent_failures_are_capped_newest_first_and_refresh_clears_them(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    receiver.always("/ten", 503)
+    receiver.always("/three", 503)
+    # Fail fast and steadily: 10 ms between attempts from the first one on.
+    fast = {"retry_base": 0.01, "retry_doublings": 0, "retry_after_doublings": 0.01}
+    daemon = await start_daemon(
+        tenants={
+            "ten": tenant(receiver.url("/ten"), **fast),
+            "three": tenant(receiver.url("/three"), recent_failures=3, **fast),
+        }
+    )
+    await daemon.ingest("ten", {"event": EVENT})
+    await daemon.ingest("three", {"event": EVENT})
+    await wait_for(lambda: state_of(daemon, "ten")["attempts"] >= 13, timeout=10)
+    await wait_for(lambda: state_of(daemon, "three")["attempts"] >= 5, timeout=10)
+    for name in ("ten", "three"):
+        status, body = await daemon.request("POST", f"/v1/tenants/{name}/pause")
+        assert status == 200
+        worker = daemon.service.workers[name]
+        await wait_for(lambda w=worker: w.in_flight is None, timeout=5)  # type: ignore[misc]
+
+    for name, cap in (("ten", 10), ("three", 3)):
+        shown = await daemon.status(name)
+        assert_status_shape(shown)
+        attempts = [f["attempt"] for f in shown["recent_failures"]]
+        newest = shown["attempts"]
+        assert attempts == list(range(newest, newest - cap, -1)), (name, attempts)
+        assert all(f["status"] == 503 for f in shown["recent_failures"])
+        stamps = [stamp(f["at"]) for f in shown["recent_failures"]]
+        assert stamps == sorted(stamps, reverse=True)
+
+    status, body = await daemon.request("POST", "/v1/tenants/ten/refresh")
+    assert status == 200
+    assert body["cleared"] == 10
+    cleared = await daemon.status("ten")
+    assert cleared["recent_failures"] == []
+    assert cleared["attempts"] >= 13  # refresh clears the list, not the backoff
+    assert cleared["queue"] == "paused"
+    assert (await daemon.status("three"))["recent_failures"] != []
+    status, body = await daemon.request("POST", "/v1/tenants/ten/refresh")
+    assert (status, body["cleared"]) == (200, 0)
+
+
+async def test_paused_flag_and_failures_survive_a_restart(
+    tmp_path: Path,
+    receiver: Receiver,
+    process_factory: Callable[..., Process],
+    session: aiohttp.ClientSession,
+) -> None:
+    receiver.always("/acme", 503)
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"), retry_base=30.0)})
+    remote = await start_process(process_factory, path, session)
+    await remote.call("POST", "/v1/tenants/acme/webhooks", json={"event": EVENT})
+    await remote.until("acme", lambda s: s["attempts"] == 1)
+    status, _ = await remote.call("POST", "/v1/tenants/acme/retry")
+    assert status == 200
+    await remote.until("acme", lambda s: s["attempts"] == 2)
+    status, _ = await remote.call("POST", "/v1/tenants/acme/pause")
+    assert status == 200
+    before = await remote.status("acme")
+    assert (before["queue"], before["paused"], before["waiting"]) == ("paused", True, 1)
+    assert [f["attempt"] for f in before["recent_failures"]] == [2, 1]
+
+    assert await asyncio.to_thread(remote.process.terminate) == 0
+    sent = len(receiver.at("/acme"))
+    again = await start_process(process_factory, path, session)
+    after = await again.status("acme")
+    assert_status_shape(after)
+    assert (after["queue"], after["paused"], after["waiting"]) == ("paused", True, 1)
+    assert after["attempts"] == 2
+    assert after["recent_failures"] == before["recent_failures"]
+    await asyncio.sleep(0.3)  # negative check: paused, nothing is sent after the restart
+    assert len(receiver.at("/acme")) == sent
+
+
+# -- 4. skip, parked, requeue, peek -------------------------------------------------------------
+
+
+async def test_skip_parks_the_poison_head_and_requeue_puts_it_at_the_tail(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    accept_poison = False
+
+    async def refuse_poison(request: web.Request) -> web.Response:
+        body = await request.json()
+        if is_poison(body) and not accept_poison:
+            return web.Response(status=400, text="cannot take this one")
+        return web.Response(text="ok")
+
+    receiver.always("/acme", refuse_poison)
+    secret = "skip-secret-4b1d9e"
+    daemon = await start_daemon(
+        tenants={"acme": tenant(receiver.url("/acme"), secret=secret, retry_base=30.0)}
+    )
+    status, body = await daemon.request("POST", "/v1/tenants/acme/skip")
+    assert status == 409, body
+    assert_error(body, "conflict")
+
+    await daemon.ingest(
+        "acme",
+        [
+            {"event": EVENT, "data": {"n": 1}},
+            {"event": EVENT, "id": "poison-1", "data": {"n": 2, "poison": True}},
+            {"event": EVENT, "data": {"n": 3}},
+            {"event": EVENT, "data": {"n": 4}},
+        ],
+    )
+    await wait_for(lambda: state_of(daemon, "acme")["attempts"] == 1, timeout=5)
+    stuck = await daemon.status("acme")
+    assert (stuck["queue"], stuck["waiting"]) == ("stalled", 3)
+    assert stuck["recent_failures"][0]["status"] == 400
+    assert stuck["recent_failures"][0]["first_sequence"] == 2
+
+    status, body = await daemon.request("POST", "/v1/tenants/acme/skip")
+    assert status == 200, body
+    assert body["parked"] == {"id": "poison-1", "sequence": 2}
+    await wait_for(lambda: len(receiver.at("/acme", ok_only=True)) == 3, timeout=3)
+    await wait_for(lambda: state_of(daemon, "acme")["waiting"] == 0, timeout=3)
+    # The rest flowed in order; sequence 2 is the visible gap.
+    assert receiver.sequences("/acme") == [1, 3, 4]
+    flowed = await daemon.status("acme")
+    assert (flowed["queue"], flowed["waiting"], flowed["attempts"]) == ("empty", 0, 0)
+    assert flowed["next_attempt_at"] is None
+
+    status, body = await daemon.request("POST", "/v1/tenants/acme/skip")
+    assert status == 409, body
+    assert_error(body, "conflict")
+
+    code, content_type, text = await raw(
+        daemon, "GET", "/v1/tenants/acme/parked", headers=daemon.headers
+    )
+    assert (code, content_type) == (200, "application/json")
+    assert secret not in text
+    status, body = await daemon.request("GET", "/v1/tenants/acme/parked")
+    assert status == 200
+    assert [(p["id"], p["sequence"]) for p in body["parked"]] == [("poison-1", 2)]
+    assert body["parked"][0]["data"] == {"n": 2, "poison": True}
+    assert body["parked"][0]["event"] == EVENT
+
+    # Requeue while paused, behind a newer webhook, to see where it lands.
+    await daemon.request("POST", "/v1/tenants/acme/pause")
+    await daemon.ingest("acme", {"event": EVENT, "data": {"n": 5}})
+    status, body = await daemon.request("POST", "/v1/tenants/acme/parked/poison-1/requeue")
+    assert status == 200, body
+    assert (body["id"], body["sequence"]) == ("poison-1", 6)
+    status, body = await daemon.request("GET", "/v1/tenants/acme/webhooks?limit=10")
+    assert status == 200
+    assert [(w["sequence"], w["id"]) for w in body["webhooks"]][1:] == [(6, "poison-1")]
+    assert body["webhooks"][1]["data"] == {"n": 2, "poison": True}
+    status, body = await daemon.request("GET", "/v1/tenants/acme/parked")
+    assert (status, body["parked"]) == (200, [])
+
+    for unknown in ("poison-1", "never-seen"):
+        status, body = await daemon.request("POST", f"/v1/tenants/acme/parked/{unknown}/requeue")
+        assert status == 404, (unknown, body)
+        assert_error(body, "not_found")
+
+    accept_poison = True
+    await daemon.request("POST", "/v1/tenants/acme/resume")
+    await wait_for(lambda: len(receiver.at("/acme", ok_only=True)) == 5, timeout=3)
+    assert receiver.sequences("/acme") == [1, 3, 4, 5, 6]
+    last = receiver.at("/acme", ok_only=True)[-1].json
+    assert (last["id"], last["data"]) == ("poison-1", {"n": 2, "poison": True})
+
+
+async def test_peek_shows_the_head_in_order_without_the_secret(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    secret = "peek-secret-7c3a51"
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"), secret=secret)})
+    await daemon.request("POST", "/v1/tenants/acme/pause")
+    await daemon.ingest(
+        "acme", [{"event": EVENT, "id": f"id-{n}", "data": {"n": n}} for n in range(15)]
+    )
+
+    code, content_type, text = await raw(
+        daemon, "GET", "/v1/tenants/acme/webhooks?limit=4", headers=daemon.headers
+    )
+    assert (code, content_type) == (200, "application/json")
+    assert secret not in text
+    status, body = await daemon.request("GET", "/v1/tenants/acme/webhooks?limit=4")
+    assert status == 200
+    webhooks = body["webhooks"]
+    assert [w["sequence"] for w in webhooks] == [1, 2, 3, 4]
+    assert [w["id"] for w in webhooks] == ["id-0", "id-1", "id-2", "id-3"]
+    assert [w["data"] for w in webhooks] == [{"n": n} for n in range(4)]
+    assert all(w["event"] == EVENT and "secret" not in w for w in webhooks)
+
+    status, body = await daemon.request("GET", "/v1/tenants/acme/webhooks")
+    assert status == 200
+    assert [w["sequence"] for w in body["webhooks"]] == list(range(1, 11))  # default 10
+    status, body = await daemon.request("GET", "/v1/tenants/acme/webhooks?limit=1000")
+    assert status == 200
+    assert len(body["webhooks"]) == 15
+    # Peeking takes nothing off the queue.
+    assert (await daemon.status("acme"))["waiting"] == 15
+
+    for bad in ("0", "1001", "x", "-1", "2.5", ""):
+        status, body = await daemon.request("GET", f"/v1/tenants/acme/webhooks?limit={bad}")
+        assert status == 400, (bad, body)
+        assert_error(body, "bad_request")
+
+
+# -- 5. access ----------------------------------------------------------------------------------
+
+TOKEN = "tok-e41f0c9a7b"
+
+PROTECTED: list[tuple[str, str, Any]] = [
+    ("GET", "/v1/status", None),
+    ("GET", "/v1/tenants/acme/status", None),
+    ("POST", "/v1/tenants/acme/webhooks", {"event": EVENT}),
+    ("GET", "/v1/tenants/acme/webhooks", None),
+    ("POST", "/v1/tenants/acme/retry", None),
+    ("POST", "/v1/retry", None),
+    ("POST", "/v1/tenants/acme/refresh", None),
+    ("POST", "/v1/tenants/acme/pause", None),
+    ("POST", "/v1/tenants/acme/resume", None),
+    ("POST", "/v1/tenants/acme/skip", None),
+    ("GET", "/v1/tenants/acme/parked", None),
+    ("POST", "/v1/tenants/acme/parked/x/requeue", None),
+    ("GET", "/v1/tenants", None),
+    ("GET", "/v1/tenants/acme", None),
+    ("PUT", "/v1/tenants/newone", {"endpoint": "http://127.0.0.1:9/x", "events": ["*"]}),
+    ("DELETE", "/v1/tenants/acme", None),
+    ("GET", "/metrics", None),
+    ("GET", "/no/such/path", None),
+]
+
+
+async def test_api_token_guards_every_path_but_healthz(
+    tmp_path: Path, receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    path = write_config(
+        tmp_path, {"acme": tenant(receiver.url("/acme"))}, daemon={"api_token": TOKEN}
+    )
+    daemon = await start_daemon(path)
+    bodies: list[str] = []
+    refusals = [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Basic {TOKEN}"},
+    ]
+    for method, route, body in PROTECTED:
+        for headers in refusals:
+            code, content_type, text = await raw(daemon, method, route, headers, json=body)
+            assert code == 401, (method, route, headers, code, text)
+            assert content_type == "application/json", (method, route)
+            assert_error(json.loads(text), "unauthorized")
+            bodies.append(text)
+    # Nothing the refused calls asked for happened.
+    acme = await daemon.status("acme")
+    assert (acme["paused"], acme["waiting"]) == (False, 0)
+    assert "newone" not in daemon.service.config.tenants
+
+    for headers in refusals:
+        code, _, text = await raw(daemon, "GET", "/healthz", headers)
+        assert code == 200, (headers, text)
+        bodies.append(text)
+
+    authorised = {"Authorization": f"Bearer {TOKEN}"}
+    for method, route in (
+        ("GET", "/v1/status"),
+        ("GET", "/v1/status?format=text"),
+        ("GET", "/v1/tenants/acme/status"),
+        ("GET", "/v1/tenants/acme/status?format=text"),
+        ("GET", "/v1/tenants"),
+        ("GET", "/v1/tenants/acme"),
+        ("GET", "/metrics"),
+        ("GET", "/healthz"),
+        ("GET", "/v1/tenants/nobody/status"),
+        ("GET", "/no/such/path"),
+    ):
+        code, _, text = await raw(daemon, method, route, authorised)
+        assert code != 401, (route, text)
+        bodies.append(text)
+    for text in bodies:
+        assert TOKEN not in text
+
+
+async def test_non_loopback_listen_without_token_is_refused(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        {"acme": tenant("http://127.0.0.1:9/acme")},
+        daemon={"listen": f"0.0.0.0:{free_port()}"},
+    )
+    with pytest.raises(config_mod.ConfigError) as caught:
+        config_mod.load(path)
+    assert any("api_token" in error for error in caught.value.errors), caught.value.errors
+
+    code, out, err = await run_cli("run", "-c", str(path), timeout=20)
+    assert code == 1, (out, err)
+    assert "api_token" in err
+
+
+# -- 6. metrics ---------------------------------------------------------------------------------
+
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Sample values of one sample name, keyed by their sorted labels."""
+    found: dict[tuple[tuple[str, str], ...], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    return samples(text, name).get(tuple(sorted(labels.items())))
+
+
+async def test_metrics_in_prometheus_format(receiver: Receiver, start_daemon: StartDaemon) -> None:
+    receiver.script("/flaky", 503)
+    receiver.always("/dead", 503)
+    secrets = {"ok": "ok-secret-19ab", "flaky": "flaky-secret-28cd", "dead": "dead-secret-37ef"}
+    daemon = await start_daemon(
+        tenants={
+            "ok": tenant(receiver.url("/ok"), secret=secrets["ok"], events=[EVENT]),
+            "flaky": tenant(receiver.url("/flaky"), secret=secrets["flaky"], retry_base=0.05),
+            "dead": tenant(receiver.url("/dead"), secret=secrets["dead"], retry_base=30.0),
+            "off": tenant(receiver.url("/off"), enabled=False),
+        }
+    )
+    await daemon.ingest(
+        "ok",
+        [
+            {"event": EVENT, "id": "a"},
+            {"event": EVENT, "id": "b"},
+            {"event": EVENT, "id": "c"},
+            {"event": EVENT, "id": "a"},
+            {"event": "TASK_CREATED"},
+        ],
+    )
+    await daemon.ingest("flaky", {"event": EVENT})
+    await daemon.ingest("dead", [{"event": EVENT}, {"event": EVENT}])
+    await daemon.ingest("off", {"event": EVENT})
+    # Each 200 is recorded (and counted) just after the receiver has answered it.
+    await wait_for(lambda: len(receiver.at("/ok", ok_only=True)) == 3, timeout=5)
+    await wait_for(lambda: len(receiver.at("/flaky", ok_only=True)) == 1, timeout=5)
+    await wait_for(lambda: state_of(daemon, "ok")["waiting"] == 0, timeout=5)
+    await wait_for(lambda: state_of(daemon, "flaky")["waiting"] == 0, timeout=5)
+    await wait_for(lambda: state_of(daemon, "dead")["attempts"] == 1, timeout=5)
+
+    code, content_type, text = await raw(daemon, "GET", "/metrics")
+    assert code == 200
+    assert content_type == "text/plain"
+    for secret in secrets.values():
+        assert secret not in text
+    list(text_string_to_metric_families(text))  # parses
+
+    depth = samples(text, "webhookd_queue_depth")
+    assert depth == {
+        (("tenant", "dead"),): 2.0,
+        (("tenant", "flaky"),): 0.0,
+        (("tenant", "off"),): 0.0,
+        (("tenant", "ok"),): 0.0,
+    }
+    oldest = samples(text, "webhookd_oldest_waiting_seconds")
+    assert set(oldest) == set(depth)
+    assert 0 <= oldest[(("tenant", "dead"),)] < 30
+    assert oldest[(("tenant", "ok"),)] == 0
+
+    assert value(text, "webhookd_deliveries_total", tenant="ok", outcome="success") == 3
+    assert value(text, "webhookd_deliveries_total", tenant="ok", outcome="failure") in (None, 0)
+    assert value(text, "webhookd_deliveries_total", tenant="flaky", outcome="success") == 1
+    assert value(text, "webhookd_deliveries_total", tenant="flaky", outcome="failure") == 1
+    assert value(text, "webhookd_deliveries_total", tenant="dead", outcome="failure") == 1
+    assert value(text, "webhookd_deliveries_total", tenant="dead", outcome="success") in (None, 0)
+
+    assert value(text, "webhookd_webhooks_delivered_total", tenant="ok") == 3
+    assert value(text, "webhookd_webhooks_delivered_total", tenant="flaky") == 1
+
+    assert value(text, "webhookd_delivery_duration_seconds_count") == 6
+    buckets = samples(text, "webhookd_delivery_duration_seconds_bucket")
+    assert buckets[(("le", "+Inf"),)] == 6
+    assert (value(text, "webhookd_delivery_duration_seconds_sum") or 0) > 0
+
+    assert value(text, "webhookd_ingested_total", tenant="ok", status="queued") == 3
+    assert value(text, "webhookd_ingested_total", tenant="ok", status="duplicate") == 1
+    assert value(text, "webhookd_ingested_total", tenant="ok", status="not_subscribed") == 1
+    assert value(text, "webhookd_ingested_total", tenant="dead", status="queued") == 2
+    assert value(text, "webhookd_ingested_total", tenant="off", status="disabled") == 1
+
+    attempts = samples(text, "webhookd_backoff_attempts")
+    assert attempts[(("tenant", "dead"),)] == 1
+    assert attempts[(("tenant", "ok"),)] == 0
+
+
+# -- 7. text views ------------------------------------------------------------------------------
+
+
+def table_rows(text: str) -> tuple[str, list[str]]:
+    """The header line and the tenant rows of a status table (up to the first blank line)."""
+    lines = text.split("\n")
+    end = lines.index("") if "" in lines else len(lines)
+    return lines[0], lines[1:end]
+
+
+def assert_status_table(text: str, expected: dict[str, str]) -> list[str]:
+    """One line per tenant, each showing its queue state in an aligned QUEUE column."""
+    header, rows = table_rows(text)
+    assert "TENANT" in header and "QUEUE" in header, header
+    assert [row.split()[0] for row in rows] == sorted(expected), text
+    queue_at = header.index("QUEUE")
+    # Each column starts where its header starts: after two spaces, on every row.
+    starts = [m.start() for m in re.finditer(r"(?:(?<=  )|^)\S", header)]
+    assert queue_at in starts
+    for row in rows:
+        name = row.split()[0]
+        assert row[queue_at:].split()[0] == expected[name], (name, row)
+        for start in starts[1:]:
+            assert row[start - 1] == " " and row[start] != " ", (start, row, text)
+    return rows
+
+
+async def test_status_as_text_table(receiver: Receiver, start_daemon: StartDaemon) -> None:
+    receiver.always("/stalled", 503)
+    daemon = await start_daemon(
+        tenants={
+            "a": tenant(receiver.url("/a")),
+            "b-rather-long-tenant-name": tenant(receiver.url("/stalled"), retry_base=30.0),
+            "c": tenant(receiver.url("/c")),
+            "d": tenant(receiver.url("/d"), enabled=False),
+        }
+    )
+    await daemon.ingest("a", {"event": EVENT})
+    await daemon.ingest("b-rather-long-tenant-name", [{"event": EVENT} for _ in range(12)])
+    await daemon.request("POST", "/v1/tenants/c/pause")
+    await daemon.ingest("c", {"event": EVENT})
+    await wait_for(lambda: state_of(daemon, "a")["last_processed_at"], timeout=5)
+    await wait_for(
+        lambda: state_of(daemon, "b-rather-long-tenant-name")["attempts"] == 1, timeout=5
+    )
+    await daemon.request("POST", "/v1/tenants/b-rather-long-tenant-name/retry")
+    await wait_for(
+        lambda: state_of(daemon, "b-rather-long-tenant-name")["attempts"] == 2, timeout=5
+    )
+    expected = {
+        "a": "empty",
+        "b-rather-long-tenant-name": "stalled",
+        "c": "paused",
+        "d": "disabled",
+    }
+
+    for headers, query in (({}, "?format=text"), ({"Accept": "text/plain"}, "")):
+        code, content_type, text = await raw(
+            daemon, "GET", f"/v1/status{query}", {**daemon.headers, **headers}
+        )
+        assert (code, content_type) == (200, "text/plain"), text
+        rows = assert_status_table(text, expected)
+        stalled = next(r for r in rows if r.startswith("b-rather-long-tenant-name"))
+        assert "stalled" in stalled and "HTTP 503" in stalled, stalled
+        assert "12" in stalled.split()
+
+    code, content_type, text = await raw(
+        daemon, "GET", "/v1/tenants/b-rather-long-tenant-name/status?format=text", daemon.headers
+    )
+    assert (code, content_type) == (200, "text/plain")
+    assert "stalled" in text
+    assert "recent failures" in text
+    assert text.count("HTTP 503") == 2, text
+    code, content_type, same = await raw(
+        daemon,
+        "GET",
+        "/v1/tenants/b-rather-long-tenant-name/status",
+        {**daemon.headers, "Accept": "text/plain"},
+    )
+    assert (code, content_type) == (200, "text/plain")
+    assert "recent failures" in same
+    # Without asking for text, status stays JSON.
+    status, body = await daemon.request("GET", "/v1/status")
+    assert status == 200
+    assert isinstance(body, dict)
+
+
+def normalised(text: str) -> list[str]:
+    """Table lines with times and counts masked, so two renderings seconds apart compare."""
+    return [" ".join(re.sub(r"\d+", "N", line).split()) for line in text.splitlines()]
+
+
+async def test_cli_status_and_refresh_against_a_subprocess_with_a_token(
+    tmp_path: Path,
+    receiver: Receiver,
+    process_factory: Callable[..., Process],
+    session: aiohttp.ClientSession,
+) -> None:
+    receiver.always("/acme", 503)
+    port = free_port()
+    path = write_config(
+        tmp_path,
+        {"acme": tenant(receiver.url("/acme"), retry_base=30.0), "zed": tenant(receiver.url("/z"))},
+        daemon={"api_token": TOKEN, "listen": f"127.0.0.1:{port}"},
+    )
+    remote = await start_process(process_factory, path, session)
+    await remote.call("POST", "/v1/tenants/acme/webhooks", json={"event": EVENT})
+    await remote.until("acme", lambda s: s["attempts"] == 1)
+
+    code, out, err = await run_cli("status", "-c", str(path))
+    assert (code, err) == (0, ""), err
+    assert TOKEN not in out
+    assert_status_table(out, {"acme": "stalled", "zed": "empty"})
+    status, served = await remote.get("/v1/status?format=text")
+    assert status == 200
+    assert normalised(out) == normalised(served)
+    acme_row = next(line for line in out.splitlines() if line.startswith("acme"))
+    assert "HTTP 503" in acme_row
+
+    code, out, err = await run_cli("status", "acme", "-c", str(path))
+    assert (code, err) == (0, ""), err
+    status, served = await remote.get("/v1/tenants/acme/status?format=text")
+    assert normalised(out) == normalised(served)
+    assert "stalled" in out and "HTTP 503" in out and "recent failures" in out
+
+    code, out, err = await run_cli("refresh", "acme", "-c", str(path))
+    assert (code, err) == (0, ""), err
+    assert "cleared 1" in out
+    assert (await remote.status("acme"))["recent_failures"] == []
+
+    # The CLI sends the config's token; a config with another token is refused.
+    other = write_config(
+        tmp_path,
+        {"acme": tenant(receiver.url("/acme"))},
+        daemon={"api_token": "not-the-token", "listen": f"127.0.0.1:{port}"},
+        name="other.toml",
+    )
+    code, out, err = await run_cli("status", "-c", str(other))
+    assert code == 1
+    assert "401" in err
+    assert TOKEN not in err
+
+
+# -- 8. scale -----------------------------------------------------------------------------------
+
+
+async def test_status_of_10000_tenants_is_one_fast_pass(
+    tmp_path: Path, receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    names = [f"t{n:05d}" for n in range(10_000)]
+    tenants = {name: tenant(receiver.url(f"/{name}")) for name in reversed(names)}
+    daemon = await start_daemon(write_config(tmp_path, tenants))
+    await daemon.ingest("t00042", {"event": EVENT})
+    await wait_for(lambda: state_of(daemon, "t00042")["last_processed_at"], timeout=5)
+
+    # Timed: the request and reading the answer (about 4 MB), not parsing it here.
+    started = time.monotonic()
+    code, _, text = await raw(daemon, "GET", "/v1/status")
+    took = time.monotonic() - started
+    assert code == 200
+    assert took < 2.0, took
+    body = json.loads(text)
+    assert [t["tenant"] for t in body["tenants"]] == names
+    assert body["totals"]["tenants"] == 10_000
+    assert body["totals"]["queues"]["empty"] == 10_000
+    assert body["tenants"][42]["last_processed_at"] is not None
+
+    started = time.monotonic()
+    code, _, text = await raw(daemon, "GET", "/v1/status?format=text")
+    took = time.monotonic() - started
+    assert code == 200
+    assert took < 2.0, took
+    assert len(table_rows(text)[1]) == 10_000
