@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import tomli_w
 from aiohttp import web
 
 from tests.conftest import (
@@ -256,9 +258,20 @@ async def test_kill9_during_ingest_and_delivery_loses_nothing_and_resends_only_i
         for _ in range(kills):
             # Let this run get ingest and delivery going, then kill it at a random moment.
             await wait_for(another_request(receiver), timeout=15)  # the daemon delivers
-            target = rng.choice((None, *batch_sizes))
+            target = rng.choice((None, "reload", *batch_sizes))
             if target is None:
                 await asyncio.sleep(rng.uniform(0.05, 0.8))
+            elif target == "reload":
+                # Kill during a reload: a changed file (the batched tenant's window), SIGHUP,
+                # and the kill a few milliseconds later, while the new config is applied.
+                await asyncio.sleep(rng.uniform(0.05, 0.5))
+                reloaded = tomllib.loads(config.read_text())
+                window = reloaded["tenants"]["batched"]["batch_window"]
+                reloaded["tenants"]["batched"]["batch_window"] = 0.1 if window == 0.05 else 0.05
+                config.write_text(tomli_w.dumps(reloaded))
+                assert daemon.proc is not None
+                daemon.proc.send_signal(signal.SIGHUP)
+                await asyncio.sleep(rng.uniform(0.0, 0.01))
             else:
                 # A random moment within one of the tenant's requests: before the answer,
                 # between the 200 and its record, or just after (the window that matters).
