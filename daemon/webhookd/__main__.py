@@ -141,7 +141,7 @@ def starter_config(state_dir: str = "") -> dict[str, Any]:
                 "enabled": False,
                 "batching": True,
                 "endpoint": "https://hooks.example.com/webhooks",
-                "secret_env": "EXAMPLE_WEBHOOK_SECRET",
+                "secret": secrets.token_urlsafe(24),
                 "events": ["PRODUCT_STATUS_CHANGED", "CHECK_COMPLETED"],
             }
         },

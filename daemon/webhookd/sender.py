@@ -97,6 +97,19 @@ class Sender:
         if ca_file is not None:
             self._ssl.load_verify_locations(cafile=str(ca_file))
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def set_allow_private(self, allow: bool) -> None:
+        """Change the guard. Tightening it drops pooled connections: a kept-alive connection
+        to a private address must not carry the next request past the new rule."""
+        tightened = self.allow_private and not allow
+        self.allow_private = allow
+        if tightened and self._sessions:
+            old, self._sessions = list(self._sessions.values()), {}
+            for session in old:
+                task = asyncio.create_task(session.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     def _socket(self, addr_info: Any) -> socket.socket:
         family, kind, proto, _, sockaddr = addr_info
@@ -130,6 +143,8 @@ class Sender:
         sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
             await session.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def send(self, tenant: TenantConfig, webhooks: Sequence[Webhook]) -> Outcome:
         """POST `webhooks` to the tenant's endpoint once; never raises for delivery errors."""

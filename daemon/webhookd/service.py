@@ -89,6 +89,7 @@ class Service:
         )
         self.metrics = Metrics(self)
         self.workers: dict[str, TenantWorker] = {}
+        self._dormant: dict[str, TenantRecord] = {}
         self.accepting = False
         self.started = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -107,9 +108,13 @@ class Service:
         for name, tenant in self.config.tenants.items():
             record = records.pop(name) if name in records else TenantRecord(name, TenantRow())
             self._add_worker(record, tenant)
-        for record in records.values():  # in the database, no longer configured
+        for name, record in records.items():  # in the database, no longer configured
             if record.row.last_sequence > record.row.acked_sequence or record.parked:
                 self._add_worker(record, None)
+            else:
+                # No worker while it is gone, but its stored state (the sequence counter
+                # above all) is where it starts from if it comes back.
+                self._dormant[name] = record
         app = create_app(self)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -139,6 +144,10 @@ class Service:
         self.workers[record.name] = worker
         worker.start()
         return worker
+
+    def _stored_record(self, name: str) -> TenantRecord:
+        """A tenant (re)appearing without a worker: its state as stored, or a fresh one."""
+        return self._dormant.pop(name, None) or TenantRecord(name, TenantRow())
 
     def _enqueued(self, tenant: str, webhooks: list[Webhook]) -> None:
         worker = self.workers.get(tenant)
@@ -240,7 +249,7 @@ class Service:
         for warning in new.warnings:
             log.warning("config_warning", warning=warning)
         logs.configure(new.daemon.log_format, new.daemon.log_level)
-        self.sender.allow_private = new.daemon.allow_private_endpoints
+        self.sender.set_allow_private(new.daemon.allow_private_endpoints)
         # Keys that need a restart keep their running values until then.
         self.config = Config(
             path=new.path,
@@ -254,7 +263,7 @@ class Service:
         for name, tenant in new.tenants.items():
             worker = self.workers.get(name)
             if worker is None:
-                self._add_worker(TenantRecord(name, TenantRow()), tenant)
+                self._add_worker(self._stored_record(name), tenant)
                 added.append(name)
             elif worker.config != tenant:
                 worker.configure(tenant)
@@ -272,7 +281,7 @@ class Service:
         self.config = _with_tenants(self.config, tenants)
         worker = self.workers.get(tenant.name)
         if worker is None:
-            self._add_worker(TenantRecord(tenant.name, TenantRow()), tenant)
+            self._add_worker(self._stored_record(tenant.name), tenant)
         else:
             worker.configure(tenant)
 
