@@ -249,7 +249,8 @@ async def test_reload_adds_removes_and_restores_tenants(receiver: Receiver, depl
     delivered = [w for r in receiver.at("/beta", ok_only=True) for w in r.webhooks]
     assert [w["sequence"] for w in delivered] == [1, 2, 3, 4, 5, 6, 7]
     assert [w["data"]["n"] for w in delivered] == list(range(7))
-    assert (await target.status("beta"))["queue"] == "empty"
+    # The receiver sees each 200 before the daemon records it: wait for the record.
+    await wait_until(lambda: _status_when(target, "beta", lambda s: s["queue"] == "empty"))
 
 
 async def test_tenant_removed_before_a_restart_and_added_back_continues_its_sequences(
