@@ -39,6 +39,10 @@ class _QueueCollector(Collector):
             "webhookd_parked", "Webhooks parked by an operator per tenant.", labels=["tenant"]
         )
         stalled = GaugeMetricFamily("webhookd_tenants_stalled", "Tenants in backoff.")
+        disk_full = GaugeMetricFamily(
+            "webhookd_disk_full", "1 while ingest is refused because the disk is full."
+        )
+        disk_full.add_metric([], 1 if self.service.store.disk_full else 0)
         now = self.service.clock.now()
         count_stalled = 0
         for worker in self.service.visible_workers():
@@ -49,7 +53,7 @@ class _QueueCollector(Collector):
             parked.add_metric([worker.name], worker.parked)
             count_stalled += worker.queue_state == "stalled"
         stalled.add_metric([], count_stalled)
-        yield from (depth, oldest, attempts, parked, stalled)
+        yield from (depth, oldest, attempts, parked, stalled, disk_full)
 
 
 class Metrics:

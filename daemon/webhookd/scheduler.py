@@ -28,6 +28,7 @@ log = structlog.get_logger("webhookd.delivery")
 
 # How long to hold off when the database refused to record an outcome (disk full, ...).
 STORE_RETRY_S = 1.0
+STORE_RETRY_MAX_S = 30.0
 # Head rows kept in memory for an unbatched tenant (a batched one keeps two batches).
 UNBATCHED_BUFFER = 32
 
@@ -317,20 +318,27 @@ class TenantWorker:
         now = self._now()
         first, last = batch[0].sequence, batch[-1].sequence
         attempt = self.row.attempts + 1
-        try:
-            # The rows stay until this commit: a crash before it re-sends, never loses.
-            await self._store.acknowledge(self.name, last, now)
-        except StoreError as exc:
-            self._held_until = now + STORE_RETRY_S
-            log.error(
-                "delivery_not_recorded",
-                tenant=self.name,
-                first_sequence=first,
-                last_sequence=last,
-                error=str(exc),
-                note="delivered, but will be sent again",
-            )
-            return
+        pause = STORE_RETRY_S
+        while True:
+            try:
+                # The rows stay until this commit: a crash before it re-sends, never loses.
+                await self._store.acknowledge(self.name, last, now)
+                break
+            except StoreError as exc:
+                # Retry the record, not the delivery: the endpoint already has these.
+                log.error(
+                    "delivery_not_recorded",
+                    tenant=self.name,
+                    first_sequence=first,
+                    last_sequence=last,
+                    error=str(exc),
+                    retry_s=pause,
+                )
+                if self.stopping:
+                    return  # still queued: sent again after the restart
+                self.wake.clear()
+                await self._clock.wait(self.wake, pause)
+                pause = min(pause * 2, STORE_RETRY_MAX_S)
         self._advance(last)
         self.row.attempts = 0
         self.row.next_attempt_at = None

@@ -465,6 +465,8 @@ class Service:
             "parked": sum(s["parked"] for s in tenants),
             "in_flight": sum(1 for s in tenants if s["in_flight"]),
             "queues": queues,
+            # Out of disk: ingest answers 503, deliveries go on (see store/reserve).
+            "disk_full": self.store.disk_full,
         }
         return {"tenants": tenants, "totals": totals}
 

@@ -29,6 +29,8 @@ from typing import Any, Literal
 import aiosqlite
 import structlog
 
+from webhookd.reserve import Reserve
+
 log = structlog.get_logger("webhookd.store")
 
 SCHEMA_VERSION = 1
@@ -99,6 +101,10 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 
 class StoreError(Exception):
     """The database could not carry out a write (disk full, I/O error, ...)."""
+
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
 
 
 class SchemaTooNew(StoreError):
@@ -296,6 +302,7 @@ class _Enqueue(_Op):
     def apply(self, tx: _Tx) -> list[IngestResult]:
         row = tx.row(self.tenant)
         results: list[IngestResult] = []
+        self.queued = []  # a transaction may be retried: start clean
         for item in self.items:
             if item.id is not None:
                 key = (self.tenant, item.id)
@@ -453,6 +460,7 @@ class _Requeue(_Control):
         self.queued: list[Webhook] = []
 
     def apply(self, tx: _Tx) -> Webhook | None:
+        self.queued = []  # a transaction may be retried: start clean
         params = {"tenant": self.tenant, "id": self.webhook_id}
         found = tx.conn.execute(
             """DELETE FROM parked WHERE rowid = (
@@ -527,6 +535,9 @@ class Store:
         self._closing = False
         self.on_enqueued: Any = None  # set by the service: (tenant, [Webhook]) -> None
         self.commits = 0
+        self._reserve = Reserve(path.with_name(path.name + "-reserve"))
+        # Set when a commit ran out of space: ingest is refused, deliveries still recorded.
+        self.disk_full = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -551,6 +562,9 @@ class Store:
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             _migrate(conn)
             records = _load_records(conn)
+            if not self._reserve.make():
+                self.disk_full = True
+                log.warning("disk_full", detail="no room for the reserve; ingest is refused")
         except BaseException:
             conn.close()
             raise
@@ -609,27 +623,63 @@ class Store:
                     # A bug, not the disk: fail these writes but keep the writer alive.
                     log.exception("commit_crashed", ops=len(ops))
                     exc = StoreError(f"internal error: {exc!r}")
-                for op in ops:
-                    if not op.future.done():
-                        op.future.set_exception(exc)
-                continue
-            self.commits += 1
+                results = [exc] * len(ops)
             for op, result in zip(ops, results, strict=True):
-                queued = getattr(op, "queued", None)
-                if queued and self.on_enqueued is not None:
-                    try:
-                        self.on_enqueued(op.tenant, queued)
-                    except Exception:
-                        # The rows are committed; the tenant's worker reads them from the
-                        # database instead. The writer itself must keep running.
-                        log.exception("enqueue_notify_failed", tenant=op.tenant)
-                if not op.future.done():  # the caller may have been cancelled meanwhile
-                    op.future.set_result(result)
+                self._settle(op, result)
             if self._closing and not self._pending:
                 return
 
+    def _settle(self, op: _Op, result: Any) -> None:
+        """Tell the op's caller how it went; announce what a committed op queued."""
+        if isinstance(result, StoreError):
+            if not op.future.done():
+                op.future.set_exception(result)
+            return
+        queued = getattr(op, "queued", None)
+        if queued and self.on_enqueued is not None:
+            try:
+                self.on_enqueued(op.tenant, queued)
+            except Exception:
+                # The rows are committed; the tenant's worker reads them from the database
+                # instead. The writer itself must keep running.
+                log.exception("enqueue_notify_failed", tenant=op.tenant)
+        if not op.future.done():  # the caller may have been cancelled meanwhile
+            op.future.set_result(result)
+
     def _commit(self, ops: list[_Op]) -> list[Any]:
-        """Run `ops` as one transaction (in the writer thread). All or nothing."""
+        """Run `ops` as one transaction (in the writer thread); see `reserve` for a full disk.
+
+        Out of space, the reserve is released and the transaction runs again without its
+        ingest, which is refused (a StoreError in its place): deliveries, failures and
+        controls are still recorded. The result list holds each op's result or error.
+        """
+        try:
+            results = self._transaction(ops)
+        except StoreError as exc:
+            if not exc.disk_full:
+                raise
+            released = self._reserve.release()
+            self.disk_full = True
+            log.warning("disk_full", released_reserve=released, error=str(exc))
+            refused = StoreError(DISK_FULL, disk_full=True)
+            rest = [op for op in ops if not isinstance(op, _Enqueue)]
+            done = iter(self._transaction(rest) if rest else [])
+            results = [refused if isinstance(op, _Enqueue) else next(done) for op in ops]
+        if self.disk_full:
+            self._checkpoint()
+        return results
+
+    def _checkpoint(self) -> None:
+        """While the disk is full, restart the WAL after each commit so that it reuses its
+        own space instead of growing (it can only grow into space we do not have)."""
+        assert self._conn is not None
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(RESTART)")
+        except sqlite3.Error as exc:
+            log.warning("checkpoint_failed", error=str(exc))
+
+    def _transaction(self, ops: list[_Op]) -> list[Any]:
+        """Run `ops` as one transaction. All or nothing."""
         conn = self._conn
         if conn is None:
             raise StoreError("the store is closed")
@@ -646,6 +696,7 @@ class Store:
             if tx.saved:
                 tx.save_rows()
             conn.execute("COMMIT")
+            self.commits += 1
         except BaseException as exc:
             tx.rollback_rows()
             if conn.in_transaction:
@@ -654,8 +705,9 @@ class Store:
                 except sqlite3.Error:
                     log.exception("rollback_failed")
             if isinstance(exc, sqlite3.Error):
-                log.error("commit_failed", error=str(exc), ops=len(ops))
-                raise StoreError(_describe(exc)) from exc
+                full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                log.error("commit_failed", error=str(exc), ops=len(ops), disk_full=full)
+                raise StoreError(_describe(exc), disk_full=full) from exc
             raise
         return results
 
@@ -665,8 +717,25 @@ class Store:
         self, tenant: str, items: Sequence[NewWebhook], accepted_at: float
     ) -> list[IngestResult]:
         """Queue `items` for `tenant` (all or nothing); returns once durably committed."""
+        if self.disk_full and not await self._recover_space():
+            raise StoreError(DISK_FULL, disk_full=True)
         result: list[IngestResult] = await self._submit(_Enqueue(tenant, items, accepted_at))
         return result
+
+    async def _recover_space(self) -> bool:
+        """Make the reserve again if the disk has room for it; True when space is back."""
+        if not self._reserve.room():  # one statvfs call: cheap enough for every request
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            made = await loop.run_in_executor(self._executor, self._reserve.make)
+        except OSError as exc:
+            log.warning("reserve_failed", error=str(exc))
+            return False
+        if made:
+            self.disk_full = False
+            log.warning("disk_space_recovered", detail="ingest accepted again")
+        return made
 
     async def acknowledge(self, tenant: str, through_sequence: int, at: float) -> None:
         """The endpoint took everything up to `through_sequence`: remove it, reset backoff."""
@@ -815,6 +884,12 @@ def _load_records(conn: sqlite3.Connection) -> list[TenantRecord]:
         if name in records:
             records[name].parked = count
     return list(records.values())
+
+
+DISK_FULL = (
+    "the database is full (no disk space left): ingest is refused until space is freed "
+    "next to the database; deliveries go on"
+)
 
 
 def _describe(exc: sqlite3.Error) -> str:
