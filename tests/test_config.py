@@ -718,6 +718,17 @@ ERRORS: list[tuple[str, str, str]] = [
     ),
     ("endpoint-relative", acme(endpoint='"/hooks"'), "tenants.acme.endpoint: not an http(s) URL"),
     (
+        "endpoint-legacy-ipv4",
+        acme(endpoint='"http://127.1:9000/x"'),
+        "tenants.acme.endpoint: '127.1' is a legacy numeric IPv4 form; write the address in full",
+    ),
+    (
+        "endpoint-integer-ipv4",
+        acme(endpoint='"http://2130706433/x"'),
+        "tenants.acme.endpoint: '2130706433' is a legacy numeric IPv4 form; "
+        "write the address in full",
+    ),
+    (
         "endpoint-port",
         acme(endpoint='"https://hooks.acme.example:99999/"'),
         "tenants.acme.endpoint: not an http(s) URL",

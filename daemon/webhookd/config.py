@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
@@ -285,11 +286,31 @@ def endpoint_url(value: Any) -> str:
         raise ValueError("not an http(s) URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("not an http(s) URL")
+    if _legacy_ipv4(parts.hostname):
+        raise ValueError(
+            f"{parts.hostname!r} is a legacy numeric IPv4 form; write the address in full"
+        )
     if parts.username or parts.password:
         raise ValueError("credentials in the URL are not allowed; use the tenant secret")
     if parts.fragment:
         raise ValueError("a URL fragment is never sent; remove it")
     return text
+
+
+def _legacy_ipv4(host: str) -> bool:
+    """`127.1`, `2130706433`, `0x7f.1`: numbers libc takes for an address but we refuse to
+    send to (the HTTP client rejects them, and they are a classic SSRF disguise)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return False
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return True
 
 
 def parse_listen(value: Any) -> tuple[str, int]:
