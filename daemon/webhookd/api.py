@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import math
 import re
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from webhookd import views
@@ -24,6 +30,8 @@ MAX_ITEMS = 1000
 MAX_ID_LENGTH = 255
 ITEM_KEYS = frozenset({"event", "data", "id"})
 LONG_DIGITS = re.compile(rb"\d{19,}")
+# A slow client may take this long to send its body (a slow-loris guard).
+BODY_TIMEOUT_S = 60.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -44,6 +52,10 @@ def json_response(body: Any, status: int = 200, *, pretty: bool = False) -> web.
 
 
 def error_response(status: int, code: str, detail: str) -> web.Response:
+    # Details may quote what a client sent: keep them short and always encodable.
+    if len(detail) > 1000:
+        detail = detail[:1000] + "…"
+    detail = detail.encode("utf-8", "backslashreplace").decode()
     return json_response({"error": code, "detail": detail}, status)
 
 
@@ -125,6 +137,34 @@ def create_app(service: Service) -> web.Application:
     return app
 
 
+class RequestTimeout(ServiceError):
+    status, code = 408, "request_timeout"
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, or a 4xx: compressed, too slow, undecodable, or cut short."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("identity", ""):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding[:40]!r} is not accepted; send the body uncompressed"
+        )
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"
+        ) from None
+    except web.HTTPException:
+        raise  # 413 from client_max_size
+    except (HttpProcessingError, RequestPayloadError, zlib.error) as exc:
+        raise BadRequest(f"the body could not be read: {exc}") from None
+    except (ConnectionError, aiohttp.ClientError, OSError):
+        # The client hung up mid-body: nobody will read the answer, and nothing was queued.
+        log.debug("client_gone", path=request.path)
+        raise BadRequest("the connection closed before the whole body arrived") from None
+
+
 def tenant_name(request: web.Request) -> str:
     name = request.match_info["tenant"]
     if not TENANT_NAME.match(name):
@@ -139,24 +179,32 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} does not fit a double")
+    return value
+
+
 def _load_json(body: bytes) -> tuple[Any, bool]:
     """Parse a body; (document, exact). orjson is the fast path.
 
     orjson turns integers beyond 64 bits into floats, which would change what the producer
     sent. Such a body (any run of 19+ digits, found by one C-level scan) goes through the
-    standard library instead, which keeps them exact.
+    standard library instead, which keeps them exact. That parser is laxer than orjson, so
+    it is held to the same rules: no NaN or Infinity, no 1e400, no lone surrogates.
     """
     if LONG_DIGITS.search(body) is None:
         return orjson.loads(body), False
-    return json.loads(body, parse_constant=_reject_constant), True
+    document = json.loads(body, parse_constant=_reject_constant, parse_float=_finite)
+    json.dumps(document, ensure_ascii=False).encode()  # UnicodeEncodeError on a surrogate
+    return document, True
 
 
 def _encode_data(data: dict[str, Any], exact: bool) -> str:
-    if not exact:
-        return orjson.dumps(data).decode()
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    text.encode()  # a lone surrogate cannot be sent: UnicodeEncodeError, answered 400
-    return text
+    if exact:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return orjson.dumps(data).decode()
 
 
 def parse_ingest(body: bytes) -> list[IngestItem]:
@@ -201,8 +249,9 @@ def _item(index: int, doc: Any, *, many: bool, exact: bool) -> IngestItem:
         raise BadRequest(f"{where}id must be a string of 1 to {MAX_ID_LENGTH} characters")
     try:
         encoded = _encode_data(data, exact)
-    except UnicodeEncodeError:
-        raise BadRequest(f"{where}data holds a string that is not valid Unicode") from None
+    except (TypeError, ValueError, RecursionError):
+        # orjson writes at most 254 levels (it reads 1024): refuse what we could not send.
+        raise BadRequest(f"{where}data is nested too deeply (at most 250 levels)") from None
     return IngestItem(webhook_id, event, encoded)
 
 
@@ -218,7 +267,7 @@ async def ingest(request: web.Request) -> web.Response:
         raise UnsupportedMediaType(
             f"Content-Type {content_type!r} is not JSON; send application/json"
         )
-    items = parse_ingest(await request.read())
+    items = parse_ingest(await read_body(request))
     results = await service.ingest(name, items)
     return json_response({"webhooks": results}, 202)
 

@@ -11,6 +11,7 @@ import base64
 import binascii
 import ipaddress
 import json
+import math
 import os
 import re
 import socket
@@ -161,7 +162,7 @@ class _Table:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            self.error("", "must be a table")
+            self.error(None, "must be a table")
             raw = {}
         self.raw: dict[str, Any] = raw
         self.seen: set[str] = set()
@@ -171,8 +172,9 @@ class _Table:
         part = name if BARE_KEY.match(name) else json.dumps(name, ensure_ascii=False)
         return f"{self.path}.{part}" if self.path else part
 
-    def error(self, name: str, message: str) -> None:
-        where = self.key(name) if name else self.path
+    def error(self, name: str | None, message: str) -> None:
+        """Record an error at key `name`, or (None) at this table itself."""
+        where = self.key(name) if name is not None else self.path
         self.errors.append(f"{self.source}: {where}: {message}")
 
     def has(self, name: str) -> bool:
@@ -226,6 +228,8 @@ def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[Any
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError("expected a number")
         number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {number}")
         too_low = number <= low if low_open else number < low
         if too_low or number > high:
             bounds = (
@@ -241,7 +245,9 @@ def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[Any
 
 def _plain(number: float) -> str:
     """A number as a person writes it: 600, 0.5, 2592000 (never 2.592e+06)."""
-    return str(int(number)) if number == int(number) else repr(number)
+    if math.isfinite(number) and number == int(number):
+        return str(int(number))
+    return repr(number)
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -385,7 +391,7 @@ def from_dict(raw: dict[str, Any], config_path: Path, environ: Mapping[str, str]
         tenants_table.seen.add(name)
         table = tenants_table.sub(name)
         if not TENANT_NAME.match(name):
-            table.error("", "tenant names are 1 to 64 of A-Z a-z 0-9 _ -")
+            table.error(None, "tenant names are 1 to 64 of A-Z a-z 0-9 _ -")
             continue
         tenant = parse_tenant(name, table, ctx, origin=config_path.resolve(), from_api=False)
         if tenant is not None:
@@ -431,9 +437,9 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         table.error("api_token_file", "set api_token or api_token_file, not both")
     elif token_file:
         try:
-            token = _path(base_dir, token_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            table.error("api_token_file", f"cannot read {token_file!r}: {exc.strerror}")
+            token = _read_secret_text(_path(base_dir, token_file))
+        except ValueError as exc:
+            table.error("api_token_file", f"cannot read {token_file!r}: {exc}")
         else:
             if not token:
                 table.error("api_token_file", f"{token_file!r} is empty")
@@ -443,17 +449,22 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
             f"{host} is not a loopback address: set api_token (or api_token_file) "
             "so the API is not open to the network",
         )
-    tenants_dir_text = table.get("tenants_dir", "tenants.d", _str)
-    ca_text = table.get("ca_file", "", _str)
-    ca_file = _path(base_dir, ca_text) if ca_text else None
+
+    def optional_path(value: Any) -> Path | None:
+        text = _str(value)
+        return _path(base_dir, text) if text else None
+
+    default_dir: Path | None = base_dir / "tenants.d"
+    tenants_dir = table.get("tenants_dir", default_dir, optional_path)
+    ca_file = table.get("ca_file", None, optional_path)
     if ca_file is not None and not ca_file.is_file():
-        table.error("ca_file", f"no such file: {ca_text!r}")
+        table.error("ca_file", f"no such file: {table.raw['ca_file']!r}")
     config = DaemonConfig(
         database=database,
         listen_host=host,
         listen_port=port,
         api_token=Secret(token),
-        tenants_dir=_path(base_dir, tenants_dir_text) if tenants_dir_text else None,
+        tenants_dir=tenants_dir,
         log_format=table.get("log_format", "auto", _choice("auto", "json", "console")),  # type: ignore[arg-type]
         log_level=table.get("log_level", "info", _choice(*LOG_LEVELS)),
         durability=table.get("durability", "full", _choice("full", "normal")),  # type: ignore[arg-type]
@@ -469,8 +480,26 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
 
 
 def _path(base_dir: Path, text: str) -> Path:
-    """A path from the file: `~` expanded, relative ones against the config file's folder."""
-    return base_dir / Path(text).expanduser()
+    """A path from the file: `~` expanded, relative ones against the config file's folder.
+
+    Raises ValueError (with a message for the user) for a path that cannot be one.
+    """
+    if "\0" in text:
+        raise ValueError("a path cannot contain a NUL character")
+    try:
+        return base_dir / Path(text).expanduser()
+    except RuntimeError:  # ~someone who does not exist
+        raise ValueError(f"cannot expand {text.split('/', 1)[0]!r}: no such user") from None
+
+
+def _read_secret_text(path: Path) -> str:
+    """A token or secret file's contents, stripped; ValueError with a reason otherwise."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
 
 
 def _catalogue(table: _Table) -> Catalogue:
@@ -619,12 +648,13 @@ def _secret(table: _Table, ctx: _Context) -> tuple[str, SecretRef]:
         if not secret:
             table.error(key, f"environment variable {value} is not set or empty")
         return secret, SecretRef("secret_env", value)
-    path = _path(ctx.base_dir, value)
     try:
-        secret = path.read_text(encoding="utf-8").strip()
+        path = _path(ctx.base_dir, value)
+        secret = _read_secret_text(path)
         mode = path.stat().st_mode
-    except OSError as exc:
-        table.error(key, f"cannot read {value!r}: {exc.strerror}")
+    except (ValueError, OSError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        table.error(key, f"cannot read {value!r}: {reason}")
         return "", SecretRef("secret_file", value)
     if not secret:
         table.error(key, f"{value!r} is empty")

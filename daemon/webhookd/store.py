@@ -655,9 +655,17 @@ class Store:
         """
         try:
             results = self._transaction(ops)
-        except StoreError as exc:
-            if not exc.disk_full:
-                raise
+        except Exception as exc:
+            if not (isinstance(exc, StoreError) and exc.disk_full):
+                if len(ops) == 1:
+                    raise
+                # One bad write must not fail the others committed with it (other
+                # producers' ingest, deliveries being recorded): each on its own, then.
+                log.warning("commit_isolating", ops=len(ops), error=str(exc))
+                results = [self._alone(op) for op in ops]
+                if self.disk_full:
+                    self._checkpoint()
+                return results
             released = self._reserve.release()
             self.disk_full = True
             log.warning("disk_full", released_reserve=released, error=str(exc))
@@ -668,6 +676,16 @@ class Store:
         if self.disk_full:
             self._checkpoint()
         return results
+
+    def _alone(self, op: _Op) -> Any:
+        """Run one op in its own transaction; its error becomes its result."""
+        try:
+            return self._transaction([op])[0]
+        except StoreError as exc:
+            return exc
+        except Exception as exc:
+            log.exception("commit_crashed", tenant=op.tenant)
+            return StoreError(f"internal error: {type(exc).__name__}")
 
     def _checkpoint(self) -> None:
         """While the disk is full, restart the WAL after each commit so that it reuses its

@@ -8,7 +8,7 @@ import orjson
 from aiohttp import web
 
 from webhookd import config as config_mod
-from webhookd.api import SERVICE, BadRequest, json_response, tenant_name
+from webhookd.api import SERVICE, BadRequest, json_response, read_body, tenant_name
 from webhookd.config import TenantConfig
 
 
@@ -37,7 +37,7 @@ async def get_tenant(request: web.Request) -> web.Response:
 async def put_tenant(request: web.Request) -> web.Response:
     name = tenant_name(request)
     try:
-        raw = orjson.loads(await request.read())
+        raw = orjson.loads(await read_body(request))
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
