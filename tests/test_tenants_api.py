@@ -735,6 +735,20 @@ def test_check_prints_a_summary_or_the_errors(tmp_path: Path) -> None:
         assert line is not None and endpoint in line, (name, ok.stdout)
     assert "alpha-secret" not in ok.stdout
     assert "gamma-secret" not in ok.stdout
+    assert "without TLS" not in ok.stdout  # every endpoint is https
+
+
+def test_check_names_endpoints_where_the_secret_travels_in_clear(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        {
+            "safe": tenant("https://safe.example/hooks"),
+            "plain": tenant("http://plain.example/hooks"),
+        },
+    )
+    result = run_cli("check", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "1 endpoint(s) without TLS: the secret travels unencrypted to plain" in result.stdout
 
     bad = write_config(
         tmp_path,

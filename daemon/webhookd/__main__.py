@@ -99,6 +99,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     if rows:
         headers = ["TENANT", "STATE", "MODE", "EVENTS", "SECRET", "SIGNING", "ENDPOINT"]
         print("\n" + views.table(headers, rows))
+    plain = [t.name for t in cfg.tenants.values() if t.endpoint.startswith("http://")]
+    if plain:
+        print(
+            f"\n{len(plain)} endpoint(s) without TLS: the secret travels unencrypted to "
+            + ", ".join(plain)
+        )
     if cfg.warnings:
         print(f"\n{len(cfg.warnings)} warning(s):")
         for warning in cfg.warnings:
