@@ -1,0 +1,95 @@
+"""(d) Ceilings on this machine, measured in the same run as the figures they divide.
+
+The receiver under a bare aiohttp client (the daemon's sender is an aiohttp client too), and
+SQLite under a bare sqlite3 loop with the store's pragmas and row shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import orjson
+
+from bench import load, sqlite_ceiling
+from bench.context import MS, Context
+from bench.harness import EVENT, scratch_dir
+from bench.report import Ceiling
+
+
+def delivery_like_body(count: int) -> bytes:
+    """What the daemon sends: webhook objects with id, sequence, event, secret, timestamp."""
+    objects = [
+        {
+            "id": str(uuid.uuid4()),
+            "sequence": i + 1,
+            "event": EVENT,
+            "secret": "bench-secret",
+            "timestamp": int(time.time()),
+            "data": load.sample_data(i),
+        }
+        for i in range(count)
+    ]
+    return orjson.dumps(objects if count > 1 else objects[0])
+
+
+async def ceilings(ctx: Context) -> None:
+    duration = ctx.size(4.0, 1.5)
+    headers = {"Authorization": "Bearer bench-secret"}
+    for key, label, count, unit in (
+        ("receiver_requests", "receiver, single-object POSTs", 1, "requests/s"),
+        ("receiver_webhooks", "receiver, 100-item arrays", 100, "webhooks/s"),
+    ):
+        await ctx.receiver.reset(ctx.client)
+        urls = [ctx.receiver.url(f"/ceiling/c{i}") for i in range(64)]
+        meter = ctx.cpu()
+        result = await load.closed_loop(
+            ctx.client,
+            urls,
+            delivery_like_body(count),
+            items_per_request=count,
+            concurrency=64,
+            ok_status=200,
+            duration=duration,
+            headers=headers,
+        )
+        cpu = meter.stop()
+        ctx.report.ceilings[key] = Ceiling(key, label, result.items_per_s, unit, cpu["others"])
+        ctx.report.details[key] = {"errors": result.errors, "cpu_percent": cpu}
+        ctx.say(
+            f"  {label}: {result.items_per_s:,.0f} {unit} "
+            f"(64 connections, bare aiohttp client; cpu {cpu})"
+        )
+    meter = ctx.cpu()
+    with scratch_dir("sqlite") as directory:
+        rows = await asyncio.to_thread(
+            sqlite_ceiling.group_commit_rows_per_s,
+            directory / "rows.db",
+            rows_per_tx=100,
+            duration=duration,
+        )
+        commits, durations = await asyncio.to_thread(
+            sqlite_ceiling.commits, directory / "commits.db", duration=duration
+        )
+    others = meter.stop()["others"]
+    ctx.report.ceilings["sqlite_rows"] = Ceiling(
+        "sqlite_rows", "sqlite, 100-row transactions", rows, "rows/s", others
+    )
+    ctx.report.ceilings["sqlite_commits"] = Ceiling(
+        "sqlite_commits", "sqlite, 1-row transactions", commits, "commits/s", others
+    )
+    ctx.say(f"  sqlite insert, 100 rows/tx, synchronous=FULL, WAL: {rows:,.0f} rows/s")
+    durations.sort()
+    p50 = MS * durations[len(durations) // 2]
+    p99 = MS * durations[min(len(durations) - 1, int(0.99 * len(durations)))]
+    for key, label, value in (
+        ("commit_p50", "sqlite commit p50", p50),
+        ("commit_p99", "sqlite commit p99", p99),
+    ):
+        ctx.report.ceilings[key] = Ceiling(key, label, value, "ms", others)
+    ctx.say(
+        f"  sqlite 1-row durable commits: {commits:,.0f} commits/s; "
+        f"each took p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {MS * durations[-1]:.2f} ms"
+    )
+    await ctx.receiver.reset(ctx.client)

@@ -1,0 +1,113 @@
+"""What every scenario shares: the receiver, the producer's client, the report, and a fresh
+daemon per scenario (its own database), optionally sampled with py-spy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.harness import CpuMeter, Daemon, Pid, Receiver, scratch_dir
+from bench.profile import Sampler, format_summary, summarise
+from bench.report import Report
+
+MS = 1000.0
+
+
+@dataclass
+class Context:
+    quick: bool
+    receiver: Receiver
+    client: aiohttp.ClientSession  # the producer's client and the /stats poller
+    report: Report
+    results_dir: Path
+    profile: str | None = None  # py-spy mode: "wall", "gil" or "native"
+    me: Pid = field(default_factory=lambda: Pid(os.getpid()))
+
+    def size(self, full: Any, quick: Any) -> Any:
+        return quick if self.quick else full
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def cpu(self, daemon: Daemon | None = None) -> CpuMeter:
+        procs: dict[str, Pid] = {"receiver": self.receiver.proc, "producer": self.me}
+        if daemon is not None:
+            procs["daemon"] = daemon.proc
+        return CpuMeter(procs).start()
+
+    @contextlib.asynccontextmanager
+    async def daemon(
+        self, name: str, tenants: dict[str, dict[str, Any]], **config: Any
+    ) -> AsyncIterator[Daemon]:
+        """A fresh daemon for one scenario; its warnings and errors go into the details."""
+        await self.receiver.reset(self.client)
+        with scratch_dir(name) as directory:
+            daemon = await asyncio.to_thread(Daemon, directory, tenants, **config)
+            try:
+                yield daemon
+            finally:
+                problems = daemon.problems()
+                await asyncio.to_thread(daemon.stop)
+                if problems:
+                    self.say(f"  ! daemon logged {len(problems)} warning/error line(s), e.g.:")
+                    for line in problems[:3]:
+                        self.say(f"    {line[:300]}")
+                self.report.details.setdefault(name, {})["daemon_log_problems"] = {
+                    "count": len(problems),
+                    "first": problems[:5],
+                }
+
+    @contextlib.asynccontextmanager
+    async def sampled(self, name: str, daemon: Daemon) -> AsyncIterator[None]:
+        """py-spy on the daemon for the body of the block, when --profile is given."""
+        if not self.profile:
+            yield
+            return
+        out = self.results_dir / f"profile-{name}-{self.profile}.txt"
+        sampler = Sampler(daemon.proc.pid, out, mode=self.profile)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(sampler.stop)
+            summary = summarise(out)
+            self.report.details.setdefault(name, {})["profile"] = summary
+            self.say(format_summary(name, summary))
+
+
+async def mean_attempt_ms(client: aiohttp.ClientSession, daemon: Daemon) -> float:
+    """Mean delivery request duration from the daemon's /metrics histogram."""
+    async with client.get(f"{daemon.base}/metrics") as response:
+        text = await response.text()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in (
+            "webhookd_delivery_duration_seconds_sum",
+            "webhookd_delivery_duration_seconds_count",
+        ):
+            values[name.rsplit("_", 1)[1]] = float(value)
+    return MS * values.get("sum", 0.0) / values["count"] if values.get("count") else 0.0
+
+
+def per_item_us(meter: CpuMeter, items: int) -> float | None:
+    """The daemon's CPU microseconds per item over the meter's window."""
+    seconds = meter.seconds.get("daemon")
+    return None if seconds is None or not items else 1e6 * seconds / items
+
+
+def system_share(meter: CpuMeter) -> float | None:
+    """How much of the daemon's CPU time was spent in the kernel."""
+    total = meter.seconds.get("daemon")
+    return None if not total else round(meter.system["daemon"] / total, 2)
+
+
+def rate(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0

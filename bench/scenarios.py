@@ -1,0 +1,25 @@
+"""The scenarios `--only` chooses from, in run order. Each starts its own daemon."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from bench.ceilings import ceilings
+from bench.context import Context
+from bench.delivery import drain_batched, e2e_batched, unbatched_many, unbatched_one
+from bench.ingest import ingest
+from bench.steady import idle, latency
+
+Scenario = Callable[[Context], Awaitable[None]]
+
+# In run order; the ceilings come first so every ratio has its denominator.
+SCENARIOS: dict[str, tuple[str, Scenario]] = {
+    "ceilings": ("(d) ceilings: receiver and SQLite", ceilings),
+    "ingest": ("(a) durable ingest, tenants paused", ingest),
+    "drain": ("(b) batched drain of a backlog, 100 tenants", drain_batched),
+    "e2e": ("(b) batched end to end with ingest running, 100 tenants", e2e_batched),
+    "unbatched1": ("(b) unbatched drain, 1 tenant", unbatched_one),
+    "unbatched1000": ("(b) unbatched drain, 1000 tenants", unbatched_many),
+    "latency": ("(c) unbatched ingest→delivery latency at 500/s, 50 tenants", latency),
+    "idle": ("(e) idle tenants", idle),
+}
