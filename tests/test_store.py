@@ -549,3 +549,14 @@ async def test_on_a_full_database_ingest_is_refused_but_deliveries_are_recorded(
     row = records["acme"].row
     assert (row.acked_sequence, row.last_sequence, row.last_processed_at) == (2, 4, AT + 1)
     assert await store.pragma("integrity_check") == "ok"
+
+
+def test_generated_ids_are_distinct_version_4_uuids() -> None:
+    from webhookd.store import new_ids
+
+    ids = new_ids(5000)
+    assert len(set(ids)) == 5000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+    assert new_ids(0) == []

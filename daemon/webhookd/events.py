@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 # As named by the reference product, in its own order.
 CURRENT: tuple[str, ...] = (
@@ -45,7 +46,7 @@ class Catalogue:
 
     custom: tuple[str, ...] = ()
 
-    @property
+    @cached_property
     def current(self) -> frozenset[str]:
         """Every type a new subscription may name: built-in current plus custom."""
         return frozenset(CURRENT) | frozenset(self.custom)

@@ -31,6 +31,36 @@ def _dumps(event: Any, **_: Any) -> str:
     return orjson.dumps(event, default=str).decode()
 
 
+class Logger:
+    """A module's logger: a bound structlog logger, rebuilt only when configure() runs.
+
+    structlog's lazy proxy would build a logger on every call unless loggers are cached, and
+    cached ones would ignore a reload's new level or format. This keeps the cheap path
+    (a filtered-out call is one attribute lookup and a no-op) and still follows reloads.
+    """
+
+    __slots__ = ("_bound", "_generation", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._generation = -1
+        self._bound: Any = None
+
+    def __getattr__(self, method: str) -> Any:
+        if self._generation != _generation[0]:
+            self._bound = structlog.get_logger(self._name).bind()
+            self._generation = _generation[0]
+        return getattr(self._bound, method)
+
+
+# Bumped by every configure(): a one-element list, so no `global` statement is needed.
+_generation = [0]
+
+
+def get_logger(name: str) -> Any:
+    return Logger(name)
+
+
 def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """(Re)configure logging; safe to call again on reload."""
     out = stream or sys.stderr
@@ -51,6 +81,6 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.WriteLoggerFactory(file=out),
-        # Loggers are module globals; not caching lets a reload change level and format.
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=False,  # our Logger caches, per configuration
     )
+    _generation[0] += 1

@@ -17,14 +17,12 @@ from collections.abc import Callable
 from itertools import islice
 from typing import Any, Protocol
 
-import structlog
-
-from webhookd import policy
+from webhookd import logs, policy
 from webhookd.config import TenantConfig
 from webhookd.sender import Outcome
 from webhookd.store import Failure, Store, StoreError, TenantRecord, TenantRow, Webhook
 
-log = structlog.get_logger("webhookd.delivery")
+log = logs.get_logger("webhookd.delivery")
 
 # How long to hold off when the database refused to record an outcome (disk full, ...).
 STORE_RETRY_S = 1.0

@@ -18,13 +18,12 @@ from typing import Any
 
 import aiohttp
 import orjson
-import structlog
 
-from webhookd import __version__, policy
+from webhookd import __version__, logs, policy
 from webhookd.config import TenantConfig
 from webhookd.store import Webhook
 
-log = structlog.get_logger("webhookd.sender")
+log = logs.get_logger("webhookd.sender")
 
 USER_AGENT = f"webhookd/{__version__}"
 # Responses are read to the end (so the connection can be reused and the whole exchange is

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import structlog
 from aiohttp import web
 
 from webhookd import config as config_mod
@@ -27,7 +27,7 @@ from webhookd.scheduler import Clock, InFlight, TenantWorker
 from webhookd.sender import Sender
 from webhookd.store import NewWebhook, Store, StoreError, TenantRecord, TenantRow, Webhook
 
-log = structlog.get_logger("webhookd.service")
+log = logs.get_logger("webhookd.service")
 
 
 class ServiceError(Exception):
@@ -162,6 +162,9 @@ class Service:
     async def run(self, shutdown: asyncio.Event, reload: asyncio.Event | None = None) -> None:
         """Serve until `shutdown` is set, reloading whenever `reload` is set."""
         await self.start()
+        # What start-up built (configuration, workers, modules) lives as long as the
+        # process: keep the collector from walking it again and again.
+        gc.freeze()
         notifier = systemd.Notifier.from_environment()
         notifier.ready(self.status_line())
         tasks = [asyncio.create_task(notifier.watchdog_loop(self.status_line, self.healthy))]
@@ -386,6 +389,7 @@ class Service:
             except StoreError as exc:
                 raise Unavailable(f"nothing was queued: {exc}") from None
             stored = iter(results)
+            duplicates = 0
             for index, answer in enumerate(answers):
                 if answer is None:
                     result = next(stored)
@@ -394,7 +398,10 @@ class Service:
                         "sequence": result.sequence,
                         "status": result.status,
                     }
-                    self.metrics.ingested(name, result.status, 1)
+                    duplicates += result.status == "duplicate"
+            self.metrics.ingested(name, "queued", len(results) - duplicates)
+            if duplicates:
+                self.metrics.ingested(name, "duplicate", duplicates)
         not_subscribed = len(items) - len(queued)
         if not_subscribed:
             self.metrics.ingested(name, "not_subscribed", not_subscribed)

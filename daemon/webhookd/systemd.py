@@ -12,9 +12,9 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
-import structlog
+from webhookd import logs
 
-log = structlog.get_logger("webhookd.systemd")
+log = logs.get_logger("webhookd.systemd")
 
 
 class Notifier:
