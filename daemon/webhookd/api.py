@@ -150,6 +150,8 @@ async def read_body(request: web.Request) -> bytes:
             f"Content-Encoding {encoding[:40]!r} is not accepted; send the body uncompressed"
         )
     try:
+        if request.content.is_eof():  # all of it is here already: no timer needed
+            return await request.read()
         async with asyncio.timeout(BODY_TIMEOUT_S):
             return await request.read()
     except TimeoutError:

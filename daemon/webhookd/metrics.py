@@ -84,6 +84,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_QueueCollector(service))
+        self._ingest_children: dict[tuple[str, str], Counter] = {}
 
     def attempted(self, tenant: str, batch: list[Webhook], outcome: Outcome) -> None:
         self.deliveries.labels(tenant, "success" if outcome.ok else "failure").inc()
@@ -92,7 +93,11 @@ class Metrics:
         self.duration.observe(outcome.duration_ms / 1000)
 
     def ingested(self, tenant: str, status: str, count: int) -> None:
-        self.ingest.labels(tenant, status).inc(count)
+        key = (tenant, status)
+        child = self._ingest_children.get(key)
+        if child is None:  # labels() validates and locks on every call: do it once
+            child = self._ingest_children[key] = self.ingest.labels(tenant, status)
+        child.inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -142,13 +142,30 @@ class TenantWorker:
 
     def enqueued(self, webhooks: list[Webhook]) -> None:
         """A commit queued `webhooks` (consecutive) for this tenant."""
+        before = self.waiting
         self.row.last_sequence = max(self.row.last_sequence, webhooks[-1].sequence)
         room = self._capacity - len(self.buffer)
         if webhooks[0].sequence == self.buffer_end + 1 and room > 0:
             taken = webhooks[:room]
             self.buffer.extend(taken)
             self.buffer_end = taken[-1].sequence
-        self.wake.set()
+        if self._changes_due(before):
+            self.wake.set()
+
+    def _changes_due(self, waiting_before: int) -> bool:
+        """Whether webhooks arriving can move the next attempt earlier (else: no wake-up).
+
+        With webhooks already waiting, the next attempt is already timed (in flight, in
+        backoff, or a partial batch waiting for its oldest webhook's window); only a batch
+        becoming full moves it. A paused, disabled or removed tenant sends nothing anyway.
+        """
+        config = self.config
+        if config is None or not config.enabled or self.row.paused:
+            return False
+        if not waiting_before:
+            return True
+        size = config.delivery.batch_size
+        return config.batching and waiting_before < size <= self.waiting
 
     def request_retry(self) -> bool:
         """Make the next attempt start now, whatever the backoff. True if there is one to make.
