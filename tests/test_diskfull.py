@@ -139,14 +139,8 @@ class PageCapRig(Rig):
         return await self.daemon.request(method, path, json=body)
 
     async def _pragma(self, statement: str) -> int:
-        store = self.daemon.service.store
-
-        def run() -> int:
-            assert store._conn is not None
-            return int(store._conn.execute(statement).fetchone()[0])
-
-        # The writer thread owns the connection: run it there, between commits.
-        return await asyncio.get_running_loop().run_in_executor(store._executor, run)
+        # Store.pragma runs on the writer's connection, in its thread, between commits.
+        return int(await self.daemon.service.store.pragma(statement.removeprefix("PRAGMA ")))
 
     async def fill(self) -> None:
         pages = await self._pragma("PRAGMA page_count")

@@ -338,15 +338,9 @@ async def test_store_write_failure_is_503_and_ingest_recovers(
 ) -> None:
     daemon = await paused_daemon(start_daemon, receiver)
     store = daemon.service.store
-    loop = asyncio.get_running_loop()
-
-    def pragma(statement: str) -> Any:
-        assert store._conn is not None
-        return store._conn.execute(statement).fetchone()
-
-    # The writer thread owns the connection: run the pragma there, between commits.
-    pages = (await loop.run_in_executor(store._executor, pragma, "PRAGMA page_count"))[0]
-    await loop.run_in_executor(store._executor, pragma, f"PRAGMA max_page_count = {pages}")
+    # Store.pragma runs on the writer's connection, in its thread, between commits.
+    pages = await store.pragma("page_count")
+    await store.pragma(f"max_page_count = {pages}")
     big = {"event": EVENT, "data": {"blob": "x" * 200_000}}
     status, answer = await daemon.request(
         "POST", "/v1/tenants/acme/webhooks", json=[VALID, big, VALID]
@@ -357,7 +351,7 @@ async def test_store_write_failure_is_503_and_ingest_recovers(
     assert "nothing was queued" in answer["detail"], answer
     assert (await daemon.status("acme"))["waiting"] == 0
 
-    await loop.run_in_executor(store._executor, pragma, "PRAGMA max_page_count = 1073741823")
+    await store.pragma("max_page_count = 1073741823")
     again = await daemon.ingest("acme", [big, VALID])
     assert [e["sequence"] for e in again["webhooks"]] == [1, 2]
     assert (await daemon.status("acme"))["waiting"] == 2

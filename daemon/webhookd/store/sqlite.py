@@ -1,0 +1,398 @@
+"""The SQLite store: group-committed writes in one writer thread, reads beside it.
+
+Writes go through one writer thread that owns a plain `sqlite3` connection: callers submit
+operations (`enqueue`, `acknowledge`, `record_failure`, ...), and whatever has accumulated
+while the previous transaction was committing runs as one transaction, in one thread hop,
+with one fsync. aiosqlite gives a thread hop per statement, which costs ~200 µs here; a group
+commit needs the whole transaction in a single hop, hence the dedicated thread.
+
+Reads (queue heads, peeks, parked lists) use a separate aiosqlite connection that is
+read-only (`query_only`); WAL lets them run beside the writer.
+
+Queue invariant: a tenant's queued webhooks are exactly the sequences
+`acked_sequence + 1 … last_sequence`, contiguous. Acknowledging and parking remove from the
+head; enqueueing and requeueing append at the tail. So the number waiting is a subtraction,
+never a count over the table, and startup never scans the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+
+from webhookd import logs
+from webhookd.store.records import (
+    Failure,
+    IngestResult,
+    NewWebhook,
+    ParkedWebhook,
+    StoreError,
+    TenantRecord,
+    TenantRow,
+    Webhook,
+)
+from webhookd.store.reserve import Reserve
+from webhookd.store.schema import load_records, migrate, refuse_newer
+from webhookd.store.writes import (
+    Acknowledge,
+    ClearFailures,
+    Discard,
+    Enqueue,
+    Op,
+    Park,
+    RecordFailure,
+    Requeue,
+    SetAttempts,
+    SetPaused,
+    Tx,
+    lookup_ids,
+)
+
+log = logs.get_logger("webhookd.store")
+
+
+PRAGMAS_COMMON = (
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA busy_timeout = 5000",
+    "PRAGMA temp_store = MEMORY",
+    # The per-tenant queue index is the hot spot under mixed insert/delete; keep it cached.
+    "PRAGMA cache_size = -65536",
+)
+
+
+class Store:
+    """SQLite-backed queue store. One instance per daemon; not shared between processes."""
+
+    def __init__(self, path: Path, *, durability: Literal["full", "normal"] = "full") -> None:
+        self.path = path
+        self.durability = durability
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="webhookd-writer"
+        )
+        self._conn: sqlite3.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._rows: dict[str, TenantRow] = {}
+        self._pending: list[Op] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self.on_enqueued: Any = None  # set by the service: (tenant, [Webhook]) -> None
+        self.commits = 0
+        self._reserve = Reserve(path.with_name(path.name + "-reserve"))
+        # Set when a commit ran out of space: ingest is refused, deliveries still recorded.
+        self.disk_full = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> list[TenantRecord]:
+        """Open (creating or migrating) the database; returns every known tenant's state."""
+        loop = asyncio.get_running_loop()
+        records = await loop.run_in_executor(self._executor, self._open_writer)
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        for pragma in ("PRAGMA query_only = ON", "PRAGMA busy_timeout = 5000"):
+            await self._reader.execute(pragma)
+        self._writer = asyncio.create_task(self._write_loop(), name="webhookd-store-writer")
+        return records
+
+    def _open_writer(self) -> list[TenantRecord]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            refuse_newer(conn)  # before any pragma changes a database we must not touch
+            for pragma in PRAGMAS_COMMON:
+                conn.execute(pragma)
+            synchronous = "FULL" if self.durability == "full" else "NORMAL"
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            migrate(conn)
+            records = load_records(conn)
+            if not self._reserve.make():
+                self.disk_full = True
+                log.warning("disk_full", detail="no room for the reserve; ingest is refused")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._rows = {r.name: r.row.copy() for r in records}
+        return records
+
+    async def close(self) -> None:
+        """Commit what is pending, then close both connections. Idempotent."""
+        self._closing = True
+        self._wakeup.set()
+        if self._writer is not None:
+            await self._writer
+            self._writer = None
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        if self._conn is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._close_writer)
+        self._executor.shutdown(wait=True)
+
+    def _close_writer(self) -> None:
+        assert self._conn is not None
+        try:
+            # Fold the WAL back into the main file so a clean stop leaves one file.
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("checkpoint_failed", error=str(exc))
+        self._conn.close()
+        self._conn = None
+
+    # -- the group-commit writer -------------------------------------------------------------
+
+    async def _submit(self, op: Op) -> Any:
+        if self._closing and self._writer is None:
+            raise StoreError("the store is closed")
+        self._pending.append(op)
+        self._wakeup.set()
+        return await op.future
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            ops, self._pending = self._pending, []
+            if not ops:
+                if self._closing:
+                    return
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self._commit, ops)
+            except Exception as exc:
+                if not isinstance(exc, StoreError):
+                    # A bug, not the disk: fail these writes but keep the writer alive.
+                    log.exception("commit_crashed", ops=len(ops))
+                    exc = StoreError(f"internal error: {exc!r}")
+                results = [exc] * len(ops)
+            for op, result in zip(ops, results, strict=True):
+                self._settle(op, result)
+            if self._closing and not self._pending:
+                return
+
+    def _settle(self, op: Op, result: Any) -> None:
+        """Tell the op's caller how it went; announce what a committed op queued."""
+        if isinstance(result, StoreError):
+            if not op.future.done():
+                op.future.set_exception(result)
+            return
+        queued = getattr(op, "queued", None)
+        if queued and self.on_enqueued is not None:
+            try:
+                self.on_enqueued(op.tenant, queued)
+            except Exception:
+                # The rows are committed; the tenant's worker reads them from the database
+                # instead. The writer itself must keep running.
+                log.exception("enqueue_notify_failed", tenant=op.tenant)
+        if not op.future.done():  # the caller may have been cancelled meanwhile
+            op.future.set_result(result)
+
+    def _commit(self, ops: list[Op]) -> list[Any]:
+        """Run `ops` as one transaction (in the writer thread); see `reserve` for a full disk.
+
+        Out of space, the reserve is released and the transaction runs again without its
+        ingest, which is refused (a StoreError in its place): deliveries, failures and
+        controls are still recorded. The result list holds each op's result or error.
+        """
+        try:
+            results = self._transaction(ops)
+        except Exception as exc:
+            if not (isinstance(exc, StoreError) and exc.disk_full):
+                if len(ops) == 1:
+                    raise
+                # One bad write must not fail the others committed with it (other
+                # producers' ingest, deliveries being recorded): each on its own, then.
+                log.warning("commit_isolating", ops=len(ops), error=str(exc))
+                results = [self._alone(op) for op in ops]
+                if self.disk_full:
+                    self._checkpoint()
+                return results
+            released = self._reserve.release()
+            self.disk_full = True
+            log.warning("disk_full", released_reserve=released, error=str(exc))
+            refused = StoreError(DISK_FULL, disk_full=True)
+            rest = [op for op in ops if not isinstance(op, Enqueue)]
+            done = iter(self._transaction(rest) if rest else [])
+            results = [refused if isinstance(op, Enqueue) else next(done) for op in ops]
+        if self.disk_full:
+            self._checkpoint()
+        return results
+
+    def _alone(self, op: Op) -> Any:
+        """Run one op in its own transaction; its error becomes its result."""
+        try:
+            return self._transaction([op])[0]
+        except StoreError as exc:
+            return exc
+        except Exception as exc:
+            log.exception("commit_crashed", tenant=op.tenant)
+            return StoreError(f"internal error: {type(exc).__name__}")
+
+    def _checkpoint(self) -> None:
+        """While the disk is full, restart the WAL after each commit so that it reuses its
+        own space instead of growing (it can only grow into space we do not have)."""
+        assert self._conn is not None
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(RESTART)")
+        except sqlite3.Error as exc:
+            log.warning("checkpoint_failed", error=str(exc))
+
+    def _transaction(self, ops: list[Op]) -> list[Any]:
+        """Run `ops` as one transaction. All or nothing."""
+        conn = self._conn
+        if conn is None:
+            raise StoreError("the store is closed")
+        tx = Tx(conn, self._rows)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            lookup_ids(tx, [op for op in ops if isinstance(op, Enqueue)])
+            results = []
+            for op in ops:
+                if not op.batchable:
+                    tx.flush()
+                results.append(op.apply(tx))
+            tx.flush()
+            if tx.saved:
+                tx.save_rows()
+            conn.execute("COMMIT")
+            self.commits += 1
+        except BaseException as exc:
+            tx.rollback_rows()
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.exception("rollback_failed")
+            if isinstance(exc, sqlite3.Error):
+                full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                log.error("commit_failed", error=str(exc), ops=len(ops), disk_full=full)
+                raise StoreError(_describe(exc), disk_full=full) from exc
+            raise
+        return results
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def enqueue(
+        self, tenant: str, items: Sequence[NewWebhook], accepted_at: float
+    ) -> list[IngestResult]:
+        """Queue `items` for `tenant` (all or nothing); returns once durably committed."""
+        if self.disk_full and not await self._recover_space():
+            raise StoreError(DISK_FULL, disk_full=True)
+        result: list[IngestResult] = await self._submit(Enqueue(tenant, items, accepted_at))
+        return result
+
+    async def _recover_space(self) -> bool:
+        """Make the reserve again if the disk has room for it; True when space is back."""
+        if not self._reserve.room():  # one statvfs call: cheap enough for every request
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            made = await loop.run_in_executor(self._executor, self._reserve.make)
+        except OSError as exc:
+            log.warning("reserve_failed", error=str(exc))
+            return False
+        if made:
+            self.disk_full = False
+            log.warning("disk_space_recovered", detail="ingest accepted again")
+        return made
+
+    async def acknowledge(self, tenant: str, through_sequence: int, at: float) -> None:
+        """The endpoint took everything up to `through_sequence`: remove it, reset backoff."""
+        await self._submit(Acknowledge(tenant, through_sequence, at))
+
+    async def record_failure(
+        self, tenant: str, failure: Failure, next_attempt_at: float | None, keep: int
+    ) -> None:
+        """Store a failed attempt, the new attempt count and when to try next."""
+        await self._submit(RecordFailure(tenant, failure, next_attempt_at, keep))
+
+    async def clear_failures(self, tenant: str) -> int:
+        cleared: int = await self._submit(ClearFailures(tenant))
+        return cleared
+
+    async def set_paused(self, tenant: str, paused: bool) -> None:
+        await self._submit(SetPaused(tenant, paused))
+
+    async def set_attempts(self, tenant: str, attempts: int, next_attempt_at: float | None) -> None:
+        await self._submit(SetAttempts(tenant, attempts, next_attempt_at))
+
+    async def park(self, tenant: str, sequence: int, at: float) -> Webhook | None:
+        """Park the head webhook `sequence`; None when it is no longer the head."""
+        parked: Webhook | None = await self._submit(Park(tenant, sequence, at))
+        return parked
+
+    async def requeue(self, tenant: str, webhook_id: str, at: float) -> Webhook | None:
+        """Move a parked webhook to the tail of the queue; None when no such parked id."""
+        queued: Webhook | None = await self._submit(Requeue(tenant, webhook_id, at))
+        return queued
+
+    async def discard(self, tenant: str) -> int:
+        dropped: int = await self._submit(Discard(tenant))
+        return dropped
+
+    # -- reads -------------------------------------------------------------------------------
+
+    @property
+    def _db(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StoreError("the store is not open")
+        return self._reader
+
+    async def read_queue(self, tenant: str, after: int, limit: int) -> list[Webhook]:
+        """Up to `limit` queued webhooks of `tenant` with sequence > `after`, in order."""
+        rows = await self._db.execute_fetchall(
+            """SELECT sequence, id, event, accepted_at, data FROM webhooks
+               WHERE tenant = :tenant AND sequence > :after
+               ORDER BY sequence LIMIT :limit""",
+            {"tenant": tenant, "after": after, "limit": limit},
+        )
+        return [Webhook(*row) for row in rows]
+
+    async def list_parked(self, tenant: str, limit: int = 1000) -> list[ParkedWebhook]:
+        rows = await self._db.execute_fetchall(
+            """SELECT sequence, id, event, accepted_at, data, parked_at FROM parked
+               WHERE tenant = :tenant ORDER BY sequence LIMIT :limit""",
+            {"tenant": tenant, "limit": limit},
+        )
+        return [ParkedWebhook(Webhook(*row[:5]), row[5]) for row in rows]
+
+    async def count_parked(self) -> dict[str, int]:
+        rows = await self._db.execute_fetchall(
+            "SELECT tenant, count(*) FROM parked GROUP BY tenant"
+        )
+        return {tenant: count for tenant, count in rows}
+
+    async def ping(self) -> None:
+        """Raise unless the database answers a query."""
+        await self._db.execute_fetchall("SELECT 1")
+
+    async def pragma(self, name: str) -> Any:
+        """One pragma's value as the writer connection sees it (for tests and `check`)."""
+        loop = asyncio.get_running_loop()
+
+        def read() -> Any:
+            assert self._conn is not None
+            return self._conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+        return await loop.run_in_executor(self._executor, read)
+
+
+DISK_FULL = (
+    "the database is full (no disk space left): ingest is refused until space is freed "
+    "next to the database; deliveries go on"
+)
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    text = str(exc)
+    if "full" in text:
+        return f"the database is full ({text}); free disk space"
+    return f"database error: {text}"
