@@ -13,14 +13,12 @@ import gc
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from webhookd import config as config_mod
-from webhookd import logs, systemd
+from webhookd import logs, status, systemd
 from webhookd.config import Config, ConfigError, TenantConfig
 from webhookd.metrics import Metrics
 from webhookd.scheduler import Clock, InFlight, TenantWorker
@@ -68,12 +66,6 @@ class IngestItem:
     id: str | None
     event: str
     data: str
-
-
-def iso(when: float | None) -> str | None:
-    if when is None:
-        return None
-    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Service:
@@ -423,69 +415,13 @@ class Service:
         ]
 
     def tenant_status(self, name: str) -> dict[str, Any]:
-        return self._status_of(self.worker(name), self.clock.now())
-
-    def _status_of(self, worker: TenantWorker, now: float) -> dict[str, Any]:
-        tenant = worker.config
-        state = worker.snapshot()
-        last = state["last_processed_at"]
-        return {
-            "tenant": worker.name,
-            "enabled": tenant.enabled if tenant else False,
-            "paused": state["paused"],
-            "batching": tenant.batching if tenant else False,
-            "queue": worker.queue_state,
-            "waiting": state["waiting"],
-            "oldest_waiting_at": iso(state["oldest_waiting_at"]),
-            "last_processed_at": iso(last),
-            "seconds_since_last_processed": None if last is None else round(now - last, 1),
-            "attempts": state["attempts"],
-            "next_attempt_at": iso(state["next_attempt_at"]),
-            "in_flight": worker.in_flight is not None,
-            "parked": state["parked"],
-            "recent_failures": [
-                {
-                    "at": iso(f.at),
-                    "attempt": f.attempt,
-                    "first_sequence": f.first_sequence,
-                    "last_sequence": f.last_sequence,
-                    "count": f.count,
-                    "status": f.status,
-                    "error": f.error,
-                    "duration_ms": f.duration_ms,
-                }
-                for f in state["failures"]
-            ],
-        }
+        return status.tenant(self.worker(name), self.clock.now())
 
     def status(self) -> dict[str, Any]:
-        now = self.clock.now()
-        tenants = [self._status_of(w, now) for w in self.visible_workers()]
-        # `waiting` and `parked` count webhooks; `queues` counts tenants per queue state,
-        # and the states an operator looks for are repeated at the top level.
-        queues = dict.fromkeys(("empty", "waiting", "stalled", "paused", "disabled", "orphaned"), 0)
-        for status in tenants:
-            queues[status["queue"]] += 1
-        totals: dict[str, Any] = {
-            "tenants": len(tenants),
-            "waiting": sum(s["waiting"] for s in tenants),
-            "stalled": queues["stalled"],
-            "paused": queues["paused"],
-            "disabled": queues["disabled"],
-            "orphaned": queues["orphaned"],
-            "parked": sum(s["parked"] for s in tenants),
-            "in_flight": sum(1 for s in tenants if s["in_flight"]),
-            "queues": queues,
-            # Out of disk: ingest answers 503, deliveries go on (see store/reserve).
-            "disk_full": self.store.disk_full,
-        }
-        return {"tenants": tenants, "totals": totals}
+        return status.daemon(self.visible_workers(), self.clock.now(), self.store.disk_full)
 
     def status_line(self) -> str:
-        visible = self.visible_workers()
-        waiting = sum(w.waiting for w in visible)
-        stalled = sum(1 for w in visible if w.queue_state == "stalled")
-        return f"{len(visible)} tenants, {waiting} waiting, {stalled} stalled"
+        return status.line(self.visible_workers())
 
     # -- control -----------------------------------------------------------------------------
 
@@ -536,8 +472,8 @@ class Service:
         self.worker(name)
         return [
             {
-                **_webhook_view(p.webhook),
-                "parked_at": iso(p.parked_at),
+                **status.webhook(p.webhook),
+                "parked_at": status.iso(p.parked_at),
             }
             for p in await self.store.list_parked(name)
         ]
@@ -545,7 +481,7 @@ class Service:
     async def peek(self, name: str, limit: int) -> list[dict[str, Any]]:
         worker = self.worker(name)
         rows = await self.store.read_queue(name, worker.row.acked_sequence, limit)
-        return [_webhook_view(w) for w in rows]
+        return [status.webhook(w) for w in rows]
 
     async def discard(self, name: str) -> int:
         dropped: int = await self._write(self.worker(name).discard())
@@ -560,23 +496,9 @@ class Service:
     async def healthy(self) -> bool:
         try:
             await asyncio.wait_for(self.store.ping(), 2.0)
-        except (TimeoutError, StoreError, Exception):
+        except Exception:  # any failure to answer is "unhealthy", whatever its kind
             return False
         return True
-
-
-def _webhook_view(w: Webhook) -> dict[str, Any]:
-    """A queued webhook for peek and parked lists; the secret is not part of it."""
-    return {
-        "id": w.id,
-        "sequence": w.sequence,
-        "event": w.event,
-        "timestamp": w.timestamp,
-        "accepted_at": iso(w.accepted_at),
-        # The stored JSON text as is: never decoded and re-encoded (which could change
-        # numbers, and fails for data nested deeper than orjson writes).
-        "data": orjson.Fragment(w.data),
-    }
 
 
 def _keep_masked_secrets(raw: dict[str, Any], existing: TenantConfig) -> dict[str, Any]:
