@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import socket
@@ -34,14 +35,19 @@ def free_port() -> int:
 async def wait_for(
     condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01
 ) -> Any:
-    """Poll `condition` until it is truthy; fail the test after `timeout` seconds."""
+    """Poll `condition` until it is truthy; fail the test after `timeout` seconds.
+
+    The condition may be a coroutine function (a check that asks the daemon's API).
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+            raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
         await asyncio.sleep(interval)
 
 

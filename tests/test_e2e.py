@@ -60,18 +60,6 @@ async def exit_code(process: Process, timeout: float) -> int:
     return proc.returncode
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
-    """Like `wait_for`, for a condition that needs the network to answer."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
-        await asyncio.sleep(0.02)
-
-
 class Api:
     """The daemon's HTTP API, as a producer or an operator sees it."""
 
@@ -294,7 +282,7 @@ async def test_kill9_during_ingest_and_delivery_loses_nothing_and_resends_only_i
         totals = (await api.get("/v1/status"))["totals"]
         return bool(totals["waiting"] == 0)
 
-    await eventually(drained, timeout=40)
+    await wait_for(drained, timeout=40)
     context = f"seed {seed}, {kills} kills, daemon log:\n{daemon.log()[-3000:]}"
     assert producer.unexpected == [], context
     assert len(producer.acked) > 200, f"too little was ingested to mean anything; {context}"
@@ -349,7 +337,7 @@ async def test_restart_honours_the_stored_backoff(
         status = await api.status("dead")
         return status if status["attempts"] == 1 else None
 
-    before = await eventually(failure_recorded)
+    before = await wait_for(failure_recorded)
     daemon.kill9()
     await start(daemon)
     # Otherwise the first retry would be due anyway and the test would prove nothing.
@@ -373,7 +361,7 @@ async def test_restart_honours_the_stored_backoff(
         status = await api.status("dead")
         return bool(status["queue"] == "empty" and status["attempts"] == 0)
 
-    await eventually(delivered)
+    await wait_for(delivered)
     assert len(receiver.at("/dead")) == 2
 
 
@@ -480,7 +468,7 @@ async def test_second_sigterm_during_the_grace_exits_promptly(
         status, _ = await api.try_ingest("acme", {"event": EVENT})
         return status == 503
 
-    await eventually(stopping)  # the first signal has been handled: the grace is running
+    await wait_for(stopping)  # the first signal has been handled: the grace is running
     popen(daemon).send_signal(signal.SIGTERM)
     second = time.monotonic()
     assert await exit_code(daemon, timeout=grace) == 0, daemon.log()
@@ -563,7 +551,7 @@ class ReceiverProcess:
             await writer.wait_closed()
             return True
 
-        await eventually(listening, timeout=15)
+        await wait_for(listening, timeout=15)
         return receiver
 
     async def line(self, pattern: str, timeout: float = 10.0) -> str:
@@ -630,7 +618,7 @@ async def test_cli_receiver_checks_the_secret(
         status = await api.status("bad")
         return status if status["recent_failures"] else None
 
-    status = await eventually(failure_recorded)
+    status = await wait_for(failure_recorded)
     assert status["queue"] == "stalled"
     [failure] = status["recent_failures"]
     assert (failure["status"], failure["error"]) == (401, "HTTP 401")
@@ -638,7 +626,7 @@ async def test_cli_receiver_checks_the_secret(
     async def good_delivered() -> bool:
         return bool((await api.status("good"))["queue"] == "empty")
 
-    await eventually(good_delivered)
+    await wait_for(good_delivered)
 
 
 # -- 5. idle tenants cost no CPU -----------------------------------------------------------------

@@ -50,20 +50,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def wait_until(
-    condition: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02
-) -> Any:
-    """`wait_for` for a condition that needs I/O (an API call)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {condition}")
-        await asyncio.sleep(interval)
-
-
 def log_events(process: Process, event: str | None = None) -> list[dict[str, Any]]:
     """The subprocess's JSON log lines (optionally only one event), oldest first."""
     found = []
@@ -222,7 +208,7 @@ async def test_reload_adds_removes_and_restores_tenants(receiver: Receiver, depl
     await wait_for(lambda: len(receiver.sequences("/gamma")) == 3)
     assert receiver.sequences("/gamma") == [1, 2, 3]
 
-    orphan = await wait_until(
+    orphan = await wait_for(
         lambda: _status_when(target, "beta", lambda s: not s["in_flight"]), timeout=5
     )
     assert (orphan["queue"], orphan["waiting"], orphan["enabled"]) == ("orphaned", 5, False)
@@ -250,7 +236,7 @@ async def test_reload_adds_removes_and_restores_tenants(receiver: Receiver, depl
     assert [w["sequence"] for w in delivered] == [1, 2, 3, 4, 5, 6, 7]
     assert [w["data"]["n"] for w in delivered] == list(range(7))
     # The receiver sees each 200 before the daemon records it: wait for the record.
-    await wait_until(lambda: _status_when(target, "beta", lambda s: s["queue"] == "empty"))
+    await wait_for(lambda: _status_when(target, "beta", lambda s: s["queue"] == "empty"))
 
 
 async def test_tenant_removed_before_a_restart_and_added_back_continues_its_sequences(
@@ -263,7 +249,7 @@ async def test_tenant_removed_before_a_restart_and_added_back_continues_its_sequ
     target = InProcess(daemon)
     await target.ingest("acme", items(3))
     await wait_for(lambda: receiver.sequences("/acme") == [1, 2, 3])
-    await wait_until(lambda: _status_when(target, "acme", lambda s: s["waiting"] == 0))
+    await wait_for(lambda: _status_when(target, "acme", lambda s: s["waiting"] == 0))
     deployment.write({})
     await target.reload()
     await daemon.service.stop()
@@ -354,7 +340,7 @@ async def test_attempts_in_flight_during_a_reload_are_recorded_not_resent(
     release.set()
     await wait_for(lambda: receiver.sequences("/new") == [2, 3])
     assert receiver.sequences("/old") == [1]
-    gone = await wait_until(
+    gone = await wait_for(
         lambda: _status_when(target, "gone", lambda s: not s["in_flight"] and s["waiting"] == 2)
     )
     assert gone["queue"] == "orphaned"
@@ -372,13 +358,13 @@ async def test_allow_private_endpoints_applies_at_once_on_reload(
     target = InProcess(await start_daemon(deployment.path))
     await target.ingest("acme", items(1))
     await wait_for(lambda: receiver.sequences("/acme") == [1])
-    await wait_until(lambda: _status_when(target, "acme", lambda s: s["waiting"] == 0))
+    await wait_for(lambda: _status_when(target, "acme", lambda s: s["waiting"] == 0))
 
     # Refused from the next attempt on, even though a kept-alive connection may be open.
     deployment.write(tenants, daemon={"allow_private_endpoints": False})
     await target.reload()
     await target.ingest("acme", items(1, start=1))
-    outcome = await wait_until(
+    outcome = await wait_for(
         lambda: _status_when(target, "acme", lambda s: s["recent_failures"] or not s["waiting"])
     )
     assert receiver.sequences("/acme") == [1], "sent to a loopback address after it was refused"
@@ -463,7 +449,7 @@ async def test_restart_only_key_warns_and_log_level_applies_at_once(
     target = Subprocess(process, http)
     await target.ingest("acme", items(1))
     await wait_for(lambda: receiver.sequences("/acme") == [1])
-    assert await wait_until(lambda: _status_when(target, "acme", lambda s: s["waiting"] == 0))
+    assert await wait_for(lambda: _status_when(target, "acme", lambda s: s["waiting"] == 0))
     assert log_events(process, "delivered") == []  # info lines are below "warning"
 
     deployment.log_level = "info"

@@ -6,10 +6,7 @@ reach it, however the endpoint spells its way there.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +59,6 @@ BLOCKED_ADDRESSES = [
 PUBLIC_ADDRESSES = ["8.8.8.8", "2606:4700:4700::1111", "64:ff9b::808:808"]
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
-    """Like `wait_for`, for a condition that needs the daemon's API to answer."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
-        await asyncio.sleep(0.02)
-
-
 async def first_outcome(daemon: Daemon, name: str) -> dict[str, Any]:
     """The tenant's status once its head has either failed or been delivered."""
 
@@ -81,7 +66,7 @@ async def first_outcome(daemon: Daemon, name: str) -> dict[str, Any]:
         status = await daemon.status(name)
         return status if status["recent_failures"] or not status["waiting"] else None
 
-    status: dict[str, Any] = await eventually(settled)
+    status: dict[str, Any] = await wait_for(settled)
     return status
 
 
@@ -178,7 +163,7 @@ async def test_reload_allowing_private_endpoints_lets_the_blocked_tenant_deliver
     code, body = await daemon.request("POST", "/v1/tenants/acme/retry")
     assert code == 200 and body["retrying"], body
     await wait_for(lambda: receiver.sequences("/hooks") == [1], timeout=5)
-    status = await eventually(lambda: _empty(daemon))
+    status = await wait_for(lambda: _empty(daemon))
     assert status["attempts"] == 0, status
 
 
@@ -194,7 +179,7 @@ async def test_reload_forbidding_private_endpoints_blocks_the_next_attempt(
     daemon = await start_daemon(config)
     await daemon.ingest("acme", {"event": EVENT})
     await wait_for(lambda: receiver.sequences("/hooks") == [1], timeout=5)
-    await eventually(lambda: _empty(daemon))
+    await wait_for(lambda: _empty(daemon))
 
     await rewrite(daemon, config, tenants, allow=False)
     await daemon.ingest("acme", {"event": EVENT})

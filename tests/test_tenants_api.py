@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +34,6 @@ from tests.conftest import (
 EVENT = "CHECK_COMPLETED"
 SIGNING = "whsec_" + base64.b64encode(b"a-signing-key-of-24-byte").decode()
 OTHER_SIGNING = "whsec_" + base64.b64encode(b"another-key-of-24-bytes!").decode()
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02
-) -> Any:
-    """`wait_for` for a condition that needs I/O (an API call)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {condition}")
-        await asyncio.sleep(interval)
 
 
 async def raw(daemon: Daemon, method: str, path: str, body: Any = None) -> tuple[int, str]:
@@ -242,7 +228,7 @@ async def test_api_tenant_survives_a_restart(receiver: Receiver, start_daemon: S
     assert status == 201
     await daemon.ingest("acme", {"event": EVENT})
     await wait_for(lambda: receiver.sequences("/acme") == [1])
-    await wait_until(lambda: delivered_once(daemon, "acme"))
+    await wait_for(lambda: delivered_once(daemon, "acme"))
     await daemon.service.stop()
 
     again = await start_daemon(daemon.service.config.path)
@@ -445,7 +431,7 @@ async def test_delete_is_refused_while_webhooks_wait_unless_discard(
     path = tenants_dir(daemon) / "gone.toml"
     await daemon.ingest("gone", [{"event": EVENT} for _ in range(3)])
     await wait_for(lambda: receiver.sequences("/gone") == [1, 2, 3])
-    await wait_until(lambda: delivered_once(daemon, "gone"))  # the last 200 is recorded
+    await wait_for(lambda: delivered_once(daemon, "gone"))  # the last 200 is recorded
     status, _ = await daemon.request("POST", "/v1/tenants/gone/pause")
     assert status == 200
     await daemon.ingest("gone", [{"event": EVENT} for _ in range(2)])
@@ -490,7 +476,7 @@ async def test_tenant_created_again_after_a_restart_continues_its_sequences(
     assert status == 201
     await daemon.ingest("again", [{"event": EVENT} for _ in range(3)])
     await wait_for(lambda: receiver.sequences("/again") == [1, 2, 3])
-    await wait_until(lambda: delivered_once(daemon, "again"))  # the last 200 is recorded
+    await wait_for(lambda: delivered_once(daemon, "again"))  # the last 200 is recorded
     status, _ = await daemon.request("DELETE", "/v1/tenants/again")
     assert status == 200
     await daemon.service.stop()
@@ -677,7 +663,7 @@ async def test_signed_deliveries_pass_the_receiver_and_a_wrong_key_is_401(
         async def delivered(name: str = name) -> bool:
             return await delivered_once(daemon, name)
 
-        await wait_until(delivered, timeout=10)
+        await wait_for(delivered, timeout=10)
         status = await daemon.status(name)
         assert (status["queue"], status["recent_failures"]) == ("empty", []), status
 
