@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 
 from bench.harness import CpuMeter, Daemon, Pid, Receiver, scratch_dir
 from bench.profile import Sampler, format_summary, summarise
@@ -45,17 +46,36 @@ class Context:
 
     @contextlib.asynccontextmanager
     async def daemon(
-        self, name: str, tenants: dict[str, dict[str, Any]], **config: Any
+        self,
+        name: str,
+        tenants: dict[str, dict[str, Any]],
+        *,
+        env: dict[str, str] | None = None,
+        prepare: Callable[[Path], Awaitable[None]] | None = None,
+        expected: frozenset[str] = frozenset(),
+        **config: Any,
     ) -> AsyncIterator[Daemon]:
-        """A fresh daemon for one scenario; its warnings and errors go into the details."""
+        """A fresh daemon for one scenario; its warnings and errors go into the details.
+
+        `prepare(directory)` runs before the daemon starts (to build its database there);
+        `env` is added to the daemon's environment; log events named in `expected` (a
+        scenario's failing endpoints: `delivery_failed`) are counted, not shown as problems.
+        """
         await self.receiver.reset(self.client)
         with scratch_dir(name) as directory:
-            daemon = await asyncio.to_thread(Daemon, directory, tenants, **config)
+            if prepare is not None:
+                await prepare(directory)
+            daemon = await asyncio.to_thread(Daemon, directory, tenants, env, **config)
             try:
                 yield daemon
             finally:
                 problems = daemon.problems()
                 await asyncio.to_thread(daemon.stop)
+                counted = expected_events(problems, expected)
+                problems = [line for line in problems if log_event(line) not in expected]
+                if counted:
+                    self.say(f"  daemon logged, as expected: {counted}")
+                    self.report.details.setdefault(name, {})["daemon_log_expected"] = counted
                 if problems:
                     self.say(f"  ! daemon logged {len(problems)} warning/error line(s), e.g.:")
                     for line in problems[:3]:
@@ -80,6 +100,29 @@ class Context:
             summary = summarise(out)
             self.report.details.setdefault(name, {})["profile"] = summary
             self.say(format_summary(name, summary))
+
+
+def log_event(line: str) -> str | None:
+    """The `event` of one of the daemon's JSON log lines (None for anything else)."""
+    try:
+        parsed = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed.get("event") if isinstance(parsed, dict) else None
+
+
+def expected_events(lines: list[str], expected: frozenset[str]) -> dict[str, int]:
+    """How often each expected event was logged, by its error ("delivery_failed: HTTP 503"),
+    so that an unexpected kind of failure (a timeout, say) still stands out."""
+    counted: dict[str, int] = {}
+    if expected:
+        for line in lines:
+            if log_event(line) not in expected:
+                continue
+            parsed = orjson.loads(line)
+            key = f"{parsed['event']}: {parsed.get('error', '')}"
+            counted[key] = counted.get(key, 0) + 1
+    return counted
 
 
 async def mean_attempt_ms(client: aiohttp.ClientSession, daemon: Daemon) -> float:

@@ -82,11 +82,14 @@ class Pid:
 class Proc(Pid):
     """A child process whose output goes to a log file."""
 
-    def __init__(self, args: list[str], log_path: Path, what: str) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, what: str, env: dict[str, str] | None = None
+    ) -> None:
         self.what = what
         self.log_path = log_path
+        environment = {**os.environ, **env} if env else None
         with log_path.open("ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=ROOT)
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=ROOT, env=environment)
         super().__init__(self.proc.pid)
 
     def log(self) -> str:
@@ -177,9 +180,19 @@ class Receiver:
     def url(self, path: str) -> str:
         return self.base + path
 
-    async def stats(self, session: aiohttp.ClientSession, paths: bool = False) -> dict[str, Any]:
-        query = "?paths=1" if paths else ""
-        async with session.get(self.base + "/stats" + query) as response:
+    async def stats(
+        self,
+        session: aiohttp.ClientSession,
+        paths: bool = False,
+        *,
+        groups: bool = False,
+        latency: bool = True,
+    ) -> dict[str, Any]:
+        """GET /stats; `latency=False` skips sorting every latency sample (for polling)."""
+        query = {"paths": "1" if paths else "0", "groups": "1" if groups else "0"}
+        if not latency:
+            query["latency"] = "0"
+        async with session.get(self.base + "/stats", params=query) as response:
             response.raise_for_status()
             result: dict[str, Any] = await response.json()
             return result
@@ -188,13 +201,27 @@ class Receiver:
         async with session.post(self.base + "/reset") as response:
             response.raise_for_status()
 
+    async def behave(
+        self, session: aiohttp.ClientSession, *, fail_status: int, slow_s: float
+    ) -> None:
+        """What paths under /fail/ answer, and how late paths under /slow/ answer."""
+        body = {"fail_status": fail_status, "slow_s": slow_s}
+        async with session.post(self.base + "/behaviour", json=body) as response:
+            response.raise_for_status()
+
     async def wait_total(
-        self, session: aiohttp.ClientSession, total: int, timeout: float, interval: float = 0.1
+        self,
+        session: aiohttp.ClientSession,
+        total: int,
+        timeout: float,
+        interval: float = 0.1,
+        *,
+        latency: bool = True,
     ) -> dict[str, Any]:
         """Poll /stats until `total` webhooks arrived or `timeout` passed; the last stats."""
         deadline = time.monotonic() + timeout
         while True:
-            stats = await self.stats(session)
+            stats = await self.stats(session, latency=latency)
             if stats["total"] >= total or time.monotonic() > deadline:
                 return stats
             await asyncio.sleep(interval)
@@ -261,7 +288,13 @@ class Daemon:
     # webhookd starts, e.g. "import gc; gc.set_threshold(50000)". The daemon's code is unchanged.
     prelude: str | None = None
 
-    def __init__(self, directory: Path, tenants: dict[str, dict[str, Any]], **config: Any) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        tenants: dict[str, dict[str, Any]],
+        env: dict[str, str] | None = None,
+        **config: Any,
+    ) -> None:
         self.directory = directory
         self.port = free_port()
         self.config_path = write_config(directory, self.port, tenants, **config)
@@ -273,8 +306,8 @@ class Daemon:
                 f"{self.prelude}\nimport runpy, sys\nsys.argv[0] = 'webhookd'\n"
                 "runpy.run_module('webhookd', run_name='__main__', alter_sys=True)",
             ]
-        started = time.monotonic()
-        self.proc = Proc(command, directory / "daemon.log", "daemon")
+        self.started_at = started = time.monotonic()  # just before the process starts
+        self.proc = Proc(command, directory / "daemon.log", "daemon", env)
         wait_listening(self.port, self.proc.proc, "daemon", 120.0)
         self.startup_s = time.monotonic() - started
 

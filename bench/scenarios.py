@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from bench.backlog import backlog
 from bench.ceilings import ceilings
 from bench.context import Context
 from bench.delivery import drain_batched, e2e_batched, unbatched_many, unbatched_one
 from bench.ingest import ingest
 from bench.steady import idle, latency
+from bench.sustained import sustained
 
 Scenario = Callable[[Context], Awaitable[None]]
 
@@ -22,4 +24,6 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "unbatched1000": ("(b) unbatched drain, 1000 tenants", unbatched_many),
     "latency": ("(c) unbatched ingest→delivery latency at 500/s, 50 tenants", latency),
     "idle": ("(e) idle tenants", idle),
+    "backlog": ("large backlogs: 1,000,000 queued across 1,000 tenants", backlog),
+    "sustained": ("sustained load: 5,000 events/s for 60 s, 10 % failing, 5 % slow", sustained),
 }
