@@ -84,20 +84,25 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_QueueCollector(service))
-        self._ingest_children: dict[tuple[str, str], Counter] = {}
+        self._children: dict[tuple[object, ...], Counter] = {}
 
     def attempted(self, tenant: str, batch: list[Webhook], outcome: Outcome) -> None:
-        self.deliveries.labels(tenant, "success" if outcome.ok else "failure").inc()
+        outcome_label = "success" if outcome.ok else "failure"
+        self._child(self.deliveries, tenant, outcome_label).inc()
         if outcome.ok:
-            self.delivered.labels(tenant).inc(len(batch))
+            self._child(self.delivered, tenant).inc(len(batch))
         self.duration.observe(outcome.duration_ms / 1000)
 
     def ingested(self, tenant: str, status: str, count: int) -> None:
-        key = (tenant, status)
-        child = self._ingest_children.get(key)
-        if child is None:  # labels() validates and locks on every call: do it once
-            child = self._ingest_children[key] = self.ingest.labels(tenant, status)
-        child.inc(count)
+        self._child(self.ingest, tenant, status).inc(count)
+
+    def _child(self, metric: Counter, *labels: str) -> Counter:
+        """metric.labels(*labels), looked up once: labels() validates and locks every call."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

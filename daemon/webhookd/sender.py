@@ -131,6 +131,9 @@ class Sender:
             )
             session = aiohttp.ClientSession(
                 connector=connector,
+                # Each request runs under our own asyncio.timeout (the whole exchange, to the
+                # last body byte); aiohttp's default 300 s timer would be a second per request.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=None),
                 trust_env=False,
                 headers={"User-Agent": USER_AGENT},
                 auto_decompress=False,
