@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import gc
 import signal
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -97,17 +97,13 @@ class Service:
         from webhookd.api import create_app  # the API depends on the service, not back
 
         self.store.on_enqueued = self._enqueued
-        records = {r.name: r for r in await self.store.open()}
-        for name, tenant in self.config.tenants.items():
-            record = records.pop(name) if name in records else TenantRecord(name, TenantRow())
-            self._add_worker(record, tenant)
-        for name, record in records.items():  # in the database, no longer configured
+        self._dormant = {r.name: r for r in await self.store.open()}
+        self._switch_tenants(self.config.tenants)
+        for name, record in list(self._dormant.items()):
+            # In the database but no longer configured: with webhooks kept, it is shown
+            # (orphaned); otherwise it stays dormant until it comes back.
             if record.row.last_sequence > record.row.acked_sequence or record.parked:
-                self._add_worker(record, None)
-            else:
-                # No worker while it is gone, but its stored state (the sequence counter
-                # above all) is where it starts from if it comes back.
-                self._dormant[name] = record
+                self._add_worker(self._dormant.pop(name), None)
         app = create_app(self)
         # auto_decompress off: a compressed body is refused by the API with a JSON 415,
         # rather than by the HTTP parser in plain text (and no decompression bombs).
@@ -142,9 +138,33 @@ class Service:
         worker.start()
         return worker
 
-    def _stored_record(self, name: str) -> TenantRecord:
-        """A tenant (re)appearing without a worker: its state as stored, or a fresh one."""
-        return self._dormant.pop(name, None) or TenantRecord(name, TenantRow())
+    def _switch_tenants(self, tenants: Mapping[str, TenantConfig]) -> None:
+        """Make the workers match `tenants`; the one place tenants come and go.
+
+        Added tenants start from their stored state (sequence counter, backoff, paused),
+        removed ones stop with their queue kept (orphaned), changed ones apply from their
+        next attempt. Used at start, on reload and by the tenant API.
+        """
+        added, removed, changed = [], [], []
+        for name, tenant in tenants.items():
+            worker = self.workers.get(name)
+            if worker is None:
+                record = self._dormant.pop(name, None) or TenantRecord(name, TenantRow())
+                self._add_worker(record, tenant)
+                added.append(name)
+            elif worker.config != tenant:
+                worker.configure(tenant)
+                changed.append(name)
+        for name, worker in self.workers.items():
+            if name not in tenants and worker.config is not None:
+                worker.configure(None)
+                removed.append(name)
+        if self.started.is_set() and (added or removed or changed):
+            log.info("tenants_changed", added=added, removed=removed, changed=changed)
+
+    def _use_tenants(self, tenants: Mapping[str, TenantConfig]) -> None:
+        self.config = replace(self.config, tenants=dict(sorted(tenants.items())))
+        self._switch_tenants(self.config.tenants)
 
     def _enqueued(self, tenant: str, webhooks: list[Webhook]) -> None:
         worker = self.workers.get(tenant)
@@ -251,39 +271,19 @@ class Service:
         logs.configure(new.daemon.log_format, new.daemon.log_level)
         self.sender.set_allow_private(new.daemon.allow_private_endpoints)
         # Keys that need a restart keep their running values until then.
-        self.config = Config(
-            path=new.path,
-            daemon=_merge_daemon(old.daemon, new.daemon),
-            delivery=new.delivery,
-            catalogue=new.catalogue,
-            tenants=new.tenants,
-            warnings=new.warnings,
+        daemon = replace(
+            old.daemon,
+            log_level=new.daemon.log_level,
+            log_format=new.daemon.log_format,
+            allow_private_endpoints=new.daemon.allow_private_endpoints,
         )
-        added, removed, changed = [], [], []
-        for name, tenant in new.tenants.items():
-            worker = self.workers.get(name)
-            if worker is None:
-                self._add_worker(self._stored_record(name), tenant)
-                added.append(name)
-            elif worker.config != tenant:
-                worker.configure(tenant)
-                changed.append(name)
-        for name, worker in self.workers.items():
-            if name not in new.tenants and worker.config is not None:
-                worker.configure(None)
-                removed.append(name)
-        log.info("reloaded", added=added, removed=removed, changed=changed)
+        self.config = replace(new, daemon=daemon)
+        self._switch_tenants(new.tenants)
+        log.info("reloaded", tenants=len(new.tenants))
 
     def set_tenant(self, tenant: TenantConfig) -> None:
         """Apply one tenant's configuration live (the tenant API)."""
-        tenants = dict(self.config.tenants)
-        tenants[tenant.name] = tenant
-        self.config = _with_tenants(self.config, tenants)
-        worker = self.workers.get(tenant.name)
-        if worker is None:
-            self._add_worker(self._stored_record(tenant.name), tenant)
-        else:
-            worker.configure(tenant)
+        self._use_tenants({**self.config.tenants, tenant.name: tenant})
 
     async def put_tenant(self, name: str, raw: Any) -> tuple[bool, TenantConfig]:
         """Create or replace an API tenant: validate, write its file atomically, apply live.
@@ -339,12 +339,7 @@ class Service:
             return {"tenant": name, "deleted": True, "discarded": dropped}
 
     def remove_tenant(self, name: str) -> None:
-        tenants = dict(self.config.tenants)
-        tenants.pop(name, None)
-        self.config = _with_tenants(self.config, tenants)
-        worker = self.workers.get(name)
-        if worker is not None:
-            worker.configure(None)
+        self._use_tenants({n: t for n, t in self.config.tenants.items() if n != name})
 
     # -- ingest ------------------------------------------------------------------------------
 
@@ -508,30 +503,6 @@ def _keep_masked_secrets(raw: dict[str, Any], existing: TenantConfig) -> dict[st
     if raw.get("signing_secret") == "***" and existing.signing_secret:
         raw["signing_secret"] = existing.signing_secret.reveal()
     return raw
-
-
-def _with_tenants(config: Config, tenants: dict[str, TenantConfig]) -> Config:
-    return Config(
-        path=config.path,
-        daemon=config.daemon,
-        delivery=config.delivery,
-        catalogue=config.catalogue,
-        tenants=dict(sorted(tenants.items())),
-        warnings=config.warnings,
-    )
-
-
-def _merge_daemon(
-    running: config_mod.DaemonConfig, new: config_mod.DaemonConfig
-) -> config_mod.DaemonConfig:
-    from dataclasses import replace
-
-    return replace(
-        running,
-        log_level=new.log_level,
-        log_format=new.log_format,
-        allow_private_endpoints=new.allow_private_endpoints,
-    )
 
 
 def _address(address: Any) -> str:
