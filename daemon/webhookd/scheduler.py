@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
-from typing import Any, Protocol
+from typing import Protocol
 
 from webhookd import logs, policy
 from webhookd.config import TenantConfig
@@ -423,17 +423,3 @@ class TenantWorker:
         if self.task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-
-    def snapshot(self) -> dict[str, Any]:
-        """The in-memory state status needs (no I/O)."""
-        return {
-            "waiting": self.waiting,
-            "attempts": self.row.attempts,
-            "next_attempt_at": self.row.next_attempt_at if self.row.attempts else None,
-            "last_processed_at": self.row.last_processed_at,
-            "oldest_waiting_at": self.oldest_waiting_at,
-            "paused": self.row.paused,
-            "failures": list(self.failures),
-            "in_flight": self.in_flight,
-            "parked": self.parked,
-        }

@@ -28,22 +28,22 @@ def iso(when: float | None) -> str | None:
 def tenant(worker: TenantWorker, now: float) -> dict[str, Any]:
     """One tenant's status, every field of SPEC §6 (plus `in_flight` and `parked`)."""
     config = worker.config
-    state = worker.snapshot()
-    last = state["last_processed_at"]
+    row = worker.row
+    last = row.last_processed_at
     return {
         "tenant": worker.name,
         "enabled": config.enabled if config else False,
-        "paused": state["paused"],
+        "paused": row.paused,
         "batching": config.batching if config else False,
         "queue": worker.queue_state,
-        "waiting": state["waiting"],
-        "oldest_waiting_at": iso(state["oldest_waiting_at"]),
+        "waiting": worker.waiting,
+        "oldest_waiting_at": iso(worker.oldest_waiting_at),
         "last_processed_at": iso(last),
         "seconds_since_last_processed": None if last is None else round(now - last, 1),
-        "attempts": state["attempts"],
-        "next_attempt_at": iso(state["next_attempt_at"]),
+        "attempts": row.attempts,
+        "next_attempt_at": iso(row.next_attempt_at) if row.attempts else None,
         "in_flight": worker.in_flight is not None,
-        "parked": state["parked"],
+        "parked": worker.parked,
         "recent_failures": [
             {
                 "at": iso(f.at),
@@ -55,7 +55,7 @@ def tenant(worker: TenantWorker, now: float) -> dict[str, Any]:
                 "error": f.error,
                 "duration_ms": f.duration_ms,
             }
-            for f in state["failures"]
+            for f in worker.failures
         ],
     }
 
