@@ -48,7 +48,6 @@ from webhookd.store.writes import (
     Park,
     RecordFailure,
     Requeue,
-    SetAttempts,
     SetPaused,
     Tx,
     lookup_ids,
@@ -327,9 +326,6 @@ class Store:
     async def set_paused(self, tenant: str, paused: bool) -> None:
         await self._submit(SetPaused(tenant, paused))
 
-    async def set_attempts(self, tenant: str, attempts: int, next_attempt_at: float | None) -> None:
-        await self._submit(SetAttempts(tenant, attempts, next_attempt_at))
-
     async def park(self, tenant: str, sequence: int, at: float) -> Webhook | None:
         """Park the head webhook `sequence`; None when it is no longer the head."""
         parked: Webhook | None = await self._submit(Park(tenant, sequence, at))
@@ -369,12 +365,6 @@ class Store:
             {"tenant": tenant, "limit": limit},
         )
         return [ParkedWebhook(Webhook(*row[:5]), row[5]) for row in rows]
-
-    async def count_parked(self) -> dict[str, int]:
-        rows = await self._db.execute_fetchall(
-            "SELECT tenant, count(*) FROM parked GROUP BY tenant"
-        )
-        return {tenant: count for tenant, count in rows}
 
     async def ping(self) -> None:
         """Raise unless the database answers a query."""

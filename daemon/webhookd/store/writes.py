@@ -238,16 +238,6 @@ class SetPaused(_Control):
         tx.row(self.tenant).paused = self.paused
 
 
-class SetAttempts(_Control):
-    def __init__(self, tenant: str, attempts: int, next_attempt_at: float | None) -> None:
-        super().__init__(tenant)
-        self.attempts, self.next_attempt_at = attempts, next_attempt_at
-
-    def apply(self, tx: Tx) -> None:
-        row = tx.row(self.tenant)
-        row.attempts, row.next_attempt_at = self.attempts, self.next_attempt_at
-
-
 class Park(_Control):
     """Move the head webhook to `parked`; its sequence becomes a visible gap."""
 
