@@ -644,3 +644,38 @@ async def test_many_tenants_in_order_with_one_request_in_flight_each(
         assert [r.json["data"]["n"] for r in received] == list(range(20)), name
     assert set(most) == {f"/{name}" for name in names}
     assert max(most.values()) == 1, most
+
+
+async def test_max_connections_caps_requests_across_tenants_and_waiting_is_not_a_timeout(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    # SPEC §5: max_connections is "outgoing, all tenants together". Four tenants, two
+    # connections, each answer takes 0.3 s and the timeout is 0.5 s: the two that wait for
+    # a connection must not have that wait counted against their endpoint.
+    active = {"now": 0, "most": 0}
+
+    async def slow_ok(request: web.Request) -> web.Response:
+        active["now"] += 1
+        active["most"] = max(active["most"], active["now"])
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            active["now"] -= 1
+        return web.Response(text="ok")
+
+    names = [f"t{n}" for n in range(4)]
+    for name in names:
+        receiver.always(f"/{name}", slow_ok)
+    daemon = await start_daemon(
+        tenants={name: tenant(receiver.url(f"/{name}"), timeout=0.5) for name in names},
+        daemon={"max_connections": 2},
+    )
+    for name in names:
+        await daemon.ingest(name, {"event": "CHECK_COMPLETED"})
+    await wait_for(lambda: len(receiver.requests) == 4, timeout=5)
+    assert active["most"] == 2
+    assert all(r.status == 200 for r in receiver.requests)
+    workers = daemon.service.workers
+    await wait_for(lambda: all(workers[name].waiting == 0 for name in names), timeout=2)
+    for name in names:
+        assert (await daemon.status(name))["recent_failures"] == []

@@ -96,6 +96,8 @@ class Sender:
         if ca_file is not None:
             self._ssl.load_verify_locations(cafile=str(ca_file))
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        # max_connections is for all tenants together, across every source address's pool.
+        self._slots = asyncio.Semaphore(max_connections)
         self._closing: set[asyncio.Task[None]] = set()
 
     def set_allow_private(self, allow: bool) -> None:
@@ -169,27 +171,29 @@ class Sender:
             )
         seconds = tenant.delivery.batch_timeout if batched else tenant.delivery.timeout
         session = self._session(tenant.source_address or self.source_address)
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(seconds):
-                async with session.post(
-                    tenant.endpoint, data=body, headers=headers, allow_redirects=False
-                ) as response:
-                    while await response.content.read(READ_CHUNK):
-                        pass
-                    status = response.status
-                    location = response.headers.get("Location", "")
-                    retry_header = response.headers.get("Retry-After")
-        except TimeoutError:
-            return Outcome(False, None, f"timeout after {seconds:g} s", _since(started))
-        except aiohttp.ClientError as exc:
-            return Outcome(False, None, describe_error(exc), _since(started))
-        except OSError as exc:
-            return Outcome(False, None, describe_error(exc), _since(started))
-        except Exception as exc:
-            # Whatever the endpoint did, the attempt must end as an outcome to record.
-            log.exception("send_crashed", tenant=tenant.name)
-            return Outcome(False, None, f"unexpected error: {type(exc).__name__}", _since(started))
+        # A slot first, then the clock: waiting for a free connection (max_connections,
+        # shared by every pool) is the daemon's load, not the endpoint's slowness.
+        async with self._slots:
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(seconds):
+                    async with session.post(
+                        tenant.endpoint, data=body, headers=headers, allow_redirects=False
+                    ) as response:
+                        while await response.content.read(READ_CHUNK):
+                            pass
+                        status = response.status
+                        location = response.headers.get("Location", "")
+                        retry_header = response.headers.get("Retry-After")
+            except TimeoutError:
+                return Outcome(False, None, f"timeout after {seconds:g} s", _since(started))
+            except (aiohttp.ClientError, OSError) as exc:
+                return Outcome(False, None, describe_error(exc), _since(started))
+            except Exception as exc:
+                # Whatever the endpoint did, the attempt must end as an outcome to record.
+                log.exception("send_crashed", tenant=tenant.name)
+                error = f"unexpected error: {type(exc).__name__}"
+                return Outcome(False, None, error, _since(started))
         duration = _since(started)
         if policy.is_success(status, tenant.delivery.success_statuses):
             return Outcome(True, status, None, duration)
