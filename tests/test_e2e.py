@@ -483,7 +483,9 @@ async def test_second_sigterm_during_the_grace_exits_promptly(
 # -- 4. the command line -------------------------------------------------------------------------
 
 
-async def cli(*args: str) -> tuple[int, str, str]:
+async def cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -491,6 +493,8 @@ async def cli(*args: str) -> tuple[int, str, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=cwd,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
@@ -514,6 +518,38 @@ async def test_cli_send_queues_and_the_receiver_gets_it(
     assert (body["id"], body["sequence"]) == (printed[1], int(printed[2]))
     assert body["sequence"] == 1
     assert (body["event"], body["data"]) == (EVENT, {"k": 1})
+
+
+async def test_cli_finds_its_config_and_reads_data_from_a_file(
+    tmp_path: Path,
+    receiver: Receiver,
+    process_factory: ProcessFactory,
+) -> None:
+    # SPEC §5/§7: --config, else $WEBHOOKD_CONFIG, else ./config.toml; --data @FILE.
+    config = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    assert config.name == "config.toml"
+    daemon = process_factory(config)
+    await start(daemon)
+    data = tmp_path / "event.json"
+    data.write_text('{"from": "a file", "n": [1, 2]}')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    base = {k: v for k, v in os.environ.items() if k != "WEBHOOKD_CONFIG"}
+    send = ("send", "acme", EVENT, "--data", f"@{data}", "--id", "evt-9")
+
+    by_env = await cli(*send, env={**base, "WEBHOOKD_CONFIG": str(config)}, cwd=elsewhere)
+    assert by_env[:2] == (0, "queued: id evt-9 sequence 1\n"), by_env
+    by_cwd = await cli(*send, env=base, cwd=tmp_path)
+    assert by_cwd[:2] == (0, "duplicate: id evt-9 sequence 1\n"), by_cwd
+    missing = {**base, "WEBHOOKD_CONFIG": str(tmp_path / "nope.toml")}
+    by_flag = await cli(*send, "-c", str(config), env=missing, cwd=elsewhere)
+    assert by_flag[:2] == (0, "duplicate: id evt-9 sequence 1\n"), by_flag
+    no_config = await cli(*send, env=base, cwd=elsewhere)
+    assert no_config[0] == 1
+    assert "config.toml: file not found" in no_config[2]
+
+    await wait_for(lambda: receiver.at("/acme", ok_only=True))
+    assert [r.json["data"] for r in receiver.at("/acme")] == [{"from": "a file", "n": [1, 2]}]
 
 
 class ReceiverProcess:
