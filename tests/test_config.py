@@ -274,6 +274,33 @@ def test_secret_env(here: Path) -> None:
     assert tenant.secret_ref == SecretRef("secret_env", "ACME_SECRET")
 
 
+@pytest.mark.parametrize(
+    ("keys", "environ", "key"),
+    [
+        ({"secret": '"line\\nbreak"'}, {}, "secret"),
+        ({"secret": '"nul\\u0000"'}, {}, "secret"),
+        ({"secret": None, "secret_env": '"ACME_SECRET"'}, {"ACME_SECRET": "a\rb"}, "secret_env"),
+        ({"secret": None, "secret_file": '"acme.secret"'}, {}, "secret_file"),
+    ],
+    ids=["inline-newline", "inline-nul", "env-cr", "file-two-lines"],
+)
+def test_secret_with_a_control_character_is_refused_without_showing_it(
+    here: Path, keys: dict[str, str | None], environ: dict[str, str], key: str
+) -> None:
+    # The secret is sent as a header value: a line break would end the header early.
+    write(here / "acme.secret", "first\nsecond\n")
+    write(here / "config.toml", acme(**keys))
+    assert errors_of("config.toml", environ=environ) == [
+        f"config.toml: tenants.acme.{key}: contains a control character (a line break?); "
+        "not allowed"
+    ]
+
+
+def test_secret_may_hold_spaces_tabs_and_any_printable_text(here: Path) -> None:
+    write(here / "config.toml", acme(secret='"a b\\tc é ✓ \\"q\\""'))
+    assert load("config.toml", environ={}).tenants["acme"].secret.reveal() == 'a b\tc é ✓ "q"'
+
+
 def test_secret_env_defaults_to_the_process_environment(
     here: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -626,6 +626,18 @@ def _events(table: _Table, ctx: _Context, *, from_api: bool) -> tuple[str, ...]:
 
 
 def _secret(table: _Table, ctx: _Context) -> tuple[str, SecretRef]:
+    secret, ref = _secret_value(table, ctx)
+    if _CONTROL.search(secret):
+        # It travels in the Authorization header, where a line break would end the header.
+        table.error(ref.kind, "contains a control character (a line break?); not allowed")
+    return secret, ref
+
+
+# Characters no header value may hold (tab aside); the secret is sent as one.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _secret_value(table: _Table, ctx: _Context) -> tuple[str, SecretRef]:
     given = [k for k in ("secret", "secret_file", "secret_env") if table.has(k)]
     for key in ("secret", "secret_file", "secret_env"):
         table.seen.add(key)
