@@ -7,6 +7,7 @@ import base64
 import os
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -285,7 +286,7 @@ def test_secret_env(here: Path) -> None:
     ids=["inline-newline", "inline-nul", "env-cr", "file-two-lines"],
 )
 def test_secret_with_a_control_character_is_refused_without_showing_it(
-    here: Path, keys: dict[str, str | None], environ: dict[str, str], key: str
+    here: Path, keys: dict[str, Any], environ: dict[str, str], key: str
 ) -> None:
     # The secret is sent as a header value: a line break would end the header early.
     write(here / "acme.secret", "first\nsecond\n")
