@@ -13,7 +13,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -31,6 +32,9 @@ from tests.conftest import (
     write_config,
 )
 from webhookd import config as config_mod
+from webhookd.metrics import Metrics
+from webhookd.scheduler import Clock
+from webhookd.sender import Outcome
 
 EVENT = "CHECK_COMPLETED"
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -796,6 +800,35 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
 
 def value(text: str, name: str, **labels: str) -> float | None:
     return samples(text, name).get(tuple(sorted(labels.items())))
+
+
+@pytest.mark.parametrize(
+    ("durations_ms", "expected"),
+    [
+        # A duration exactly on a bound counts in that bucket (Prometheus "le").
+        ([4.0, 5.0, 10.0, 10.1, 999.0, 40_000.0], {"0.005": 2, "0.01": 3, "0.025": 4, "1.0": 5}),
+        ([], {"0.005": 0, "30.0": 0}),
+    ],
+)
+def test_duration_histogram_buckets_are_cumulative(
+    durations_ms: list[float], expected: dict[str, int]
+) -> None:
+    # A service with no tenants: only the counters and the histogram have samples.
+    service = SimpleNamespace(
+        store=SimpleNamespace(disk_full=False), clock=Clock(), visible_workers=list
+    )
+    metrics = Metrics(cast(Any, service))
+    for duration in durations_ms:
+        metrics.attempted("t", [], Outcome(True, 200, None, duration))
+    text = metrics.render().decode()
+    buckets = samples(text, "webhookd_delivery_duration_seconds_bucket")
+    for bound, count in expected.items():
+        assert buckets[(("le", bound),)] == count, (bound, buckets)
+    assert buckets[(("le", "+Inf"),)] == len(durations_ms)
+    assert value(text, "webhookd_delivery_duration_seconds_count") == len(durations_ms)
+    assert value(text, "webhookd_delivery_duration_seconds_sum") == pytest.approx(
+        sum(durations_ms) / 1000
+    )
 
 
 async def test_metrics_in_prometheus_format(receiver: Receiver, start_daemon: StartDaemon) -> None:
