@@ -312,7 +312,7 @@ class Connection(asyncio.Protocol):
         lines = head.split(b"\n")
         status_line = lines[0].rstrip(b"\r")
         version, _, rest = status_line.partition(b" ")
-        code = rest[:3]
+        code, _, _ = rest.partition(b" ")
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or not code.isdigit() or len(code) != 3:
             raise BadResponse("invalid status line")
         status = int(code)
