@@ -49,6 +49,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "frames); pip install py-spy",
     )
     parser.add_argument(
+        "--sustained-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="length of the sustained scenario's main phase (default 60; longer shows whether "
+        "memory has settled)",
+    )
+    parser.add_argument(
         "--quiet-wait",
         type=float,
         default=30.0,
@@ -154,6 +162,7 @@ async def run(args: argparse.Namespace) -> Report:
                 report=report,
                 results_dir=RESULTS,
                 profile=args.profile,
+                sustained_s=args.sustained_seconds,
             )
             started = time.monotonic()
             for name in args.chosen:

@@ -30,6 +30,7 @@ class Context:
     report: Report
     results_dir: Path
     profile: str | None = None  # py-spy mode: "wall", "gil" or "native"
+    sustained_s: float | None = None  # the sustained scenario's main phase, if not 60 s
     me: Pid = field(default_factory=lambda: Pid(os.getpid()))
 
     def size(self, full: Any, quick: Any) -> Any:

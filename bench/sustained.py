@@ -330,7 +330,7 @@ def check_delivery(
 
 async def sustained(ctx: Context) -> None:
     per_s = ctx.size(RATE_TARGET, 1000.0)
-    duration = ctx.size(60.0, 8.0)
+    duration = ctx.sustained_s or ctx.size(60.0, 8.0)
     control_s = ctx.size(15.0, 3.0)
     tenants = roles(1000)
     # Failing tenants keep retrying all through the run rather than backing off past it.
