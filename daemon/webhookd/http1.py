@@ -100,6 +100,7 @@ def parse_target(url: str) -> Target:
 class Response(NamedTuple):
     status: int
     headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
+    body: bytes = b""  # only with Client(keep_bodies=True)
 
 
 # -- one connection ------------------------------------------------------------------------------
@@ -110,12 +111,15 @@ _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_EOF, _DO
 class Connection(asyncio.Protocol):
     """One TCP (or TLS) connection carrying one exchange at a time.
 
-    The response is parsed as it arrives and its body thrown away: all a delivery needs is
-    the status, a few headers and the certainty that the answer was complete.
+    The response is parsed as it arrives and its body thrown away (unless asked): all a
+    delivery needs is the status, a few headers and the certainty that the answer was
+    complete.
     """
 
-    def __init__(self, key: PoolKey) -> None:
+    def __init__(self, key: PoolKey, keep_body: bool = False) -> None:
         self.key = key
+        self._keep_body = keep_body
+        self._body = bytearray()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -180,6 +184,7 @@ class Connection(asyncio.Protocol):
         self._state = _HEAD
         self._received = False
         self._buffer.clear()
+        self._body.clear()
         self._headers = {}
         if self.closed:
             waiter.set_exception(ClosedBeforeResponse())
@@ -221,7 +226,8 @@ class Connection(asyncio.Protocol):
     def _complete(self) -> None:
         self._state = _DONE
         if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(Response(self._status, self._headers))
+            body = bytes(self._body) if self._keep_body else b""
+            self._waiter.set_result(Response(self._status, self._headers, body))
 
     # -- parsing -----------------------------------------------------------------------------
 
@@ -284,6 +290,8 @@ class Connection(asyncio.Protocol):
         return True
 
     def _step_until_eof(self) -> bool:
+        if self._keep_body:
+            self._body += self._buffer
         self._buffer.clear()
         return False
 
@@ -291,8 +299,10 @@ class Connection(asyncio.Protocol):
         raise BadResponse("data after the response")
 
     def _skip(self) -> None:
-        """Throw away body bytes, up to what the framing still expects."""
+        """Take body bytes, up to what the framing still expects (kept only if asked)."""
         taken = min(len(self._buffer), self._remaining)
+        if self._keep_body:
+            self._body += self._buffer[:taken]
         del self._buffer[:taken]
         self._remaining -= taken
 
@@ -392,7 +402,12 @@ class Client:
     IDLE_S, so the pools never hold more than the busiest moment needed.
     """
 
-    def __init__(self, tls: ssl.SSLContext, check_address: AddressCheck) -> None:
+    def __init__(
+        self, tls: ssl.SSLContext, check_address: AddressCheck, *, keep_bodies: bool = False
+    ) -> None:
+        # Deliveries throw answers away; keep_bodies is for callers that read them (the
+        # benchmark's producer), with no size limit: use it only against a trusted server.
+        self._keep_bodies = keep_bodies
         self._tls = tls
         self._check_address = check_address
         self._idle: dict[PoolKey, deque[Connection]] = {}
@@ -493,7 +508,7 @@ class Client:
             await loop.sock_connect(sock, sockaddr)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _, connection = await loop.create_connection(
-                lambda: Connection(key),
+                lambda: Connection(key, self._keep_bodies),
                 sock=sock,
                 ssl=self._tls if key.tls else None,
                 server_hostname=key.host if key.tls else None,
