@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 import tomli_w
+import uvloop
 from aiohttp import web
 
 from webhookd import config as config_mod
@@ -112,6 +113,14 @@ class Receiver:
             Received(request.path, dict(request.headers), body, time.monotonic(), response.status)
         )
         return response
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """In-process tests run on uvloop, as `webhookd run` does: its transports differ from
+    asyncio's (they are not asyncio.Transport subclasses, and report errors their own way)."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture
