@@ -1,0 +1,839 @@
+"""The delivery HTTP/1.1 client (webhookd.http1) against real servers on 127.0.0.1.
+
+Most tests talk to a bare TCP server that writes exact bytes, so each framing rule, each
+malformed answer and each way a connection can end is produced on purpose and seen from
+both sides: what the client returned or raised, and which connections and requests the
+server saw. test_faults.py covers the same faults through the daemon; this file pins the
+client's own rules (parsing, pooling, the one retry, timeouts, the idle sweep).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from tests.conftest import Receiver, free_port, wait_for
+from webhookd import http1
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+OK_RESPONSE = http1.Response(200, {"content-length": "2"})
+# A peer reacts in milliseconds; this bounds every wait for one on a loaded 2-core machine.
+PROMPT = 2.0
+
+
+def allow_all(address: str) -> None:
+    return None
+
+
+def head(target: http1.Target, body: bytes) -> bytes:
+    """The request head, built as sender.py builds it."""
+    return (
+        f"POST {target.path} HTTP/1.1\r\nHost: {target.authority}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
+
+def sent(target: http1.Target, body: bytes = b"{}") -> bytes:
+    """The exact bytes a server receives for `post(client, target, body)`."""
+    return head(target, body) + body
+
+
+async def post(
+    client: http1.Client, target: http1.Target, body: bytes = b"{}", source_address: str = ""
+) -> http1.Response:
+    # Bounded, so a client that waits for bytes that never come fails instead of hanging.
+    async with asyncio.timeout(PROMPT):
+        return await client.post(target, head(target, body), body, source_address)
+
+
+# -- a raw TCP server ----------------------------------------------------------------------------
+
+
+class Peer:
+    """One accepted connection as the server sees it: the requests and how the client left."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.address: str = writer.get_extra_info("peername")[0]
+        self.requests: list[bytes] = []
+        self.end: str | None = None  # "eof" or "reset", once the client closed its side
+        self.hung_up = False  # the server closed its side
+
+    async def read_request(self) -> bool:
+        """Read one whole request into `requests`; False when the client closed instead."""
+        try:
+            request_head = await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            assert exc.partial == b"", exc.partial
+            self.end = "eof"
+            return False
+        except ConnectionResetError:
+            self.end = "reset"
+            return False
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in request_head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        self.requests.append(request_head + await self.reader.readexactly(length))
+        return True
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def trickle(self, data: bytes) -> None:
+        """Send one byte per write (the server sets TCP_NODELAY: one segment each)."""
+        for i in range(len(data)):
+            await self.send(data[i : i + 1])
+
+    async def until_closed(self) -> None:
+        """Wait for the client to close the connection; a byte sent instead fails the test."""
+        try:
+            rest = await self.reader.read()
+        except ConnectionResetError:
+            self.end = "reset"
+            return
+        assert rest == b"", rest
+        self.end = "eof"
+
+
+Script = Callable[[Peer], Awaitable[None]]
+
+
+class RawServer:
+    """Connection n runs scripts[n] (the last script for every later one); then it is closed."""
+
+    def __init__(self, scripts: tuple[Script, ...]) -> None:
+        self.scripts = scripts
+        self.peers: list[Peer] = []
+        self.errors: list[BaseException] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def target(self, path: str = "/") -> http1.Target:
+        return http1.parse_target(f"http://127.0.0.1:{self.port}{path}")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        peer = Peer(reader, writer)
+        self.peers.append(peer)
+        script = self.scripts[min(len(self.peers), len(self.scripts)) - 1]
+        try:
+            await script(peer)
+        except asyncio.CancelledError:
+            # Teardown cancels scripts still waiting. Ended quietly, because on Python 3.11
+            # asyncio.streams logs a cancelled connection handler as an unhandled error.
+            pass
+        except ConnectionError:
+            pass  # the client aborted while the script was still writing
+        except Exception as exc:
+            self.errors.append(exc)  # a failed assertion in a script; teardown reports it
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            peer.hung_up = True
+            self._tasks.discard(task)
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+
+StartServer = Callable[..., Awaitable[RawServer]]
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[StartServer]:
+    made: list[RawServer] = []
+
+    async def start(*scripts: Script) -> RawServer:
+        server = RawServer(scripts)
+        await server.start()
+        made.append(server)
+        return server
+
+    yield start
+    for server in made:
+        await server.close()
+    assert [server.errors for server in made] == [[] for _ in made]
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[http1.Client]:
+    http = http1.Client(ssl.create_default_context(), allow_all)
+    yield http
+    http.close()
+
+
+def keep_alive(*responses: bytes) -> Script:
+    """Answer each request with the next response (the last one repeats) until the client
+    closes the connection."""
+
+    async def script(peer: Peer) -> None:
+        answered = 0
+        while await peer.read_request():
+            await peer.send(responses[min(answered, len(responses) - 1)])
+            answered += 1
+
+    return script
+
+
+def answer_then_close(response: bytes) -> Script:
+    """Answer one request, then close the connection (the server's side first)."""
+
+    async def script(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(response)
+
+    return script
+
+
+async def silent(peer: Peer) -> None:
+    """Read the request, never answer, and wait for the client to go."""
+    await peer.read_request()
+    await peer.until_closed()
+
+
+# -- parse_target --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://example.com/x", http1.Target(False, "example.com", 80, "example.com", "/x")),
+        ("http://example.com:80/x", http1.Target(False, "example.com", 80, "example.com", "/x")),
+        ("https://example.com/x", http1.Target(True, "example.com", 443, "example.com", "/x")),
+        ("https://example.com:443/x", http1.Target(True, "example.com", 443, "example.com", "/x")),
+    ],
+)
+def test_parse_target_omits_a_default_port_from_the_authority(
+    url: str, expected: http1.Target
+) -> None:
+    assert http1.parse_target(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "tls", "port", "authority"),
+    [
+        ("http://example.com:8080/x", False, 8080, "example.com:8080"),
+        ("https://example.com:80/x", True, 80, "example.com:80"),
+        ("http://example.com:443/x", False, 443, "example.com:443"),
+    ],
+)
+def test_parse_target_keeps_an_explicit_port(
+    url: str, tls: bool, port: int, authority: str
+) -> None:
+    assert http1.parse_target(url) == http1.Target(tls, "example.com", port, authority, "/x")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://[::1]:8080/x", http1.Target(False, "::1", 8080, "[::1]:8080", "/x")),
+        ("https://[2001:db8::1]/x", http1.Target(True, "2001:db8::1", 443, "[2001:db8::1]", "/x")),
+    ],
+)
+def test_parse_target_brackets_an_ipv6_literal_in_the_authority_only(
+    url: str, expected: http1.Target
+) -> None:
+    assert http1.parse_target(url) == expected
+
+
+def test_parse_target_keeps_the_query_and_drops_the_fragment() -> None:
+    target = http1.parse_target("http://example.com/hooks?tenant=a&x=1#top")
+    assert target.path == "/hooks?tenant=a&x=1"
+
+
+@pytest.mark.parametrize("url", ["http://example.com", "http://example.com/"])
+def test_parse_target_sends_an_empty_path_as_slash(url: str) -> None:
+    assert http1.parse_target(url).path == "/"
+
+
+def test_parse_target_sends_a_query_without_a_path_after_slash() -> None:
+    assert http1.parse_target("http://example.com?a=1").path == "/?a=1"
+
+
+def test_parse_target_percent_encodes_spaces_and_non_ascii_in_path_and_query() -> None:
+    target = http1.parse_target("http://example.com/a b/ü?q=x y&n=é")
+    assert target.path == "/a%20b/%C3%BC?q=x%20y&n=%C3%A9"
+
+
+def test_parse_target_leaves_existing_percent_escapes_alone() -> None:
+    assert http1.parse_target("http://example.com/a%20b?q=%2F").path == "/a%20b?q=%2F"
+
+
+def test_parse_target_encodes_an_idna_host() -> None:
+    target = http1.parse_target("https://bücher.example:8443/x")
+    assert target == http1.Target(
+        True, "xn--bcher-kva.example", 8443, "xn--bcher-kva.example:8443", "/x"
+    )
+
+
+# -- framing -------------------------------------------------------------------------------------
+
+
+async def test_content_length_response_is_returned_and_its_connection_reused(
+    client: http1.Client, servers: StartServer
+) -> None:
+    response = (
+        b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\nX-Request-ID:  abc \r\n"
+        b"Retry-After: 1\r\nRetry-After: 7\r\n\r\nhello"
+    )
+    server = await servers(keep_alive(response))
+    first, second = server.target("/1"), server.target("/2")
+    expected = http1.Response(
+        201, {"content-length": "5", "x-request-id": "abc", "retry-after": "7"}
+    )
+    assert await post(client, first) == expected
+    assert await post(client, second, b'{"n":2}') == expected
+    assert len(server.peers) == 1
+    assert server.peers[0].requests == [sent(first), sent(second, b'{"n":2}')]
+
+
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunked\r\n\r\n"
+    b"5;name=value\r\nhello\r\n"
+    b"6\r\n world\r\n"
+    b'A;a=1;b="q"\r\n0123456789\r\n'
+    b"0\r\nX-Trailer: t\r\nX-Other: u\r\n\r\n"
+)
+CHUNKED_RESPONSE = http1.Response(200, {"transfer-encoding": "chunked", "x-kind": "chunked"})
+
+
+async def test_chunked_response_with_extensions_and_trailers_is_parsed_and_reused(
+    client: http1.Client, servers: StartServer
+) -> None:
+    server = await servers(keep_alive(CHUNKED))
+    first, second = server.target("/1"), server.target("/2")
+    # Trailers are read and ignored: they do not show among the headers.
+    assert await post(client, first) == CHUNKED_RESPONSE
+    assert await post(client, second) == CHUNKED_RESPONSE
+    assert len(server.peers) == 1
+    assert server.peers[0].requests == [sent(first), sent(second)]
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (OK, OK_RESPONSE),
+        (CHUNKED, CHUNKED_RESPONSE),
+        (b"HTTP/1.1 100 Continue\r\n\r\n" + OK, OK_RESPONSE),
+    ],
+    ids=["content-length", "chunked", "interim-then-final"],
+)
+async def test_a_response_written_one_byte_at_a_time_still_parses(
+    response: bytes, expected: http1.Response, client: http1.Client, servers: StartServer
+) -> None:
+    async def trickling(peer: Peer) -> None:
+        while await peer.read_request():
+            await peer.trickle(response)
+
+    server = await servers(trickling)
+    assert await post(client, server.target("/1")) == expected
+    assert await post(client, server.target("/2")) == expected
+    assert len(server.peers) == 1
+    assert server.peers[0].requests == [sent(server.target("/1")), sent(server.target("/2"))]
+
+
+async def test_bare_lf_line_endings_are_accepted(
+    client: http1.Client, servers: StartServer
+) -> None:
+    server = await servers(keep_alive(b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok"))
+    assert await post(client, server.target("/1")) == OK_RESPONSE
+    assert await post(client, server.target("/2")) == OK_RESPONSE
+    assert len(server.peers) == 1
+
+
+@pytest.mark.parametrize(
+    "status_line", [b"HTTP/1.0 200 OK", b"HTTP/1.1 200 OK"], ids=["http1.0", "http1.1"]
+)
+async def test_a_body_without_framing_ends_at_eof_and_its_connection_is_not_pooled(
+    status_line: bytes, client: http1.Client, servers: StartServer
+) -> None:
+    closing = asyncio.Event()
+
+    async def until_eof(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(status_line + b"\r\nX-A: b\r\n\r\nhello, and more")
+        await closing.wait()
+
+    server = await servers(until_eof, keep_alive(OK))
+    first, second = server.target("/1"), server.target("/2")
+    request = asyncio.create_task(post(client, first))
+    await wait_for(lambda: server.peers and server.peers[0].requests, PROMPT)
+    # Nothing to wait on here: the test is that the client keeps waiting, so give it a
+    # moment in which a client that stopped at the end of the bytes would have finished.
+    await asyncio.sleep(0.05)
+    assert not request.done()
+    closing.set()
+    assert await request == http1.Response(200, {"x-a": "b"})
+    assert await post(client, second) == OK_RESPONSE
+    assert len(server.peers) == 2
+    assert [peer.requests for peer in server.peers] == [[sent(first)], [sent(second)]]
+
+
+async def test_connection_close_response_is_not_pooled(
+    client: http1.Client, servers: StartServer
+) -> None:
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    # The server would keep the connection open: closing it is the client's doing.
+    server = await servers(keep_alive(closing))
+    first, second = server.target("/1"), server.target("/2")
+    assert await post(client, first) == http1.Response(
+        200, {"connection": "close", "content-length": "2"}
+    )
+    await wait_for(lambda: server.peers[0].end, PROMPT)
+    assert server.peers[0].end == "eof"
+    assert await post(client, second) == http1.Response(
+        200, {"connection": "close", "content-length": "2"}
+    )
+    assert len(server.peers) == 2
+    assert [peer.requests for peer in server.peers] == [[sent(first)], [sent(second)]]
+
+
+async def test_interim_responses_are_skipped_for_the_final_one(
+    client: http1.Client, servers: StartServer
+) -> None:
+    interim = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    )
+    final = b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\nX-Final: yes\r\n\r\nok"
+
+    async def interim_then_final(peer: Peer) -> None:
+        while await peer.read_request():
+            await peer.send(interim)
+            await peer.send(final)
+
+    server = await servers(interim_then_final)
+    expected = http1.Response(202, {"content-length": "2", "x-final": "yes"})
+    assert await post(client, server.target("/1")) == expected
+    assert await post(client, server.target("/2")) == expected
+    assert len(server.peers) == 1
+
+
+async def test_101_switching_protocols_is_a_bad_response(
+    client: http1.Client, servers: StartServer
+) -> None:
+    server = await servers(
+        answer_then_close(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+    )
+    with pytest.raises(http1.BadResponse) as caught:
+        await post(client, server.target())
+    assert str(caught.value) == "bad response: unexpected protocol switch (HTTP 101)"
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (b"HTTP/1.1 204 No Content\r\n\r\n", http1.Response(204, {})),
+        (
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 100\r\n\r\n",
+            http1.Response(304, {"content-length": "100"}),
+        ),
+    ],
+    ids=["204", "304-with-content-length"],
+)
+async def test_a_status_without_a_body_completes_without_waiting(
+    response: bytes, expected: http1.Response, client: http1.Client, servers: StartServer
+) -> None:
+    # The server keeps the connection open and sends nothing more: a client waiting for a
+    # body would hang until the timeout.
+    server = await servers(keep_alive(response))
+    async with asyncio.timeout(PROMPT):
+        assert await post(client, server.target("/1")) == expected
+        assert await post(client, server.target("/2")) == expected
+    assert len(server.peers) == 1
+
+
+# -- bad responses -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("response", "message"),
+    [
+        (b"FOO\r\n\r\n", "invalid status line"),
+        (b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n", "invalid status line"),
+        (b"HTTP/2 200\r\nContent-Length: 0\r\n\r\n", "invalid status line"),
+        (b"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n", "invalid header line"),
+        (b"HTTP/1.1 200 OK\r\n Folded: value\r\n\r\n", "invalid header line"),
+        (b"HTTP/1.1 200 OK\r\nBad Name: value\r\n\r\n", "invalid header line"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+            "invalid Content-Length",
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nok", "invalid Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nok", "invalid Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", "invalid Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "invalid chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\r\n", "invalid chunk size"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX\r\n",
+            "invalid chunk end",
+        ),
+    ],
+    ids=[
+        "garbage-status-line",
+        "four-digit-status",
+        "http2-version",
+        "header-without-colon",
+        "folded-header",
+        "space-in-header-name",
+        "two-content-lengths",
+        "non-numeric-content-length",
+        "negative-content-length",
+        "content-length-list",
+        "non-hex-chunk-size",
+        "empty-chunk-size",
+        "chunk-longer-than-its-size",
+    ],
+)
+async def test_a_malformed_response_is_a_bad_response_and_the_connection_dropped(
+    response: bytes, message: str, client: http1.Client, servers: StartServer
+) -> None:
+    async def malformed(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(response)
+        await peer.until_closed()
+
+    server = await servers(malformed)
+    with pytest.raises(http1.BadResponse) as caught:
+        await post(client, server.target())
+    assert str(caught.value) == f"bad response: {message}"
+    await wait_for(lambda: server.peers[0].end, PROMPT)
+    assert server.peers[0].end == "eof"
+
+
+def padded_head(size: int) -> bytes:
+    """A status line and `X-Pad` header lines, together at least `size` bytes, unterminated."""
+    pad = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    return b"HTTP/1.1 200 OK\r\n" + pad * (size // len(pad) + 1)
+
+
+async def test_a_head_that_never_ends_is_refused_past_max_head(
+    client: http1.Client, servers: StartServer
+) -> None:
+    async def endless_head(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(padded_head(4 * http1.MAX_HEAD))  # and never the blank line
+        await peer.until_closed()
+
+    server = await servers(endless_head)
+    with pytest.raises(http1.BadResponse) as caught:
+        await post(client, server.target())
+    assert str(caught.value) == "bad response: response headers too large"
+
+
+async def test_a_complete_head_larger_than_max_head_is_refused(
+    client: http1.Client, servers: StartServer
+) -> None:
+    below = padded_head(http1.MAX_HEAD - 2048)
+    assert len(below) < http1.MAX_HEAD
+    rest = b"X-Last: " + b"b" * 4096 + b"\r\nContent-Length: 0\r\n\r\n"
+    assert len(below) + len(rest) > http1.MAX_HEAD + 1024
+
+    async def oversized_head(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(below)
+        await peer.send(rest)  # the head ends here, past MAX_HEAD
+        await peer.until_closed()
+
+    server = await servers(oversized_head)
+    with pytest.raises(http1.BadResponse) as caught:
+        await post(client, server.target())
+    assert str(caught.value) == "bad response: response headers too large"
+
+
+async def test_bytes_on_an_idle_pooled_connection_keep_it_from_reuse(
+    client: http1.Client, servers: StartServer
+) -> None:
+    pooled = asyncio.Event()
+
+    async def answer_then_babble(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(OK)
+        await pooled.wait()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await peer.until_closed()
+
+    server = await servers(answer_then_babble, keep_alive(OK))
+    first, second = server.target("/1"), server.target("/2")
+    assert await post(client, first) == OK_RESPONSE
+    pooled.set()
+    await wait_for(lambda: server.peers[0].end, PROMPT)
+    assert server.peers[0].end == "eof"
+    assert await post(client, second) == OK_RESPONSE
+    assert len(server.peers) == 2
+    assert [peer.requests for peer in server.peers] == [[sent(first)], [sent(second)]]
+
+
+async def test_bytes_after_a_complete_response_keep_its_connection_from_reuse(
+    client: http1.Client, servers: StartServer
+) -> None:
+    server = await servers(keep_alive(OK + b"HTTP/1.1 200 OK\r\n"))
+    first, second = server.target("/1"), server.target("/2")
+    assert await post(client, first) == OK_RESPONSE
+    assert await post(client, second) == OK_RESPONSE
+    assert len(server.peers) == 2
+    assert [peer.requests for peer in server.peers] == [[sent(first)], [sent(second)]]
+
+
+# -- connections that end early ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "partial", [b"", b"HTTP/1.1 200 O", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"]
+)
+async def test_a_close_before_the_head_ends_is_closed_before_response(
+    partial: bytes, client: http1.Client, servers: StartServer
+) -> None:
+    server = await servers(answer_then_close(partial))
+    with pytest.raises(http1.ClosedBeforeResponse) as caught:
+        await post(client, server.target())
+    assert str(caught.value) == "connection closed before a response"
+    # A new connection is not retried: the server may have acted on the request.
+    assert len(server.peers) == 1
+    assert server.peers[0].requests == [sent(server.target())]
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n",
+    ],
+    ids=["content-length", "mid-chunk", "before-last-chunk", "before-trailers-end"],
+)
+async def test_a_close_mid_body_is_an_incomplete_body(
+    partial: bytes, client: http1.Client, servers: StartServer
+) -> None:
+    server = await servers(answer_then_close(partial))
+    with pytest.raises(http1.IncompleteBody) as caught:
+        await post(client, server.target())
+    assert str(caught.value) == "response body incomplete"
+    assert len(server.peers) == 1
+
+
+async def test_a_pooled_connection_closed_while_idle_is_replaced(
+    client: http1.Client, servers: StartServer
+) -> None:
+    idle = asyncio.Event()
+
+    async def answer_then_close_when_idle(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(OK)
+        await idle.wait()
+
+    server = await servers(answer_then_close_when_idle, keep_alive(OK))
+    first, second = server.target("/1"), server.target("/2")
+    assert await post(client, first) == OK_RESPONSE
+    idle.set()
+    await wait_for(lambda: server.peers[0].hung_up, PROMPT)
+    assert await post(client, second) == OK_RESPONSE
+    assert len(server.peers) == 2
+    assert [peer.requests for peer in server.peers] == [[sent(first)], [sent(second)]]
+
+
+async def test_a_request_the_server_dropped_unanswered_on_a_pooled_connection_is_resent(
+    client: http1.Client, servers: StartServer
+) -> None:
+    # The idle-close race as the client meets it: the request went out on the pooled
+    # connection just as the server closed it, and not one byte came back.
+    async def answer_then_drop(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(OK)
+        await peer.read_request()
+
+    server = await servers(answer_then_drop, keep_alive(OK))
+    first, second = server.target("/1"), server.target("/2")
+    assert await post(client, first) == OK_RESPONSE
+    assert await post(client, second) == OK_RESPONSE
+    assert len(server.peers) == 2
+    assert [peer.requests for peer in server.peers] == [
+        [sent(first), sent(second)],
+        [sent(second)],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("partial", "error"),
+    [
+        (b"HTTP/1.1 200 O", http1.ClosedBeforeResponse),
+        (b"HTTP/1.1 100 Continue\r\n\r\n", http1.ClosedBeforeResponse),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", http1.IncompleteBody),
+    ],
+    ids=["partial-status-line", "interim-only", "partial-body"],
+)
+async def test_a_partial_answer_on_a_pooled_connection_is_not_resent(
+    partial: bytes, error: type[http1.HTTPError], client: http1.Client, servers: StartServer
+) -> None:
+    async def answer_then_break(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(OK)
+        await peer.read_request()
+        await peer.send(partial)
+
+    server = await servers(answer_then_break, keep_alive(OK))
+    first, second = server.target("/1"), server.target("/2")
+    assert await post(client, first) == OK_RESPONSE
+    with pytest.raises(error):
+        await post(client, second)
+    assert len(server.peers) == 1
+    assert server.peers[0].requests == [sent(first), sent(second)]
+
+
+# -- timeouts and the idle sweep -----------------------------------------------------------------
+
+
+async def test_a_request_cut_by_a_timeout_aborts_its_connection(
+    client: http1.Client, servers: StartServer
+) -> None:
+    server = await servers(silent, keep_alive(OK))
+    first, second = server.target("/1"), server.target("/2")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await post(client, first)
+    await wait_for(lambda: server.peers[0].end, PROMPT)
+    assert server.peers[0].end == "eof"
+    assert await post(client, second) == OK_RESPONSE
+    assert len(server.peers) == 2
+    assert [peer.requests for peer in server.peers] == [[sent(first)], [sent(second)]]
+
+
+async def test_an_idle_pooled_connection_is_closed_by_the_sweep(
+    client: http1.Client, servers: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http1, "IDLE_S", 0.2)
+    monkeypatch.setattr(http1, "SWEEP_S", 0.1)
+    server = await servers(keep_alive(OK))
+    first, second = server.target("/1"), server.target("/2")
+    started = time.monotonic()
+    assert await post(client, first) == OK_RESPONSE
+    await wait_for(lambda: server.peers[0].end, PROMPT)
+    assert server.peers[0].end == "eof"
+    # Not before IDLE_S (less uvloop's clock, which counts whole milliseconds).
+    assert time.monotonic() - started >= 0.2 - 0.005
+    assert await post(client, second) == OK_RESPONSE
+    assert len(server.peers) == 2
+    assert [peer.requests for peer in server.peers] == [[sent(first)], [sent(second)]]
+
+
+async def test_a_connection_idle_longer_than_idle_s_is_not_reused_before_the_sweep(
+    client: http1.Client, servers: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # http1: "An idle pooled connection older than [IDLE_S] is closed rather than reused".
+    # The sweep runs only every SWEEP_S, so between two sweeps the pool itself must not hand
+    # out a connection that has passed IDLE_S.
+    monkeypatch.setattr(http1, "IDLE_S", 0.05)
+    monkeypatch.setattr(http1, "SWEEP_S", 60.0)
+    server = await servers(keep_alive(OK))
+    first, second = server.target("/1"), server.target("/2")
+    assert await post(client, first) == OK_RESPONSE
+    await asyncio.sleep(0.1)  # the idle time itself is what is under test
+    assert await post(client, second) == OK_RESPONSE
+    assert len(server.peers) == 2
+    assert [peer.requests for peer in server.peers] == [[sent(first)], [sent(second)]]
+
+
+# -- connecting ----------------------------------------------------------------------------------
+
+
+async def test_a_refused_address_is_never_connected_to(
+    client: http1.Client, servers: StartServer
+) -> None:
+    refusal = PermissionError(errno.EACCES, "blocked: 127.0.0.1")
+    checked: list[str] = []
+
+    def refuse(address: str) -> None:
+        checked.append(address)
+        raise refusal
+
+    server = await servers(keep_alive(OK))
+    guarded = http1.Client(ssl.create_default_context(), refuse)
+    try:
+        with pytest.raises(http1.ConnectError) as caught:
+            await post(guarded, server.target("/refused"))
+    finally:
+        guarded.close()
+    assert caught.value.cause is refusal
+    assert str(caught.value) == "[Errno 13] blocked: 127.0.0.1"
+    assert checked == ["127.0.0.1"]
+    # A connection the guarded client had made would be accepted before this one.
+    assert await post(client, server.target("/allowed")) == OK_RESPONSE
+    assert len(server.peers) == 1
+    assert server.peers[0].requests == [sent(server.target("/allowed"))]
+
+
+async def test_a_port_nobody_listens_on_is_a_connect_error(client: http1.Client) -> None:
+    target = http1.parse_target(f"http://127.0.0.1:{free_port()}/")
+    with pytest.raises(http1.ConnectError) as caught:
+        await post(client, target)
+    assert isinstance(caught.value.cause, ConnectionRefusedError)
+    assert caught.value.cause.errno == errno.ECONNREFUSED
+
+
+async def test_drop_idle_closes_pooled_connections(
+    client: http1.Client, servers: StartServer
+) -> None:
+    server = await servers(keep_alive(OK))
+    first, second = server.target("/1"), server.target("/2")
+    assert await post(client, first) == OK_RESPONSE
+    client.drop_idle()
+    await wait_for(lambda: server.peers[0].end, PROMPT)
+    assert server.peers[0].end == "eof"
+    assert await post(client, second) == OK_RESPONSE
+    assert len(server.peers) == 2
+    assert [peer.requests for peer in server.peers] == [[sent(first)], [sent(second)]]
+
+
+async def test_source_address_binds_the_local_address_and_has_its_own_pool(
+    client: http1.Client, servers: StartServer
+) -> None:
+    # 127.0.0.2 rather than 127.0.0.1: any connection to 127.0.0.1 comes from 127.0.0.1 when
+    # nothing is bound, so only another loopback address shows that the bind happened.
+    server = await servers(keep_alive(OK))
+    first, second, third = server.target("/1"), server.target("/2"), server.target("/3")
+    assert await post(client, first) == OK_RESPONSE
+    assert await post(client, second, source_address="127.0.0.2") == OK_RESPONSE
+    assert await post(client, third, source_address="127.0.0.2") == OK_RESPONSE
+    assert [peer.address for peer in server.peers] == ["127.0.0.1", "127.0.0.2"]
+    assert [peer.requests for peer in server.peers] == [
+        [sent(first)],
+        [sent(second), sent(third)],
+    ]
+
+
+async def test_a_large_request_body_arrives_intact(
+    client: http1.Client, receiver: Receiver
+) -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB
+    target = http1.parse_target(receiver.url("/large"))
+    response = await post(client, target, body)
+    assert response.status == 200
+    assert response.headers["content-length"] == "2"
+    assert len(receiver.requests) == 1
+    assert receiver.requests[0].headers["Content-Length"] == str(1 << 20)
+    assert receiver.requests[0].body == body
