@@ -837,3 +837,27 @@ async def test_a_large_request_body_arrives_intact(
     assert len(receiver.requests) == 1
     assert receiver.requests[0].headers["Content-Length"] == str(1 << 20)
     assert receiver.requests[0].body == body
+
+
+@pytest.mark.parametrize(
+    ("response", "body"),
+    [
+        (b'HTTP/1.1 202 Accepted\r\nContent-Length: 11\r\n\r\n{"a": [1]}\n', b'{"a": [1]}\n'),
+        (CHUNKED, b"hello world0123456789"),
+        (b"HTTP/1.0 200 OK\r\n\r\nuntil the end", b"until the end"),
+    ],
+    ids=["content-length", "chunked", "until-eof"],
+)
+async def test_keep_bodies_returns_the_body_and_deliveries_do_not_keep_it(
+    response: bytes, body: bytes, client: http1.Client, servers: StartServer
+) -> None:
+    keeping = http1.Client(ssl.create_default_context(), allow_all, keep_bodies=True)
+    try:
+        server = await servers(answer_then_close(response))
+        kept = await post(keeping, server.target("/1"))
+        thrown = await post(client, server.target("/2"))
+    finally:
+        keeping.close()
+    assert kept.body == body
+    assert thrown.body == b""
+    assert (kept.status, kept.headers) == (thrown.status, thrown.headers)

@@ -239,9 +239,10 @@ class Connection(asyncio.Protocol):
     def _step_head(self) -> bool:
         buffer = self._buffer
         found = _HEAD_END.search(buffer)
+        # However TCP split it: a head too large when complete is refused as one still open.
+        if (found.start() if found else len(buffer)) > MAX_HEAD:
+            raise BadResponse("response headers too large")
         if found is None:
-            if len(buffer) > MAX_HEAD:
-                raise BadResponse("response headers too large")
             return False
         head = bytes(buffer[: found.start()])
         del buffer[: found.end()]
@@ -448,9 +449,13 @@ class Client:
 
     def _pooled(self, key: PoolKey) -> Connection | None:
         idle = self._idle.get(key)
+        if not idle:
+            return None
+        # The sweep runs every SWEEP_S: between sweeps, the age is checked here.
+        fresh_since = asyncio.get_running_loop().time() - IDLE_S
         while idle:
             connection = idle.pop()  # the most recently used: least likely to be stale
-            if connection.reusable:
+            if connection.reusable and connection.idle_since >= fresh_since:
                 return connection
             connection.close()
         return None
