@@ -1,6 +1,6 @@
 """(d) Ceilings on this machine, measured in the same run as the figures they divide.
 
-The receiver under a bare aiohttp client (the daemon's sender is an aiohttp client too), and
+The receiver under a bare webhookd.http1 client (the client the daemon's sender uses), and
 SQLite under a bare sqlite3 loop with the store's pragmas and row shape.
 """
 
@@ -45,7 +45,6 @@ async def ceilings(ctx: Context) -> None:
         urls = [ctx.receiver.url(f"/ceiling/c{i}") for i in range(64)]
         meter = ctx.cpu()
         result = await load.closed_loop(
-            ctx.client,
             urls,
             delivery_like_body(count),
             items_per_request=count,
@@ -59,7 +58,7 @@ async def ceilings(ctx: Context) -> None:
         ctx.report.details[key] = {"errors": result.errors, "cpu_percent": cpu}
         ctx.say(
             f"  {label}: {result.items_per_s:,.0f} {unit} "
-            f"(64 connections, bare aiohttp client; cpu {cpu})"
+            f"(64 connections, bare http1 client; cpu {cpu})"
         )
     meter = ctx.cpu()
     with scratch_dir("sqlite") as directory:

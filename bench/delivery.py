@@ -23,7 +23,6 @@ async def preload(
     assert per_tenant % per_request == 0
     urls = [daemon.ingest_url(n) for n in names]
     return await load.closed_loop(
-        ctx.client,
         urls,
         load.array_body(per_request),
         items_per_request=per_request,
@@ -194,7 +193,6 @@ async def e2e_batched(ctx: Context) -> None:
             started = time.time()
             warm_sample = asyncio.create_task(sample_after_warmup())
             loaded = await load.closed_loop(
-                ctx.client,
                 urls,
                 load.array_body(100),
                 items_per_request=100,

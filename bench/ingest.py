@@ -41,7 +41,6 @@ async def ingest(ctx: Context) -> None:
             meter = ctx.cpu(daemon)
             async with ctx.sampled(key, daemon):
                 result = await load.closed_loop(
-                    ctx.client,
                     urls,
                     body,
                     items_per_request=per_request,

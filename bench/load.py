@@ -1,13 +1,15 @@
 """The producer side: closed-loop HTTP load (N clients as fast as answers come) and paced load.
 
-Bodies are encoded once up front where the content does not vary, so the producer spends
-its share of the two cores on requests, not on JSON.
+Bodies are encoded once up front where the content does not vary, and requests go through
+webhookd's own HTTP client (webhookd.http1, half the CPU of aiohttp's per request), so the
+producer spends as little as it can of the two cores the daemon shares with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,8 +19,10 @@ import aiohttp
 import orjson
 
 from bench.harness import EVENT
+from webhookd import http1
 
 JSON = {"Content-Type": "application/json"}
+TIMEOUT_S = 60.0  # per request
 
 
 def session(connections: int) -> aiohttp.ClientSession:
@@ -61,8 +65,20 @@ class LoadResult:
         return self.requests / self.elapsed if self.elapsed else 0.0
 
 
+def lean_client(*, keep_bodies: bool = False) -> http1.Client:
+    """A client for loopback load: no address check."""
+    return http1.Client(ssl.create_default_context(), lambda address: None, keep_bodies=keep_bodies)
+
+
+def request_head(target: http1.Target, length: int, headers: dict[str, str]) -> bytes:
+    lines = "".join(f"{name}: {value}\r\n" for name, value in {**JSON, **headers}.items())
+    return (
+        f"POST {target.path} HTTP/1.1\r\nHost: {target.authority}\r\n{lines}"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
 async def closed_loop(
-    client: aiohttp.ClientSession,
     urls: Sequence[str],
     body: bytes,
     *,
@@ -79,7 +95,9 @@ async def closed_loop(
     """
     result = LoadResult()
     counter = itertools.count()
-    send_headers = {**JSON, **(headers or {})}
+    targets = [http1.parse_target(url) for url in urls]
+    heads = [request_head(target, len(body), headers or {}) for target in targets]
+    client = lean_client()
     started = time.perf_counter()
     deadline = started + duration if duration is not None else float("inf")
 
@@ -90,12 +108,12 @@ async def closed_loop(
                 return
             if time.perf_counter() >= deadline:
                 return
-            url = urls[index % len(urls)]
+            which = index % len(urls)
             try:
-                async with client.post(url, data=body, headers=send_headers) as response:
-                    await response.read()
-                    status = response.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                async with asyncio.timeout(TIMEOUT_S):
+                    response = await client.post(targets[which], heads[which], body)
+                status = response.status
+            except (http1.HTTPError, OSError, TimeoutError) as exc:
                 status, reason = 0, f"{type(exc).__name__}: {exc}"
             else:
                 reason = f"HTTP {status}"
@@ -107,7 +125,10 @@ async def closed_loop(
                 if len(result.error_samples) < 5:
                     result.error_samples.append(reason)
 
-    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    try:
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    finally:
+        client.close()
     result.elapsed = time.perf_counter() - started
     return result
 
@@ -122,7 +143,6 @@ class PacedResult:
 
 
 async def paced(
-    client: aiohttp.ClientSession,
     url_for: Callable[[int], str],
     *,
     rate: float,
@@ -137,16 +157,18 @@ async def paced(
     errors = 0
     behind_max = 0.0
     tasks: set[asyncio.Task[None]] = set()
+    client = lean_client()
 
     async def one(k: int) -> None:
         nonlocal errors
         sent = time.time()
         body = orjson.dumps({"event": EVENT, "data": {"t": sent, "k": k}})
+        target = http1.parse_target(url_for(k))
         try:
-            async with client.post(url_for(k), data=body, headers=JSON) as response:
-                await response.read()
-                ok = response.status == 202
-        except (aiohttp.ClientError, TimeoutError):
+            async with asyncio.timeout(TIMEOUT_S):
+                response = await client.post(target, request_head(target, len(body), {}), body)
+            ok = response.status == 202
+        except (http1.HTTPError, OSError, TimeoutError):
             ok = False
         if ok:
             round_trips.append(time.time() - sent)
@@ -166,4 +188,5 @@ async def paced(
         task.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.gather(*tasks)
+    client.close()
     return PacedResult(total, errors, time.perf_counter() - started, round_trips, behind_max)

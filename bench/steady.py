@@ -20,9 +20,7 @@ async def latency(ctx: Context) -> None:
         urls = [daemon.ingest_url(n) for n in names]
         meter = ctx.cpu(daemon)
         async with ctx.sampled("latency", daemon):
-            sent = await load.paced(
-                ctx.client, lambda k: urls[k % len(urls)], rate=per_s, duration=duration
-            )
+            sent = await load.paced(lambda k: urls[k % len(urls)], rate=per_s, duration=duration)
         stats = await ctx.receiver.wait_total(ctx.client, sent.sent - sent.errors, 15.0)
         cpu = meter.stop()
         rss = daemon.proc.rss_bytes()

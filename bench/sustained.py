@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from bench import load
 from bench.context import MS, Context, per_item_us, rate
 from bench.harness import EVENT, Daemon, tenant_names, tenant_tables
 from bench.receiver import DEFAULT_FAIL_STATUS, DEFAULT_SLOW_S, percentiles
@@ -39,7 +39,6 @@ from webhookd import http1
 MIB = 2**20
 RATE_TARGET = 5000.0  # events/s
 CLIENTS = 128  # concurrent producer connections
-SEND_TIMEOUT_S = 60.0
 LATE_S = 0.1  # a request leaving later than this after its due time is late
 BATCH_WINDOW = 1.0
 RSS_EVERY_S = 5.0
@@ -110,9 +109,7 @@ class Producer:
     def __init__(self, daemon: Daemon, tenants: list[Tenant]):
         # webhookd's own delivery client: half the CPU of aiohttp's per request, which
         # leaves the shared cores to the daemon (the producer is not what is measured).
-        self.client = http1.Client(
-            ssl.create_default_context(), lambda address: None, keep_bodies=True
-        )
+        self.client = load.lean_client(keep_bodies=True)
         self.targets = [http1.parse_target(daemon.ingest_url(t.name)) for t in tenants]
         self.names = [t.name for t in tenants]
         self.rng = random.Random(20261125)
@@ -168,12 +165,9 @@ class Producer:
         else:
             body = orjson.dumps([{"event": EVENT, "data": data}] * count)
         target = self.targets[index]
-        head = (
-            f"POST {target.path} HTTP/1.1\r\nHost: {target.authority}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode()
+        head = load.request_head(target, len(body), {})
         try:
-            async with asyncio.timeout(SEND_TIMEOUT_S):
+            async with asyncio.timeout(load.TIMEOUT_S):
                 response = await self.client.post(target, head, body)
             answer, status = response.body, response.status
         except (http1.HTTPError, OSError, TimeoutError) as exc:
