@@ -380,7 +380,8 @@ async def test_hang_past_the_timeout_is_a_timeout(
     assert errors(status) == {"timeout after 0.3 s"}, status
     for failure in status["recent_failures"]:
         assert failure["status"] is None
-        assert 300 <= failure["duration_ms"] < 1500, failure
+        # uvloop's timers count whole milliseconds: one may fire up to 1 ms early.
+        assert 299 <= failure["duration_ms"] < 1500, failure
     # The endpoint saw attempt n+1 one timeout plus the backoff after attempt n.
     assert_arrivals_spaced(arrivals, lambda n: 0.3 + backoff(n))
 

@@ -795,15 +795,40 @@ async def test_a_port_nobody_listens_on_is_a_connect_error(client: http1.Client)
     assert caught.value.cause.errno == errno.ECONNREFUSED
 
 
-async def test_drop_idle_closes_pooled_connections(
+async def test_drop_pooled_closes_idle_connections(
     client: http1.Client, servers: StartServer
 ) -> None:
     server = await servers(keep_alive(OK))
     first, second = server.target("/1"), server.target("/2")
     assert await post(client, first) == OK_RESPONSE
-    client.drop_idle()
+    client.drop_pooled()
     await wait_for(lambda: server.peers[0].end, PROMPT)
     assert server.peers[0].end == "eof"
+    assert await post(client, second) == OK_RESPONSE
+    assert len(server.peers) == 2
+    assert [peer.requests for peer in server.peers] == [[sent(first)], [sent(second)]]
+
+
+async def test_drop_pooled_keeps_a_connection_in_mid_exchange_from_the_pool(
+    client: http1.Client, servers: StartServer
+) -> None:
+    answer = asyncio.Event()
+
+    async def slow_then_keep_alive(peer: Peer) -> None:
+        await peer.read_request()
+        await answer.wait()
+        await peer.send(OK)
+        while await peer.read_request():
+            await peer.send(OK)
+
+    server = await servers(slow_then_keep_alive)
+    first, second = server.target("/1"), server.target("/2")
+    request = asyncio.create_task(post(client, first))
+    await wait_for(lambda: server.peers and server.peers[0].requests, PROMPT)
+    client.drop_pooled()  # e.g. allow_private_endpoints turned off by a reload
+    answer.set()
+    assert await request == OK_RESPONSE
+    await wait_for(lambda: server.peers[0].end, PROMPT)
     assert await post(client, second) == OK_RESPONSE
     assert len(server.peers) == 2
     assert [peer.requests for peer in server.peers] == [[sent(first)], [sent(second)]]

@@ -117,8 +117,9 @@ class Connection(asyncio.Protocol):
     complete.
     """
 
-    def __init__(self, key: PoolKey, keep_body: bool = False) -> None:
+    def __init__(self, key: PoolKey, generation: int = 0, keep_body: bool = False) -> None:
         self.key = key
+        self.generation = generation
         self._keep_body = keep_body
         self._body = bytearray()
         self.transport: asyncio.Transport | None = None
@@ -414,7 +415,8 @@ class Client:
         self._check_address = check_address
         self._idle: dict[PoolKey, deque[Connection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
-        self._closed = False
+        # Bumped by drop_pooled: a connection from an older generation is never pooled again.
+        self._generation = 0
 
     async def post(
         self, target: Target, head: bytes, body: bytes, source_address: str = ""
@@ -442,7 +444,7 @@ class Client:
         except BaseException:
             connection.abort()  # mid-exchange (timeout, cancel, error): never reused
             raise
-        if connection.reusable and not self._closed:
+        if connection.reusable and connection.generation == self._generation:
             self._release(connection)
         else:
             connection.close()
@@ -514,7 +516,7 @@ class Client:
             await loop.sock_connect(sock, sockaddr)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _, connection = await loop.create_connection(
-                lambda: Connection(key, self._keep_bodies),
+                lambda: Connection(key, self._generation, self._keep_bodies),
                 sock=sock,
                 ssl=self._tls if key.tls else None,
                 server_hostname=key.host if key.tls else None,
@@ -524,16 +526,17 @@ class Client:
             raise
         return connection
 
-    def drop_idle(self) -> None:
-        """Close every pooled connection (the next request of each target connects anew)."""
+    def drop_pooled(self) -> None:
+        """From now on, no connection made before this call carries another request: idle
+        ones are closed here, those in the middle of an exchange when it ends."""
+        self._generation += 1
         idle, self._idle = self._idle, {}
         for connections in idle.values():
             for connection in connections:
                 connection.close()
 
     def close(self) -> None:
-        self._closed = True
-        self.drop_idle()
+        self.drop_pooled()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

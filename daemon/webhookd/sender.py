@@ -100,7 +100,7 @@ class Sender:
         tightened = self.allow_private and not allow
         self.allow_private = allow
         if tightened:
-            self._client.drop_idle()
+            self._client.drop_pooled()
 
     def _check_address(self, address: str) -> None:
         if not self.allow_private and is_blocked(address):
