@@ -127,6 +127,7 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._waiter: asyncio.Future[Response] | None = None
         self._buffer = bytearray()
+        self._scanned = 0  # bytes at the buffer's start already searched for a line's end
         self._state = _DONE
         self._remaining = 0
         self._received = False  # any byte of the current response
@@ -186,6 +187,7 @@ class Connection(asyncio.Protocol):
         self._state = _HEAD
         self._received = False
         self._buffer.clear()
+        self._scanned = 0
         self._body.clear()
         self._headers = {}
         if self.closed:
@@ -240,12 +242,16 @@ class Connection(asyncio.Protocol):
 
     def _step_head(self) -> bool:
         buffer = self._buffer
-        found = _HEAD_END.search(buffer)
+        # Search only what is new (less the 3 bytes an end may straddle): a head sent a byte
+        # at a time must not be rescanned from its start on every byte.
+        found = _HEAD_END.search(buffer, max(0, self._scanned - 3))
         # However TCP split it: a head too large when complete is refused as one still open.
         if (found.start() if found else len(buffer)) > MAX_HEAD:
             raise BadResponse("response headers too large")
         if found is None:
+            self._scanned = len(buffer)
             return False
+        self._scanned = 0
         head = bytes(buffer[: found.start()])
         del buffer[: found.end()]
         self._head(head)
@@ -312,11 +318,13 @@ class Connection(asyncio.Protocol):
     def _line(self, limit: int, error: str) -> bytes | None:
         """The next line without its CRLF (or LF); None until it is complete."""
         buffer = self._buffer
-        end = buffer.find(b"\n")
+        end = buffer.find(b"\n", self._scanned)
         if end < 0:
             if len(buffer) > limit:
                 raise BadResponse(error)
+            self._scanned = len(buffer)
             return None
+        self._scanned = 0
         line = bytes(buffer[:end]).removesuffix(b"\r")
         del buffer[: end + 1]
         return line
