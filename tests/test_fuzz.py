@@ -127,7 +127,15 @@ def valid_item(item: Any) -> bool:
         isinstance(event, str)
         and event != ""
         and isinstance(data, dict)
-        and (webhook_id is None or (isinstance(webhook_id, str) and 0 < len(webhook_id) <= 255))
+        and (
+            webhook_id is None
+            or (
+                isinstance(webhook_id, str)
+                and 0 < len(webhook_id) <= 255
+                # no control character but tab: it is sent as a header value
+                and not any((ord(c) < 32 and c != "\t") or c == "\x7f" for c in webhook_id)
+            )
+        )
     )
 
 

@@ -193,6 +193,9 @@ BAD_BODIES: dict[str, bytes] = {
     "event not a string": json.dumps({"event": 7}).encode(),
     "id a number": json.dumps([VALID, {"event": EVENT, "id": 5}]).encode(),
     "id empty": json.dumps({"event": EVENT, "id": ""}).encode(),
+    # Sent as the webhook-id header of signed deliveries: a line break would add headers.
+    "id with a line break": json.dumps([VALID, {"event": EVENT, "id": "e1\r\nX-A: b"}]).encode(),
+    "id with a NUL": json.dumps({"event": EVENT, "id": "e1\u0000"}).encode(),
     "unknown field": json.dumps([VALID, {"event": EVENT, "payload": {}}]).encode(),
     "data a list": json.dumps([VALID, {"event": EVENT, "data": [1]}]).encode(),
     "data a string": json.dumps({"event": EVENT, "data": "x"}).encode(),

@@ -18,7 +18,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from webhookd import logs, views
-from webhookd.config import TENANT_NAME
+from webhookd.config import CONTROL_CHARACTERS, TENANT_NAME
 from webhookd.service import IngestItem, NotFound, Service, ServiceError
 
 log = logs.get_logger("webhookd.api")
@@ -250,6 +250,9 @@ def _item(index: int, doc: Any, *, many: bool, exact: bool) -> IngestItem:
         not isinstance(webhook_id, str) or not 0 < len(webhook_id) <= MAX_ID_LENGTH
     ):
         raise BadRequest(f"{where}id must be a string of 1 to {MAX_ID_LENGTH} characters")
+    if webhook_id is not None and CONTROL_CHARACTERS.search(webhook_id):
+        # It is sent as the webhook-id header of signed deliveries.
+        raise BadRequest(f"{where}id must not hold control characters (line breaks, ...)")
     try:
         encoded = _encode_data(data, exact)
     except (TypeError, ValueError, RecursionError):

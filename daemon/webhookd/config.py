@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 from webhookd.events import ALL_EVENTS, EVENT_NAME, Catalogue
 
 TENANT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# What no header value may hold (tab aside): secrets and producer ids end up in headers.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 SIGNING_SECRET = re.compile(r"^whsec_[A-Za-z0-9+/=]+$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -298,9 +300,29 @@ def endpoint_url(value: Any) -> str:
         )
     if parts.username or parts.password:
         raise ValueError("credentials in the URL are not allowed; use the tenant secret")
+    try:
+        host = parts.hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(
+            f"{parts.hostname!r} is not a valid host name (each dot-separated label 1 to 63 "
+            "characters)"
+        ) from None
+    if not _HOST.fullmatch(host) and not _is_ip(host):
+        raise ValueError(f"{parts.hostname!r} is not a valid host name")
     if parts.fragment:
         raise ValueError("a URL fragment is never sent; remove it")
     return text
+
+
+_HOST = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _legacy_ipv4(host: str) -> bool:
@@ -627,14 +649,10 @@ def _events(table: _Table, ctx: _Context, *, from_api: bool) -> tuple[str, ...]:
 
 def _secret(table: _Table, ctx: _Context) -> tuple[str, SecretRef]:
     secret, ref = _secret_value(table, ctx)
-    if _CONTROL.search(secret):
+    if CONTROL_CHARACTERS.search(secret):
         # It travels in the Authorization header, where a line break would end the header.
         table.error(ref.kind, "contains a control character (a line break?); not allowed")
     return secret, ref
-
-
-# Characters no header value may hold (tab aside); the secret is sent as one.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _secret_value(table: _Table, ctx: _Context) -> tuple[str, SecretRef]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 
 from webhookd import __version__, http1, logs, policy
-from webhookd.config import TenantConfig
+from webhookd.config import CONTROL_CHARACTERS, TenantConfig
 from webhookd.store import Webhook
 
 log = logs.get_logger("webhookd.sender")
@@ -25,6 +25,7 @@ log = logs.get_logger("webhookd.sender")
 USER_AGENT = f"webhookd/{__version__}"
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 RESET = (errno.ECONNRESET, errno.EPIPE)
+UNSENDABLE_ID = "the webhook id holds a control character: it cannot be sent as webhook-id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +114,13 @@ class Sender:
         """POST `webhooks` to the tenant's endpoint once; never raises for delivery errors."""
         batched = tenant.batching
         body = encode_body(tenant, webhooks, batched=batched)
-        target = http1.parse_target(tenant.endpoint)
-        # The whole head is one string; config refuses secrets with control characters, so
-        # nothing here can break a header line.
+        try:
+            target = http1.parse_target(tenant.endpoint)
+        except http1.HTTPError as exc:  # config checks hosts; this is the last guard
+            return Outcome(False, None, str(exc), 0.0)
+        # The whole head is one string. Config refuses secrets with control characters and
+        # checks the endpoint's host, the path is %-encoded, and ingest refuses ids with
+        # control characters, so nothing here can break a header line.
         head = (
             f"POST {target.path} HTTP/1.1\r\nHost: {target.authority}\r\n"
             f"User-Agent: {USER_AGENT}\r\nAccept: */*\r\n"
@@ -129,6 +134,8 @@ class Sender:
                 if batched
                 else webhooks[0].id
             )
+            if CONTROL_CHARACTERS.search(message_id):  # an id queued before ingest refused them
+                return Outcome(False, None, UNSENDABLE_ID, 0.0)
             now = int(time.time())
             signature = sign(tenant.signing_secret.reveal(), message_id, now, body)
             head += (
