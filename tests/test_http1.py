@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -886,3 +887,101 @@ async def test_keep_bodies_returns_the_body_and_deliveries_do_not_keep_it(
     assert kept.body == body
     assert thrown.body == b""
     assert (kept.status, kept.headers) == (thrown.status, thrown.headers)
+
+
+# -- framing rules from RFC 9112 §6.3 and repeated list headers ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("response", "expected_headers"),
+    [
+        # chunked not last: the body runs to the close, whatever it looks like
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            {"transfer-encoding": "chunked, gzip"},
+        ),
+        # Transfer-Encoding beside Content-Length: chunked wins, the connection is not reused
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n",
+            {"content-length": "99", "transfer-encoding": "chunked"},
+        ),
+        # a repeated Connection header: both values count
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\n"
+            b"Content-Length: 2\r\n\r\nok",
+            {"connection": "close, keep-alive", "content-length": "2"},
+        ),
+    ],
+    ids=["chunked-not-last", "te-and-cl", "connection-twice"],
+)
+async def test_a_response_the_connection_cannot_be_trusted_after_is_not_pooled(
+    response: bytes,
+    expected_headers: dict[str, str],
+    client: http1.Client,
+    servers: StartServer,
+) -> None:
+    async def answer_then_wait(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(response)
+        if b"gzip" in response:
+            peer.writer.close()  # the end of a body that runs to the close
+        await peer.until_closed()
+
+    server = await servers(answer_then_wait, keep_alive(OK))
+    assert await post(client, server.target("/1")) == http1.Response(200, expected_headers)
+    await wait_for(lambda: server.peers[0].end, PROMPT)
+    assert await post(client, server.target("/2")) == OK_RESPONSE
+    assert len(server.peers) == 2
+
+
+async def test_a_folded_header_continues_the_previous_value(
+    client: http1.Client, servers: StartServer
+) -> None:
+    folded = b"HTTP/1.1 200 OK\r\nX-Note: a\r\n  b\r\n\tc\r\nContent-Length: 2\r\n\r\nok"
+    server = await servers(keep_alive(folded))
+    assert await post(client, server.target("/1")) == http1.Response(
+        200, {"x-note": "a b c", "content-length": "2"}
+    )
+
+
+# -- connecting: addresses raced, not waited for one by one --------------------------------------
+
+
+async def test_an_address_that_never_answers_costs_the_race_delay_not_the_timeout(
+    client: http1.Client, servers: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A listener whose accept queue is full drops further SYNs silently: a connect to it
+    # hangs, as one over a broken IPv6 route does.
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(0)
+    filler: list[socket.socket] = []
+    for _ in range(8):  # until a connect hangs: the queue is full (backlog + 1 on Linux)
+        try:
+            filler.append(socket.create_connection(black_hole.getsockname(), timeout=0.2))
+        except TimeoutError:
+            break
+    else:
+        pytest.fail("the accept queue never filled")
+    server = await servers(keep_alive(OK))
+    stream = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+    loop = asyncio.get_running_loop()
+    resolve = loop.getaddrinfo
+    target = http1.parse_target(f"http://raced.test:{server.port}/raced")
+
+    async def two_addresses(host: str, port: int, **kwargs: Any) -> list[Any]:
+        if host != "raced.test":  # uvloop's sock_connect resolves through this too
+            return await resolve(host, port, **kwargs)
+        return [(*stream, black_hole.getsockname()), (*stream, ("127.0.0.1", server.port))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", two_addresses)
+    try:
+        started = time.monotonic()
+        assert await post(client, target) == OK_RESPONSE
+        # Tried one after the other, the request would still be waiting at PROMPT.
+        assert time.monotonic() - started < PROMPT
+    finally:
+        for sock in (*filler, black_hole):
+            sock.close()
+    assert server.peers[0].requests == [sent(target)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import ssl
 import time
@@ -254,25 +255,28 @@ async def test_a_webhook_id_with_a_line_break_cannot_add_a_header(
 @pytest.mark.parametrize(
     "host",
     [
-        "ü" + "a" * 64 + ".example",  # parse_target raises, outside send()'s try
-        "a" * 64 + ".example",  # getaddrinfo raises UnicodeError: "unexpected error"
+        "ü" + "a" * 64 + ".example",  # parse_target's IDNA encoding raises
+        "a" * 64 + ".example",  # getaddrinfo raises UnicodeError
     ],
     ids=["non-ascii", "ascii"],
 )
-async def test_an_endpoint_host_with_a_label_over_63_characters_is_a_failed_attempt(
+async def test_an_endpoint_host_with_a_label_over_63_characters_is_refused_then_a_failed_attempt(
     tmp_path: Path, host: str
 ) -> None:
-    """config.endpoint_url accepts such a host (also through the tenants API). Sender.send
-    must "never raise for delivery errors": for the non-ASCII host parse_target's
-    host.encode("idna") raises UnicodeError before the try, so send() raises and the worker
-    logs worker_error with no attempt recorded; for the ASCII one the UnicodeError from
-    getaddrinfo is "unexpected error: UnicodeError" with a send_crashed traceback."""
+    """config refuses such a host (also through the tenant API), naming it; handed one all
+    the same, Sender.send must still end in an outcome ("never raises for delivery
+    errors"), not raise before its try or record "unexpected error"."""
+    endpoint = f"http://{host}/hooks"
+    with pytest.raises(config_mod.ConfigError) as refused:
+        load_tenant(tmp_path, endpoint)
+    assert "tenants.acme.endpoint: " in str(refused.value)
+    assert "is not a valid host name" in str(refused.value)
     sender = Sender(allow_private=True)
-    acme = load_tenant(tmp_path, f"http://{host}/hooks")
+    acme = dataclasses.replace(load_tenant(tmp_path, "http://example.com/hooks"), endpoint=endpoint)
     try:
         outcome = await sender.send(acme, [webhook()])
     finally:
         await sender.close()
     assert not outcome.ok
     assert outcome.error is not None
-    assert not outcome.error.startswith("unexpected error"), outcome.error
+    assert outcome.error.startswith("DNS: cannot resolve "), outcome.error

@@ -22,8 +22,10 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple, cast
 from urllib.parse import quote, urlsplit
+
+import aiohappyeyeballs
 
 # A response head (status line and headers) larger than this is refused.
 MAX_HEAD = 64 * 1024
@@ -33,6 +35,10 @@ IDLE_S = 4.0
 SWEEP_S = 2.0
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _CHUNK_LINE = re.compile(rb"[0-9A-Fa-f]+")
+# Headers whose repeats are one comma-separated list (the others: the last one counts).
+_LIST_HEADERS = frozenset({"connection", "transfer-encoding"})
+# RFC 8305's delay before trying the next address (IPv6 then IPv4, interleaved).
+HAPPY_EYEBALLS_S = 0.25
 # Path and query bytes sent as they are; anything else (spaces, non-ASCII) is %-encoded.
 _URL_SAFE = "/?&=%:@!$'()*+,;-._~[]"
 
@@ -87,7 +93,10 @@ def parse_target(url: str) -> Target:
     tls = parts.scheme == "https"
     host = parts.hostname or ""
     if not host.isascii():
-        host = host.encode("idna").decode("ascii")
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ResolveError(host) from None
     default = 443 if tls else 80
     port = parts.port or default
     shown = f"[{host}]" if ":" in host else host
@@ -153,6 +162,9 @@ class Connection(asyncio.Protocol):
         except HTTPError as exc:
             self._fail(exc)
             self.abort()
+        except ValueError:  # a number int() will not take, a header latin-1 cannot hold...
+            self._fail(BadResponse("unreadable response"))
+            self.abort()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost follows
@@ -217,9 +229,14 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def close(self) -> None:
+        """Close; abort when bytes are still unsent (an endpoint that answered early and stopped
+        reading would otherwise hold the connection and its buffered body forever)."""
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def _fail(self, exc: BaseException) -> None:
         self._state = _DONE
@@ -268,7 +285,7 @@ class Connection(asyncio.Protocol):
         if line is None:
             return False
         size = line.split(b";", 1)[0].strip()
-        if not _CHUNK_LINE.fullmatch(size):
+        if len(size) > 16 or not _CHUNK_LINE.fullmatch(size):
             raise BadResponse("invalid chunk size")
         self._remaining = int(size, 16)
         self._state = _CHUNK_DATA if self._remaining else _TRAILERS
@@ -337,18 +354,7 @@ class Connection(asyncio.Protocol):
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or not code.isdigit() or len(code) != 3:
             raise BadResponse("invalid status line")
         status = int(code)
-        headers: dict[str, str] = {}
-        lengths: set[bytes] = set()
-        for raw in lines[1:]:
-            line = raw.rstrip(b"\r")
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip() or b" " in name:
-                raise BadResponse("invalid header line")
-            key = name.decode("latin-1").lower()
-            text = value.strip()
-            if key == "content-length":
-                lengths.add(text)
-            headers[key] = text.decode("latin-1")
+        headers, lengths = _headers(lines[1:])
         if 100 <= status < 200:
             if status == 101:
                 raise BadResponse("unexpected protocol switch (HTTP 101)")
@@ -357,12 +363,23 @@ class Connection(asyncio.Protocol):
         self._headers = headers
         connection = headers.get("connection", "").lower()
         self._keep_alive = version == b"HTTP/1.1" and "close" not in connection
+        codings = headers.get("transfer-encoding")
         if status in (204, 304):
             self._finish_body()
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            self._state = _CHUNK_SIZE
+        elif codings is not None:
+            # RFC 9112 §6.3: chunked only as the last coding; otherwise the body runs to the
+            # close. With a Content-Length beside it, the connection is not trusted again.
+            if lengths:
+                self._keep_alive = False
+            if codings.lower().rsplit(",", 1)[-1].strip() == "chunked":
+                self._state = _CHUNK_SIZE
+            else:
+                self._keep_alive = False
+                self._state = _UNTIL_EOF
         elif lengths:
-            if len(lengths) > 1 or not all(length.isdigit() for length in lengths):
+            if len(lengths) > 1 or not all(
+                length.isdigit() and len(length) <= 18 for length in lengths
+            ):
                 raise BadResponse("invalid Content-Length")
             self._remaining = int(lengths.pop())
             self._state = _LENGTH
@@ -377,6 +394,31 @@ class Connection(asyncio.Protocol):
             self._keep_alive = False  # more bytes than the framing promised
             self._buffer.clear()
         self._complete()
+
+
+def _headers(lines: list[bytes]) -> tuple[dict[str, str], set[bytes]]:
+    """Header lines as {lower-case name: value}, and the Content-Length values seen."""
+    headers: dict[str, str] = {}
+    lengths: set[bytes] = set()
+    key = ""
+    for raw in lines:
+        line = raw.rstrip(b"\r")
+        if line[:1] in (b" ", b"\t") and key:
+            # obs-fold (RFC 9112 §5.2): a continuation of the previous value.
+            headers[key] += " " + line.strip().decode("latin-1")
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip() or b" " in name:
+            raise BadResponse("invalid header line")
+        key = name.decode("latin-1").lower()
+        text = value.strip()
+        if key == "content-length":
+            lengths.add(text)
+        if key in headers and key in _LIST_HEADERS:
+            headers[key] += ", " + text.decode("latin-1")  # both count: "close", "chunked"
+        else:
+            headers[key] = text.decode("latin-1")
+    return headers, lengths
 
 
 _STEPS: dict[int, Callable[[Connection], bool]] = {
@@ -494,37 +536,45 @@ class Client:
         self._sweeper = loop.call_later(SWEEP_S, self._sweep) if self._idle else None
 
     async def _connect(self, key: PoolKey) -> Connection:
+        # The generation of the rule the addresses are checked under: if drop_pooled runs
+        # while this connects, the connection serves this one request and is not pooled.
+        generation = self._generation
         loop = asyncio.get_running_loop()
         try:
-            addresses = await loop.getaddrinfo(key.host, key.port, type=socket.SOCK_STREAM)
-        except socket.gaierror:
+            found = await loop.getaddrinfo(key.host, key.port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
             raise ResolveError(key.host) from None
-        if not addresses:
+        if not found:
             raise ResolveError(key.host)
-        first: OSError | None = None
-        for family, kind, proto, _, sockaddr in addresses:
+        # The check comes before any socket exists: a refused address is never connected to.
+        allowed, refused = [], None
+        for info in found:
             try:
-                return await self._open(key, family, kind, proto, sockaddr)
+                self._check_address(str(info[4][0]))
             except OSError as exc:
-                first = first or exc
-        assert first is not None
-        raise ConnectError(first)
-
-    async def _open(
-        self, key: PoolKey, family: int, kind: int, proto: int, sockaddr: tuple[Any, ...]
-    ) -> Connection:
-        # The check comes before the socket exists: a refused address is never connected to.
-        self._check_address(str(sockaddr[0]))
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(family, kind, proto)
+                refused = refused or exc
+            else:
+                allowed.append(info)
+        if not allowed:
+            assert refused is not None
+            raise ConnectError(refused)
+        local = None
+        if key.source_address:
+            local = await loop.getaddrinfo(
+                key.source_address, 0, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )
         try:
-            sock.setblocking(False)
-            if key.source_address:
-                sock.bind((key.source_address, 0))
-            await loop.sock_connect(sock, sockaddr)
+            # Addresses raced RFC 8305 style: an address that drops packets silently (a
+            # broken IPv6 route) costs 0.25 s, not the whole timeout.
+            sock = await aiohappyeyeballs.start_connection(
+                allowed, happy_eyeballs_delay=HAPPY_EYEBALLS_S, local_addr_infos=local
+            )
+        except (OSError, RuntimeError) as exc:  # uvloop may raise RuntimeError
+            raise ConnectError(exc if isinstance(exc, OSError) else OSError(str(exc))) from None
+        try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _, connection = await loop.create_connection(
-                lambda: Connection(key, self._generation, self._keep_bodies),
+                lambda: Connection(key, generation, self._keep_bodies),
                 sock=sock,
                 ssl=self._tls if key.tls else None,
                 server_hostname=key.host if key.tls else None,
