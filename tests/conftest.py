@@ -52,6 +52,16 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+async def stop_server(server: asyncio.Server | None, tasks: set[asyncio.Task[Any]]) -> None:
+    """Stop a raw asyncio server and cancel its connection handlers (`tasks`)."""
+    assert server is not None
+    server.close()
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await server.wait_closed()
+
+
 # -- a real HTTP receiver ------------------------------------------------------------------------
 
 

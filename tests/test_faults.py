@@ -26,7 +26,16 @@ import pytest
 import trustme
 from aiohttp import web
 
-from tests.conftest import Daemon, Receiver, StartDaemon, free_port, tenant, wait_for, write_config
+from tests.conftest import (
+    Daemon,
+    Receiver,
+    StartDaemon,
+    free_port,
+    stop_server,
+    tenant,
+    wait_for,
+    write_config,
+)
 from webhookd.store import Failure
 
 EVENT = "CHECK_COMPLETED"
@@ -240,12 +249,7 @@ class RawEndpoint:
             self._tasks.discard(task)
 
     async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
+        await stop_server(self._server, self._tasks)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Receiver, free_port, wait_for
+from tests.conftest import Receiver, free_port, stop_server, wait_for
 from webhookd import http1
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -153,12 +153,7 @@ class RawServer:
             self._tasks.discard(task)
 
     async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
+        await stop_server(self._server, self._tasks)
 
 
 StartServer = Callable[..., Awaitable[RawServer]]

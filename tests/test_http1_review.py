@@ -1,7 +1,7 @@
 """Review of webhookd.http1 and its use in sender.py: each test shows one defect.
 
-Every test here fails on the reviewed code (commit f066634) and says in its docstring what
-an endpoint, a producer or an operator has to do to cause it.
+Every test here failed on the reviewed code (commit f066634; fixed in 9767046 and 8e0ff2b)
+and says in its docstring what an endpoint, a producer or an operator has to do to cause it.
 """
 
 from __future__ import annotations
@@ -19,25 +19,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import Receiver, tenant, write_config
+from tests.test_http1 import OK, PROMPT, allow_all
+from tests.test_http1 import head as request_head
 from webhookd import config as config_mod
 from webhookd import http1
 from webhookd.config import TenantConfig
 from webhookd.sender import Sender
 from webhookd.store import Webhook
-
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-PROMPT = 2.0
-
-
-def allow_all(address: str) -> None:
-    return None
-
-
-def request_head(target: http1.Target, body: bytes) -> bytes:
-    return (
-        f"POST {target.path} HTTP/1.1\r\nHost: {target.authority}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
 
 
 @pytest.fixture
