@@ -24,7 +24,7 @@ from tests.test_http1 import head as request_head
 from webhookd import config as config_mod
 from webhookd import http1
 from webhookd.config import TenantConfig
-from webhookd.sender import Sender
+from webhookd.sender import UNSENDABLE_ID, Sender
 from webhookd.store import Webhook
 
 
@@ -231,10 +231,13 @@ async def test_a_webhook_id_with_a_line_break_cannot_add_a_header(
     sender = Sender(allow_private=True)
     acme = load_tenant(tmp_path, receiver.url("/acme"), signing_secret=SIGNING_SECRET)
     try:
-        await sender.send(acme, [webhook("evt-1\r\nX-Injected: by the producer")])
+        outcome = await sender.send(acme, [webhook("evt-1\r\nX-Injected: by the producer")])
     finally:
         await sender.close()
     assert [r.headers.get("X-Injected") for r in receiver.requests] in ([], [None])
+    # Ingest refuses such ids now; one queued before that is a failed attempt, never sent.
+    assert (outcome.ok, outcome.error) == (False, UNSENDABLE_ID)
+    assert receiver.requests == []
 
 
 # -- 6. an endpoint host the IDNA codec refuses ---------------------------------------------------

@@ -129,13 +129,12 @@ class Sender:
         if tenant.authorization_header:
             head += f"Authorization: Bearer {tenant.secret.reveal()}\r\n"
         if tenant.signing_secret:
-            message_id = (
-                f"{tenant.name}.{webhooks[0].sequence}-{webhooks[-1].sequence}"
-                if batched
-                else webhooks[0].id
-            )
-            if CONTROL_CHARACTERS.search(message_id):  # an id queued before ingest refused them
-                return Outcome(False, None, UNSENDABLE_ID, 0.0)
+            if batched:
+                message_id = f"{tenant.name}.{webhooks[0].sequence}-{webhooks[-1].sequence}"
+            else:
+                message_id = webhooks[0].id
+                if CONTROL_CHARACTERS.search(message_id):  # queued before ingest refused them
+                    return Outcome(False, None, UNSENDABLE_ID, 0.0)
             now = int(time.time())
             signature = sign(tenant.signing_secret.reveal(), message_id, now, body)
             head += (
