@@ -771,6 +771,17 @@ ERRORS: list[tuple[str, str, str]] = [
         acme(endpoint='"https://hooks.acme.example/#x"'),
         "tenants.acme.endpoint: a URL fragment is never sent; remove it",
     ),
+    (
+        "endpoint-host-empty-label",
+        acme(endpoint='"https://hooks..acme.example/"'),
+        "tenants.acme.endpoint: 'hooks..acme.example' is not a valid host name (each "
+        "dot-separated label 1 to 63 characters)",
+    ),
+    (
+        "endpoint-host-character",
+        acme(endpoint='"https://hooks$acme.example/"'),
+        "tenants.acme.endpoint: 'hooks$acme.example' is not a valid host name",
+    ),
     ("endpoint-type", acme(endpoint="1"), "tenants.acme.endpoint: expected a string"),
     (
         "endpoint-missing",
