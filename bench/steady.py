@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from bench import load
-from bench.context import MS, Context, per_item_us
+from bench.context import MS, Context, per_item_us, system_share
 from bench.harness import tenant_names, tenant_tables
 from bench.report import Figure
 
@@ -41,6 +41,8 @@ async def latency(ctx: Context) -> None:
         "latency_ms": {k: (v * MS if k != "count" else v) for k, v in lat.items()},
         "ingest_round_trip_ms": {"p50": trip(0.5), "p99": trip(0.99), "max": trip(1.0)},
         "cpu_percent": cpu,
+        "daemon_cpu_us_per_webhook": per_item_us(meter, stats["total"]),
+        "daemon_system_cpu_share": system_share(meter),
         "daemon_rss_mb": rss / 2**20,
     }
     ctx.report.details["latency"] = {**ctx.report.details.get("latency", {}), **result}
@@ -70,7 +72,9 @@ async def latency(ctx: Context) -> None:
     ctx.say(
         f"  {stats['total']:,}/{sent.sent:,} delivered; ingest→delivery p50 {p50:.1f} ms, "
         f"p90 {lat.get('p90', 0) * MS:.1f} ms, p99 {p99:.1f} ms, max {lat.get('max', 0) * MS:.1f}"
-        f" ms; ingest round trip p50 {trip(0.5):.1f} ms p99 {trip(0.99):.1f} ms; cpu {cpu}"
+        f" ms; ingest round trip p50 {trip(0.5):.1f} ms p99 {trip(0.99):.1f} ms; cpu {cpu}; "
+        f"daemon {result['daemon_cpu_us_per_webhook'] or 0:.0f} µs per webhook in and out, "
+        f"{100 * (result['daemon_system_cpu_share'] or 0):.0f} % of it in the kernel"
     )
 
 
