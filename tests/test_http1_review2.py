@@ -1,10 +1,10 @@
 """Second review of webhookd.http1 and its use in sender.py: each test shows one defect.
 
-Every test here fails on the reviewed code (commit 2b536c1) and says in its docstring what an
-endpoint or an operator has to do to cause it. Most are about TLS, which the first review
-and test_http1.py do not reach: there, every server is plain TCP, and uvloop's TLS transport
-differs from its TCP transport in two ways the client relies on (what close() waits for,
-and what get_write_buffer_size() counts).
+Every test here failed on the reviewed code (commit 2b536c1; fixed in the commit after
+9e22f3e) and says in its docstring what an endpoint or an operator has to do to cause it.
+Most are about TLS, which the first review and test_http1.py do not reach: there, every
+server is plain TCP, and uvloop's TLS transport differs from its TCP transport in two ways
+the client relies on (what close() waits for, and what get_write_buffer_size() counts).
 """
 
 from __future__ import annotations

@@ -16,9 +16,12 @@ connection is pooled again only when its last exchange ended cleanly.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import re
 import socket
 import ssl
+import struct
+import termios
 from collections import deque
 from collections.abc import Callable
 from functools import lru_cache
@@ -39,6 +42,8 @@ _CHUNK_LINE = re.compile(rb"[0-9A-Fa-f]+")
 _LIST_HEADERS = frozenset({"connection", "transfer-encoding"})
 # RFC 8305's delay before trying the next address (IPv6 then IPv4, interleaved).
 HAPPY_EYEBALLS_S = 0.25
+# The ioctl for a socket's bytes not yet acknowledged by the peer (Linux: SIOCOUTQ).
+_OUTQ = getattr(termios, "TIOCOUTQ", None)
 # Path and query bytes sent as they are; anything else (spaces, non-ASCII) is %-encoded.
 _URL_SAFE = "/?&=%:@!$'()*+,;-._~[]"
 
@@ -229,14 +234,37 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def close(self) -> None:
-        """Close; abort when bytes are still unsent (an endpoint that answered early and stopped
-        reading would otherwise hold the connection and its buffered body forever)."""
+        """Close at once. TLS is aborted rather than shut down: a graceful close waits up to
+        30 s for the peer's close_notify, holding the socket outside max_connections (our
+        responses are framed, so the missing close_notify tells the peer nothing). Plain
+        TCP is aborted when bytes are unsent (an endpoint that answered early and stopped
+        reading would otherwise keep the body queued in the kernel)."""
         self.closed = True
-        if self.transport is not None:
-            if self.transport.get_write_buffer_size():
-                self.transport.abort()
+        transport = self.transport
+        if transport is not None:
+            if self.key.tls or not self.fully_sent():
+                transport.abort()
             else:
-                self.transport.close()
+                transport.close()
+
+    def fully_sent(self) -> bool:
+        """Has the peer acknowledged every byte we wrote? Bytes may wait in the transport's
+        buffer or in the kernel's send queue; a TLS transport's get_write_buffer_size()
+        counts only what it has not yet encrypted, so the kernel is asked too."""
+        transport = self.transport
+        if transport is None or transport.get_write_buffer_size():
+            return False
+        sock = transport.get_extra_info("socket")
+        if _OUTQ is None or sock is None:
+            return True
+        fd = sock.fileno()
+        if fd < 0:
+            return False  # closed
+        try:
+            (queued,) = struct.unpack("i", fcntl.ioctl(fd, _OUTQ, b"\0\0\0\0"))
+        except OSError:
+            return False
+        return int(queued) == 0
 
     def _fail(self, exc: BaseException) -> None:
         self._state = _DONE
@@ -494,7 +522,11 @@ class Client:
         except BaseException:
             connection.abort()  # mid-exchange (timeout, cancel, error): never reused
             raise
-        if connection.reusable and connection.generation == self._generation:
+        if (
+            connection.reusable
+            and connection.generation == self._generation
+            and connection.fully_sent()  # an early answer leaves the request half-sent
+        ):
             self._release(connection)
         else:
             connection.close()
@@ -577,7 +609,9 @@ class Client:
                 lambda: Connection(key, generation, self._keep_bodies),
                 sock=sock,
                 ssl=self._tls if key.tls else None,
-                server_hostname=key.host if key.tls else None,
+                # A fully-qualified name's trailing dot is not part of the name certificates
+                # carry (aiohttp, curl and browsers strip it too).
+                server_hostname=key.host.rstrip(".") if key.tls else None,
             )
         except BaseException:
             sock.close()

@@ -128,6 +128,7 @@ class Sender:
         )
         if tenant.authorization_header:
             head += f"Authorization: Bearer {tenant.secret.reveal()}\r\n"
+        message_id = ""
         if tenant.signing_secret:
             if batched:
                 message_id = f"{tenant.name}.{webhooks[0].sequence}-{webhooks[-1].sequence}"
@@ -135,18 +136,21 @@ class Sender:
                 message_id = webhooks[0].id
                 if CONTROL_CHARACTERS.search(message_id):  # queued before ingest refused them
                     return Outcome(False, None, UNSENDABLE_ID, 0.0)
-            now = int(time.time())
-            signature = sign(tenant.signing_secret.reveal(), message_id, now, body)
-            head += (
-                f"webhook-id: {message_id}\r\nwebhook-timestamp: {now}\r\n"
-                f"webhook-signature: {signature}\r\n"
-            )
-        request = (head + "\r\n").encode()
         seconds = tenant.delivery.batch_timeout if batched else tenant.delivery.timeout
         source = tenant.source_address or self.source_address
         # A slot first, then the clock: waiting for a free connection (max_connections)
         # is the daemon's load, not the endpoint's slowness.
         async with self._slots:
+            if tenant.signing_secret:
+                # Signed once the slot is ours: webhook-timestamp is the send time, which
+                # receivers hold against their clock (Standard Webhooks allow 5 minutes).
+                now = int(time.time())
+                signature = sign(tenant.signing_secret.reveal(), message_id, now, body)
+                head += (
+                    f"webhook-id: {message_id}\r\nwebhook-timestamp: {now}\r\n"
+                    f"webhook-signature: {signature}\r\n"
+                )
+            request = (head + "\r\n").encode()
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(seconds):
