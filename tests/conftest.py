@@ -252,8 +252,14 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
 class Process:
     """`webhookd run` as a child process, for end-to-end, signal and kill -9 tests."""
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        env: dict[str, str] | None = None,
+        nofile: tuple[int, int] | None = None,
+    ) -> None:
         self.config_path = config_path
+        self.nofile = nofile  # (soft, hard) RLIMIT_NOFILE to start the child with
         self.config = config_mod.load(config_path)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -265,13 +271,17 @@ class Process:
         return f"http://{d.listen_host}:{d.listen_port}"
 
     def start(self, timeout: float = 15.0) -> None:
+        command = [sys.executable, "-m", "webhookd", "run", "-c", str(self.config_path)]
+        if self.nofile:
+            # Set the limit, then become the daemon (exec keeps the pid and the limit).
+            command[1:1] = [
+                "-c",
+                "import os, resource, sys; "
+                f"resource.setrlimit(resource.RLIMIT_NOFILE, {self.nofile!r}); "
+                "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])",
+            ]
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "webhookd", "run", "-c", str(self.config_path)],
-                stdout=log,
-                stderr=log,
-                env=self.env,
-            )
+            self.proc = subprocess.Popen(command, stdout=log, stderr=log, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -308,8 +318,12 @@ class Process:
 def process_factory() -> Iterator[Callable[..., Process]]:
     made: list[Process] = []
 
-    def make(config_path: Path, env: dict[str, str] | None = None) -> Process:
-        process = Process(config_path, env)
+    def make(
+        config_path: Path,
+        env: dict[str, str] | None = None,
+        nofile: tuple[int, int] | None = None,
+    ) -> Process:
+        process = Process(config_path, env, nofile)
         made.append(process)
         return process
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -130,3 +131,37 @@ def test_no_notify_socket_is_fine(tmp_path: Path, process_factory: Callable[...,
     daemon = process_factory(config, {"NOTIFY_SOCKET": ""})
     daemon.start()
     assert daemon.terminate() == 0
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no 'Max open files' line")
+
+
+@pytest.mark.parametrize(
+    ("given", "expected", "warned"),
+    [((256, 8192), (8192, 8192), False), ((256, 512), (512, 512), True)],
+    ids=["raised-to-the-hard-limit", "hard-limit-below-max-connections"],
+)
+def test_the_soft_open_files_limit_is_raised_to_the_hard_one(
+    tmp_path: Path,
+    process_factory: Callable[..., Process],
+    given: tuple[int, int],
+    expected: tuple[int, int],
+    warned: bool,
+) -> None:
+    """A shell's soft limit (often 1024) would cap outgoing connections below the default
+    max_connections (1000) plus the database and API clients; the hard limit is the
+    operator's real bound. Too low a hard limit is named in the log at start-up."""
+    config = write_config(tmp_path, tenants={"acme": tenant("http://127.0.0.1:9/x")})
+    daemon = process_factory(config, nofile=given)
+    daemon.start()
+    assert daemon.proc is not None
+    assert open_files_limit(daemon.proc.pid) == expected
+    assert daemon.terminate() == 0
+    events = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    low = [e for e in events if e["event"] == "open_files_limit_low"]
+    assert [(e["limit"], e["max_connections"]) for e in low] == ([(512, 1000)] if warned else [])

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import json
 import os
+import resource
 import secrets
 import sys
 import urllib.error
@@ -55,6 +56,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Per-webhook work allocates many short-lived objects and few cycles; the default
     # gen-0 threshold (700) made the collector a large share of delivery CPU (bench/).
     gc.set_threshold(50_000, 50, 100)
+    open_files = raise_open_files_limit()
+    if open_files < cfg.daemon.max_connections + OPEN_FILES_MARGIN:
+        log.warning(
+            "open_files_limit_low",
+            limit=open_files,
+            max_connections=cfg.daemon.max_connections,
+            detail="raise the hard limit (LimitNOFILE= in the unit, ulimit -Hn) or lower "
+            "max_connections; past the limit, connects and API clients fail",
+        )
 
     async def main() -> None:
         shutdown, reload = asyncio.Event(), asyncio.Event()
@@ -72,6 +82,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("cannot_start", error=str(exc), listen=cfg.daemon.listen)
         return 1
     return 0
+
+
+# Descriptors besides outgoing connections: the database and its WAL, listeners, API
+# clients, idle kept-alive connections, logs.
+OPEN_FILES_MARGIN = 256
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one and return it. Every outgoing
+    connection takes a descriptor, and the usual soft default (1024) barely covers the
+    default max_connections (1000); the hard limit is what the operator meant to allow."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize
+    wanted = max(soft, 1 << 20) if hard == resource.RLIM_INFINITY else hard
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            return soft  # e.g. above the kernel's nr_open: keep what we have
+        return wanted
+    return soft
 
 
 # -- check and init ------------------------------------------------------------------------------
