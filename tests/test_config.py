@@ -637,6 +637,11 @@ ERRORS: list[tuple[str, str, str]] = [
         "events.custom: 'invoice_paid' is not an event name (A-Z, 0-9, _; 1 to 64)",
     ),
     (
+        "custom-name-line-break",
+        '[events]\ncustom = ["INVOICE_PAID\\n"]\n',
+        "events.custom: 'INVOICE_PAID\\n' is not an event name (A-Z, 0-9, _; 1 to 64)",
+    ),
+    (
         "custom-builtin",
         '[events]\ncustom = ["CHECK_COMPLETED"]\n',
         "events.custom: CHECK_COMPLETED is already a built-in event type",

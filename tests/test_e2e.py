@@ -552,6 +552,26 @@ async def test_cli_finds_its_config_and_reads_data_from_a_file(
     assert [r.json["data"] for r in receiver.at("/acme")] == [{"from": "a file", "n": [1, 2]}]
 
 
+async def test_cli_mistakes_are_one_line_errors_not_tracebacks(tmp_path: Path) -> None:
+    """A tenant name that cannot be one, or an unreadable --data file, is named in one line
+    before anything is sent (no daemon needed)."""
+    config = write_config(tmp_path, {"acme": tenant("http://127.0.0.1:9/acme")})
+    for args in (
+        ("send", "a b", EVENT),
+        ("status", "acme/../x"),
+        ("retry", "a?b"),
+        ("refresh", ""),
+        ("tenant", "show", "a b"),
+    ):
+        code, out, err = await cli(*args, "-c", str(config))
+        assert (code, out) == (2, ""), (args, err)
+        assert "tenant names are 1 to 64 of A-Z a-z 0-9 _ -" in err, (args, err)
+        assert "Traceback" not in err
+    missing = tmp_path / "missing.json"
+    code, out, err = await cli("send", "acme", EVENT, "--data", f"@{missing}", "-c", str(config))
+    assert (code, out, err) == (1, "", f"error: --data @{missing}: No such file or directory\n")
+
+
 class ReceiverProcess:
     """`webhookd receiver` as a child process; its stdout read line by line."""
 

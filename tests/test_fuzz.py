@@ -1105,7 +1105,7 @@ def unknown_key_errors(source: str, document: dict[str, Any]) -> set[str]:
     tenants = document.get("tenants")
     if isinstance(tenants, dict):
         for name, table in tenants.items():
-            if TENANT_NAME.match(name) and isinstance(table, dict):
+            if TENANT_NAME.fullmatch(name) and isinstance(table, dict):
                 for key in set(table) - KNOWN["tenant"]:
                     expected.add(f"{source}: {key_path('tenants', name, key)}: unknown key")
     return expected
@@ -1158,7 +1158,7 @@ def check_config(config: Config) -> None:
         assert options.success_statuses and all(200 <= s <= 299 for s in options.success_statuses)
         assert 0 <= options.recent_failures <= 1000, where
     for t in config.tenants.values():
-        assert TENANT_NAME.match(t.name) and t.secret.reveal() and t.events, t
+        assert TENANT_NAME.fullmatch(t.name) and t.secret.reveal() and t.events, t
 
 
 @contextlib.contextmanager

@@ -732,6 +732,7 @@ async def test_api_token_guards_every_path_but_healthz(
         {"Authorization": TOKEN},
         {"Authorization": f"Bearer {TOKEN}x"},
         {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer{TOKEN}"},
     ]
     for method, route, body in PROTECTED:
         for headers in refusals:
@@ -750,6 +751,12 @@ async def test_api_token_guards_every_path_but_healthz(
         assert code == 200, (headers, text)
         bodies.append(text)
 
+    # The scheme is case-insensitive (RFC 9110 §11.1).
+    for scheme in ("bearer", "BEARER"):
+        code, _, text = await raw(
+            daemon, "GET", "/v1/status", {"Authorization": f"{scheme} {TOKEN}"}
+        )
+        assert code == 200, (scheme, text)
     authorised = {"Authorization": f"Bearer {TOKEN}"}
     for method, route in (
         ("GET", "/v1/status"),
@@ -1081,3 +1088,17 @@ async def test_status_of_10000_tenants_is_one_fast_pass(
     assert code == 200
     assert took < 2.0, took
     assert len(table_rows(text)[1]) == 10_000
+
+
+async def test_a_wrong_method_is_a_json_405_that_says_what_is_allowed(
+    start_daemon: StartDaemon, receiver: Receiver
+) -> None:
+    """RFC 9110 §15.5.6: a 405 carries an Allow header; a script reads the detail."""
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"))})
+    code, content_type, text = await raw(daemon, "DELETE", "/v1/tenants/acme/webhooks", {})
+    assert (code, content_type) == (405, "application/json"), text
+    assert_error(json.loads(text), "method_not_allowed")
+    detail = json.loads(text)["detail"]
+    assert detail.startswith("DELETE is not allowed on /v1/tenants/acme/webhooks; use "), detail
+    async with daemon.session.request("DELETE", daemon.base + "/v1/tenants/acme/webhooks") as r:
+        assert "POST" in r.headers["Allow"]

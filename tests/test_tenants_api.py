@@ -785,3 +785,55 @@ def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     assert mode_of(path) == 0o600
     old_token = tomllib.loads(before.decode())["daemon"]["api_token"]
     assert read_toml(path)["daemon"]["api_token"] != old_token
+
+
+# -- a GET answer sent back, masked secrets with nothing to keep, the file's mode ---------------
+
+
+async def test_put_refuses_an_edited_delivery_view_and_a_mask_with_no_secret_behind_it(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """`delivery` in a GET answer shows the effective settings; an edit there would be lost,
+    so it is refused and the top-level key named. `"***"` keeps a stored secret; for a new
+    tenant there is none, and storing the three asterisks as its secret would be wrong."""
+    daemon = await start_daemon(tenants={})
+    directory = tenants_dir(daemon)
+    body = {"endpoint": receiver.url("/newt"), "secret": "s1", "events": [EVENT]}
+    status, view = await daemon.request("PUT", "/v1/tenants/newt", json=body)
+    assert status == 201, view
+    before = (directory / "newt.toml").read_bytes()
+
+    edited = {**view, "delivery": {**view["delivery"], "timeout": 1.0}}
+    status, answer = await daemon.request("PUT", "/v1/tenants/newt", json=edited)
+    assert status == 400, answer
+    assert '"timeout": 5.0' in assert_error(answer, "invalid_tenant")
+    # ...and as a top-level key it is taken; the view left as it was passes along.
+    status, view = await daemon.request("PUT", "/v1/tenants/newt", json={**view, "timeout": 1.0})
+    assert status == 200, view
+    assert view["timeout"] == view["delivery"]["timeout"] == 1.0
+
+    for key in ("secret", "signing_secret"):
+        masked = {**body, key: "***"}
+        status, answer = await daemon.request("PUT", "/v1/tenants/other", json=masked)
+        assert status == 400, answer
+        assert "there is none to keep" in assert_error(answer, "invalid_tenant")
+    assert files_in(directory) == ["newt.toml"]
+    assert (directory / "newt.toml").read_bytes() != before  # the timeout change
+
+
+async def test_a_tenant_file_is_0600_even_over_a_leftover_temporary_file(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """O_CREAT's mode applies only to a new file: a temporary file left by a crash with a
+    looser mode would otherwise pass its mode to the tenant file holding the secret."""
+    daemon = await start_daemon(tenants={})
+    directory = tenants_dir(daemon)
+    directory.mkdir(parents=True, exist_ok=True)
+    leftover = directory / ".newt.toml.tmp"
+    leftover.write_text("partial")
+    leftover.chmod(0o644)
+    body = {"endpoint": receiver.url("/newt"), "secret": "s1", "events": [EVENT]}
+    status, view = await daemon.request("PUT", "/v1/tenants/newt", json=body)
+    assert status == 201, view
+    assert files_in(directory) == ["newt.toml"]
+    assert mode_of(directory / "newt.toml") == 0o600

@@ -256,11 +256,25 @@ def api_call(
     return payload.decode() if text else json.loads(payload)
 
 
+def tenant_arg(value: str) -> str:
+    """A TENANT argument: checked here, since it becomes part of an API path."""
+    if not config.TENANT_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r}: tenant names are 1 to 64 of A-Z a-z 0-9 _ -")
+    return value
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     cfg = load_or_exit(args)
     raw = args.data
     if raw.startswith("@"):
-        raw = Path(raw[1:]).read_text(encoding="utf-8")
+        try:
+            raw = Path(raw[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            print(
+                f"error: --data {args.data}: {getattr(exc, 'strerror', None) or exc}",
+                file=sys.stderr,
+            )
+            return 1
     try:
         data = json.loads(raw)
     except ValueError as exc:
@@ -412,28 +426,28 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_init)
 
     send = command("send", "ingest one webhook through the API")
-    send.add_argument("tenant", metavar="TENANT")
+    send.add_argument("tenant", metavar="TENANT", type=tenant_arg)
     send.add_argument("event", metavar="EVENT")
     send.add_argument("--data", default="{}", metavar="JSON|@FILE", help="the data object")
     send.add_argument("--id", help="the producer's id (makes a resend idempotent)")
     send.set_defaults(func=cmd_send)
 
     status = command("status", "show the status view as a table")
-    status.add_argument("tenant", nargs="?", metavar="TENANT")
+    status.add_argument("tenant", nargs="?", metavar="TENANT", type=tenant_arg)
     status.set_defaults(func=cmd_status)
 
     retry = command("retry", "attempt now, ignoring backoff")
-    retry.add_argument("tenant", nargs="?", metavar="TENANT")
+    retry.add_argument("tenant", nargs="?", metavar="TENANT", type=tenant_arg)
     retry.add_argument("--all", action="store_true", help="every waiting tenant")
     retry.set_defaults(func=cmd_retry)
 
     refresh = command("refresh", "clear a tenant's recent failures")
-    refresh.add_argument("tenant", metavar="TENANT")
+    refresh.add_argument("tenant", metavar="TENANT", type=tenant_arg)
     refresh.set_defaults(func=cmd_refresh)
 
     tenant_cmd = command("tenant", "show, create, change or remove API-managed tenants")
     tenant_cmd.add_argument("action", choices=["show", "set", "rm"])
-    tenant_cmd.add_argument("name", nargs="?", metavar="NAME")
+    tenant_cmd.add_argument("name", nargs="?", metavar="NAME", type=tenant_arg)
     tenant_cmd.add_argument("--endpoint", help="the URL webhooks are sent to")
     tenant_cmd.add_argument("--events", help='comma-separated event types, or "*"')
     tenant_cmd.add_argument("--secret", help="the shared secret (stored in the tenant file)")

@@ -83,22 +83,32 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         detail = exc.text if exc.text and exc.status != 404 else exc.reason
         if exc.status == 404:
             detail = f"no such path: {request.method} {request.path}"
+        elif exc.status == 405 and isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            detail = f"{request.method} is not allowed on {request.path}; use {allowed}"
         elif exc.status == 413:
             detail = "the request body is larger than max_body_bytes"
-        return error_response(exc.status, ERROR_CODES.get(exc.status, "http_error"), detail)
+        response = error_response(exc.status, ERROR_CODES.get(exc.status, "http_error"), detail)
+        if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110 §15.5.6)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("request_failed", method=request.method, path=request.path)
         return error_response(500, "internal", "an internal error occurred; see the daemon log")
 
 
 def auth_middleware(token: str) -> Any:
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/healthz":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            # The scheme is case-insensitive (RFC 9110 §11.1). A header byte that is not
+            # UTF-8 arrives surrogate-escaped; it cannot match, but must not raise.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "surrogateescape"), expected
+            ):
                 return error_response(401, "unauthorized", "send Authorization: Bearer <api_token>")
         return await handler(request)
 
@@ -170,7 +180,7 @@ async def read_body(request: web.Request) -> bytes:
 
 def tenant_name(request: web.Request) -> str:
     name = request.match_info["tenant"]
-    if not TENANT_NAME.match(name):
+    if not TENANT_NAME.fullmatch(name):
         raise NotFound(f"{name!r} is not a valid tenant name")
     return name
 

@@ -25,11 +25,12 @@ from urllib.parse import urlsplit
 
 from webhookd.events import ALL_EVENTS, EVENT_NAME, Catalogue
 
-TENANT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Used with fullmatch: `$` would also match before a final line break.
+TENANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # What no header value may hold (tab aside): secrets and producer ids end up in headers.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-SIGNING_SECRET = re.compile(r"^whsec_[A-Za-z0-9+/=]+$")
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+SIGNING_SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]+")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 T = TypeVar("T")
@@ -171,7 +172,7 @@ class _Table:
 
     def key(self, name: str) -> str:
         # Quoted as TOML quotes it when the key is not bare, so "acme.eu" is one key.
-        part = name if BARE_KEY.match(name) else json.dumps(name, ensure_ascii=False)
+        part = name if BARE_KEY.fullmatch(name) else json.dumps(name, ensure_ascii=False)
         return f"{self.path}.{part}" if self.path else part
 
     def error(self, name: str | None, message: str) -> None:
@@ -412,7 +413,7 @@ def from_dict(raw: dict[str, Any], config_path: Path, environ: Mapping[str, str]
     for name in tenants_table.raw:
         tenants_table.seen.add(name)
         table = tenants_table.sub(name)
-        if not TENANT_NAME.match(name):
+        if not TENANT_NAME.fullmatch(name):
             table.error(None, "tenant names are 1 to 64 of A-Z a-z 0-9 _ -")
             continue
         tenant = parse_tenant(name, table, ctx, origin=config_path.resolve(), from_api=False)
@@ -529,7 +530,7 @@ def _catalogue(table: _Table) -> Catalogue:
         if not isinstance(value, list):
             raise ValueError("expected a list of event type names")
         for event in value:
-            if not isinstance(event, str) or not EVENT_NAME.match(event):
+            if not isinstance(event, str) or not EVENT_NAME.fullmatch(event):
                 raise ValueError(f"{event!r} is not an event name (A-Z, 0-9, _; 1 to 64)")
             if Catalogue().is_known(event):
                 raise ValueError(f"{event} is already a built-in event type")
@@ -600,7 +601,7 @@ def parse_tenant(
 
 def _signing_secret(value: Any) -> str:
     text = _str(value)
-    if text and not SIGNING_SECRET.match(text):
+    if text and not SIGNING_SECRET.fullmatch(text):
         raise ValueError("expected whsec_ followed by a base64 key (Standard Webhooks)")
     if text:
         try:
@@ -700,7 +701,7 @@ def _load_tenants_dir(directory: Path, ctx: _Context) -> list[tuple[str, TenantC
     for file in sorted(directory.glob("*.toml")):
         name = file.stem
         source = os.fspath(file)
-        if not TENANT_NAME.match(name):
+        if not TENANT_NAME.fullmatch(name):
             ctx.errors.append(f"{source}: the file name is not a valid tenant name")
             continue
         try:
@@ -747,7 +748,7 @@ def parse_api_tenant(
     Deprecated event types are refused, except COLLECTED_DATA_UPDATED, which becomes
     COLLECTED_DATA_CHANGED. Returns the tenant and any warnings.
     """
-    if not TENANT_NAME.match(name):
+    if not TENANT_NAME.fullmatch(name):
         raise ConfigError([f"{source}: tenant names are 1 to 64 of A-Z a-z 0-9 _ -"])
     errors: list[str] = []
     warnings: list[str] = []
@@ -806,6 +807,7 @@ def write_tenant_file(directory: Path, name: str, table: Mapping[str, Any]) -> P
     )
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode through O_CREAT
         os.write(fd, text.encode())
         os.fsync(fd)
     finally:

@@ -33,7 +33,7 @@ DEPRECATED: dict[str, str | None] = {
 }
 
 ALL_EVENTS = "*"
-EVENT_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+EVENT_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")  # for fullmatch
 
 
 class UnknownEvent(ValueError):

@@ -298,8 +298,8 @@ class Service:
             directory = self.config.daemon.tenants_dir
             if directory is None:
                 raise Conflict("tenants_dir is not set in [daemon]; the tenant API needs it")
-            if isinstance(raw, dict) and existing is not None:
-                raw = _keep_masked_secrets(raw, existing)
+            if isinstance(raw, dict):
+                raw = _from_view(raw, existing, self.config.delivery)
             try:
                 tenant, warnings = config_mod.parse_api_tenant(
                     name, raw, self.config, source=f"PUT /v1/tenants/{name}"
@@ -496,13 +496,50 @@ class Service:
         return True
 
 
-def _keep_masked_secrets(raw: dict[str, Any], existing: TenantConfig) -> dict[str, Any]:
-    raw = dict(raw)
-    if raw.get("secret") == "***" and existing.secret_ref.kind == "secret":
-        raw["secret"] = existing.secret.reveal()
-    if raw.get("signing_secret") == "***" and existing.signing_secret:
-        raw["signing_secret"] = existing.signing_secret.reveal()
+MASK = "***"  # how GET shows a secret
+VIEW_ONLY = ("tenant", "source")  # fields of a GET answer that are not settings
+
+
+def _from_view(
+    raw: dict[str, Any], existing: TenantConfig | None, defaults: config_mod.DeliveryOptions
+) -> dict[str, Any]:
+    """A tenant table as PUT, which may be a GET answer edited: masked secrets keep the stored
+    ones, and the answer's read-only fields go (`delivery`, the effective settings, only
+    when unchanged: an edit there would otherwise be silently lost)."""
+    raw = {key: value for key, value in raw.items() if key not in VIEW_ONLY}
+    shown = raw.pop("delivery", None)
+    if shown is not None:
+        effective = existing.delivery if existing is not None else defaults
+        if not isinstance(shown, dict) or any(
+            key not in raw
+            and (key not in config_mod.DELIVERY_KEYS or value != _plain(getattr(effective, key)))
+            for key, value in shown.items()
+        ):
+            raise InvalidTenant(
+                "delivery: shows the effective delivery settings and is read-only; to change "
+                'one, set it at the top level (as "timeout": 5.0)'
+            )
+    for key in ("secret", "signing_secret"):
+        if raw.get(key) != MASK:
+            continue
+        if existing is None:
+            kept = None
+        elif key == "secret":
+            kept = existing.secret if existing.secret_ref.kind == "secret" else None
+        else:
+            kept = existing.signing_secret
+        if not kept:
+            raise InvalidTenant(
+                f'{key}: "{MASK}" keeps the stored secret, and there is none to keep; send '
+                "the secret itself"
+            )
+        raw[key] = kept.reveal()
     return raw
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON shows it (tuples are lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _address(address: Any) -> str:
