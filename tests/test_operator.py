@@ -329,6 +329,37 @@ async def test_retry_during_a_long_backoff_attempts_at_once_and_keeps_counting(
     assert 55 <= stamp(after["next_attempt_at"]) - time.time() <= 61
 
 
+async def test_a_retry_during_an_attempt_does_not_outlive_a_pause(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """Retry asked while an attempt is in flight, then pause before it fails: the failure
+    backs off as usual, so resuming within the backoff does not send at once."""
+    release = asyncio.Event()
+
+    async def held_then_503(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(status=503)
+
+    receiver.script("/acme", held_then_503)
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"), retry_base=30.0)})
+    await daemon.ingest("acme", {"event": EVENT})
+    await wait_for(lambda: daemon.service.workers["acme"].in_flight, timeout=5)
+    status, body = await daemon.request("POST", "/v1/tenants/acme/retry")
+    assert (status, body["retrying"]) == (200, True)
+    status, _ = await daemon.request("POST", "/v1/tenants/acme/pause")
+    assert status == 200
+    release.set()
+    await wait_for(lambda: state_of(daemon, "acme")["attempts"] == 1, timeout=5)
+    paused = await daemon.status("acme")
+    assert 25 <= stamp(paused["next_attempt_at"]) - time.time() <= 31, paused
+
+    status, _ = await daemon.request("POST", "/v1/tenants/acme/resume")
+    assert status == 200
+    resumed = await daemon.status("acme")
+    assert (resumed["queue"], resumed["attempts"]) == ("stalled", 1)
+    assert len(receiver.at("/acme")) == 1
+
+
 async def test_retry_all_retries_every_waiting_tenant(
     receiver: Receiver, start_daemon: StartDaemon
 ) -> None:

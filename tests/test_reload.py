@@ -32,6 +32,7 @@ from tests.conftest import (
     wait_for,
     write_config,
 )
+from webhookd import logs
 
 EVENT = "CHECK_COMPLETED"
 
@@ -42,6 +43,9 @@ def restore_structlog() -> Iterator[None]:
     saved = structlog.get_config()
     yield
     structlog.configure(**saved)
+    # webhookd.logs.Logger keeps the logger bound under the reload's configuration (and
+    # its processor list, which capture_logs cannot reach) until told to rebuild it.
+    logs._generation[0] += 1
 
 
 @pytest.fixture

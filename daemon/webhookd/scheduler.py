@@ -134,8 +134,12 @@ class TenantWorker:
     def configure(self, config: TenantConfig | None) -> None:
         """Apply a new configuration (None: removed); it takes effect from the next attempt."""
         self.config = config
+        if config is None or not config.enabled:
+            self.retry_requested = False  # as for a pause: a retry must not outlive it
         if config is not None and config.delivery.recent_failures != self.failures.maxlen:
-            self.failures = deque(self.failures, maxlen=config.delivery.recent_failures)
+            # Newest first: a shorter deque keeps the head, not the (oldest) tail.
+            keep = config.delivery.recent_failures
+            self.failures = deque(islice(self.failures, keep), maxlen=keep)
         self.wake.set()
 
     # -- events from outside -----------------------------------------------------------------
@@ -182,6 +186,8 @@ class TenantWorker:
     async def set_paused(self, paused: bool) -> None:
         await self._store.set_paused(self.name, paused)
         self.row.paused = paused
+        if paused:
+            self.retry_requested = False  # asked before the pause; see request_retry
         self.wake.set()
 
     async def clear_failures(self) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,9 @@ from webhookd.store.writes import (
 log = logs.get_logger("webhookd.store")
 
 
+# How often a full disk is looked at for room again (one statvfs call).
+SPACE_CHECK_S = 2.0
+
 PRAGMAS_COMMON = (
     "PRAGMA journal_mode = WAL",
     "PRAGMA busy_timeout = 5000",
@@ -87,6 +91,7 @@ class Store:
         self._reserve = Reserve(path.with_name(path.name + "-reserve"))
         # Set when a commit ran out of space: ingest is refused, deliveries still recorded.
         self.disk_full = False
+        self._space_watch: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -103,6 +108,8 @@ class Store:
         ):
             await self._reader.execute(pragma)
         self._writer = asyncio.create_task(self._write_loop(), name="webhookd-store-writer")
+        if self.disk_full:
+            self._watch_space()
         return records
 
     def _open_writer(self) -> list[TenantRecord]:
@@ -133,6 +140,11 @@ class Store:
         if self._writer is not None:
             await self._writer
             self._writer = None
+        if self._space_watch is not None:
+            self._space_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._space_watch
+            self._space_watch = None
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
@@ -180,6 +192,8 @@ class Store:
                 results = [exc] * len(ops)
             for op, result in zip(ops, results, strict=True):
                 self._settle(op, result)
+            if self.disk_full:
+                self._watch_space()
             if self._closing and not self._pending:
                 return
 
@@ -293,6 +307,20 @@ class Store:
             raise StoreError(DISK_FULL, disk_full=True)
         result: list[IngestResult] = await self._submit(Enqueue(tenant, items, accepted_at))
         return result
+
+    def _watch_space(self) -> None:
+        if self._space_watch is None or self._space_watch.done():
+            self._space_watch = asyncio.create_task(
+                self._wait_for_space(), name="webhookd-store-space"
+            )
+
+    async def _wait_for_space(self) -> None:
+        """While the disk is full, look for room every SPACE_CHECK_S: status and metrics show
+        the recovery without waiting for an ingest to try."""
+        while self.disk_full and not self._closing:
+            await asyncio.sleep(SPACE_CHECK_S)
+            if self.disk_full and not self._closing:
+                await self._recover_space()
 
     async def _recover_space(self) -> bool:
         """Make the reserve again if the disk has room for it; True when space is back."""
