@@ -283,7 +283,10 @@ class TenantWorker:
             await self._clock.wait(self.wake, delay)
             return
         async with self._head_lock:
-            if not self.stopping:
+            # A skip or discard may have held the lock: what was due may not be any more
+            # (paused, disabled, removed or emptied meanwhile).
+            when = self._due()
+            if not self.stopping and when is not None and when <= self._now():
                 await self._attempt()
 
     async def _fill(self, want: int) -> None:
@@ -316,6 +319,8 @@ class TenantWorker:
             return
         size = config.delivery.batch_size if config.batching else 1
         await self._fill(size)
+        if self.config is not config or self._due() is None:
+            return  # paused, disabled, removed or reconfigured during the read
         batch = list(islice(self.buffer, size))
         if not batch:
             # The count says webhooks wait but none could be read: hold off, don't spin.
