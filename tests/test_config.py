@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from webhookd.config import ConfigError, SecretRef, load
 from webhookd.events import CURRENT
@@ -27,6 +28,10 @@ def acme(name: str = "acme", **changes: str | None) -> str:
     return f"[tenants.{name}]\n" + "\n".join(lines) + "\n"
 
 
+# A real certificate: ca_file must load as a bundle.
+CA_PEM = trustme.CA().cert_pem.bytes().decode()
+
+
 def write(path: Path, text: str, mode: int = 0o600) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -34,9 +39,9 @@ def write(path: Path, text: str, mode: int = 0o600) -> Path:
     return path
 
 
-def errors_of(path: str | Path, **kwargs: dict[str, str]) -> list[str]:
+def errors_of(path: str | Path, environ: dict[str, str] | None = None) -> list[str]:
     with pytest.raises(ConfigError) as caught:
-        load(path, **kwargs)
+        load(path, environ)
     return caught.value.errors
 
 
@@ -111,7 +116,7 @@ def test_an_empty_file_is_a_daemon_without_tenants(here: Path) -> None:
 
 
 def test_every_key_set(here: Path) -> None:
-    write(here / "ca.pem", "not checked here")
+    write(here / "ca.pem", CA_PEM)
     signing = "whsec_" + base64.b64encode(b"k" * 24).decode()
     write(
         here / "config.toml",
@@ -213,7 +218,7 @@ def test_relative_paths_resolve_against_the_config_folder(here: Path) -> None:
     etc = here / "etc"
     write(etc / "acme.secret", "from-file\n")
     write(etc / "api.token", "tok-from-file\n")
-    write(etc / "ca.pem", "-----")
+    write(etc / "ca.pem", CA_PEM)
     write(
         etc / "config.toml",
         """
@@ -448,6 +453,22 @@ def test_tenant_in_both_places_is_an_error(here: Path) -> None:
     file = write(here / "tenants.d" / "acme.toml", TENANT_FILE + 'events = ["*"]\n')
     assert errors_of("config.toml", environ={}) == [
         f"{file}: tenant 'acme' is also defined in config.toml (tenants.acme); remove one of them"
+    ]
+
+
+def test_hidden_files_in_tenants_dir_are_not_tenants(here: Path) -> None:
+    """An editor's lock file (`.#acme.toml`) would otherwise block every reload."""
+    write(here / "config.toml", "")
+    write(here / "tenants.d" / "beta.toml", TENANT_FILE + 'events = ["*"]\n')
+    write(here / "tenants.d" / ".#beta.toml", "user@host.1234:1700000000")
+    assert list(load("config.toml", environ={}).tenants) == ["beta"]
+
+
+def test_tenants_dir_that_is_a_file_is_an_error(here: Path) -> None:
+    write(here / "config.toml", '[daemon]\ntenants_dir = "tenants"\n')
+    write(here / "tenants", "")
+    assert errors_of("config.toml", environ={}) == [
+        "config.toml: daemon.tenants_dir: 'tenants' is not a folder"
     ]
 
 

@@ -1,6 +1,6 @@
 """Config / reload / secrets review: each test shows one place where the daemon departs from
 SPEC.md §5, §7, §8 or the README (Configuration, Operations, Run as a service). Each failed
-on the code it was written against (55ea422)."""
+on the code it was written against (55ea422) and passes since the commit after 4b34f64."""
 
 from __future__ import annotations
 

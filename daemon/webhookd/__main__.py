@@ -208,9 +208,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     text = STARTER_HEADER.format(path=path) + tomli_w.dumps(starter_config(args.state_dir))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # before the token is written: --force over a 0644 file
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(text)
-    os.chmod(path, 0o600)
     print(f"wrote {path} (mode 0600) with a fresh api_token")
     return 0
 

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
@@ -31,6 +32,7 @@ TENANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 SIGNING_SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]+")
+API_TOKEN = re.compile(r"[!-~]+")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 T = TypeVar("T")
@@ -381,8 +383,21 @@ class _Context:
     environ: Mapping[str, str]
 
 
-def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read, validate and resolve a configuration file (and its tenants_dir)."""
+# `load(..., tenants_from=...)` default: the folder the file names.
+AS_CONFIGURED: Any = object()
+
+
+def load(
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    tenants_from: Path | None = AS_CONFIGURED,
+) -> Config:
+    """Read, validate and resolve a configuration file (and its tenants_dir).
+
+    `tenants_from` reads the API's tenant files from another folder than the file names: a
+    reload keeps the running tenants_dir (a restart-only key) until the restart.
+    """
     source = os.fspath(path)
     config_path = Path(source)
     try:
@@ -393,10 +408,21 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         raise ConfigError([f"{source}: cannot read: {exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
-    return from_dict(raw, config_path, environ=os.environ if environ is None else environ)
+    return from_dict(
+        raw,
+        config_path,
+        environ=os.environ if environ is None else environ,
+        tenants_from=tenants_from,
+    )
 
 
-def from_dict(raw: dict[str, Any], config_path: Path, environ: Mapping[str, str]) -> Config:
+def from_dict(
+    raw: dict[str, Any],
+    config_path: Path,
+    environ: Mapping[str, str],
+    *,
+    tenants_from: Path | None = AS_CONFIGURED,
+) -> Config:
     source = os.fspath(config_path)
     base_dir = config_path.resolve().parent
     errors: list[str] = []
@@ -421,8 +447,9 @@ def from_dict(raw: dict[str, Any], config_path: Path, environ: Mapping[str, str]
             tenants[name] = tenant
     root.finish()
 
-    if daemon.tenants_dir is not None and daemon.tenants_dir.is_dir():
-        for tenant_source, tenant in _load_tenants_dir(daemon.tenants_dir, ctx):
+    directory = daemon.tenants_dir if tenants_from is AS_CONFIGURED else tenants_from
+    if directory is not None and directory.is_dir():
+        for tenant_source, tenant in _load_tenants_dir(directory, ctx):
             if tenant.name in tenants:
                 errors.append(
                     f"{tenant_source}: tenant {tenant.name!r} is also defined in {source} "
@@ -454,18 +481,7 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
 
     database = table.get("database", base_dir / defaults.database, path_in)
     host, port = table.get("listen", ("127.0.0.1", 8787), parse_listen)
-    token = table.get("api_token", "", _str)
-    token_file = table.get("api_token_file", "", _str)
-    if token and token_file:
-        table.error("api_token_file", "set api_token or api_token_file, not both")
-    elif token_file:
-        try:
-            token = _read_secret_text(_path(base_dir, token_file))
-        except ValueError as exc:
-            table.error("api_token_file", f"cannot read {token_file!r}: {exc}")
-        else:
-            if not token:
-                table.error("api_token_file", f"{token_file!r} is empty")
+    token = _api_token(table, base_dir)
     if not token and not is_loopback(host):
         table.error(
             "listen",
@@ -479,9 +495,11 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
 
     default_dir: Path | None = base_dir / "tenants.d"
     tenants_dir = table.get("tenants_dir", default_dir, optional_path)
+    if tenants_dir is not None and tenants_dir.exists() and not tenants_dir.is_dir():
+        table.error("tenants_dir", f"{table.raw['tenants_dir']!r} is not a folder")
     ca_file = table.get("ca_file", None, optional_path)
-    if ca_file is not None and not ca_file.is_file():
-        table.error("ca_file", f"no such file: {table.raw['ca_file']!r}")
+    if ca_file is not None:
+        _check_ca_file(table, ca_file)
     config = DaemonConfig(
         database=database,
         listen_host=host,
@@ -513,6 +531,40 @@ def _path(base_dir: Path, text: str) -> Path:
         return base_dir / Path(text).expanduser()
     except RuntimeError:  # ~someone who does not exist
         raise ValueError(f"cannot expand {text.split('/', 1)[0]!r}: no such user") from None
+
+
+def _api_token(table: _Table, base_dir: Path) -> str:
+    """`api_token` or the contents of `api_token_file` (errors recorded on the table)."""
+    token = table.get("api_token", "", _str)
+    token_file = table.get("api_token_file", "", _str)
+    if token and token_file:
+        table.error("api_token_file", "set api_token or api_token_file, not both")
+    elif token_file:
+        try:
+            token = _read_secret_text(_path(base_dir, token_file))
+        except ValueError as exc:
+            table.error("api_token_file", f"cannot read {token_file!r}: {exc}")
+        else:
+            if not token:
+                table.error("api_token_file", f"{token_file!r} is empty")
+    if token and not API_TOKEN.fullmatch(token):
+        # Clients send it in a header: what a header cannot carry as is would lock them out.
+        table.error(
+            "api_token_file" if token_file else "api_token",
+            "use printable ASCII without spaces or line breaks (it is sent in a header)",
+        )
+    return token
+
+
+def _check_ca_file(table: _Table, ca_file: Path) -> None:
+    """The bundle must load now: at start-up, a bad one would fail far from its key."""
+    if not ca_file.is_file():
+        table.error("ca_file", f"no such file: {table.raw['ca_file']!r}")
+        return
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=ca_file)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        table.error("ca_file", f"{table.raw['ca_file']!r} is not a PEM certificate bundle ({exc})")
 
 
 def _read_secret_text(path: Path) -> str:
@@ -699,6 +751,8 @@ def _secret_value(table: _Table, ctx: _Context) -> tuple[str, SecretRef]:
 def _load_tenants_dir(directory: Path, ctx: _Context) -> list[tuple[str, TenantConfig]]:
     tenants: list[tuple[str, TenantConfig]] = []
     for file in sorted(directory.glob("*.toml")):
+        if file.name.startswith("."):
+            continue  # an editor's lock or backup file (.#acme.toml), not a tenant
         name = file.stem
         source = os.fspath(file)
         if not TENANT_NAME.fullmatch(name):

@@ -247,7 +247,11 @@ class Service:
         """Re-read the configuration file; on any error keep the running configuration."""
         async with self._reload_lock:
             try:
-                new = await asyncio.to_thread(config_mod.load, self.config.path)
+                new = await asyncio.to_thread(
+                    config_mod.load,
+                    self.config.path,
+                    tenants_from=self.config.daemon.tenants_dir,  # restart-only, like the rest
+                )
             except ConfigError as exc:
                 for error in exc.errors:
                     log.error("reload_rejected", error=error)
@@ -264,11 +268,12 @@ class Service:
             if key not in ("log_level", "log_format", "allow_private_endpoints")
             and getattr(new.daemon, key) != getattr(old.daemon, key)
         ]
+        # The new level first: a reload that raises verbosity shows its own warnings.
+        logs.configure(new.daemon.log_format, new.daemon.log_level)
         if restart_keys:
             log.warning("restart_needed", keys=sorted(restart_keys))
         for warning in new.warnings:
             log.warning("config_warning", warning=warning)
-        logs.configure(new.daemon.log_format, new.daemon.log_level)
         self.sender.set_allow_private(new.daemon.allow_private_endpoints)
         # Keys that need a restart keep their running values until then.
         daemon = replace(
