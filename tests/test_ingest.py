@@ -142,6 +142,42 @@ async def test_duplicates_across_requests_keep_their_first_sequence(
     assert receiver.sequences("/acme") == [1, 2, 3]
 
 
+async def test_a_generated_id_is_unique_for_good_and_a_forged_one_is_refused(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """Generated ids carry their tenant and first sequence: sent back (after delivery, or
+    by another tenant's producer) they are known without being stored; one in that form
+    that was never given out would collide with a later one, so it is refused."""
+    daemon = await start_daemon(
+        tenants={"acme": tenant(receiver.url("/acme")), "beta": tenant(receiver.url("/beta"))}
+    )
+    first = (await daemon.ingest("acme", [{"event": EVENT}, {"event": EVENT}]))["webhooks"]
+    assert [e["sequence"] for e in first] == [1, 2]
+    await wait_for(lambda: len(receiver.at("/acme")) == 2, timeout=2)
+    given = first[1]["id"]
+    again = await daemon.ingest("acme", [{"event": EVENT, "id": given.upper()}, {"event": EVENT}])
+    assert again["webhooks"][0] == {"id": given.upper(), "sequence": 2, "status": "duplicate"}
+    assert again["webhooks"][1]["sequence"] == 3
+    # Another tenant's generated id is an ordinary producer id there.
+    elsewhere = await daemon.ingest("beta", {"event": EVENT, "id": given})
+    assert elsewhere["webhooks"] == [{"id": given, "sequence": 1, "status": "queued"}]
+
+    forged = given[:19] + f"{(1 << 15) | 0:04x}"[:4] + "-" + f"{7:012x}"  # sequence 7
+    status, body = await daemon.request(
+        "POST", "/v1/tenants/acme/webhooks", json=[{"event": EVENT}, {"event": EVENT, "id": forged}]
+    )
+    assert status == 400, body
+    assert_error(body, "bad_request")
+    assert "was never given out" in body["detail"]
+    assert (await daemon.status("acme"))["waiting"] == 0  # nothing from it queued
+    later = await daemon.ingest("acme", [{"event": EVENT}] * 4)
+    assert [e["sequence"] for e in later["webhooks"]] == [4, 5, 6, 7]
+    assert later["webhooks"][3]["id"] == forged
+    await wait_for(lambda: len(receiver.at("/acme")) == 7, timeout=2)
+    ids = [r.json["id"] for r in receiver.at("/acme")]
+    assert len(set(ids)) == 7, ids
+
+
 async def test_data_defaults_to_an_empty_object(
     receiver: Receiver, start_daemon: StartDaemon
 ) -> None:

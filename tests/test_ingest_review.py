@@ -1,7 +1,8 @@
-"""Ingest review: failing tests for defects found in the ingest path.
+"""Ingest review: tests for defects found in the ingest path.
 
-Each test fails on the code as reviewed and names what a producer does to trigger the defect
-and the promise (SPEC.md / README.md) it breaks.
+Each test failed on the code as reviewed (d1cfcee) and passes since the commit after it;
+each names what a producer does to trigger the defect and the promise (SPEC.md /
+README.md) it breaks.
 """
 
 from __future__ import annotations

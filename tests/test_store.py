@@ -274,7 +274,7 @@ async def test_generated_ids_are_uuids(store: Store) -> None:
     assert len(set(ids)) == 3
     for webhook_id in ids:
         assert str(uuid.UUID(webhook_id)) == webhook_id
-        assert uuid.UUID(webhook_id).version == 4
+        assert uuid.UUID(webhook_id).version == 8
     assert [w.id for w in await store.read_queue("acme", 0, 10)] == ids
 
 
@@ -545,12 +545,17 @@ async def test_on_a_full_database_ingest_is_refused_but_deliveries_are_recorded(
     assert await store.pragma("integrity_check") == "ok"
 
 
-def test_generated_ids_are_distinct_version_4_uuids() -> None:
-    from webhookd.store import new_ids
+def test_generated_ids_are_version_8_uuids_that_carry_tenant_and_sequence() -> None:
+    from webhookd.store import generated_id, generated_sequence, id_tag
 
-    ids = new_ids(5000)
-    assert len(set(ids)) == 5000
-    for text in ids:
+    tag = id_tag("acme")
+    assert tag != id_tag("acme2")
+    for sequence in (1, 2, 999, 2**53 + 1, 2**62 - 1):
+        text = generated_id(tag, sequence)
         parsed = uuid.UUID(text)
-        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
-    assert new_ids(0) == []
+        assert (parsed.version, parsed.variant, str(parsed)) == (8, uuid.RFC_4122, text)
+        assert generated_sequence(tag, text) == sequence
+        assert generated_sequence(tag, text.upper()) == sequence
+        assert generated_sequence(id_tag("acme2"), text) is None
+    for other in ("", "evt-1", str(uuid.uuid4()), generated_id(tag, 5).replace("-8000-", "-8001-")):
+        assert generated_sequence(tag, other) is None

@@ -23,7 +23,16 @@ from webhookd.config import Config, ConfigError, TenantConfig
 from webhookd.metrics import Metrics
 from webhookd.scheduler import Clock, InFlight, TenantWorker
 from webhookd.sender import Sender
-from webhookd.store import NewWebhook, Store, StoreError, TenantRecord, TenantRow, Webhook
+from webhookd.store import (
+    NewWebhook,
+    Store,
+    StoreError,
+    TenantRecord,
+    TenantRow,
+    Webhook,
+    generated_sequence,
+    id_tag,
+)
 
 log = logs.get_logger("webhookd.service")
 
@@ -53,6 +62,14 @@ class UnknownEventType(ServiceError):
 
 class Unavailable(ServiceError):
     status, code = 503, "unavailable"
+
+
+# How long open API requests get when the daemon stops (after the delivery grace).
+HTTP_SHUTDOWN_S = 1.0
+
+
+class InvalidIngest(ServiceError):
+    status, code = 400, "bad_request"
 
 
 class InvalidTenant(ServiceError):
@@ -107,8 +124,15 @@ class Service:
         app = create_app(self)
         # auto_decompress off: a compressed body is refused by the API with a JSON 415,
         # rather than by the HTTP parser in plain text (and no decompression bombs).
+        # shutdown_timeout: at stop, requests still open get this long (aiohttp's default is
+        # 60 s, past systemd's TimeoutStopSec). Ingest is refused by then; a commit in
+        # progress takes milliseconds; a producer stalled mid-upload is cut off.
         self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, auto_decompress=False
+            app,
+            access_log=None,
+            handle_signals=False,
+            auto_decompress=False,
+            shutdown_timeout=HTTP_SHUTDOWN_S,
         )
         await self._runner.setup()
         daemon = self.config.daemon
@@ -376,6 +400,7 @@ class Service:
             else:
                 answers.append({"id": item.id, "sequence": None, "status": "not_subscribed"})
         if queued:
+            self._check_reserved_ids(name, queued)
             try:
                 results = await self.store.enqueue(name, queued, self.clock.now())
             except StoreError as exc:
@@ -398,6 +423,20 @@ class Service:
         if not_subscribed:
             self.metrics.ingested(name, "not_subscribed", not_subscribed)
         return [a for a in answers if a is not None]
+
+    def _check_reserved_ids(self, name: str, queued: Sequence[NewWebhook]) -> None:
+        """A producer id in the form of this tenant's generated ids is one it was given (the
+        store answers `duplicate`), or one that would collide with a later generated id."""
+        tag = id_tag(name)
+        given = self.workers[name].row.last_sequence  # updated before any 202 is sent
+        for item in queued:
+            if item.id is not None:
+                first = generated_sequence(tag, item.id)
+                if first is not None and first > given:
+                    raise InvalidIngest(
+                        f"id {item.id!r} has the form of the ids webhookd generates for "
+                        f"{name} but was never given out; use an id of your own"
+                    )
 
     # -- status ------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from webhookd.store.records import (
 )
 from webhookd.store.schema import SCHEMA_VERSION
 from webhookd.store.sqlite import Store
-from webhookd.store.writes import new_ids
+from webhookd.store.writes import generated_id, generated_sequence, id_tag
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -40,5 +40,7 @@ __all__ = [
     "TenantRecord",
     "TenantRow",
     "Webhook",
-    "new_ids",
+    "generated_id",
+    "generated_sequence",
+    "id_tag",
 ]
