@@ -17,11 +17,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 import tomli_w
 import uvloop
 from aiohttp import web
 
 from webhookd import config as config_mod
+from webhookd import logs
 from webhookd.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +62,17 @@ async def stop_server(server: asyncio.Server | None, tasks: set[asyncio.Task[Any
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await server.wait_closed()
+
+
+@pytest.fixture
+def restore_structlog() -> Iterator[None]:
+    """An in-process reload reconfigures structlog globally; give later tests theirs back."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+    # webhookd.logs.Logger keeps the logger bound under the reload's configuration (and
+    # its processor list, which capture_logs cannot reach) until told to rebuild it.
+    logs._generation[0] += 1
 
 
 # -- a real HTTP receiver ------------------------------------------------------------------------

@@ -5,7 +5,6 @@ on the code it was written against (55ea422) and passes since the commit after 4
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import signal
@@ -13,12 +12,12 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.conftest import Process, Receiver, free_port, tenant, wait_for, write_config
+from tests.test_reload import call, log_events
 
 EVENT = "CHECK_COMPLETED"
 ProcessFactory = Callable[..., Process]
@@ -30,36 +29,12 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def log_events(process: Process, event: str) -> list[dict[str, Any]]:
-    """The subprocess's JSON log lines for one event, oldest first."""
-    found = []
-    for line in process.log().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("event") == event:
-            found.append(entry)
-    return found
-
-
 async def sighup_and_wait(process: Process) -> None:
     """SIGHUP, then wait until the daemon logged that the reload was applied."""
     before = len(log_events(process, "reloaded"))
     assert process.proc is not None
     process.proc.send_signal(signal.SIGHUP)
     await wait_for(lambda: len(log_events(process, "reloaded")) > before, timeout=10)
-
-
-async def call(
-    session: aiohttp.ClientSession, process: Process, method: str, path: str, body: Any = None
-) -> tuple[int, Any]:
-    async with session.request(method, process.base + path, json=body) as response:
-        text = await response.text()
-        try:
-            return response.status, json.loads(text)
-        except ValueError:
-            return response.status, text
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -11,24 +11,17 @@ all against a flaky real receiver (no duplicate or out-of-order 200s, nothing lo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from tests.conftest import Daemon, Receiver, StartDaemon, tenant, wait_for, write_config
 
 EVENT = "CHECK_COMPLETED"
 
 
-@pytest.fixture(autouse=True)
-def restore_structlog() -> Iterator[None]:
-    """An in-process reload reconfigures structlog globally; give later tests theirs back."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
+pytestmark = pytest.mark.usefixtures("restore_structlog")
 
 
 def _daemon_table(daemon: Daemon) -> dict[str, Any]:

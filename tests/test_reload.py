@@ -12,14 +12,13 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import structlog
 from aiohttp import web
 
 from tests.conftest import (
@@ -32,20 +31,11 @@ from tests.conftest import (
     wait_for,
     write_config,
 )
-from webhookd import logs
 
 EVENT = "CHECK_COMPLETED"
 
 
-@pytest.fixture(autouse=True)
-def restore_structlog() -> Iterator[None]:
-    """An in-process reload reconfigures structlog globally; give later tests theirs back."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
-    # webhookd.logs.Logger keeps the logger bound under the reload's configuration (and
-    # its processor list, which capture_logs cannot reach) until told to rebuild it.
-    logs._generation[0] += 1
+pytestmark = pytest.mark.usefixtures("restore_structlog")
 
 
 @pytest.fixture
