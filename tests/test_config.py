@@ -302,6 +302,25 @@ def test_secret_with_a_control_character_is_refused_without_showing_it(
     ]
 
 
+@pytest.mark.parametrize(
+    ("keys", "environ", "key"),
+    [
+        ({"secret": '"s3cr3t "'}, {}, "secret"),
+        ({"secret": '"\ts3cr3t"'}, {}, "secret"),
+        ({"secret": None, "secret_env": '"ACME_SECRET"'}, {"ACME_SECRET": "s3cr3t "}, "secret_env"),
+    ],
+    ids=["inline-trailing-space", "inline-leading-tab", "env-trailing-space"],
+)
+def test_secret_with_outer_whitespace_is_refused(
+    here: Path, keys: dict[str, Any], environ: dict[str, str], key: str
+) -> None:
+    # HTTP parsers drop a header value's outer whitespace: Authorization would differ.
+    write(here / "config.toml", acme(**keys))
+    assert errors_of("config.toml", environ=environ) == [
+        f"config.toml: tenants.acme.{key}: starts or ends with a space or tab; not allowed"
+    ]
+
+
 def test_secret_may_hold_spaces_tabs_and_any_printable_text(here: Path) -> None:
     write(here / "config.toml", acme(secret='"a b\\tc é ✓ \\"q\\""'))
     assert load("config.toml", environ={}).tenants["acme"].secret.reveal() == 'a b\tc é ✓ "q"'

@@ -1,5 +1,6 @@
 """Review of what a tenant's endpoint receives (SPEC §3, §8; README "What a tenant's
-endpoint receives"): each test fails on the reviewed code because of one mismatch.
+endpoint receives"): each test failed on the reviewed code (27d11a9)
+because of one mismatch, and passes since the commit after it.
 
 Checked and found matching (no test here): the request line (POST, path and query
 %-encoded only where a request target cannot carry them, an empty path sent as `/`),

@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from webhookd.events import ALL_EVENTS, EVENT_NAME, Catalogue
+from webhookd.http1 import ascii_host
 
 # Used with fullmatch: `$` would also match before a final line break.
 TENANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -304,7 +305,9 @@ def endpoint_url(value: Any) -> str:
     if parts.username or parts.password:
         raise ValueError("credentials in the URL are not allowed; use the tenant secret")
     try:
-        host = parts.hostname.encode("idna").decode("ascii")
+        # The stdlib codec checks an ASCII name's label lengths; an international name is
+        # encoded as deliveries will encode it (IDNA 2008).
+        host = ascii_host(parts.hostname).encode("idna").decode("ascii")
     except UnicodeError:
         raise ValueError(
             f"{parts.hostname!r} is not a valid host name (each dot-separated label 1 to 63 "
@@ -705,6 +708,10 @@ def _secret(table: _Table, ctx: _Context) -> tuple[str, SecretRef]:
     if CONTROL_CHARACTERS.search(secret):
         # It travels in the Authorization header, where a line break would end the header.
         table.error(ref.kind, "contains a control character (a line break?); not allowed")
+    elif secret != secret.strip(" \t"):
+        # HTTP parsers drop a header value's outer whitespace: the receiver would read
+        # another secret in Authorization than the one in the body.
+        table.error(ref.kind, "starts or ends with a space or tab; not allowed")
     return secret, ref
 
 

@@ -29,6 +29,7 @@ from typing import NamedTuple, cast
 from urllib.parse import quote, urlsplit
 
 import aiohappyeyeballs
+import idna
 
 # A response head (status line and headers) larger than this is refused.
 MAX_HEAD = 64 * 1024
@@ -92,16 +93,25 @@ class Target(NamedTuple):
 
 
 @lru_cache(maxsize=4096)
+def ascii_host(host: str) -> str:
+    """The name DNS and TLS know a host by. An international one is encoded by IDNA 2008
+    (UTS #46), as browsers, curl and yarl do: Python's own "idna" codec is IDNA 2003, which
+    maps `straße.example` to another domain (`strasse.example`). UnicodeError if it has no
+    such name."""
+    if host.isascii():
+        return host
+    return str(idna.encode(host, uts46=True).decode("ascii"))
+
+
 def parse_target(url: str) -> Target:
     """Split a configured endpoint (config.endpoint_url has validated it)."""
     parts = urlsplit(url)
     tls = parts.scheme == "https"
     host = parts.hostname or ""
-    if not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise ResolveError(host) from None
+    try:
+        host = ascii_host(host)
+    except UnicodeError:
+        raise ResolveError(host) from None
     default = 443 if tls else 80
     port = parts.port or default
     shown = f"[{host}]" if ":" in host else host
