@@ -37,6 +37,9 @@ class Clock:
     def now(self) -> float:
         return time.time()
 
+    def monotonic(self) -> float:
+        return time.monotonic()
+
     async def wait(self, event: asyncio.Event, delay: float) -> None:
         """Return when `event` is set or `delay` seconds have passed, whichever is first."""
         loop = asyncio.get_running_loop()
@@ -83,6 +86,8 @@ class TenantWorker:
         self.buffer: deque[Webhook] = deque()
         self.buffer_end = self.row.acked_sequence  # highest sequence read into the buffer
         self.retry_requested = False
+        # The deadline last timed: (wall-clock time, its steady-clock twin).
+        self._timed: tuple[float, float] | None = None
         self.in_flight: tuple[int, int] | None = None
         self.wake = asyncio.Event()
         self.stopping = False
@@ -278,7 +283,7 @@ class TenantWorker:
         if when is None:
             await self.wake.wait()
             return
-        delay = when - self._now()
+        delay = self._remaining(when)
         if delay > 0:
             await self._clock.wait(self.wake, delay)
             return
@@ -286,8 +291,17 @@ class TenantWorker:
             # A skip or discard may have held the lock: what was due may not be any more
             # (paused, disabled, removed or emptied meanwhile).
             when = self._due()
-            if not self.stopping and when is not None and when <= self._now():
+            if not self.stopping and when is not None and self._remaining(when) <= 0:
                 await self._attempt()
+
+    def _remaining(self, when: float) -> float:
+        """Seconds until `when` (wall clock, as stored). A deadline is converted to the
+        steady clock once, when first timed: a wall-clock step while it is awaited (NTP,
+        a resumed VM) neither stretches a backoff or batch window nor cuts it short."""
+        steady = self._clock.monotonic()
+        if self._timed is None or self._timed[0] != when:
+            self._timed = (when, steady + (when - self._now()))
+        return self._timed[1] - steady
 
     async def _fill(self, want: int) -> None:
         """Read more of the queue head into the buffer, until it holds `want` (or all)."""
