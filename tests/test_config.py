@@ -483,6 +483,13 @@ def test_hidden_files_in_tenants_dir_are_not_tenants(here: Path) -> None:
     assert list(load("config.toml", environ={}).tenants) == ["beta"]
 
 
+def test_tenants_dir_may_be_the_config_files_own_folder(here: Path) -> None:
+    """The main file is not read again as a tenant file named after it."""
+    write(here / "webhookd.toml", '[daemon]\ntenants_dir = "."\n')
+    write(here / "beta.toml", TENANT_FILE + 'events = ["*"]\n')
+    assert list(load("webhookd.toml", environ={}).tenants) == ["beta"]
+
+
 def test_tenants_dir_that_is_a_file_is_an_error(here: Path) -> None:
     write(here / "config.toml", '[daemon]\ntenants_dir = "tenants"\n')
     write(here / "tenants", "")

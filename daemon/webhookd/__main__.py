@@ -27,6 +27,16 @@ def config_path(args: argparse.Namespace) -> str:
     return str(args.config or os.environ.get("WEBHOOKD_CONFIG") or DEFAULT_CONFIG)
 
 
+def load_client_or_exit(args: argparse.Namespace) -> config.ClientConfig:
+    """Where the daemon listens and its token: all a client command reads of the file."""
+    try:
+        return config.load_client(config_path(args))
+    except config.ConfigError as exc:
+        for error in exc.errors:
+            print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def load_or_exit(args: argparse.Namespace) -> config.Config:
     try:
         return config.load(config_path(args))
@@ -223,20 +233,20 @@ class ApiError(Exception):
 
 
 def api_call(
-    cfg: config.Config, method: str, path: str, body: Any = None, *, text: bool = False
+    cfg: config.ClientConfig, method: str, path: str, body: Any = None, *, text: bool = False
 ) -> Any:
-    host = cfg.daemon.listen_host
+    host = cfg.listen_host
     if host in ("0.0.0.0", "::", ""):  # listening everywhere: talk to ourselves on loopback
         host = "127.0.0.1" if host != "::" else "::1"
     host = f"[{host}]" if ":" in host else host
-    url = f"http://{host}:{cfg.daemon.listen_port}{path}"
+    url = f"http://{host}:{cfg.listen_port}{path}"
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         request.add_header("Content-Type", "application/json")
     if text:
         request.add_header("Accept", "text/plain")
-    token = cfg.daemon.api_token.reveal()
+    token = cfg.api_token.reveal()
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -264,7 +274,7 @@ def tenant_arg(value: str) -> str:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    cfg = load_or_exit(args)
+    cfg = load_client_or_exit(args)
     raw = args.data
     if raw.startswith("@"):
         try:
@@ -290,14 +300,14 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = load_or_exit(args)
+    cfg = load_client_or_exit(args)
     path = f"/v1/tenants/{args.tenant}/status" if args.tenant else "/v1/status"
     print(api_call(cfg, "GET", path, text=True), end="")
     return 0
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    cfg = load_or_exit(args)
+    cfg = load_client_or_exit(args)
     if args.all == bool(args.tenant):
         print("error: name a TENANT or give --all", file=sys.stderr)
         return 2
@@ -312,7 +322,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    cfg = load_or_exit(args)
+    cfg = load_client_or_exit(args)
     answer = api_call(cfg, "POST", f"/v1/tenants/{args.tenant}/refresh")
     print(f"{args.tenant}: cleared {answer['cleared']} failure(s)")
     return 0
@@ -329,7 +339,7 @@ def _option_value(text: str) -> Any:
 
 
 def cmd_tenant(args: argparse.Namespace) -> int:
-    cfg = load_or_exit(args)
+    cfg = load_client_or_exit(args)
     if args.action == "show":
         path = f"/v1/tenants/{args.name}" if args.name else "/v1/tenants"
         print(json.dumps(api_call(cfg, "GET", path), indent=2))

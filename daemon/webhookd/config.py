@@ -401,22 +401,52 @@ def load(
     `tenants_from` reads the API's tenant files from another folder than the file names: a
     reload keeps the running tenants_dir (a restart-only key) until the restart.
     """
-    source = os.fspath(path)
-    config_path = Path(source)
-    try:
-        raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError([f"{source}: file not found"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{source}: cannot read: {exc}"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
+    config_path = Path(os.fspath(path))
+    raw = _read_toml(config_path)
     return from_dict(
         raw,
         config_path,
         environ=os.environ if environ is None else environ,
         tenants_from=tenants_from,
     )
+
+
+def _read_toml(config_path: Path) -> dict[str, Any]:
+    source = os.fspath(config_path)
+    try:
+        return tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{source}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{source}: cannot read: {exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What the client commands (send, status, retry, ...) need to reach the daemon."""
+
+    listen_host: str
+    listen_port: int
+    api_token: Secret
+
+
+def load_client(path: str | os.PathLike[str]) -> ClientConfig:
+    """Read only `listen` and `api_token` (or `api_token_file`) from a configuration file.
+
+    An operator's shell may lack what the daemon reads for its tenants (a `secret_env`
+    variable, a `secret_file` only the service user may read); the client needs none of it.
+    """
+    config_path = Path(os.fspath(path))
+    raw = _read_toml(config_path)
+    errors: list[str] = []
+    table = _Table(os.fspath(config_path), "", raw, errors).sub("daemon")
+    host, port = table.get("listen", ("127.0.0.1", 8787), parse_listen)
+    token = _api_token(table, config_path.resolve().parent)
+    if errors:
+        raise ConfigError(errors)
+    return ClientConfig(host, port, Secret(token))
 
 
 def from_dict(
@@ -757,9 +787,12 @@ def _secret_value(table: _Table, ctx: _Context) -> tuple[str, SecretRef]:
 
 def _load_tenants_dir(directory: Path, ctx: _Context) -> list[tuple[str, TenantConfig]]:
     tenants: list[tuple[str, TenantConfig]] = []
+    main_file = Path(ctx.source).resolve()
     for file in sorted(directory.glob("*.toml")):
         if file.name.startswith("."):
             continue  # an editor's lock or backup file (.#acme.toml), not a tenant
+        if file.resolve() == main_file:
+            continue  # tenants_dir is the main file's own folder
         name = file.stem
         source = os.fspath(file)
         if not TENANT_NAME.fullmatch(name):
