@@ -515,6 +515,39 @@ async def test_cli_retry_tenant_and_all_against_a_subprocess(
     assert "TENANT" in err
 
 
+async def test_cli_pause_peek_skip_parked_requeue_resume_against_a_subprocess(
+    tmp_path: Path,
+    receiver: Receiver,
+    process_factory: Callable[..., Process],
+    session: aiohttp.ClientSession,
+) -> None:
+    """The walk-through's steps by name: hold a tenant, look at the head, park it, list
+    what is parked, put it back at the tail, let it flow again."""
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    remote = await start_process(process_factory, path, session)
+
+    async def run(*args: str) -> str:
+        code, out, err = await run_cli(*args, "-c", str(path))
+        assert (code, err) == (0, ""), (args, err)
+        return out
+
+    assert await run("pause", "acme") == "acme: paused\n"
+    for n in (1, 2):
+        await remote.call(
+            "POST", "/v1/tenants/acme/webhooks", json={"event": EVENT, "id": f"p/{n}"}
+        )
+    head = json.loads(await run("peek", "acme", "--limit", "1"))
+    assert [(w["id"], w["sequence"]) for w in head["webhooks"]] == [("p/1", 1)]
+    assert await run("skip", "acme") == "acme: parked id p/1 sequence 1\n"
+    assert [w["id"] for w in json.loads(await run("parked", "acme"))["parked"]] == ["p/1"]
+    assert await run("requeue", "acme", "p/1") == "acme: requeued id p/1 as sequence 3\n"
+    assert await run("resume", "acme") == "acme: resumed\n"
+    await wait_for(lambda: receiver.sequences("/acme") == [2, 3], timeout=5)
+    assert [r.json["id"] for r in receiver.at("/acme")] == ["p/2", "p/1"]
+    code, _, err = await run_cli("skip", "acme", "-c", str(path))  # nothing left to park
+    assert code == 1 and "409" in err, err
+
+
 # -- 3. recent failures -------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import resource
 import secrets
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -328,6 +329,27 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_control(args: argparse.Namespace) -> int:
+    """pause, resume, skip, parked, requeue, peek: the walk-through's API calls, by name."""
+    cfg = load_client_or_exit(args)
+    base = f"/v1/tenants/{args.tenant}"
+    if args.command in ("pause", "resume"):
+        api_call(cfg, "POST", f"{base}/{args.command}")
+        print(f"{args.tenant}: {args.command}d")
+    elif args.command == "skip":
+        parked = api_call(cfg, "POST", f"{base}/skip")["parked"]
+        print(f"{args.tenant}: parked id {parked['id']} sequence {parked['sequence']}")
+    elif args.command == "requeue":
+        webhook_id = urllib.parse.quote(args.id, safe="")
+        answer = api_call(cfg, "POST", f"{base}/parked/{webhook_id}/requeue")
+        print(f"{args.tenant}: requeued id {answer['id']} as sequence {answer['sequence']}")
+    elif args.command == "parked":
+        print(json.dumps(api_call(cfg, "GET", f"{base}/parked"), indent=2))
+    else:  # peek
+        print(json.dumps(api_call(cfg, "GET", f"{base}/webhooks?limit={args.limit}"), indent=2))
+    return 0
+
+
 def _option_value(text: str) -> Any:
     """`key=value` from the command line: the value read as TOML, else as a plain string."""
     import tomllib
@@ -454,6 +476,22 @@ def build_parser() -> argparse.ArgumentParser:
     refresh = command("refresh", "clear a tenant's recent failures")
     refresh.add_argument("tenant", metavar="TENANT", type=tenant_arg)
     refresh.set_defaults(func=cmd_refresh)
+
+    for name, help_text in (
+        ("pause", "hold a tenant's deliveries (events still queue)"),
+        ("resume", "resume a paused tenant"),
+        ("skip", "park the webhook at the head of a tenant's queue"),
+        ("parked", "list a tenant's parked webhooks"),
+        ("requeue", "put a parked webhook back at the tail (a new sequence)"),
+        ("peek", "show the head of a tenant's queue"),
+    ):
+        control = command(name, help_text)
+        control.add_argument("tenant", metavar="TENANT", type=tenant_arg)
+        if name == "requeue":
+            control.add_argument("id", metavar="ID", help="the parked webhook's id")
+        if name == "peek":
+            control.add_argument("--limit", type=int, default=10, help="1 to 1000 (default 10)")
+        control.set_defaults(func=cmd_control)
 
     tenant_cmd = command("tenant", "show, create, change or remove API-managed tenants")
     tenant_cmd.add_argument("action", choices=["show", "set", "rm"])
