@@ -24,6 +24,7 @@ from aiohttp import web
 
 from webhookd import config as config_mod
 from webhookd import logs
+from webhookd.scheduler import Clock
 from webhookd.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,9 +246,11 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
     started: list[Daemon] = []
     session = aiohttp.ClientSession()
 
-    async def start(config_path: Path | None = None, **kwargs: Any) -> Daemon:
+    async def start(
+        config_path: Path | None = None, *, clock: Clock | None = None, **kwargs: Any
+    ) -> Daemon:
         path = config_path or write_config(tmp_path, **kwargs)
-        service = Service(config_mod.load(path))
+        service = Service(config_mod.load(path), clock=clock)
         await service.start()
         daemon = Daemon(service, session)
         started.append(daemon)

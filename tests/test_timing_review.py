@@ -4,17 +4,9 @@ fb19f3f's code and passes since the commit after it)."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Any
 
-import aiohttp
-import pytest
-
-from tests.conftest import Daemon, Receiver, tenant, wait_for, write_config
-from webhookd import config as config_mod
+from tests.conftest import Receiver, StartDaemon, tenant, wait_for
 from webhookd.scheduler import Clock
-from webhookd.service import Service
 
 
 class SteppedClock(Clock):
@@ -28,33 +20,11 @@ class SteppedClock(Clock):
         return time.time() + self.offset
 
 
-StartWithClock = Callable[..., Awaitable[Daemon]]
-
-
-@pytest.fixture
-async def start_with_clock(tmp_path: Path) -> AsyncIterator[StartWithClock]:
-    """As conftest's start_daemon, but with the service's clock given by the test."""
-    started: list[Daemon] = []
-    session = aiohttp.ClientSession()
-
-    async def start(clock: Clock, **kwargs: Any) -> Daemon:
-        service = Service(config_mod.load(write_config(tmp_path, **kwargs)), clock=clock)
-        await service.start()
-        daemon = Daemon(service, session)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        await daemon.service.stop()
-    await session.close()
-
-
 STEP_BACK_S = 3600.0
 
 
 async def test_a_backward_wall_clock_step_does_not_stretch_a_backoff(
-    receiver: Receiver, start_with_clock: StartWithClock
+    receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
     """SPEC §4 Backoff: "After a failure the next attempt is at `retry_base × 2^(attempts−1)`
     while `attempts ≤ retry_doublings`, else `retry_after_doublings` seconds later."
@@ -67,8 +37,8 @@ async def test_a_backward_wall_clock_step_does_not_stretch_a_backoff(
     """
     clock = SteppedClock()
     receiver.script("/acme", 500)
-    daemon = await start_with_clock(
-        clock, tenants={"acme": tenant(receiver.url("/acme"), retry_base=0.3)}
+    daemon = await start_daemon(
+        clock=clock, tenants={"acme": tenant(receiver.url("/acme"), retry_base=0.3)}
     )
     worker = daemon.service.workers["acme"]
     await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
@@ -83,7 +53,7 @@ async def test_a_backward_wall_clock_step_does_not_stretch_a_backoff(
 
 
 async def test_a_backward_wall_clock_step_does_not_stretch_a_batch_window(
-    receiver: Receiver, start_with_clock: StartWithClock
+    receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
     """SPEC §4 Batching on: a batch "is sent as soon as `batch_size` webhooks are waiting,
     or once the oldest waiting webhook has waited `batch_window` seconds".
@@ -94,8 +64,8 @@ async def test_a_backward_wall_clock_step_does_not_stretch_a_batch_window(
     window, yet nothing is sent.
     """
     clock = SteppedClock()
-    daemon = await start_with_clock(
-        clock,
+    daemon = await start_daemon(
+        clock=clock,
         tenants={
             "acme": tenant(receiver.url("/acme"), batching=True, batch_size=10, batch_window=0.5)
         },

@@ -7,38 +7,21 @@ commit after it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, Receiver, StartDaemon, tenant, wait_for, write_config
+from tests.test_e2e import cli
 from webhookd import views
 from webhookd.__main__ import build_parser
 from webhookd.status import iso
 
 EVENT = "CHECK_COMPLETED"
 SECRET_VARIABLE = "WEBHOOKD_REVIEW_ACME_SECRET"
-
-
-async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    """`python -m webhookd ARGS` with exactly `env`, without blocking the daemon's loop."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "webhookd",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def walkthrough() -> str:
@@ -80,7 +63,7 @@ async def test_client_commands_work_without_the_daemons_tenant_secrets(
     operator_shell = {k: v for k, v in os.environ.items() if k != SECRET_VARIABLE}
     results = {}
     for command in (("status",), ("status", "acme"), ("retry", "acme"), ("refresh", "acme")):
-        results[command] = await run_cli(*command, "-c", str(path), env=operator_shell)
+        results[command] = await cli(*command, "-c", str(path), env=operator_shell)
     failed = {" ".join(c): (code, err.strip()) for c, (code, _, err) in results.items() if code}
     assert failed == {}, failed
     assert "stalled" in results[("status",)][1]

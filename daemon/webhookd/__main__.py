@@ -13,15 +13,16 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import tomli_w
 
 from webhookd import __version__, config, logs, views
 
 DEFAULT_CONFIG = "config.toml"
+T = TypeVar("T")
 
 
 def config_path(args: argparse.Namespace) -> str:
@@ -30,17 +31,17 @@ def config_path(args: argparse.Namespace) -> str:
 
 def load_client_or_exit(args: argparse.Namespace) -> config.ClientConfig:
     """Where the daemon listens and its token: all a client command reads of the file."""
-    try:
-        return config.load_client(config_path(args))
-    except config.ConfigError as exc:
-        for error in exc.errors:
-            print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    return _or_exit(config.load_client, args)
 
 
 def load_or_exit(args: argparse.Namespace) -> config.Config:
+    return _or_exit(config.load, args)
+
+
+def _or_exit(load: Callable[[str], T], args: argparse.Namespace) -> T:
+    """`load` the config file; on errors, print them (one per line) and exit 1."""
     try:
-        return config.load(config_path(args))
+        return load(config_path(args))
     except config.ConfigError as exc:
         for error in exc.errors:
             print(f"error: {error}", file=sys.stderr)
