@@ -256,6 +256,14 @@ def test_parse_target_brackets_an_ipv6_literal_in_the_authority_only(
     assert http1.parse_target(url) == expected
 
 
+def test_parse_target_parses_an_endpoint_once_not_per_delivery() -> None:
+    """sender.py parses the tenant's endpoint on every send: the hot path needs the cache."""
+    http1.parse_target.cache_clear()
+    for _ in range(3):
+        http1.parse_target("https://hooks.example/once")
+    assert (http1.parse_target.cache_info().misses, http1.parse_target.cache_info().hits) == (1, 2)
+
+
 def test_parse_target_keeps_the_query_and_drops_the_fragment() -> None:
     target = http1.parse_target("http://example.com/hooks?tenant=a&x=1#top")
     assert target.path == "/hooks?tenant=a&x=1"

@@ -92,7 +92,6 @@ class Target(NamedTuple):
     path: str  # the request target: path and query
 
 
-@lru_cache(maxsize=4096)
 def ascii_host(host: str) -> str:
     """The name DNS and TLS know a host by. An international one is encoded by IDNA 2008
     (UTS #46), as browsers, curl and yarl do: Python's own "idna" codec is IDNA 2003, which
@@ -103,6 +102,7 @@ def ascii_host(host: str) -> str:
     return str(idna.encode(host, uts46=True).decode("ascii"))
 
 
+@lru_cache(maxsize=4096)  # once per endpoint, not per delivery
 def parse_target(url: str) -> Target:
     """Split a configured endpoint (config.endpoint_url has validated it)."""
     parts = urlsplit(url)
