@@ -228,6 +228,8 @@ class Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
+        """Fit to carry another request; after an exchange `fully_sent` is asked as well
+        (nothing is written to a connection while it waits in the pool)."""
         return (
             not self.closed
             and self._state == _DONE
@@ -235,7 +237,6 @@ class Connection(asyncio.Protocol):
             and not self._buffer
             and self.transport is not None
             and not self.transport.is_closing()
-            and self.transport.get_write_buffer_size() == 0
         )
 
     def abort(self) -> None:
