@@ -288,10 +288,7 @@ class TenantWorker:
             await self._clock.wait(self.wake, delay)
             return
         async with self._head_lock:
-            # A skip or discard may have held the lock: what was due may not be any more
-            # (paused, disabled, removed or emptied meanwhile).
-            when = self._due()
-            if not self.stopping and when is not None and self._remaining(when) <= 0:
+            if not self.stopping:
                 await self._attempt()
 
     def _remaining(self, when: float) -> float:
@@ -333,8 +330,11 @@ class TenantWorker:
             return
         size = config.delivery.batch_size if config.batching else 1
         await self._fill(size)
-        if self.config is not config or self._due() is None:
-            return  # paused, disabled, removed or reconfigured during the read
+        # Waiting for the lock (a skip or discard held it) or for the read may have changed
+        # what is due: paused, disabled, removed, reconfigured, or a younger head.
+        when = self._due()
+        if self.config is not config or when is None or self._remaining(when) > 0:
+            return
         batch = list(islice(self.buffer, size))
         if not batch:
             # The count says webhooks wait but none could be read: hold off, don't spin.
