@@ -334,11 +334,7 @@ def _is_ip(host: str) -> bool:
 def _legacy_ipv4(host: str) -> bool:
     """`127.1`, `2130706433`, `0x7f.1`: numbers libc takes for an address but we refuse to
     send to (the HTTP client rejects them, and they are a classic SSRF disguise)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
+    if _is_ip(host):
         return False
     try:
         socket.inet_aton(host)
