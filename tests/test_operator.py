@@ -886,7 +886,10 @@ def test_duration_histogram_buckets_are_cumulative(
 ) -> None:
     # A service with no tenants: only the counters and the histogram have samples.
     service = SimpleNamespace(
-        store=SimpleNamespace(disk_full=False), clock=Clock(), visible_workers=list
+        store=SimpleNamespace(disk_full=False),
+        clock=Clock(),
+        visible_workers=list,
+        connections=None,
     )
     metrics = Metrics(cast(Any, service))
     for duration in durations_ms:

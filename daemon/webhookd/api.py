@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from webhookd import logs, views
 from webhookd.config import CONTROL_CHARACTERS, TENANT_NAME
+from webhookd.responses import error_response, http_error_response, json_response
 from webhookd.service import IngestItem, NotFound, Service, ServiceError
 
 log = logs.get_logger("webhookd.api")
@@ -50,31 +51,6 @@ class UnsupportedMediaType(ServiceError):
     status, code = 415, "unsupported_media_type"
 
 
-def json_response(body: Any, status: int = 200, *, pretty: bool = False) -> web.Response:
-    option = orjson.OPT_INDENT_2 if pretty else 0
-    return web.Response(
-        body=orjson.dumps(body, option=option), status=status, content_type="application/json"
-    )
-
-
-def error_response(status: int, code: str, detail: str) -> web.Response:
-    # Details may quote what a client sent: keep them short and always encodable.
-    if len(detail) > 1000:
-        detail = detail[:1000] + "…"
-    detail = detail.encode("utf-8", "backslashreplace").decode()
-    return json_response({"error": code, "detail": detail}, status)
-
-
-ERROR_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
-    415: "unsupported_media_type",
-}
-
-
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error answers JSON `{"error", "detail"}`; a bug answers 500, never a traceback."""
@@ -85,21 +61,22 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        detail = exc.text if exc.text and exc.status != 404 else exc.reason
-        if exc.status == 404:
-            detail = f"no such path: {request.method} {request.path}"
-        elif exc.status == 405 and isinstance(exc, web.HTTPMethodNotAllowed):
-            allowed = ", ".join(sorted(exc.allowed_methods))
-            detail = f"{request.method} is not allowed on {request.path}; use {allowed}"
-        elif exc.status == 413:
-            detail = "the request body is larger than max_body_bytes"
-        response = error_response(exc.status, ERROR_CODES.get(exc.status, "http_error"), detail)
-        if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110 §15.5.6)
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
+        return http_error_response(request, exc)
     except Exception:
         log.exception("request_failed", method=request.method, path=request.path)
         return error_response(500, "internal", "an internal error occurred; see the daemon log")
+
+
+def authorized(request: web.BaseRequest, expected: bytes) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # The scheme is case-insensitive (RFC 9110 §11.1). A header byte that is not UTF-8
+    # arrives surrogate-escaped; it cannot match, but must not raise.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), expected
+    )
+
+
+UNAUTHORIZED = "send Authorization: Bearer <api_token>"
 
 
 def auth_middleware(token: str) -> Any:
@@ -107,14 +84,8 @@ def auth_middleware(token: str) -> Any:
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/healthz":
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            # The scheme is case-insensitive (RFC 9110 §11.1). A header byte that is not
-            # UTF-8 arrives surrogate-escaped; it cannot match, but must not raise.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode("utf-8", "surrogateescape"), expected
-            ):
-                return error_response(401, "unauthorized", "send Authorization: Bearer <api_token>")
+        if request.path != "/healthz" and not authorized(request, expected):
+            return error_response(401, "unauthorized", UNAUTHORIZED)
         return await handler(request)
 
     return check
@@ -153,6 +124,33 @@ def create_app(service: Service) -> web.Application:
     return app
 
 
+def preflight(app: web.Application) -> Any:
+    """The refusals a request's head decides, for a client that sent `Expect: 100-continue`:
+    it waits for "100 Continue" before sending its body, and gets it only when that body
+    would be read (RFC 9110 §10.1.1). Runs before the app sees the request."""
+    token = app[SERVICE].config.daemon.api_token.reveal().encode()
+
+    async def check(request: web.BaseRequest) -> web.StreamResponse | None:
+        expect = request.headers["Expect"].strip().lower()
+        if expect != "100-continue":
+            return error_response(
+                417, "expectation_failed", "the only Expect this API takes is 100-continue"
+            )
+        match = await app.router.resolve(request)  # type: ignore[arg-type]
+        if token and request.path != "/healthz" and not authorized(request, token):
+            return error_response(401, "unauthorized", UNAUTHORIZED)
+        if match.http_exception is not None:
+            return http_error_response(request, match.http_exception)
+        if match.route.handler is ingest:
+            try:
+                check_ingest_head(app[SERVICE], valid_tenant(match["tenant"]), request)
+            except ServiceError as exc:
+                return error_response(exc.status, exc.code, exc.detail)
+        return None
+
+    return check
+
+
 class RequestTimeout(ServiceError):
     status, code = 408, "request_timeout"
 
@@ -184,7 +182,10 @@ async def read_body(request: web.Request) -> bytes:
 
 
 def tenant_name(request: web.Request) -> str:
-    name = request.match_info["tenant"]
+    return valid_tenant(request.match_info["tenant"])
+
+
+def valid_tenant(name: str) -> str:
     if not TENANT_NAME.fullmatch(name):
         raise NotFound(f"{name!r} is not a valid tenant name")
     return name
@@ -302,10 +303,9 @@ def _item(index: int, doc: Any, *, many: bool, exact: bool) -> IngestItem:
     return IngestItem(webhook_id, event, encoded)
 
 
-async def ingest(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    name = tenant_name(request)
-    service.tenant_config(name)  # 404 before reading a body we would refuse anyway
+def check_ingest_head(service: Service, name: str, request: web.BaseRequest) -> None:
+    """What the head alone decides: the tenant, the media type (before any body is read)."""
+    service.tenant_config(name)
     content_type = request.headers.get("Content-Type")
     # No Content-Type at all is taken as JSON; a declared other type is refused.
     if content_type is not None and not (
@@ -314,6 +314,12 @@ async def ingest(request: web.Request) -> web.Response:
         raise UnsupportedMediaType(
             f"Content-Type {content_type!r} is not JSON; send application/json"
         )
+
+
+async def ingest(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    name = tenant_name(request)
+    check_ingest_head(service, name, request)
     items = parse_ingest(await read_body(request))
     results = await service.ingest(name, items)
     return json_response({"webhooks": results}, 202)

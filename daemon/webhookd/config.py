@@ -107,6 +107,9 @@ class DaemonConfig:
     shutdown_grace: float = 10.0
     max_body_bytes: int = 10 * 1024 * 1024
     ca_file: Path | None = None
+    api_max_connections: int = 1000
+    api_header_timeout: float = 10.0
+    api_idle_timeout: float = 15.0
 
     @property
     def listen(self) -> str:
@@ -544,6 +547,9 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         shutdown_grace=table.get("shutdown_grace", 10.0, _number(0, 3600)),
         max_body_bytes=table.get("max_body_bytes", defaults.max_body_bytes, _int(1024, 1 << 30)),
         ca_file=ca_file,
+        api_max_connections=table.get("api_max_connections", 1000, _int(1, 100_000)),
+        api_header_timeout=table.get("api_header_timeout", 10.0, _number(0.1, 3600)),
+        api_idle_timeout=table.get("api_idle_timeout", 15.0, _number(0.1, 86400)),
     )
     table.finish()
     return config

@@ -61,6 +61,38 @@ def get_logger(name: str) -> Any:
     return Logger(name)
 
 
+class StdlibBridge(logging.Handler):
+    """What libraries log through the standard library (aiohttp, asyncio) as our events.
+
+    One line each, like ours: the message's first line, the logger's name, and an
+    exception named in one line (`error`), never a traceback: aiohttp's exceptions quote a
+    client's bytes, and a stack is no reading for an operator scanning the journal.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[1] is not None:
+                fields["error"] = one_line(record.exc_info[1])
+            message = record.getMessage().partition("\n")[0][:300]
+            get_logger("stdlib").log(record.levelno, message, **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {exc}".partition("\n")[0][:300]
+
+
+def _route_stdlib(level: int) -> None:
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, StdlibBridge)]:
+        root.removeHandler(handler)
+    root.addHandler(StdlibBridge())
+    root.setLevel(level)
+
+
 def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """(Re)configure logging; safe to call again on reload."""
     out = stream or sys.stderr
@@ -83,4 +115,5 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,  # our Logger caches, per configuration
     )
+    _route_stdlib(LEVELS.get(level, logging.INFO))
     _generation[0] += 1

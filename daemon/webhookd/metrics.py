@@ -23,7 +23,7 @@ class _QueueCollector(Collector):
     def __init__(self, service: Service) -> None:
         self.service = service
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         depth = GaugeMetricFamily(
             "webhookd_queue_depth", "Webhooks waiting per tenant.", labels=["tenant"]
         )
@@ -56,6 +56,28 @@ class _QueueCollector(Collector):
             count_stalled += worker.queue_state == "stalled"
         stalled.add_metric([], count_stalled)
         yield from (depth, oldest, attempts, parked, stalled, disk_full)
+        yield from self._connections()
+
+    def _connections(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        guard = self.service.connections
+        if guard is None:
+            return
+        open_ = GaugeMetricFamily("webhookd_api_connections", "API client connections open.")
+        open_.add_metric([], len(guard.live))
+        limit = GaugeMetricFamily(
+            "webhookd_api_connections_limit", "API client connections allowed at once."
+        )
+        limit.add_metric([], guard.limits.max_connections)
+        closed = CounterMetricFamily(
+            "webhookd_api_connections_closed",
+            "API connections the daemon closed or refused: header_timeout (request head "
+            "too slow), evicted (idle, closed to make room at the limit), refused (at the "
+            "limit with every connection busy).",
+            labels=["reason"],
+        )
+        for reason in ("header_timeout", "evicted", "refused"):
+            closed.add_metric([reason], guard.closed[reason])
+        yield from (open_, limit, closed)
 
 
 # Delivery-duration histogram bounds, seconds.

@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from webhookd import config as config_mod
-from webhookd import logs, status, systemd
+from webhookd import listener, logs, status, systemd
 from webhookd.config import Config, ConfigError, TenantConfig
 from webhookd.metrics import Metrics
 from webhookd.scheduler import Clock, InFlight, TenantWorker
@@ -103,6 +103,7 @@ class Service:
         self.accepting = False
         self.started = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        self.connections: listener.Guard | None = None  # the API's clients, once listening
         self.addresses: list[Any] = []
         self._abort = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -111,7 +112,7 @@ class Service:
 
     async def start(self) -> None:
         """Open the database, start a worker per tenant, then listen."""
-        from webhookd.api import create_app  # the API depends on the service, not back
+        from webhookd.api import create_app, preflight  # the API depends on the service
 
         self.store.on_enqueued = self._enqueued
         self._dormant = {r.name: r for r in await self.store.open()}
@@ -122,21 +123,41 @@ class Service:
             if record.row.last_sequence > record.row.acked_sequence or record.parked:
                 self._add_worker(self._dormant.pop(name), None)
         app = create_app(self)
+        daemon = self.config.daemon
+        limits = listener.Limits(
+            max_connections=listener.connection_cap(
+                daemon.api_max_connections, daemon.max_connections
+            ),
+            header_timeout=daemon.api_header_timeout,
+            idle_timeout=daemon.api_idle_timeout,
+            max_body_bytes=daemon.max_body_bytes,
+        )
+        if limits.max_connections < daemon.api_max_connections:
+            log.warning(
+                "api_connections_capped",
+                limit=limits.max_connections,
+                api_max_connections=daemon.api_max_connections,
+                detail="the open-files limit less max_connections leaves no more; raise "
+                "LimitNOFILE= (ulimit -Hn) to allow more API clients",
+            )
+        self.connections = listener.Guard(limits, preflight(app))
         # auto_decompress off: a compressed body is refused by the API with a JSON 415,
         # rather than by the HTTP parser in plain text (and no decompression bombs).
         # shutdown_timeout: at stop, requests still open get this long (aiohttp's default is
         # 60 s, past systemd's TimeoutStopSec). Ingest is refused by then; a commit in
         # progress takes milliseconds; a producer stalled mid-upload is cut off.
-        self._runner = web.AppRunner(
+        self._runner = listener.Runner(
             app,
+            guard=self.connections,
             access_log=None,
             handle_signals=False,
             auto_decompress=False,
             shutdown_timeout=HTTP_SHUTDOWN_S,
         )
         await self._runner.setup()
-        daemon = self.config.daemon
-        site = web.TCPSite(self._runner, daemon.listen_host, daemon.listen_port)
+        site = web.TCPSite(
+            self._runner, daemon.listen_host, daemon.listen_port, backlog=limits.backlog
+        )
         await site.start()
         self.addresses = list(self._runner.addresses)
         self.accepting = True

@@ -8,8 +8,9 @@ import orjson
 from aiohttp import web
 
 from webhookd import config as config_mod
-from webhookd.api import SERVICE, BadRequest, json_response, read_body, tenant_name
+from webhookd.api import SERVICE, BadRequest, read_body, tenant_name
 from webhookd.config import TenantConfig
+from webhookd.responses import json_response
 
 
 def tenant_view(tenant: TenantConfig) -> dict[str, Any]:
