@@ -11,7 +11,7 @@
 //     WEBHOOK_OUTPUT          a file to append a JSON line to per processed webhook (default:
 //                             standard output); replace processWebhook with your own work
 //
-// Node.js 18 or later; nothing from npm.
+// Node.js 18.2 or later; nothing from npm.
 'use strict';
 
 const crypto = require('node:crypto');
@@ -87,6 +87,7 @@ function parse(body) {
 // crash on either side).
 const queue = [];
 let last = stateFile && fs.existsSync(stateFile) ? Number(fs.readFileSync(stateFile, 'utf8')) : 0;
+if (!Number.isInteger(last)) fail(`${stateFile} does not hold a sequence number`);
 let draining = false;
 
 function enqueue(webhooks) {
@@ -194,4 +195,9 @@ const server = http.createServer((req, res) => {
 });
 server.listen(port, host, () => console.error(`listening on http://${host}:${port}`));
 // Stop taking requests; Node exits once the queue has drained and connections have closed.
-for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => server.close());
+for (const signal of ['SIGINT', 'SIGTERM']) {
+  process.on(signal, () => {
+    server.close();
+    server.closeIdleConnections(); // Node 18 leaves kept-alive ones open until they time out
+  });
+}

@@ -90,8 +90,7 @@ class Worker:
         self.queue: queue.Queue[list[Webhook] | None] = queue.Queue()
         self.state_file = state_file
         self.out = out
-        exists = state_file is not None and state_file.exists()
-        self.last = int(state_file.read_text()) if state_file and exists else 0
+        self.last = int(state_file.read_text()) if state_file and state_file.exists() else 0
         self.thread = threading.Thread(target=self.run, name="webhook-worker", daemon=True)
 
     def run(self) -> None:
@@ -149,7 +148,8 @@ def create_app(secret: str, signing_key: bytes | None, worker: Worker) -> web.Ap
         webhooks = parse(body)
         if webhooks is None:
             return refuse(400, "bad_body", "The body is not a webhook or an array of them.")
-        if not all(same(str(w.get("secret", "")), secret) for w in webhooks):
+        secrets = [w.get("secret") for w in webhooks]
+        if not all(isinstance(given, str) and same(given, secret) for given in secrets):
             return refuse(401, "unauthorized", "A webhook carries the wrong secret.")
         # Answer at once (webhookd waits 5 s for a batch, 10 s for one, by default); work later.
         # This queue lives in memory: webhooks accepted but not yet processed are lost if the
