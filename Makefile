@@ -16,8 +16,8 @@ run: $(STAMP)
 	$(BIN)/webhookd run -c config.example.toml
 
 lint: $(STAMP)
-	$(BIN)/ruff check daemon tests bench
-	$(BIN)/ruff format --check daemon tests bench
+	$(BIN)/ruff check daemon tests bench examples
+	$(BIN)/ruff format --check daemon tests bench examples
 	$(BIN)/mypy
 
 test: lint
