@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import tomli_w
 
 from webhookd import __version__, config, logs, views
+from webhookd.terminal import json_text, visible, visible_lines
 
 DEFAULT_CONFIG = "config.toml"
 T = TypeVar("T")
@@ -44,7 +45,7 @@ def _or_exit(load: Callable[[str], T], args: argparse.Namespace) -> T:
         return load(config_path(args))
     except config.ConfigError as exc:
         for error in exc.errors:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {visible(error)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -157,7 +158,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if cfg.warnings:
         print(f"\n{len(cfg.warnings)} warning(s):")
         for warning in cfg.warnings:
-            print(f"  warning: {warning}")
+            print(f"  warning: {visible(warning)}")
     return 0
 
 
@@ -297,14 +298,16 @@ def cmd_send(args: argparse.Namespace) -> int:
         item["id"] = args.id
     answer = api_call(cfg, "POST", f"/v1/tenants/{args.tenant}/webhooks", item)
     for webhook in answer["webhooks"]:
-        print(f"{webhook['status']}: id {webhook['id']} sequence {webhook['sequence']}")
+        print(f"{webhook['status']}: id {visible(webhook['id'])} sequence {webhook['sequence']}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = load_client_or_exit(args)
     path = f"/v1/tenants/{args.tenant}/status" if args.tenant else "/v1/status"
-    print(api_call(cfg, "GET", path, text=True), end="")
+    # The daemon escapes its text views; escaped again here (a no-op then) so that what
+    # reaches the terminal does not depend on the version of the daemon answering.
+    print(visible_lines(api_call(cfg, "GET", path, text=True)), end="")
     return 0
 
 
@@ -339,15 +342,16 @@ def cmd_control(args: argparse.Namespace) -> int:
         print(f"{args.tenant}: {args.command}d")
     elif args.command == "skip":
         parked = api_call(cfg, "POST", f"{base}/skip")["parked"]
-        print(f"{args.tenant}: parked id {parked['id']} sequence {parked['sequence']}")
+        print(f"{args.tenant}: parked id {visible(parked['id'])} sequence {parked['sequence']}")
     elif args.command == "requeue":
         webhook_id = urllib.parse.quote(args.id, safe="")
         answer = api_call(cfg, "POST", f"{base}/parked/{webhook_id}/requeue")
-        print(f"{args.tenant}: requeued id {answer['id']} as sequence {answer['sequence']}")
+        shown = visible(answer["id"])
+        print(f"{args.tenant}: requeued id {shown} as sequence {answer['sequence']}")
     elif args.command == "parked":
-        print(json.dumps(api_call(cfg, "GET", f"{base}/parked"), indent=2))
+        print(json_text(api_call(cfg, "GET", f"{base}/parked")))
     else:  # peek
-        print(json.dumps(api_call(cfg, "GET", f"{base}/webhooks?limit={args.limit}"), indent=2))
+        print(json_text(api_call(cfg, "GET", f"{base}/webhooks?limit={args.limit}")))
     return 0
 
 
@@ -365,7 +369,7 @@ def cmd_tenant(args: argparse.Namespace) -> int:
     cfg = load_client_or_exit(args)
     if args.action == "show":
         path = f"/v1/tenants/{args.name}" if args.name else "/v1/tenants"
-        print(json.dumps(api_call(cfg, "GET", path), indent=2))
+        print(json_text(api_call(cfg, "GET", path)))
         return 0
     if not args.name:
         print(f"error: tenant {args.action} needs a NAME", file=sys.stderr)
@@ -414,7 +418,7 @@ def cmd_tenant(args: argparse.Namespace) -> int:
             return 2
         table[key.strip()] = _option_value(value.strip())
     answer = api_call(cfg, "PUT", f"/v1/tenants/{args.name}", table)
-    print(json.dumps(answer, indent=2))
+    print(json_text(answer))
     return 0
 
 
@@ -545,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
     except ApiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {visible(str(exc))}", file=sys.stderr)  # quotes what the daemon said
         return 1
     except KeyboardInterrupt:
         return 130
