@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
+# `webhookd run` holds SIGHUP from here on. Its default action ends the process, and until
+# the event loop's handler is in place (the imports below and start-up take some hundreds
+# of milliseconds) a reload (`systemctl reload`, logrotate's `kill -HUP`) would kill the
+# daemon. Held, the signal stays pending; cmd_run releases it once the daemon is ready, and
+# it applies as a reload then. Threads started meanwhile (the store's writer) inherit the
+# mask and keep it, so the signal goes to the main thread. Only the interpreter's own
+# start-up comes before this line (the package's __init__ imports nothing).
+HANGUP = {signal.SIGHUP}
+if sys.argv[1:2] == ["run"]:
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANGUP)
+
 import argparse
 import asyncio
 import gc
@@ -9,7 +23,6 @@ import json
 import os
 import resource
 import secrets
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -53,6 +66,7 @@ def _or_exit(load: Callable[[str], T], args: argparse.Namespace) -> T:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANGUP)  # as above, for main(["run", ...]) too
     import uvloop
 
     from webhookd.service import Service, install_signals
@@ -83,7 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         shutdown, reload = asyncio.Event(), asyncio.Event()
         service = Service(cfg)
         install_signals(shutdown, reload, service)
-        await service.run(shutdown, reload)
+        # A SIGHUP held since start-up is delivered when released, and applied as a reload.
+        await service.run(shutdown, reload, ready=release_hangups)
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -95,6 +110,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("cannot_start", error=str(exc), listen=cfg.daemon.listen)
         return 1
     return 0
+
+
+def release_hangups() -> None:
+    """Let SIGHUP through again, in the main thread: its handler is in place by now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANGUP)
 
 
 # Descriptors besides outgoing connections: the database and its WAL, listeners, API
