@@ -287,6 +287,11 @@ class Process:
         return f"http://{d.listen_host}:{d.listen_port}"
 
     def start(self, timeout: float = 15.0) -> None:
+        self.spawn()
+        self.wait_listening(timeout)
+
+    def spawn(self) -> None:
+        """Start the child and return at once (start() also waits until it listens)."""
         command = [sys.executable, "-m", "webhookd", "run", "-c", str(self.config_path)]
         if self.nofile:
             # Set the limit, then become the daemon (exec keeps the pid and the limit).
@@ -298,6 +303,9 @@ class Process:
             ]
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(command, stdout=log, stderr=log, env=self.env)
+
+    def wait_listening(self, timeout: float = 15.0) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

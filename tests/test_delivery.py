@@ -6,6 +6,7 @@ import asyncio
 import base64
 import collections
 import dataclasses
+import functools
 import hashlib
 import hmac
 import itertools
@@ -28,6 +29,7 @@ from tests.conftest import (
     tenant,
     wait_for,
 )
+from tests.test_faults import RawEndpoint
 from webhookd.config import Secret
 
 
@@ -400,6 +402,44 @@ async def test_redirect_is_a_failure_and_never_followed(
         assert elsewhere.connections == 0
     finally:
         await elsewhere.close()
+
+
+async def test_a_redirect_location_is_quoted_as_the_endpoint_wrote_it(
+    start_daemon: StartDaemon,
+) -> None:
+    """UTF-8 bytes are read as UTF-8 (what the endpoint meant); other bytes as Latin-1."""
+    answers = {
+        "utf8": "https://example.com/straße/\u202e".encode(),
+        "latin1": b"https://example.com/caf\xe9",
+    }
+    endpoints = {}
+    for name, location in answers.items():
+
+        async def redirect(writer: asyncio.StreamWriter, location: bytes = location) -> None:
+            writer.write(
+                b"HTTP/1.1 301 Moved\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % location
+            )
+            await writer.drain()
+
+        endpoints[name] = RawEndpoint(redirect)
+    try:
+        tenants = {name: tenant(await e.start(), retry_base=30.0) for name, e in endpoints.items()}
+        daemon = await start_daemon(tenants=tenants)
+        for name in answers:
+            await daemon.ingest(name, {"event": "CHECK_COMPLETED"})
+
+        def first_error(name: str) -> str | None:
+            failures = daemon.service.tenant_status(name)["recent_failures"]
+            return failures[0]["error"] if failures else None
+
+        errors = {name: await wait_for(functools.partial(first_error, name)) for name in answers}
+        assert errors == {
+            "utf8": "redirect to https://example.com/straße/\u202e not followed (HTTP 301)",
+            "latin1": "redirect to https://example.com/café not followed (HTTP 301)",
+        }
+    finally:
+        for endpoint in endpoints.values():
+            await endpoint.close()
 
 
 # -- headers and signatures ----------------------------------------------------------------------

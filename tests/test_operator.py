@@ -31,6 +31,8 @@ from tests.conftest import (
     wait_for,
     write_config,
 )
+from tests.test_faults import RawEndpoint
+from tests.test_terminal import BIDI, C0, C1, UNSAFE, escaped, shown
 from webhookd import config as config_mod
 from webhookd.metrics import Metrics
 from webhookd.scheduler import Clock
@@ -1123,6 +1125,99 @@ async def test_cli_status_and_refresh_against_a_subprocess_with_a_token(
     assert code == 1
     assert "401" in err
     assert TOKEN not in err
+
+
+async def test_outside_text_reaches_no_terminal_raw(
+    tmp_path: Path, process_factory: Callable[..., Process], session: aiohttp.ClientSession
+) -> None:
+    """Endpoints answer a redirect whose Location (and reason phrase) hold every C0 and C1
+    control and every bidirectional control; a producer sends them in an id and in data.
+    Text views, the CLI and the log lines show each as an escape, and never the character;
+    the JSON answers keep the exact text."""
+    sets = {"c0": [c for c in C0 if c != "\n"], "c1": C1, "bidi": BIDI}  # \n ends a header
+    locations = {name: f"https://evil.example/{''.join(chars)}FAKE" for name, chars in sets.items()}
+    endpoints = {}
+    for name, location in locations.items():
+
+        async def redirect(writer: asyncio.StreamWriter, location: str = location) -> None:
+            reason = "".join(c for c in UNSAFE if c != "\n")  # http1 reads no reason phrase
+            writer.write(
+                f"HTTP/1.1 302 {reason}\r\nLocation: {location}\r\n"
+                "Content-Length: 0\r\n\r\n".encode()
+            )
+            await writer.drain()
+
+        endpoints[name] = RawEndpoint(redirect)
+    try:
+        tenants = {name: tenant(await e.start(), retry_base=30.0) for name, e in endpoints.items()}
+        path = write_config(tmp_path, tenants)
+        remote = await start_process(process_factory, path, session)
+        webhook_id = "id-" + "".join(C1 + BIDI)  # ingest refuses C0 in ids, not these
+        data = {"note": "".join(UNSAFE), "name": "café"}
+        for name in sets:
+            await remote.call("POST", f"/v1/tenants/{name}/webhooks", json={"event": EVENT})
+        await remote.call(
+            "POST", "/v1/tenants/c0/webhooks", json={"event": EVENT, "id": webhook_id, "data": data}
+        )
+        for name, location in locations.items():
+            status = await remote.until(name, lambda s: s["attempts"] == 1)
+            # JSON keeps the exact text: JSON's own escaping is all it needs.
+            assert status["recent_failures"][0]["error"] == (
+                f"redirect to {location} not followed (HTTP 302)"
+            )
+
+        def assert_shown_escaped(text: str, chars: list[str]) -> None:
+            assert not set(text) & (set(UNSAFE) - {"\n"}), text
+            for char in chars:
+                assert escaped(char) in text, (char, text)
+
+        every = [c for chars in sets.values() for c in chars]
+        _, served = await remote.get("/v1/status?format=text")
+        assert_shown_escaped(served, every)
+        code, out, err = await run_cli("status", "-c", str(path))
+        assert (code, err) == (0, ""), err
+        assert_shown_escaped(out, every)
+        assert normalised(out) == normalised(served)
+        for name, chars in sets.items():
+            _, served = await remote.get(f"/v1/tenants/{name}/status?format=text")
+            assert_shown_escaped(served, chars)
+            code, out, err = await run_cli("status", name, "-c", str(path))
+            assert (code, err) == (0, ""), err
+            assert_shown_escaped(out, chars)
+
+        # The producer's id and data: peek and parked print JSON that is harmless and exact.
+        code, out, err = await run_cli("peek", "c0", "-c", str(path))
+        assert (code, err) == (0, ""), err
+        assert_shown_escaped(out, [])
+        assert [(w["id"], w["data"]) for w in json.loads(out)["webhooks"]][1:] == [
+            (webhook_id, data)
+        ]
+        assert "café" in out
+        assert (await remote.call("POST", "/v1/tenants/c0/pause"))[0] == 200
+        assert (await remote.call("POST", "/v1/tenants/c0/skip"))[0] == 200  # the plain head
+        code, out, err = await run_cli("skip", "c0", "-c", str(path))
+        assert (code, err) == (0, ""), err
+        assert out == f"c0: parked id {shown(webhook_id)} sequence 2\n"
+        code, out, err = await run_cli("parked", "c0", "-c", str(path))
+        assert (code, err) == (0, ""), err
+        assert_shown_escaped(out, [])
+        assert webhook_id in [w["id"] for w in json.loads(out)["parked"]]
+
+        # The daemon's JSON log lines: escaped in every value, for a terminal showing them.
+        log = remote.process.log()
+        assert_shown_escaped(log, every)
+        failed = {
+            e["tenant"]: e["error"]
+            for e in map(json.loads, log.splitlines())
+            if e["event"] == "delivery_failed"
+        }
+        for name, location in locations.items():
+            assert failed[name] == f"redirect to {shown(location)} not followed (HTTP 302)"
+        skipped = [e for e in map(json.loads, log.splitlines()) if e["event"] == "skipped"]
+        assert skipped[-1]["id"] == shown(webhook_id)
+    finally:
+        for endpoint in endpoints.values():
+            await endpoint.close()
 
 
 # -- 8. scale -----------------------------------------------------------------------------------

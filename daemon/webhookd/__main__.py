@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
+# `webhookd run` holds SIGHUP from here on. Its default action ends the process, and until
+# the event loop's handler is in place (the imports below and start-up take some hundreds
+# of milliseconds) a reload (`systemctl reload`, logrotate's `kill -HUP`) would kill the
+# daemon. Held, the signal stays pending; cmd_run releases it once the daemon is ready, and
+# it applies as a reload then. Threads started meanwhile (the store's writer) inherit the
+# mask and keep it, so the signal goes to the main thread. Only the interpreter's own
+# start-up comes before this line (the package's __init__ imports nothing).
+HANGUP = {signal.SIGHUP}
+if sys.argv[1:2] == ["run"]:
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANGUP)
+
 import argparse
 import asyncio
 import gc
@@ -9,7 +23,6 @@ import json
 import os
 import resource
 import secrets
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,6 +33,7 @@ from typing import Any, TypeVar
 import tomli_w
 
 from webhookd import __version__, config, logs, views
+from webhookd.terminal import json_text, visible, visible_lines
 
 DEFAULT_CONFIG = "config.toml"
 T = TypeVar("T")
@@ -44,7 +58,7 @@ def _or_exit(load: Callable[[str], T], args: argparse.Namespace) -> T:
         return load(config_path(args))
     except config.ConfigError as exc:
         for error in exc.errors:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {visible(error)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -52,6 +66,7 @@ def _or_exit(load: Callable[[str], T], args: argparse.Namespace) -> T:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANGUP)  # as above, for main(["run", ...]) too
     import uvloop
 
     from webhookd.service import Service, install_signals
@@ -82,7 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         shutdown, reload = asyncio.Event(), asyncio.Event()
         service = Service(cfg)
         install_signals(shutdown, reload, service)
-        await service.run(shutdown, reload)
+        # A SIGHUP held since start-up is delivered when released, and applied as a reload.
+        await service.run(shutdown, reload, ready=release_hangups)
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -94,6 +110,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("cannot_start", error=str(exc), listen=cfg.daemon.listen)
         return 1
     return 0
+
+
+def release_hangups() -> None:
+    """Let SIGHUP through again, in the main thread: its handler is in place by now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANGUP)
 
 
 # Descriptors besides outgoing connections: the database and its WAL, listeners, API
@@ -157,7 +178,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if cfg.warnings:
         print(f"\n{len(cfg.warnings)} warning(s):")
         for warning in cfg.warnings:
-            print(f"  warning: {warning}")
+            print(f"  warning: {visible(warning)}")
     return 0
 
 
@@ -297,14 +318,16 @@ def cmd_send(args: argparse.Namespace) -> int:
         item["id"] = args.id
     answer = api_call(cfg, "POST", f"/v1/tenants/{args.tenant}/webhooks", item)
     for webhook in answer["webhooks"]:
-        print(f"{webhook['status']}: id {webhook['id']} sequence {webhook['sequence']}")
+        print(f"{webhook['status']}: id {visible(webhook['id'])} sequence {webhook['sequence']}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = load_client_or_exit(args)
     path = f"/v1/tenants/{args.tenant}/status" if args.tenant else "/v1/status"
-    print(api_call(cfg, "GET", path, text=True), end="")
+    # The daemon escapes its text views; escaped again here (a no-op then) so that what
+    # reaches the terminal does not depend on the version of the daemon answering.
+    print(visible_lines(api_call(cfg, "GET", path, text=True)), end="")
     return 0
 
 
@@ -339,15 +362,16 @@ def cmd_control(args: argparse.Namespace) -> int:
         print(f"{args.tenant}: {args.command}d")
     elif args.command == "skip":
         parked = api_call(cfg, "POST", f"{base}/skip")["parked"]
-        print(f"{args.tenant}: parked id {parked['id']} sequence {parked['sequence']}")
+        print(f"{args.tenant}: parked id {visible(parked['id'])} sequence {parked['sequence']}")
     elif args.command == "requeue":
         webhook_id = urllib.parse.quote(args.id, safe="")
         answer = api_call(cfg, "POST", f"{base}/parked/{webhook_id}/requeue")
-        print(f"{args.tenant}: requeued id {answer['id']} as sequence {answer['sequence']}")
+        shown = visible(answer["id"])
+        print(f"{args.tenant}: requeued id {shown} as sequence {answer['sequence']}")
     elif args.command == "parked":
-        print(json.dumps(api_call(cfg, "GET", f"{base}/parked"), indent=2))
+        print(json_text(api_call(cfg, "GET", f"{base}/parked")))
     else:  # peek
-        print(json.dumps(api_call(cfg, "GET", f"{base}/webhooks?limit={args.limit}"), indent=2))
+        print(json_text(api_call(cfg, "GET", f"{base}/webhooks?limit={args.limit}")))
     return 0
 
 
@@ -365,7 +389,7 @@ def cmd_tenant(args: argparse.Namespace) -> int:
     cfg = load_client_or_exit(args)
     if args.action == "show":
         path = f"/v1/tenants/{args.name}" if args.name else "/v1/tenants"
-        print(json.dumps(api_call(cfg, "GET", path), indent=2))
+        print(json_text(api_call(cfg, "GET", path)))
         return 0
     if not args.name:
         print(f"error: tenant {args.action} needs a NAME", file=sys.stderr)
@@ -414,7 +438,7 @@ def cmd_tenant(args: argparse.Namespace) -> int:
             return 2
         table[key.strip()] = _option_value(value.strip())
     answer = api_call(cfg, "PUT", f"/v1/tenants/{args.name}", table)
-    print(json.dumps(answer, indent=2))
+    print(json_text(answer))
     return 0
 
 
@@ -545,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
     except ApiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {visible(str(exc))}", file=sys.stderr)  # quotes what the daemon said
         return 1
     except KeyboardInterrupt:
         return 130

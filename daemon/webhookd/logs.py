@@ -10,6 +10,8 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
+from webhookd.terminal import UNSAFE, visible, visible_lines
+
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -25,6 +27,43 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     for key in REDACTED_KEYS.intersection(event):
         event[key] = "***"
     return event
+
+
+# Keys whose values are lines of text (a traceback): their line feeds stay.
+MULTILINE_KEYS = frozenset({"exception", "stack"})
+_PLAIN = frozenset({int, float, bool, type(None)})
+
+
+def _visible(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Escape controls and bidirectional controls in every value, for both renderers.
+
+    Values quote the outside world (an endpoint's Location, a webhook id, a request path),
+    and log lines end up on terminals (`journalctl`, `jq -r`, the console renderer). JSON
+    escapes C0 controls but not C1 or bidirectional ones, and a decoded value has them all
+    back. One regex search per string value: this runs for every delivery attempt."""
+    for key, value in event.items():
+        kind = type(value)
+        if kind is str:
+            if UNSAFE.search(value) is not None:
+                event[key] = visible_lines(value) if key in MULTILINE_KEYS else visible(value)
+        elif kind not in _PLAIN:
+            event[key] = _visible_value(value)
+    return event
+
+
+def _visible_value(value: Any) -> Any:
+    """A nested value made visible: lists, tuples and dicts walked, anything else as str()
+    (what both renderers would show of it) when that holds a control."""
+    if isinstance(value, str):
+        return visible(value)
+    if isinstance(value, list | tuple):
+        return [_visible_value(item) for item in value]
+    if isinstance(value, dict):
+        return {_visible_value(k): _visible_value(v) for k, v in value.items()}
+    if type(value) in _PLAIN:
+        return value
+    text = str(value)
+    return visible(text) if UNSAFE.search(text) is not None else value
 
 
 def _dumps(event: Any, **_: Any) -> str:
@@ -109,6 +148,7 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
             structlog.processors.format_exc_info,
+            _visible,  # last before rendering: it sees the formatted traceback too
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),

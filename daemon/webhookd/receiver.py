@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from webhookd.config import parse_listen
+from webhookd.terminal import visible
 
 
 def verify_signature(signing_secret: str, headers: Any, body: bytes) -> bool:
@@ -63,7 +64,8 @@ class Receiver:
         self._window_count = 0
 
     def say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        # Paths, event names, ids and data are whatever was posted here: escaped for the screen.
+        print(visible(text), file=self.out, flush=True)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)

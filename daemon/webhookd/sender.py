@@ -169,7 +169,7 @@ class Sender:
         if policy.is_success(status, tenant.delivery.success_statuses):
             return Outcome(True, status, None, duration)
         if 300 <= status < 400:
-            location = response.headers.get("location", "")
+            location = _as_sent(response.headers.get("location", ""))
             error = f"redirect to {_clip(location) or '(no Location)'} not followed (HTTP {status})"
         else:
             error = f"HTTP {status}"
@@ -179,6 +179,18 @@ class Sender:
 
 def _since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 1)
+
+
+def _as_sent(value: str) -> str:
+    """A header value as its sender wrote it: UTF-8 when its bytes are UTF-8 (a Location with
+    a non-ASCII path, say), else the Latin-1 characters that http1 read them as.
+
+    Kept exact, controls and all: the error sentence is stored and answered in JSON as it
+    is, and every text view, the command line and the logs escape it (webhookd.terminal)."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
 
 
 def _clip(text: str, limit: int = 200) -> str:

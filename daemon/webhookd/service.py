@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import gc
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -216,8 +216,14 @@ class Service:
         if worker is not None:
             worker.enqueued(webhooks)
 
-    async def run(self, shutdown: asyncio.Event, reload: asyncio.Event | None = None) -> None:
-        """Serve until `shutdown` is set, reloading whenever `reload` is set."""
+    async def run(
+        self,
+        shutdown: asyncio.Event,
+        reload: asyncio.Event | None = None,
+        ready: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve until `shutdown` is set, reloading whenever `reload` is set. `ready` is
+        called once the service is started and reloads are being watched for."""
         await self.start()
         # What start-up built (configuration, workers, modules) lives as long as the
         # process: keep the collector from walking it again and again.
@@ -227,6 +233,8 @@ class Service:
         tasks = [asyncio.create_task(notifier.watchdog_loop(self.status_line, self.healthy))]
         if reload is not None:
             tasks.append(asyncio.create_task(self._reload_loop(reload, notifier)))
+        if ready is not None:
+            ready()
         try:
             await shutdown.wait()
         finally:

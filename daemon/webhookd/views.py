@@ -1,4 +1,8 @@
-"""Plain-text renderings of status for people at a terminal (curl, `webhookd status`)."""
+"""Plain-text renderings of status for people at a terminal (curl, `webhookd status`).
+
+Every cell and value goes through terminal.visible: an error sentence quotes what an
+endpoint answered, and ids and names may come from producers. The JSON views keep it exact.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,12 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+
+from webhookd.terminal import visible
+
+# A cell longer than this (after escaping) is cut with "…": one endpoint's answer does not
+# fill an operator's screen. The whole text is in the JSON view.
+CELL_LIMIT = 300
 
 
 def ago(seconds: float | None) -> str:
@@ -44,8 +54,12 @@ def _until(when: str | None, now: float) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Columns padded to their widest cell; the last column is left ragged."""
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    """Columns padded to their widest cell; the last column is left ragged. Cells are made
+    visible (controls escaped) and cut to CELL_LIMIT."""
+    cells = [
+        [visible(str(h), CELL_LIMIT) for h in headers],
+        *[[visible(str(c), CELL_LIMIT) for c in row] for row in rows],
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
@@ -96,7 +110,7 @@ def tenant_text(t: dict[str, Any], now: float | None = None) -> str:
         ("parked", t.get("parked", 0)),
     ]
     width = max(len(k) for k, _ in pairs)
-    lines = [f"{k.ljust(width)}  {v}" for k, v in pairs]
+    lines = [f"{k.ljust(width)}  {visible(str(v), CELL_LIMIT)}" for k, v in pairs]
     failures = t["recent_failures"]
     lines.append("")
     if failures:
