@@ -69,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, HANGUP)  # as above, for main(["run", ...]) too
     import uvloop
 
-    from webhookd.service import Service, install_signals
+    from webhookd.service import Service, StartError, install_signals
     from webhookd.store import StoreError
 
     cfg = load_or_exit(args)
@@ -103,11 +103,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(main())
-    except StoreError as exc:
-        log.error("database_unusable", error=str(exc), database=str(cfg.daemon.database))
+    except (StartError, StoreError) as exc:
+        # One line: what is wrong and what to do. Under systemd (Type=notify) the unit
+        # fails at once: READY=1 was never sent.
+        log.error("cannot_start", error=str(exc))
         return 1
-    except OSError as exc:
-        log.error("cannot_start", error=str(exc), listen=cfg.daemon.listen)
+    except OSError as exc:  # anything else the system refused while starting
+        log.error("cannot_start", error=logs.one_line(exc))
         return 1
     return 0
 

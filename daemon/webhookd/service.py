@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import signal
 from collections.abc import Callable, Mapping, Sequence
@@ -66,6 +67,10 @@ class Unavailable(ServiceError):
 
 # How long open API requests get when the daemon stops (after the delivery grace).
 HTTP_SHUTDOWN_S = 1.0
+
+
+class StartError(Exception):
+    """The daemon cannot start; the message says why and what to do, in one sentence."""
 
 
 class InvalidIngest(ServiceError):
@@ -158,7 +163,10 @@ class Service:
         site = web.TCPSite(
             self._runner, daemon.listen_host, daemon.listen_port, backlog=limits.backlog
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartError(_cannot_listen(daemon.listen, self.config.path, exc)) from None
         self.addresses = list(self._runner.addresses)
         self.accepting = True
         self.started.set()
@@ -224,7 +232,11 @@ class Service:
     ) -> None:
         """Serve until `shutdown` is set, reloading whenever `reload` is set. `ready` is
         called once the service is started and reloads are being watched for."""
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # what did start: workers, the database's threads
+            raise
         # What start-up built (configuration, workers, modules) lives as long as the
         # process: keep the collector from walking it again and again.
         gc.freeze()
@@ -253,6 +265,17 @@ class Service:
     async def stop(self) -> None:
         """Ordered, bounded shutdown. Idempotent."""
         if not self.started.is_set():
+            # Never started, or a start that failed part-way: nothing was in flight yet.
+            # Everything it may have begun is closed, or its threads would keep the
+            # process from exiting.
+            for worker in self.workers.values():
+                if worker.task is not None:
+                    worker.task.cancel()
+                await worker.join()
+            if self._runner is not None:
+                await self._runner.cleanup()
+                self._runner = None
+            await self.sender.close()
             await self.store.close()
             return
         self.accepting = False
@@ -613,6 +636,25 @@ def _from_view(
 def _plain(value: Any) -> Any:
     """A setting as JSON shows it (tuples are lists)."""
     return list(value) if isinstance(value, tuple) else value
+
+
+def _cannot_listen(listen: str, config: Any, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"{listen} is already in use (another webhookd, or another program); stop it, "
+            f"or set listen in [daemon] of {config} to a free address"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"{listen} is not an address of this machine; set listen in [daemon] of {config} "
+            "to one of its addresses (127.0.0.1:8787 for this machine only)"
+        )
+    if exc.errno == errno.EACCES:
+        return (
+            f"listening on {listen} is not permitted (ports below 1024 need privileges); "
+            f"set listen in [daemon] of {config} to a port above 1023"
+        )
+    return f"cannot listen on {listen}: {exc.strerror or exc}"
 
 
 def _address(address: Any) -> str:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import aiosqlite
 
 from webhookd import logs
+from webhookd.store.lock import DatabaseLock
 from webhookd.store.records import (
     Failure,
     IngestResult,
@@ -89,6 +90,7 @@ class Store:
         self.on_enqueued: Any = None  # set by the service: (tenant, [Webhook]) -> None
         self.commits = 0
         self._reserve = Reserve(path.with_name(path.name + "-reserve"))
+        self._lock = DatabaseLock(path)
         # Set when a commit ran out of space: ingest is refused, deliveries still recorded.
         self.disk_full = False
         self._space_watch: asyncio.Task[None] | None = None
@@ -98,7 +100,11 @@ class Store:
     async def open(self) -> list[TenantRecord]:
         """Open (creating or migrating) the database; returns every known tenant's state."""
         loop = asyncio.get_running_loop()
-        records = await loop.run_in_executor(self._executor, self._open_writer)
+        try:
+            await loop.run_in_executor(self._executor, self._take_lock)
+            records = await loop.run_in_executor(self._executor, self._open_writer)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(_cannot_open(self.path, exc)) from None
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         # The reader streams each row once: a small cache is enough.
         for pragma in (
@@ -112,8 +118,11 @@ class Store:
             self._watch_space()
         return records
 
-    def _open_writer(self) -> list[TenantRecord]:
+    def _take_lock(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+
+    def _open_writer(self) -> list[TenantRecord]:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             refuse_newer(conn)  # before any pragma changes a database we must not touch
@@ -152,6 +161,7 @@ class Store:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self._close_writer)
         self._executor.shutdown(wait=True)
+        self._lock.release()  # last: the files are closed
 
     def _close_writer(self) -> None:
         assert self._conn is not None
@@ -413,6 +423,35 @@ DISK_FULL = (
     "the database is full (no disk space left): ingest is refused until space is freed "
     "next to the database; deliveries go on"
 )
+
+
+def _cannot_open(path: Path, exc: sqlite3.Error | OSError) -> str:
+    """Why the database could not be opened, and what to do, in one sentence."""
+    if isinstance(exc, OSError):
+        where = exc.filename or path.parent
+        return (
+            f"cannot write beside the database: {where}: {exc.strerror or exc}; the daemon "
+            f"must be able to create and write files in {path.parent}"
+        )
+    text = str(exc)
+    if "not a database" in text or "malformed" in text:
+        return (
+            f"{path} is not a webhookd database, or it is damaged ({text}); restore it from "
+            "a backup, or set database in [daemon] to another file"
+        )
+    if "readonly" in text or "read-only" in text:
+        return (
+            f"{path} is read-only for this user ({text}); the daemon must be able to write "
+            f"the database and create files beside it in {path.parent}"
+        )
+    if "locked" in text:
+        return f"{path} is locked by another program ({text}); stop it and start again"
+    if "unable to open" in text:
+        return (
+            f"cannot open {path} ({text}); check that its folder exists and that the daemon's "
+            "user may write there"
+        )
+    return f"cannot open {path}: {text}"
 
 
 def _describe(exc: sqlite3.Error) -> str:
