@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
+	@echo "webhookd: the API is on 127.0.0.1:8787. For the CLI, in another terminal here:"
+	@echo "  . .venv/bin/activate && export WEBHOOKD_CONFIG=\$$PWD/config.example.toml"
 	$(BIN)/webhookd run -c config.example.toml
 
 lint: $(STAMP)

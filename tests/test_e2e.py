@@ -546,7 +546,15 @@ async def test_cli_finds_its_config_and_reads_data_from_a_file(
     assert by_flag[:2] == (0, "duplicate: id evt-9 sequence 1\n"), by_flag
     no_config = await cli(*send, env=base, cwd=elsewhere)
     assert no_config[0] == 1
-    assert "config.toml: file not found" in no_config[2]
+    assert no_config[2].splitlines() == [
+        "error: config.toml: file not found",
+        "hint: with neither -c CONFIG nor $WEBHOOKD_CONFIG, webhookd reads ./config.toml; "
+        "pass -c CONFIG or set WEBHOOKD_CONFIG=CONFIG (in a checkout, the demo's daemon uses "
+        "config.example.toml)",
+    ]
+    by_missing_env = await cli(*send, env=missing, cwd=elsewhere)
+    assert by_missing_env[0] == 1
+    assert "that path comes from $WEBHOOKD_CONFIG" in by_missing_env[2]
 
     await wait_for(lambda: receiver.at("/acme", ok_only=True))
     assert [r.json["data"] for r in receiver.at("/acme")] == [{"from": "a file", "n": [1, 2]}]

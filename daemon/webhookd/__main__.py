@@ -54,12 +54,28 @@ def load_or_exit(args: argparse.Namespace) -> config.Config:
 
 def _or_exit(load: Callable[[str], T], args: argparse.Namespace) -> T:
     """`load` the config file; on errors, print them (one per line) and exit 1."""
+    path = config_path(args)
     try:
-        return load(config_path(args))
+        return load(path)
     except config.ConfigError as exc:
         for error in exc.errors:
             print(f"error: {visible(error)}", file=sys.stderr)
+        if not Path(path).exists():
+            print(f"hint: {visible(where_config_comes_from(args))}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def where_config_comes_from(args: argparse.Namespace) -> str:
+    """For a config file that is not there: how its path was chosen, and the other ways."""
+    if args.config:
+        return "that is the path given with -c (a relative one is from the current folder)"
+    if os.environ.get("WEBHOOKD_CONFIG"):
+        return "that path comes from $WEBHOOKD_CONFIG; set it to the daemon's file, or pass -c"
+    return (
+        f"with neither -c CONFIG nor $WEBHOOKD_CONFIG, webhookd reads ./{DEFAULT_CONFIG}; pass "
+        "-c CONFIG or set WEBHOOKD_CONFIG=CONFIG (in a checkout, the demo's daemon uses "
+        "config.example.toml)"
+    )
 
 
 # -- run -----------------------------------------------------------------------------------------
