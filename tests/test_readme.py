@@ -66,7 +66,7 @@ class Terminal:
         marker = f"__done_{time.monotonic_ns()}__"
         self.proc.stdin.write(f"{block}\necho; echo {marker} $?\n")
         self.proc.stdin.flush()
-        lines = []
+        lines: list[str] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
