@@ -409,6 +409,7 @@ class Discard(_Control):
 
     def __init__(self, tenant: str) -> None:
         super().__init__(tenant)
+        self.left_behind = False
 
     def apply(self, tx: Tx) -> int:
         params = {"tenant": self.tenant}
@@ -416,7 +417,11 @@ class Discard(_Control):
         # The queue is contiguous: what waits is a subtraction. Rows acknowledged in place
         # on a full disk (at or below acked_sequence) go too, but were not waiting.
         dropped = row.last_sequence - row.acked_sequence
-        tx.conn.execute("DELETE FROM webhooks WHERE tenant = :tenant", params)
+        # On a full disk, a long queue's delete would need more WAL than there is: the
+        # queue is emptied as an acknowledgement empties it, and `Sweep` deletes the rows.
+        self.left_behind = tx.full
+        if not tx.full:
+            tx.conn.execute("DELETE FROM webhooks WHERE tenant = :tenant", params)
         tx.conn.execute("DELETE FROM parked WHERE tenant = :tenant", params)
         tx.conn.execute("DELETE FROM failures WHERE tenant = :tenant", params)
         # The sequence counter stays: sequences are never reused, not even after a discard.
