@@ -120,6 +120,20 @@ async def test_pragmas_after_open(
     assert reserve.stat().st_size == size_for(page_size)
 
 
+async def test_the_wal_stays_bounded_after_a_big_ingest(store: Store) -> None:
+    """A transaction bigger than the bound grows the WAL; it is copied into the database at
+    once, and the WAL file is cut back to its bound at the next commit."""
+    wal = store.path.with_name(store.path.name + "-wal")
+    limit = wal_limit(await store.pragma("page_size"))
+    await store.enqueue("acme", [new(data='{"pad": "' + "x" * 10_000 + '"}')] * 300, AT)
+    assert wal.stat().st_size > limit
+    # Already copied: the database file has every page.
+    pages, page_size = await store.pragma("page_count"), await store.pragma("page_size")
+    assert store.path.stat().st_size == pages * page_size
+    await store.acknowledge("acme", 1, AT)
+    assert wal.stat().st_size <= limit
+
+
 async def test_reopen_keeps_the_schema(store: Store, open_store: OpenStore) -> None:
     await store.enqueue("acme", [new()], AT)
     store, _ = await reopen(store, open_store)
