@@ -4,6 +4,7 @@ per-tenant state, parking, group commit, and a failed commit that changes nothin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,6 +13,7 @@ from typing import Literal
 
 import pytest
 
+from tests.conftest import wait_for
 from webhookd.store import (
     SCHEMA_VERSION,
     Failure,
@@ -23,6 +25,8 @@ from webhookd.store import (
     TenantRecord,
     Webhook,
 )
+from webhookd.store import sqlite as store_sqlite
+from webhookd.store.reserve import WAL_PAGES, size_for, wal_limit
 
 Records = dict[str, TenantRecord]
 OpenStore = Callable[..., Awaitable[tuple[Store, Records]]]
@@ -87,7 +91,13 @@ async def reopen(store: Store, open_store: OpenStore) -> tuple[Store, Records]:
 
 
 async def queued(store: Store, tenant: str) -> list[int]:
+    """The sequences of the tenant's rows: its queue, and rows acknowledged on a full disk
+    that are not yet deleted (reads from acked_sequence never see those)."""
     return [w.sequence for w in await store.read_queue(tenant, 0, 1000)]
+
+
+async def queued_is(store: Store, tenant: str, expected: list[int]) -> bool:
+    return await queued(store, tenant) == expected
 
 
 # -- opening -------------------------------------------------------------------------------------
@@ -102,6 +112,26 @@ async def test_pragmas_after_open(
     assert await store.pragma("synchronous") == synchronous
     assert await store.pragma("user_version") == SCHEMA_VERSION
     assert await store.pragma("busy_timeout") == 5000
+    # The WAL is bounded, which is what the disk-full reserve is sized for.
+    page_size = await store.pragma("page_size")
+    assert await store.pragma("wal_autocheckpoint") == WAL_PAGES
+    assert await store.pragma("journal_size_limit") == wal_limit(page_size)
+    reserve = store.path.with_name(store.path.name + "-reserve")
+    assert reserve.stat().st_size == size_for(page_size)
+
+
+async def test_the_wal_stays_bounded_after_a_big_ingest(store: Store) -> None:
+    """A transaction bigger than the bound grows the WAL; it is copied into the database at
+    once, and the WAL file is cut back to its bound at the next commit."""
+    wal = store.path.with_name(store.path.name + "-wal")
+    limit = wal_limit(await store.pragma("page_size"))
+    await store.enqueue("acme", [new(data='{"pad": "' + "x" * 10_000 + '"}')] * 300, AT)
+    assert wal.stat().st_size > limit
+    # Already copied: the database file has every page.
+    pages, page_size = await store.pragma("page_count"), await store.pragma("page_size")
+    assert store.path.stat().st_size == pages * page_size
+    await store.acknowledge("acme", 1, AT)
+    assert wal.stat().st_size <= limit
 
 
 async def test_reopen_keeps_the_schema(store: Store, open_store: OpenStore) -> None:
@@ -532,13 +562,17 @@ async def test_on_a_full_database_ingest_is_refused_but_deliveries_are_recorded(
     assert outcomes[0] is None
     assert isinstance(outcomes[1], StoreError) and outcomes[1].disk_full
     assert disk_full(store) and not reserve.exists()
-    assert await queued(store, "acme") == [3]
+    # Recorded in place: the rows stay until there is room, out of the queue all the same.
+    assert [w.sequence for w in await store.read_queue("acme", 2, 10)] == [3]
+    assert await queued(store, "acme") == [1, 2, 3]
     # The filesystem itself has room (only the page count was capped), so the reserve is
     # made again at the next ingest and ingest is accepted (tests/test_diskfull.py fills a
     # real volume, where it stays refused until space is freed).
     await store.pragma("max_page_count = 1073741823")
     assert await store.enqueue("acme", [new("later")], AT) == [IngestResult("later", 4, "queued")]
     assert reserve.exists() and not disk_full(store)
+    # With room again, the writer deletes what was acknowledged in place.
+    await wait_for(lambda: queued_is(store, "acme", [3, 4]))
     store, records = await reopen(store, open_store)
     row = records["acme"].row
     assert (row.acked_sequence, row.last_sequence, row.last_processed_at) == (2, 4, AT + 1)
@@ -559,3 +593,70 @@ def test_generated_ids_are_version_8_uuids_that_carry_tenant_and_sequence() -> N
         assert generated_sequence(id_tag("acme2"), text) is None
     for other in ("", "evt-1", str(uuid.uuid4()), generated_id(tag, 5).replace("-8000-", "-8001-")):
         assert generated_sequence(tag, other) is None
+
+
+async def fill_the_database(store: Store) -> None:
+    """Cap the file at its size, then fail an ingest: the store is in its disk-full mode."""
+    pages = await store.pragma("page_count")
+    await store.pragma(f"max_page_count = {pages}")
+    with pytest.raises(StoreError) as caught:
+        await store.enqueue("acme", [new(data='{"blob": "' + "x" * 100_000 + '"}')], AT)
+    assert caught.value.disk_full and disk_full(store)
+
+
+async def test_on_a_full_disk_writes_take_no_new_page_and_the_queue_stays_right(
+    store: Store, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cap is SQLite's, which statvfs cannot see: the store must not look for room and
+    # find it while this part runs.
+    monkeypatch.setattr(store_sqlite, "SPACE_CHECK_S", 3600.0)
+    await store.enqueue("acme", [new(f"a{n}") for n in range(6)], AT)
+    await store.enqueue("beta", [new(f"b{n}") for n in range(2)], AT)
+    many = [f"t{n:02}" for n in range(60)]
+    for name in many:
+        await store.enqueue(name, [new()], AT)
+    await fill_the_database(store)
+
+    # Acknowledged in place: the rows stay in the table, the queue starts after them.
+    await store.acknowledge("acme", 3, AT + 1)
+    await store.acknowledge("beta", 1, AT + 1)
+    assert await queued(store, "acme") == [1, 2, 3, 4, 5, 6]
+    assert [w.id for w in await store.read_queue("acme", 3, 10)] == ["a3", "a4", "a5"]
+    # The head can still be parked and requeued (each takes the pages the other gives back).
+    parked = await store.park("acme", 4, AT + 2)
+    assert parked is not None and parked.id == "a3"
+    assert await store.park("acme", 2, AT + 2) is None  # not the head: already acknowledged
+    requeued = await store.requeue("acme", "a3", AT + 3)
+    assert requeued is not None and (requeued.sequence, requeued.id) == (7, "a3")
+    for attempt in range(1, 31):  # pruned as they come: the same pages, over and over
+        await store.record_failure("acme", failure(attempt), AT + attempt, keep=10)
+    # Failures that need new pages, with an acknowledgement in the same group commit: SQLite's
+    # cap refuses a page inside the statement, which may end the transaction; then each op
+    # is tried alone, and only those that need a page fail. (On a real disk, where the page
+    # is refused only at commit, the failure is simply not stored: tests/test_diskfull.py.)
+    long = dataclasses.replace(failure(1), error="connection reset " * 12)
+    outcomes = await asyncio.gather(
+        store.acknowledge("acme", 5, AT + 4),
+        *(store.record_failure(name, long, AT + 1, keep=10) for name in many),
+        return_exceptions=True,
+    )
+    assert outcomes[0] is None
+    assert all(o is None or (isinstance(o, StoreError) and o.disk_full) for o in outcomes), outcomes
+    assert None in outcomes[1:] and any(isinstance(o, StoreError) for o in outcomes), outcomes
+    # Discarding counts what was waiting, not the rows acknowledged in place; on a full
+    # disk it leaves the rows to be deleted once there is room, as an acknowledgement does.
+    assert await store.discard("beta") == 1
+    assert await store.read_queue("beta", 2, 10) == []
+    assert disk_full(store)
+
+    # A restart before there is room: the same queue, and then the rows left go.
+    store, records = await reopen(store, open_store)
+    acme = records["acme"].row
+    assert (acme.acked_sequence, acme.last_sequence, acme.attempts) == (5, 7, 0)
+    assert [w.id for w in await store.read_queue("acme", 5, 10)] == ["a5", "a3"]
+    assert len(records["acme"].failures) == 10
+    assert records["acme"].parked == 0
+    assert not disk_full(store)
+    await wait_for(lambda: queued_is(store, "acme", [6, 7]))
+    await wait_for(lambda: queued_is(store, "beta", []))
+    assert await store.pragma("integrity_check") == "ok"

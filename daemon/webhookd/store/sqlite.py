@@ -12,7 +12,10 @@ read-only (`query_only`); WAL lets them run beside the writer.
 Queue invariant: a tenant's queued webhooks are exactly the sequences
 `acked_sequence + 1 … last_sequence`, contiguous. Acknowledging and parking remove from the
 head; enqueueing and requeueing append at the tail. So the number waiting is a subtraction,
-never a count over the table, and startup never scans the queue.
+never a count over the table, and startup never scans the queue. Rows at or below
+`acked_sequence` may linger (an acknowledgement on a full disk only moves the number, see
+writes.py): every read asks for `sequence > acked_sequence`, and the writer deletes them a
+few at a time once there is room (`Sweep`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +43,14 @@ from webhookd.store.records import (
     TenantRow,
     Webhook,
 )
-from webhookd.store.reserve import Reserve
+from webhookd.store.reserve import (
+    WAL_FRAME_HEADER,
+    WAL_PAGES,
+    Reserve,
+    free_bytes,
+    size_for,
+    wal_limit,
+)
 from webhookd.store.schema import load_records, migrate, refuse_newer
 from webhookd.store.writes import (
     Acknowledge,
@@ -51,6 +62,7 @@ from webhookd.store.writes import (
     RecordFailure,
     Requeue,
     SetPaused,
+    Sweep,
     Tx,
     lookup_ids,
 )
@@ -68,6 +80,9 @@ PRAGMAS_COMMON = (
     # The per-tenant queue index is the hot spot under mixed insert/delete; keep it cached.
     # 16 MiB: a bound, not a target (64 MiB bought no speed in bench/ and kept RSS high).
     "PRAGMA cache_size = -16384",
+    # A bounded WAL is what the reserve is sized for (see reserve.py); journal_size_limit,
+    # which depends on the page size, is set beside it at open.
+    f"PRAGMA wal_autocheckpoint = {WAL_PAGES}",
 )
 
 
@@ -89,8 +104,11 @@ class Store:
         self._closing = False
         self.on_enqueued: Any = None  # set by the service: (tenant, [Webhook]) -> None
         self.commits = 0
-        self._reserve = Reserve(path.with_name(path.name + "-reserve"))
         self._lock = DatabaseLock(path)
+        self._reserve: Reserve  # made at open, sized by the database's page size
+        self._page_size = 4096
+        # Tenants with rows acknowledged on a full disk still in the table (see `Sweep`).
+        self._behind: set[str] = set()
         # Set when a commit ran out of space: ingest is refused, deliveries still recorded.
         self.disk_full = False
         self._space_watch: asyncio.Task[None] | None = None
@@ -130,8 +148,14 @@ class Store:
                 conn.execute(pragma)
             synchronous = "FULL" if self.durability == "full" else "NORMAL"
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA journal_size_limit = {wal_limit(self._page_size)}")
             migrate(conn)
             records = load_records(conn)
+            self._behind = {r.name for r in records if _left_behind(conn, r)}
+            self._reserve = Reserve(
+                self.path.with_name(self.path.name + "-reserve"), size_for(self._page_size)
+            )
             if not self._reserve.make():
                 self.disk_full = True
                 log.warning("disk_full", detail="no room for the reserve; ingest is refused")
@@ -185,7 +209,8 @@ class Store:
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._wakeup.wait()
+            if not self._pending and not self._sweep_next():
+                await self._wakeup.wait()
             self._wakeup.clear()
             ops, self._pending = self._pending, []
             if not ops:
@@ -207,8 +232,24 @@ class Store:
             if self._closing and not self._pending:
                 return
 
+    def _sweep_next(self) -> bool:
+        """With nothing else to write and room on the disk, queue one step of deleting
+        rows acknowledged in place; True if one was queued."""
+        if not self._behind or self.disk_full or self._closing:
+            return False
+        self._pending.append(Sweep(next(iter(self._behind))))
+        return True
+
     def _settle(self, op: Op, result: Any) -> None:
         """Tell the op's caller how it went; announce what a committed op queued."""
+        if isinstance(op, Sweep):  # the writer's own op: nobody awaits it
+            if isinstance(result, StoreError) and not result.disk_full:
+                # Not for lack of room (that is waited out): left until the next start.
+                self._behind.discard(op.tenant)
+            elif result is not None and result < Sweep.ROWS:
+                self._behind.discard(op.tenant)
+            op.future.cancel()
+            return
         if isinstance(result, StoreError):
             if not op.future.done():
                 op.future.set_exception(result)
@@ -221,6 +262,8 @@ class Store:
                 # The rows are committed; the tenant's worker reads them from the database
                 # instead. The writer itself must keep running.
                 log.exception("enqueue_notify_failed", tenant=op.tenant)
+        if getattr(op, "left_behind", False):
+            self._behind.add(op.tenant)
         if not op.future.done():  # the caller may have been cancelled meanwhile
             op.future.set_result(result)
 
@@ -229,31 +272,51 @@ class Store:
 
         Out of space, the reserve is released and the transaction runs again without its
         ingest, which is refused (a StoreError in its place): deliveries, failures and
-        controls are still recorded. The result list holds each op's result or error.
+        controls are still recorded, in place (see writes.py). The result list holds each
+        op's result or error.
         """
-        try:
-            results = self._transaction(ops)
-        except Exception as exc:
-            if not (isinstance(exc, StoreError) and exc.disk_full):
-                if len(ops) == 1:
+        if not self.disk_full:
+            try:
+                return self._transaction(ops)
+            except Exception as exc:
+                if isinstance(exc, StoreError) and exc.disk_full:
+                    self._full(exc)
+                elif len(ops) == 1:
                     raise
-                # One bad write must not fail the others committed with it (other
-                # producers' ingest, deliveries being recorded): each on its own, then.
-                log.warning("commit_isolating", ops=len(ops), error=str(exc))
-                results = [self._alone(op) for op in ops]
-                if self.disk_full:
-                    self._checkpoint()
-                return results
-            released = self._reserve.release()
-            self.disk_full = True
-            log.warning("disk_full", released_reserve=released, error=str(exc))
-            refused = StoreError(DISK_FULL, disk_full=True)
-            rest = [op for op in ops if not isinstance(op, Enqueue)]
-            done = iter(self._transaction(rest) if rest else [])
-            results = [refused if isinstance(op, Enqueue) else next(done) for op in ops]
-        if self.disk_full:
-            self._checkpoint()
+                else:
+                    # One bad write must not fail the others committed with it (other
+                    # producers' ingest, deliveries being recorded): each on its own, then.
+                    log.warning("commit_isolating", ops=len(ops), error=str(exc))
+                    return [self._alone(op) for op in ops]
+        # Full: no ingest, which could only grow the database; the rest in place.
+        refused = StoreError(DISK_FULL, disk_full=True)
+        rest = [op for op in ops if not isinstance(op, Enqueue)]
+        done = iter(self._together(rest))
+        results = [refused if isinstance(op, Enqueue) else next(done) for op in ops]
+        self._checkpoint()
         return results
+
+    def _full(self, exc: StoreError) -> None:
+        """The disk has just filled: give back the reserve, and restart the WAL in it."""
+        released = self._reserve.release()
+        self.disk_full = True
+        log.warning("disk_full", released_reserve=released, error=str(exc))
+        # Before anything else is written: copying the WAL into the database file may need
+        # the file to grow, and the space the reserve gave back is for that first.
+        self._checkpoint()
+
+    def _together(self, ops: list[Op]) -> list[Any]:
+        """`ops` in one transaction; if that fails, each on its own, so that the one write
+        that cannot be recorded (a requeue too big for the room left) fails alone."""
+        if not ops:
+            return []
+        try:
+            return self._transaction(ops)
+        except StoreError as exc:
+            if len(ops) == 1:
+                return [exc]
+            log.warning("commit_isolating", ops=len(ops), error=str(exc))
+            return [self._alone(op) for op in ops]
 
     def _alone(self, op: Op) -> Any:
         """Run one op in its own transaction; its error becomes its result."""
@@ -274,14 +337,37 @@ class Store:
         except sqlite3.Error as exc:
             log.warning("checkpoint_failed", error=str(exc))
 
+    def _check_room(self, conn: sqlite3.Connection, pages_before: int) -> None:
+        """Refuse (as a full disk) an ingest whose commit and checkpoint would not fit.
+
+        A commit that fits in the WAL but whose checkpoint cannot extend the database file
+        is the trap: the WAL could never start over, and every later write, deliveries
+        included, would need it to grow. So before COMMIT: the WAL frames of the pages this
+        transaction adds, plus every page the database file still lacks (this
+        transaction's and any not yet checkpointed), must fit in the free space. Pages it
+        only changes are not counted: a few, which the reserve's margin covers.
+        """
+        pages: int = conn.execute("PRAGMA page_count").fetchone()[0]
+        added = pages - pages_before
+        if added <= 0:
+            return
+        missing = pages - os.stat(self.path).st_size // self._page_size
+        need = added * (self._page_size + WAL_FRAME_HEADER) + missing * self._page_size
+        free = free_bytes(self.path.parent)
+        if free < need:
+            log.warning("commit_refused", need_bytes=need, free_bytes=free)
+            raise StoreError(DISK_FULL, disk_full=True)
+
     def _transaction(self, ops: list[Op]) -> list[Any]:
         """Run `ops` as one transaction. All or nothing."""
         conn = self._conn
         if conn is None:
             raise StoreError("the store is closed")
-        tx = Tx(conn, self._rows)
+        tx = Tx(conn, self._rows, full=self.disk_full)
         try:
             conn.execute("BEGIN IMMEDIATE")
+            appends = not tx.full and any(op.appends for op in ops)
+            pages_before = conn.execute("PRAGMA page_count").fetchone()[0] if appends else 0
             lookup_ids(tx, [op for op in ops if isinstance(op, Enqueue)])
             results = []
             for op in ops:
@@ -291,6 +377,8 @@ class Store:
             tx.flush()
             if tx.saved:
                 tx.save_rows()
+            if appends:
+                self._check_room(conn, pages_before)
             conn.execute("COMMIT")
             self.commits += 1
         except BaseException as exc:
@@ -345,6 +433,7 @@ class Store:
         if made:
             self.disk_full = False
             log.warning("disk_space_recovered", detail="ingest accepted again")
+            self._wakeup.set()  # the writer may have rows to sweep
         return made
 
     async def acknowledge(self, tenant: str, through_sequence: int, at: float) -> None:
@@ -417,6 +506,15 @@ class Store:
             return self._conn.execute(f"PRAGMA {name}").fetchone()[0]
 
         return await loop.run_in_executor(self._executor, read)
+
+
+def _left_behind(conn: sqlite3.Connection, record: TenantRecord) -> bool:
+    """Whether rows acknowledged on a full disk before the last stop are still there."""
+    found = conn.execute(
+        "SELECT 1 FROM webhooks WHERE tenant = :tenant AND sequence <= :acked LIMIT 1",
+        {"tenant": record.name, "acked": record.row.acked_sequence},
+    ).fetchone()
+    return found is not None
 
 
 DISK_FULL = (

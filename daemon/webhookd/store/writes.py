@@ -4,6 +4,12 @@ A caller's write becomes an `Op` with a future; the writer thread applies whatev
 have gathered in one transaction (`Tx`), batching same-shaped statements (`executemany`)
 and saving each touched tenant's state row once. Ops run in the writer thread: they touch
 SQLite and the thread-side state rows, never the event loop.
+
+On a full disk (`Tx.full`), an op takes no new page: the database file cannot grow, and a
+page it cannot take would leave the WAL unable to start over (see reserve.py). An
+acknowledgement then only moves `acked_sequence` (one state row rewritten in place) and
+leaves the rows to `Sweep`; a failure, park or requeue that would take a new page is undone
+(`Tx.in_place`).
 """
 
 from __future__ import annotations
@@ -12,23 +18,35 @@ import asyncio
 import hashlib
 import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
-from webhookd.store.records import Failure, IngestResult, NewWebhook, TenantRow, Webhook
+from webhookd.store.records import (
+    Failure,
+    IngestResult,
+    NewWebhook,
+    StoreError,
+    TenantRow,
+    Webhook,
+)
+
+T = TypeVar("T")
 
 
 class Tx:
     """One group commit in progress: the connection, the state rows, batched statements."""
 
-    def __init__(self, conn: sqlite3.Connection, rows: dict[str, TenantRow]) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, rows: dict[str, TenantRow], *, full: bool = False
+    ) -> None:
         self.conn = conn
         self.rows = rows
+        self.full = full  # the disk is full: take no new page (see the module's docstring)
         self.saved: dict[str, TenantRow | None] = {}
         self.inserts: list[tuple[str, int, str, str, float, str]] = []
         self.id_inserts: list[tuple[str, str, int]] = []
-        self.deletes: list[tuple[str, int]] = []
+        self.deletes: list[tuple[str, int, int]] = []
         self.known_ids: dict[tuple[str, str], int | None] = {}
 
     def row(self, tenant: str) -> TenantRow:
@@ -54,8 +72,11 @@ class Tx:
             )
             self.id_inserts.clear()
         if self.deletes:
+            # Only the range acknowledged now: rows left from a full disk go by `Sweep`,
+            # a few at a time, not all at once inside some delivery's commit.
             self.conn.executemany(
-                "DELETE FROM webhooks WHERE tenant = ? AND sequence <= ?", self.deletes
+                "DELETE FROM webhooks WHERE tenant = ? AND sequence > ? AND sequence <= ?",
+                self.deletes,
             )
             self.deletes.clear()
 
@@ -86,6 +107,34 @@ class Tx:
             ],
         )
 
+    def in_place(self, write: Callable[[], T]) -> T | StoreError:
+        """`write()`; on a full disk, undone (a StoreError in its place) if it took a new
+        page, which only a growing database file could give."""
+        if not self.full:
+            return write()
+        self.flush()
+        before = self.pages()
+        self.conn.execute("SAVEPOINT in_place")
+        try:
+            value = write()
+            grew = self.pages() > before
+        except sqlite3.Error as exc:
+            # A cap on the file (max_page_count) refuses the page in the statement, not at
+            # commit; that may end the whole transaction, which then fails (and its ops are
+            # tried one by one, see sqlite.py).
+            full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            if not (full and self.conn.in_transaction):
+                raise
+            grew = True
+        if grew:
+            self.conn.execute("ROLLBACK TO in_place")
+        self.conn.execute("RELEASE in_place")
+        return StoreError(NO_ROOM, disk_full=True) if grew else value
+
+    def pages(self) -> int:
+        pages: int = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        return pages
+
     def rollback_rows(self) -> None:
         for tenant, saved in self.saved.items():
             if saved is None:
@@ -98,6 +147,7 @@ class Op:
     """A write waiting for the next group commit."""
 
     batchable = True
+    appends = False  # adds rows to the queue: its commit is checked for room first
 
     def __init__(self, tenant: str) -> None:
         self.tenant = tenant
@@ -108,6 +158,8 @@ class Op:
 
 
 class Enqueue(Op):
+    appends = True
+
     def __init__(self, tenant: str, items: Sequence[NewWebhook], accepted_at: float) -> None:
         super().__init__(tenant)
         self.items = items
@@ -184,11 +236,20 @@ class Acknowledge(Op):
     def __init__(self, tenant: str, through: int, at: float) -> None:
         super().__init__(tenant)
         self.through, self.at = through, at
+        self.left_behind = False
 
     def apply(self, tx: Tx) -> None:
         row = tx.row(self.tenant)
+        self.left_behind = False  # a transaction may be retried: start clean
         if self.through > row.acked_sequence:
-            tx.deletes.append((self.tenant, self.through))
+            if tx.full:
+                # Deleting rows rewrites their pages and the free list: WAL space we may
+                # not have. Moving `acked_sequence` is one state row, rewritten in place,
+                # and takes the rows out of the queue as surely (reads ask for sequences
+                # above it); they are deleted once there is room.
+                self.left_behind = True
+            else:
+                tx.deletes.append((self.tenant, row.acked_sequence, self.through))
             row.acked_sequence = self.through
         row.attempts = 0
         row.next_attempt_at = None
@@ -212,24 +273,33 @@ class RecordFailure(_Control):
         row = tx.row(self.tenant)
         row.attempts = self.failure.attempt
         row.next_attempt_at = self.next_attempt_at
-        f = self.failure
-        tx.conn.execute(
-            """INSERT INTO failures (tenant, at, attempt, first_sequence, last_sequence, count,
-                   status, error, duration_ms)
+        # On a full disk with no room for the row in the pages there are, the attempt count
+        # and the backoff are still stored (in the state row) and the failure still shown
+        # (the worker keeps it in memory), but a restart forgets it.
+        tx.in_place(self._insert(tx))
+
+    def _insert(self, tx: Tx) -> Callable[[], None]:
+        def insert() -> None:
+            f = self.failure
+            tx.conn.execute(
+                """INSERT INTO failures (tenant, at, attempt, first_sequence, last_sequence,
+                       count, status, error, duration_ms)
                VALUES (:tenant, :at, :attempt, :first, :last, :count, :status, :error, :ms)""",
-            {
-                "tenant": self.tenant,
-                "at": f.at,
-                "attempt": f.attempt,
-                "first": f.first_sequence,
-                "last": f.last_sequence,
-                "count": f.count,
-                "status": f.status,
-                "error": f.error,
-                "ms": f.duration_ms,
-            },
-        )
-        _prune_failures(tx.conn, self.tenant, self.keep)
+                {
+                    "tenant": self.tenant,
+                    "at": f.at,
+                    "attempt": f.attempt,
+                    "first": f.first_sequence,
+                    "last": f.last_sequence,
+                    "count": f.count,
+                    "status": f.status,
+                    "error": f.error,
+                    "ms": f.duration_ms,
+                },
+            )
+            _prune_failures(tx.conn, self.tenant, self.keep)
+
+        return insert
 
 
 def _prune_failures(conn: sqlite3.Connection, tenant: str, keep: int) -> None:
@@ -267,59 +337,71 @@ class Park(_Control):
         super().__init__(tenant)
         self.sequence, self.at = sequence, at
 
-    def apply(self, tx: Tx) -> Webhook | None:
+    def apply(self, tx: Tx) -> Webhook | StoreError | None:
         row = tx.row(self.tenant)
         if self.sequence != row.acked_sequence + 1 or self.sequence > row.last_sequence:
             return None
-        params = {"tenant": self.tenant, "sequence": self.sequence, "at": self.at}
+        parked = tx.in_place(lambda: self._move(tx))
+        if isinstance(parked, Webhook):
+            row.acked_sequence = self.sequence
+            row.attempts = 0
+            row.next_attempt_at = None
+        return parked
+
+    def _move(self, tx: Tx) -> Webhook | None:
+        # Deleted first, so that the parked copy can take the pages the row gives back.
         found = tx.conn.execute(
-            """INSERT INTO parked (tenant, sequence, id, event, accepted_at, data, parked_at)
-               SELECT tenant, sequence, id, event, accepted_at, data, :at FROM webhooks
-               WHERE tenant = :tenant AND sequence = :sequence
+            """DELETE FROM webhooks WHERE tenant = :tenant AND sequence = :sequence
                RETURNING sequence, id, event, accepted_at, data""",
-            params,
+            {"tenant": self.tenant, "sequence": self.sequence},
         ).fetchone()
         if found is None:
             return None
         tx.conn.execute(
-            "DELETE FROM webhooks WHERE tenant = :tenant AND sequence = :sequence", params
+            """INSERT INTO parked (tenant, sequence, id, event, accepted_at, data, parked_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?)""",
+            (self.tenant, *found, self.at),
         )
-        row.acked_sequence = self.sequence
-        row.attempts = 0
-        row.next_attempt_at = None
         return Webhook(*found)
 
 
 class Requeue(_Control):
     """Put a parked webhook back at the tail: a new sequence, the same id and data."""
 
+    appends = True
+
     def __init__(self, tenant: str, webhook_id: str, at: float) -> None:
         super().__init__(tenant)
         self.webhook_id, self.at = webhook_id, at
         self.queued: list[Webhook] = []
 
-    def apply(self, tx: Tx) -> Webhook | None:
+    def apply(self, tx: Tx) -> Webhook | StoreError | None:
         self.queued = []  # a transaction may be retried: start clean
-        params = {"tenant": self.tenant, "id": self.webhook_id}
+        current = tx.rows.get(self.tenant)
+        sequence = (current.last_sequence if current else 0) + 1
+        webhook = tx.in_place(lambda: self._move(tx, sequence))
+        if isinstance(webhook, Webhook):
+            tx.row(self.tenant).last_sequence = webhook.sequence
+            self.queued.append(webhook)
+        return webhook
+
+    def _move(self, tx: Tx, sequence: int) -> Webhook | None:
+        # Deleted first, so that the queued copy can take the pages the parked one gives back.
         found = tx.conn.execute(
             """DELETE FROM parked WHERE rowid = (
                    SELECT rowid FROM parked WHERE tenant = :tenant AND id = :id
                    ORDER BY sequence LIMIT 1)
                RETURNING id, event, accepted_at, data""",
-            params,
+            {"tenant": self.tenant, "id": self.webhook_id},
         ).fetchone()
         if found is None:
             return None
-        row = tx.row(self.tenant)
-        row.last_sequence += 1
-        webhook = Webhook(row.last_sequence, found[0], found[1], found[2], found[3])
         tx.conn.execute(
             "INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (self.tenant, webhook.sequence, *found),
+            (self.tenant, sequence, *found),
         )
-        self.queued.append(webhook)
-        return webhook
+        return Webhook(sequence, *found)
 
 
 class Discard(_Control):
@@ -327,19 +409,54 @@ class Discard(_Control):
 
     def __init__(self, tenant: str) -> None:
         super().__init__(tenant)
+        self.left_behind = False
 
     def apply(self, tx: Tx) -> int:
         params = {"tenant": self.tenant}
-        dropped = tx.conn.execute("DELETE FROM webhooks WHERE tenant = :tenant", params).rowcount
+        row = tx.row(self.tenant)
+        # The queue is contiguous: what waits is a subtraction. Rows acknowledged in place
+        # on a full disk (at or below acked_sequence) go too, but were not waiting.
+        dropped = row.last_sequence - row.acked_sequence
+        # On a full disk, a long queue's delete would need more WAL than there is: the
+        # queue is emptied as an acknowledgement empties it, and `Sweep` deletes the rows.
+        self.left_behind = tx.full
+        if not tx.full:
+            tx.conn.execute("DELETE FROM webhooks WHERE tenant = :tenant", params)
         tx.conn.execute("DELETE FROM parked WHERE tenant = :tenant", params)
         tx.conn.execute("DELETE FROM failures WHERE tenant = :tenant", params)
-        row = tx.row(self.tenant)
         # The sequence counter stays: sequences are never reused, not even after a discard.
         row.acked_sequence = row.last_sequence
         row.attempts = 0
         row.next_attempt_at = None
         row.paused = False
         return dropped
+
+
+class Sweep(_Control):
+    """Delete a few rows acknowledged in place on a full disk (the writer's own op, run
+    when it has nothing else to do). Its result: rows deleted; None when the disk is full."""
+
+    ROWS = 200  # a step: small enough not to hold up the commits queued behind it
+
+    def __init__(self, tenant: str) -> None:
+        super().__init__(tenant)
+
+    def apply(self, tx: Tx) -> int | None:
+        row = tx.rows.get(self.tenant)
+        if tx.full or row is None:
+            return None if tx.full else 0
+        return tx.conn.execute(
+            """DELETE FROM webhooks WHERE rowid IN (
+                   SELECT rowid FROM webhooks WHERE tenant = :tenant AND sequence <= :acked
+                   ORDER BY sequence LIMIT :rows)""",
+            {"tenant": self.tenant, "acked": row.acked_sequence, "rows": self.ROWS},
+        ).rowcount
+
+
+NO_ROOM = (
+    "the database is full (no disk space left) and this change needs more of it; "
+    "free space next to the database"
+)
 
 
 def lookup_ids(tx: Tx, ops: Iterable[Enqueue]) -> None:
