@@ -13,6 +13,7 @@ import itertools
 import time
 from collections.abc import MutableMapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,11 +27,14 @@ from tests.conftest import (
     Receiver,
     StartDaemon,
     free_port,
+    load_tenant,
     tenant,
     wait_for,
+    webhook,
 )
 from tests.test_faults import RawEndpoint
 from webhookd.config import Secret
+from webhookd.sender import UNSENDABLE_ID, Sender
 
 
 async def test_unbatched_delivers_one_at_a_time_in_order(
@@ -528,6 +532,25 @@ async def test_rotated_secret_applies_to_the_queued_webhook(
     assert resent.json["id"] == first.json["id"]
     assert resent.json["secret"] == "new"
     assert resent.headers["Authorization"] == "Bearer new"
+
+
+async def test_a_webhook_id_with_a_line_break_cannot_add_a_header(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """With signing on, `webhook-id` is the producer's own id (ingest takes any string of
+    1 to 255 characters without control characters). CR LF in an id written into the head
+    as it is would add headers (or end the head) of the request the tenant's endpoint
+    receives; aiohttp's client, which http1 replaced, refused header values with CR or LF."""
+    sender = Sender(allow_private=True)
+    acme = load_tenant(tmp_path, receiver.url("/acme"), signing_secret=SIGNING_SECRET)
+    try:
+        outcome = await sender.send(acme, [webhook("evt-1\r\nX-Injected: by the producer")])
+    finally:
+        await sender.close()
+    assert [r.headers.get("X-Injected") for r in receiver.requests] in ([], [None])
+    # Ingest refuses such ids; one queued before it did is a failed attempt, never sent.
+    assert (outcome.ok, outcome.error) == (False, UNSENDABLE_ID)
+    assert receiver.requests == []
 
 
 # -- failures, retries, control ------------------------------------------------------------------

@@ -21,7 +21,8 @@ import pytest
 import trustme
 from aiohttp import web
 
-from tests.conftest import Receiver, wait_for
+from tests.conftest import Receiver, load_tenant, wait_for, webhook
+from tests.test_delivery import SIGNING_SECRET
 from tests.test_http1 import (
     OK,
     OK_RESPONSE,
@@ -33,7 +34,6 @@ from tests.test_http1 import (
     keep_alive,
     post,
 )
-from tests.test_http1_review import SIGNING_SECRET, load_tenant, webhook
 from webhookd import http1
 from webhookd.sender import Sender
 
