@@ -553,6 +553,51 @@ async def test_a_webhook_id_with_a_line_break_cannot_add_a_header(
     assert receiver.requests == []
 
 
+async def test_webhook_timestamp_is_the_send_time_not_the_time_before_waiting_for_a_slot(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """SPEC §8: `webhook-timestamp` is the send time. A request signed (and stamped) before
+    waiting for one of max_connections slots would carry a timestamp as old as that wait.
+    When more tenants are busy than there are slots (an operator's max_connections below the
+    tenant count, slow or hanging endpoints each holding a slot up to their 5-10 s timeout),
+    the wait grows with the queue of tenants; receivers using the Standard Webhooks
+    libraries refuse a timestamp more than 5 minutes old, answer 401, and the retry would
+    be stamped before the same wait again."""
+    sender = Sender(max_connections=1, allow_private=True)
+    slow_started, release = asyncio.Event(), asyncio.Event()
+    arrivals: list[tuple[float, dict[str, str]]] = []
+
+    async def hold(request: web.Request) -> web.Response:
+        slow_started.set()
+        await release.wait()
+        return web.Response(text="ok")
+
+    async def record(request: web.Request) -> web.Response:
+        arrivals.append((time.time(), dict(request.headers)))
+        return web.Response(text="ok")
+
+    receiver.always("/slow", hold)
+    receiver.always("/signed", record)
+    slow = load_tenant(tmp_path, receiver.url("/slow"))
+    signed = load_tenant(tmp_path, receiver.url("/signed"), signing_secret=SIGNING_SECRET)
+    try:
+        holding = asyncio.create_task(sender.send(slow, [webhook("slow-1")]))
+        await asyncio.wait_for(slow_started.wait(), 2.0)  # the only slot is taken
+        built = time.time()
+        waiting = asyncio.create_task(sender.send(signed, [webhook("signed-1")]))
+        # The slot stays busy for two seconds (a short stand-in for a long queue of tenants):
+        # the time passing is what is under test.
+        await wait_for(lambda: time.time() >= built + 2, 5.0)
+        release.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(holding, waiting), 2.0)
+    finally:
+        release.set()
+        await sender.close()
+    assert [outcome.ok for outcome in outcomes] == [True, True]
+    [(arrived, headers)] = arrivals
+    assert arrived - int(headers["webhook-timestamp"]) < 2, (arrived, headers)
+
+
 # -- failures, retries, control ------------------------------------------------------------------
 
 
