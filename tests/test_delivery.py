@@ -31,8 +31,10 @@ from tests.conftest import (
     tenant,
     wait_for,
     webhook,
+    write_config,
 )
 from tests.test_faults import RawEndpoint
+from webhookd import config as config_mod
 from webhookd.config import Secret
 from webhookd.sender import UNSENDABLE_ID, Sender
 
@@ -460,6 +462,33 @@ async def test_authorization_header_false_omits_it_but_keeps_body_secret(
     received = receiver.at("/acme")[0]
     assert "authorization" not in lower_headers(received)
     assert received.json["secret"] == "s3cr3t"
+
+
+@pytest.mark.parametrize("secret", ["s3cr3t ", "s3cr3t\t"], ids=["trailing-space", "trailing-tab"])
+async def test_the_authorization_header_a_receiver_reads_is_bearer_and_the_body_secret(
+    tmp_path: Path, receiver: Receiver, start_daemon: StartDaemon, secret: str
+) -> None:
+    """SPEC §1: "the secret travels twice: as the field `secret` in every webhook object,
+    and as `Authorization: Bearer <secret>`"; SPEC §3: `Authorization` is `Bearer <secret>`.
+
+    HTTP parsers drop a field value's surrounding whitespace (RFC 9110 §5.5), so for a
+    secret ending in a space or a tab (`secret = "s3cr3t "`, or `secret_env` from a shell
+    `export`) the receiver would read `Bearer s3cr3t` while the body says `"s3cr3t "`: a
+    receiver checking the header against the secret would refuse every delivery and the
+    tenant would stall for good. The configuration refuses such a secret, naming the key;
+    were one taken, what the receiver reads must still match the body."""
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"), secret=secret)})
+    try:
+        config_mod.load(path)
+    except config_mod.ConfigError as exc:
+        assert "tenants.acme.secret" in str(exc)
+        return
+    daemon = await start_daemon(path)
+    await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+    await wait_for(lambda: len(receiver.at("/acme")) == 1, timeout=5)
+    received = receiver.at("/acme")[0]
+    assert received.json["secret"] == secret
+    assert received.headers["Authorization"] == f"Bearer {received.json['secret']}"
 
 
 SIGNING_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()

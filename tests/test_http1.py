@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import idna
 import pytest
 import trustme
 
@@ -1252,6 +1253,34 @@ async def test_an_https_endpoint_with_a_fully_qualified_trailing_dot_verifies(
 
 
 # -- endpoint host names, through the sender -----------------------------------------------------
+
+
+@pytest.mark.parametrize("label", ["straße", "ς"], ids=["sharp-s", "final-sigma"])
+async def test_an_internationalised_endpoint_host_is_the_configured_domain(
+    tmp_path: Path, label: str
+) -> None:
+    """SPEC §3: "Every delivery is `POST <endpoint>`": to the endpoint as configured.
+
+    Python's "idna" codec is IDNA 2003: it maps `ß` to `ss` and `ς` to `σ`, so with it
+    `https://straße.example/hook` would be delivered to `strasse.example`, another
+    registrable domain (DENIC has registered `ß` names since 2010), with its Host header and
+    TLS name, carrying the tenant's data and secret. IDNA 2008 / UTS #46 (browsers, curl,
+    and yarl, i.e. the aiohttp client that http1 replaced) keep them:
+    `xn--strae-oqa.example`. The name resolved is shown by the real sender's DNS error
+    (`.example` never resolves)."""
+    host = f"{label}.example"
+    acme = load_tenant(tmp_path, f"https://{host}/hook")  # the configuration takes it
+    expected = idna.encode(host, uts46=True).decode("ascii")
+
+    target = http1.parse_target(acme.endpoint)
+    sender = Sender(allow_private=True)
+    try:
+        outcome = await sender.send(acme, [webhook()])
+    finally:
+        await sender.close()
+    assert not outcome.ok
+    seen = (target.authority, target.host, outcome.error)
+    assert seen == (expected, expected, f"DNS: cannot resolve {expected}")
 
 
 @pytest.mark.parametrize(
