@@ -36,6 +36,7 @@ from tests.conftest import (
 from tests.test_faults import RawEndpoint
 from webhookd import config as config_mod
 from webhookd.config import Secret
+from webhookd.scheduler import Clock
 from webhookd.sender import UNSENDABLE_ID, Sender
 
 
@@ -178,6 +179,20 @@ async def wait_attempts(daemon: Daemon, name: str, attempts: int, timeout: float
     await wait_for(lambda: daemon.service.workers[name].row.attempts == attempts, timeout)
 
 
+class SteppedClock(Clock):
+    """The wall clock as the host sees it, which an NTP step or a VM resume can move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+
+STEP_BACK_S = 3600.0
+
+
 # -- batching ------------------------------------------------------------------------------------
 
 
@@ -265,6 +280,31 @@ async def test_partial_batch_window_counts_from_the_oldest_webhook(
     waited = batch.at - first_ingest
     # Due at window after the first webhook, not window after the newest (1.5 s).
     assert window * 0.95 <= waited < window * 1.35, waited
+
+
+async def test_a_backward_wall_clock_step_does_not_stretch_a_batch_window(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """SPEC §4 Batching on: a batch "is sent as soon as `batch_size` webhooks are waiting,
+    or once the oldest waiting webhook has waited `batch_window` seconds".
+
+    Measured on the wall clock (`accepted_at + batch_window − clock.now()`), a step back of
+    an hour while a partial batch waits out a 0.5 s window would hold the batch for an hour
+    and a half second: the oldest webhook long past its window, yet nothing sent.
+    """
+    clock = SteppedClock()
+    daemon = await start_daemon(
+        clock=clock,
+        tenants={
+            "acme": tenant(receiver.url("/acme"), batching=True, batch_size=10, batch_window=0.5)
+        },
+    )
+    ingested = time.monotonic()
+    await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+    clock.offset -= STEP_BACK_S
+    await wait_for(lambda: len(receiver.at("/acme")) == 1, timeout=3)
+    waited = receiver.at("/acme")[0].at - ingested
+    assert 0.45 <= waited < 1.5, waited
 
 
 # -- backoff -------------------------------------------------------------------------------------
@@ -355,6 +395,35 @@ async def test_backoff_doubles_then_levels_at_retry_after_doublings(
     status = await daemon.status("acme")
     assert [f["attempt"] for f in status["recent_failures"]] == [4, 3, 2, 1]
     assert status["attempts"] == 0
+
+
+async def test_a_backward_wall_clock_step_does_not_stretch_a_backoff(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """SPEC §4 Backoff: "After a failure the next attempt is at `retry_base × 2^(attempts−1)`
+    while `attempts ≤ retry_doublings`, else `retry_after_doublings` seconds later."
+
+    The worker sleeps on the event loop's monotonic timer. Were what is left of the backoff
+    measured against the wall clock (`next_attempt_at − clock.now()`), a step back of the
+    host's clock by an hour during a 0.3 s backoff (NTP correction, VM resumed from a
+    snapshot) would wake the worker after 0.3 s to find the stored wall-clock time an hour
+    ahead, and it would sleep again: the retry an hour late instead of 0.3 s later.
+    """
+    clock = SteppedClock()
+    receiver.script("/acme", 500)
+    daemon = await start_daemon(
+        clock=clock, tenants={"acme": tenant(receiver.url("/acme"), retry_base=0.3)}
+    )
+    worker = daemon.service.workers["acme"]
+    await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+    await wait_for(lambda: worker.row.attempts == 1, timeout=3)
+    failed_at = receiver.at("/acme")[0].at
+
+    clock.offset -= STEP_BACK_S
+    await wait_for(lambda: len(receiver.at("/acme")) == 2, timeout=3)
+    gap = receiver.at("/acme")[1].at - failed_at
+    assert 0.28 <= gap < 1.5, gap
+    assert receiver.at("/acme")[1].status == 200
 
 
 # -- what counts as success ----------------------------------------------------------------------
