@@ -598,6 +598,40 @@ async def test_recent_failures_are_capped_newest_first_and_refresh_clears_them(
     assert (status, body["cleared"]) == (200, 0)
 
 
+@pytest.mark.usefixtures("restore_structlog")
+async def test_lowering_recent_failures_by_reload_keeps_the_newest_failures(
+    tmp_path: Path, receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """An operator lowers `recent_failures` (5 -> 2) and reloads (SIGHUP) while a tenant is
+    stalled; the same happens when a PUT lowers it or an orphan comes back with a lower one.
+
+    SPEC §6 / README status fields: `recent_failures` is newest first, at most
+    `recent_failures` entries ("the 10 most recent failures"). The shortened list keeps the
+    newest: rebuilding the newest-first deque as `deque(old, maxlen=n)` would keep its LAST
+    n items, the oldest failures, and the status would show attempts [2, 1] instead of
+    [5, 4], disagreeing with the database (which keeps the newest, as a restart shows).
+    """
+    receiver.always("/acme", 503)
+    backoff = {"retry_base": 0.02, "retry_doublings": 1, "retry_after_doublings": 0.02}
+    acme = tenant(receiver.url("/acme"), recent_failures=5, **backoff)
+    path = write_config(tmp_path, {"acme": acme})
+    daemon = await start_daemon(path)
+    worker = daemon.service.workers["acme"]
+    await daemon.ingest("acme", {"event": EVENT})
+    await wait_for(lambda: worker.row.attempts >= 5)
+    status, _ = await daemon.request("POST", "/v1/tenants/acme/pause")  # no more attempts
+    assert status == 200
+    await wait_for(lambda: worker.in_flight is None)
+    before = [f["attempt"] for f in (await daemon.status("acme"))["recent_failures"]]
+    assert before == sorted(before, reverse=True) and len(before) == 5, before
+
+    lowered = {**acme, "recent_failures": 2}
+    write_config(tmp_path, {"acme": lowered}, daemon=_daemon_table(daemon))
+    assert await daemon.service.reload() is True
+    after = [f["attempt"] for f in (await daemon.status("acme"))["recent_failures"]]
+    assert after == before[:2], f"newest two were {before[:2]}, status shows {after}"
+
+
 async def test_paused_flag_and_failures_survive_a_restart(
     tmp_path: Path,
     receiver: Receiver,
