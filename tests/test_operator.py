@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from secrets import token_hex
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -890,6 +891,73 @@ async def test_non_loopback_listen_without_token_is_refused(tmp_path: Path) -> N
     code, out, err = await run_cli("run", "-c", str(path), timeout=20)
     assert code == 1, (out, err)
     assert "api_token" in err
+
+
+async def test_a_two_line_api_token_file_never_shows_the_token(
+    tmp_path: Path, process_factory: Callable[..., Process]
+) -> None:
+    """SPEC §7: "Secrets and tokens never appear in logs, errors or status output." README
+    (Configuration): a secret is refused when it holds a control character ("a line break
+    from a two-line secret file, say"), because it travels as a header value.
+
+    An operator writes the token file with two lines (a pasted token wrapped in two, or
+    `echo $OLD >> api.token` while rotating). Taken as it is, the daemon would start, and
+    `webhookd status -c config.toml` would die with a traceback ending `ValueError: Invalid
+    header value b'Bearer <token>'`: the whole API token, printed to the terminal (and to
+    whatever captures it: CI logs, a ticket). No client could ever send that token either,
+    so the config refuses it; whatever happens, the token shows nowhere.
+    """
+    first, second = "tok-" + token_hex(12), "tok-" + token_hex(12)
+    token_file = tmp_path / "api.token"
+    token_file.write_text(f"{first}\n{second}\n")
+    token_file.chmod(0o600)
+    config = write_config(tmp_path, {}, daemon={"api_token_file": "api.token"})
+
+    outputs = {}
+    code, out, err = await run_cli("check", "-c", str(config))
+    outputs["check"] = out + err
+    if code == 0:  # accepted: then the daemon runs with it
+        process = process_factory(config)
+        await asyncio.to_thread(process.start)
+        _, out, err = await run_cli("status", "-c", str(config))
+        outputs["status"] = out + err
+        outputs["daemon log"] = process.log()
+    leaks = [
+        f"{part} in {where}: {text!r}"
+        for where, text in outputs.items()
+        for part in (first, second)
+        if part in text
+    ]
+    assert not leaks, leaks
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["tok-5f0c2a9e71d4b6 ", "tök-5f0c2a9e71d4b6"],
+    ids=["trailing-space", "non-ascii"],
+)
+async def test_the_cli_can_use_the_api_token_the_config_accepts(
+    tmp_path: Path, process_factory: Callable[..., Process], token: str
+) -> None:
+    """README (Command line): "The client commands read `listen` and `api_token` from the same
+    config file the daemon uses." SPEC §5: bad values are errors that stop startup; README:
+    `webhookd check` validates a file.
+
+    An operator writes `api_token = "…"` inline with a trailing space (a paste) or with a
+    non-ASCII letter. If `check` said OK and the daemon started, `webhookd status` (and
+    every other client command) would get `HTTP 401` from its own daemon: the API strips the
+    token it is sent, and urllib sends the header as Latin-1 while the daemon compares UTF-8
+    bytes. So either the config refuses the token, naming the key, or the CLI can use it.
+    """
+    config = write_config(tmp_path, {}, daemon={"api_token": token})
+    code, _, err = await run_cli("check", "-c", str(config))
+    if code != 0:  # refused with a key path: fine
+        assert f"{config}: daemon.api_token:" in err, err
+        return
+    process = process_factory(config)
+    await asyncio.to_thread(process.start)
+    code, _, err = await run_cli("status", "-c", str(config))
+    assert code == 0, f"check accepted the token, but the CLI cannot use it: {err}"
 
 
 # -- 6. metrics ---------------------------------------------------------------------------------

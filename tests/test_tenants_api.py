@@ -749,6 +749,31 @@ def test_check_names_endpoints_where_the_secret_travels_in_clear(tmp_path: Path)
     assert "OK" not in result.stdout
 
 
+def test_check_refuses_a_ca_file_that_is_not_a_certificate_bundle(tmp_path: Path) -> None:
+    """SPEC §5: "bad values are errors that name the file (as given) and the key path ...
+    and stop startup". SPEC §7: `webhookd check` "validate, print a summary, exit 1 on
+    errors". README (Run as a service): `webhookd check -c /etc/webhookd/config.toml` is the
+    step before `systemctl enable --now webhookd`.
+
+    An operator sets `ca_file` to the private CA's *key* or a DER file by mistake (anything
+    that is a file but not PEM certificates). Checking only that it is a file would let
+    `webhookd check` say "OK", and `webhookd run` would then exit 1 with
+    `cannot_start error="[X509: NO_CERTIFICATE_OR_CRL_FOUND] ..."`, naming neither the file
+    nor `daemon.ca_file`; a reload setting such a ca_file would be taken too (only
+    `restart_needed`), so the next restart would fail.
+    """
+    (tmp_path / "private-ca.pem").write_text("-----BEGIN PRIVATE KEY-----\nnot a cert\n")
+    config = write_config(
+        tmp_path,
+        {"acme": tenant("https://hooks.acme.example/x")},
+        daemon={"ca_file": "private-ca.pem"},
+    )
+    result = run_cli("check", "-c", str(config))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, f"check accepted an unusable ca_file:\n{output}"
+    assert f"{config}: daemon.ca_file:" in output, output
+
+
 def test_init_writes_a_private_config_with_a_fresh_token(tmp_path: Path) -> None:
     tokens = []
     for path in (tmp_path / "one" / "config.toml", tmp_path / "two.toml"):
