@@ -24,8 +24,10 @@ from aiohttp import web
 
 from webhookd import config as config_mod
 from webhookd import logs
+from webhookd.config import TenantConfig
 from webhookd.scheduler import Clock
 from webhookd.service import Service
+from webhookd.store import Webhook
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -199,6 +201,17 @@ def write_config(
     path = directory / name
     path.write_text(tomli_w.dumps(raw))
     return path
+
+
+def load_tenant(directory: Path, endpoint: str, **overrides: Any) -> TenantConfig:
+    """The tenant "acme" as config.load builds it, for tests that drive a Sender directly."""
+    path = write_config(directory, {"acme": tenant(endpoint, **overrides)})
+    return config_mod.load(path).tenants["acme"]
+
+
+def webhook(webhook_id: str = "evt-1") -> Webhook:
+    """A queued webhook (sequence 1), as the store hands it to a Sender."""
+    return Webhook(1, webhook_id, "CHECK_COMPLETED", time.time(), '{"n":1}')
 
 
 # -- an in-process daemon ------------------------------------------------------------------------

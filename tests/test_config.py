@@ -938,6 +938,23 @@ def test_error_line(here: Path, text: str, expected: str) -> None:
     assert errors_of("config.toml", environ={}) == [f"config.toml: {expected}"]
 
 
+def test_config_refuses_a_tenant_name_with_a_trailing_line_break(tmp_path: Path) -> None:
+    """SPEC §5: "Tenant names: `[A-Za-z0-9_-]{1,64}`." and "Unknown keys, wrong types and
+    bad values are errors that name the file (as given) and the key path ... and stop
+    startup". `^[A-Za-z0-9_-]{1,64}$` matched with `re.match` would let a final newline
+    through: `[tenants."acme\\n"]` would load, and `webhookd check` print OK.
+    """
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[tenants."acme\\n"]\nendpoint = "https://hooks.acme.example/h"\n'
+        'secret = "s3cr3t"\nevents = ["*"]\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        loaded = load(path)
+        pytest.fail(f"loaded tenants {list(loaded.tenants)!r}")
+    assert any("tenants" in error for error in caught.value.errors), caught.value.errors
+
+
 def test_a_16_byte_signing_key_is_enough(here: Path) -> None:
     write(here / "config.toml", acme(signing_secret=f'"{KEY_16}"'))
     assert load("config.toml", environ={}).tenants["acme"].signing_secret.reveal() == KEY_16

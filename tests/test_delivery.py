@@ -13,6 +13,7 @@ import itertools
 import time
 from collections.abc import MutableMapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,11 +27,17 @@ from tests.conftest import (
     Receiver,
     StartDaemon,
     free_port,
+    load_tenant,
     tenant,
     wait_for,
+    webhook,
+    write_config,
 )
 from tests.test_faults import RawEndpoint
+from webhookd import config as config_mod
 from webhookd.config import Secret
+from webhookd.scheduler import Clock
+from webhookd.sender import UNSENDABLE_ID, Sender
 
 
 async def test_unbatched_delivers_one_at_a_time_in_order(
@@ -172,6 +179,20 @@ async def wait_attempts(daemon: Daemon, name: str, attempts: int, timeout: float
     await wait_for(lambda: daemon.service.workers[name].row.attempts == attempts, timeout)
 
 
+class SteppedClock(Clock):
+    """The wall clock as the host sees it, which an NTP step or a VM resume can move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+
+STEP_BACK_S = 3600.0
+
+
 # -- batching ------------------------------------------------------------------------------------
 
 
@@ -259,6 +280,31 @@ async def test_partial_batch_window_counts_from_the_oldest_webhook(
     waited = batch.at - first_ingest
     # Due at window after the first webhook, not window after the newest (1.5 s).
     assert window * 0.95 <= waited < window * 1.35, waited
+
+
+async def test_a_backward_wall_clock_step_does_not_stretch_a_batch_window(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """SPEC §4 Batching on: a batch "is sent as soon as `batch_size` webhooks are waiting,
+    or once the oldest waiting webhook has waited `batch_window` seconds".
+
+    Measured on the wall clock (`accepted_at + batch_window − clock.now()`), a step back of
+    an hour while a partial batch waits out a 0.5 s window would hold the batch for an hour
+    and a half second: the oldest webhook long past its window, yet nothing sent.
+    """
+    clock = SteppedClock()
+    daemon = await start_daemon(
+        clock=clock,
+        tenants={
+            "acme": tenant(receiver.url("/acme"), batching=True, batch_size=10, batch_window=0.5)
+        },
+    )
+    ingested = time.monotonic()
+    await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+    clock.offset -= STEP_BACK_S
+    await wait_for(lambda: len(receiver.at("/acme")) == 1, timeout=3)
+    waited = receiver.at("/acme")[0].at - ingested
+    assert 0.45 <= waited < 1.5, waited
 
 
 # -- backoff -------------------------------------------------------------------------------------
@@ -349,6 +395,35 @@ async def test_backoff_doubles_then_levels_at_retry_after_doublings(
     status = await daemon.status("acme")
     assert [f["attempt"] for f in status["recent_failures"]] == [4, 3, 2, 1]
     assert status["attempts"] == 0
+
+
+async def test_a_backward_wall_clock_step_does_not_stretch_a_backoff(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """SPEC §4 Backoff: "After a failure the next attempt is at `retry_base × 2^(attempts−1)`
+    while `attempts ≤ retry_doublings`, else `retry_after_doublings` seconds later."
+
+    The worker sleeps on the event loop's monotonic timer. Were what is left of the backoff
+    measured against the wall clock (`next_attempt_at − clock.now()`), a step back of the
+    host's clock by an hour during a 0.3 s backoff (NTP correction, VM resumed from a
+    snapshot) would wake the worker after 0.3 s to find the stored wall-clock time an hour
+    ahead, and it would sleep again: the retry an hour late instead of 0.3 s later.
+    """
+    clock = SteppedClock()
+    receiver.script("/acme", 500)
+    daemon = await start_daemon(
+        clock=clock, tenants={"acme": tenant(receiver.url("/acme"), retry_base=0.3)}
+    )
+    worker = daemon.service.workers["acme"]
+    await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+    await wait_for(lambda: worker.row.attempts == 1, timeout=3)
+    failed_at = receiver.at("/acme")[0].at
+
+    clock.offset -= STEP_BACK_S
+    await wait_for(lambda: len(receiver.at("/acme")) == 2, timeout=3)
+    gap = receiver.at("/acme")[1].at - failed_at
+    assert 0.28 <= gap < 1.5, gap
+    assert receiver.at("/acme")[1].status == 200
 
 
 # -- what counts as success ----------------------------------------------------------------------
@@ -458,6 +533,33 @@ async def test_authorization_header_false_omits_it_but_keeps_body_secret(
     assert received.json["secret"] == "s3cr3t"
 
 
+@pytest.mark.parametrize("secret", ["s3cr3t ", "s3cr3t\t"], ids=["trailing-space", "trailing-tab"])
+async def test_the_authorization_header_a_receiver_reads_is_bearer_and_the_body_secret(
+    tmp_path: Path, receiver: Receiver, start_daemon: StartDaemon, secret: str
+) -> None:
+    """SPEC §1: "the secret travels twice: as the field `secret` in every webhook object,
+    and as `Authorization: Bearer <secret>`"; SPEC §3: `Authorization` is `Bearer <secret>`.
+
+    HTTP parsers drop a field value's surrounding whitespace (RFC 9110 §5.5), so for a
+    secret ending in a space or a tab (`secret = "s3cr3t "`, or `secret_env` from a shell
+    `export`) the receiver would read `Bearer s3cr3t` while the body says `"s3cr3t "`: a
+    receiver checking the header against the secret would refuse every delivery and the
+    tenant would stall for good. The configuration refuses such a secret, naming the key;
+    were one taken, what the receiver reads must still match the body."""
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"), secret=secret)})
+    try:
+        config_mod.load(path)
+    except config_mod.ConfigError as exc:
+        assert "tenants.acme.secret" in str(exc)
+        return
+    daemon = await start_daemon(path)
+    await daemon.ingest("acme", {"event": "CHECK_COMPLETED"})
+    await wait_for(lambda: len(receiver.at("/acme")) == 1, timeout=5)
+    received = receiver.at("/acme")[0]
+    assert received.json["secret"] == secret
+    assert received.headers["Authorization"] == f"Bearer {received.json['secret']}"
+
+
 SIGNING_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
 
 
@@ -528,6 +630,70 @@ async def test_rotated_secret_applies_to_the_queued_webhook(
     assert resent.json["id"] == first.json["id"]
     assert resent.json["secret"] == "new"
     assert resent.headers["Authorization"] == "Bearer new"
+
+
+async def test_a_webhook_id_with_a_line_break_cannot_add_a_header(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """With signing on, `webhook-id` is the producer's own id (ingest takes any string of
+    1 to 255 characters without control characters). CR LF in an id written into the head
+    as it is would add headers (or end the head) of the request the tenant's endpoint
+    receives; aiohttp's client, which http1 replaced, refused header values with CR or LF."""
+    sender = Sender(allow_private=True)
+    acme = load_tenant(tmp_path, receiver.url("/acme"), signing_secret=SIGNING_SECRET)
+    try:
+        outcome = await sender.send(acme, [webhook("evt-1\r\nX-Injected: by the producer")])
+    finally:
+        await sender.close()
+    assert [r.headers.get("X-Injected") for r in receiver.requests] in ([], [None])
+    # Ingest refuses such ids; one queued before it did is a failed attempt, never sent.
+    assert (outcome.ok, outcome.error) == (False, UNSENDABLE_ID)
+    assert receiver.requests == []
+
+
+async def test_webhook_timestamp_is_the_send_time_not_the_time_before_waiting_for_a_slot(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """SPEC §8: `webhook-timestamp` is the send time. A request signed (and stamped) before
+    waiting for one of max_connections slots would carry a timestamp as old as that wait.
+    When more tenants are busy than there are slots (an operator's max_connections below the
+    tenant count, slow or hanging endpoints each holding a slot up to their 5-10 s timeout),
+    the wait grows with the queue of tenants; receivers using the Standard Webhooks
+    libraries refuse a timestamp more than 5 minutes old, answer 401, and the retry would
+    be stamped before the same wait again."""
+    sender = Sender(max_connections=1, allow_private=True)
+    slow_started, release = asyncio.Event(), asyncio.Event()
+    arrivals: list[tuple[float, dict[str, str]]] = []
+
+    async def hold(request: web.Request) -> web.Response:
+        slow_started.set()
+        await release.wait()
+        return web.Response(text="ok")
+
+    async def record(request: web.Request) -> web.Response:
+        arrivals.append((time.time(), dict(request.headers)))
+        return web.Response(text="ok")
+
+    receiver.always("/slow", hold)
+    receiver.always("/signed", record)
+    slow = load_tenant(tmp_path, receiver.url("/slow"))
+    signed = load_tenant(tmp_path, receiver.url("/signed"), signing_secret=SIGNING_SECRET)
+    try:
+        holding = asyncio.create_task(sender.send(slow, [webhook("slow-1")]))
+        await asyncio.wait_for(slow_started.wait(), 2.0)  # the only slot is taken
+        built = time.time()
+        waiting = asyncio.create_task(sender.send(signed, [webhook("signed-1")]))
+        # The slot stays busy for two seconds (a short stand-in for a long queue of tenants):
+        # the time passing is what is under test.
+        await wait_for(lambda: time.time() >= built + 2, 5.0)
+        release.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(holding, waiting), 2.0)
+    finally:
+        release.set()
+        await sender.close()
+    assert [outcome.ok for outcome in outcomes] == [True, True]
+    [(arrived, headers)] = arrivals
+    assert arrived - int(headers["webhook-timestamp"]) < 2, (arrived, headers)
 
 
 # -- failures, retries, control ------------------------------------------------------------------

@@ -1,27 +1,34 @@
 """The delivery HTTP/1.1 client (webhookd.http1) against real servers on 127.0.0.1.
 
-Most tests talk to a bare TCP server that writes exact bytes, so each framing rule, each
-malformed answer and each way a connection can end is produced on purpose and seen from
+Most tests talk to a bare TCP (or TLS) server that writes exact bytes, so each framing rule,
+each malformed answer and each way a connection can end is produced on purpose and seen from
 both sides: what the client returned or raised, and which connections and requests the
 server saw. test_faults.py covers the same faults through the daemon; this file pins the
-client's own rules (parsing, pooling, the one retry, timeouts, the idle sweep).
+client's own rules (parsing, pooling, the one retry, timeouts, the idle sweep, closing TLS)
+and how the sender hands it an endpoint's host name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
 
+import idna
 import pytest
+import trustme
 
-from tests.conftest import Receiver, free_port, stop_server, wait_for
+from tests.conftest import Receiver, free_port, load_tenant, stop_server, wait_for, webhook
+from webhookd import config as config_mod
 from webhookd import http1
+from webhookd.sender import Sender
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 OK_RESPONSE = http1.Response(200, {"content-length": "2"})
@@ -111,10 +118,22 @@ Script = Callable[[Peer], Awaitable[None]]
 
 
 class RawServer:
-    """Connection n runs scripts[n] (the last script for every later one); then it is closed."""
+    """Connection n runs scripts[n] (the last script for every later one); then it is closed.
 
-    def __init__(self, scripts: tuple[Script, ...]) -> None:
+    `receive_buffer` sets SO_RCVBUF on the listener, which every accepted socket inherits: a
+    small one keeps the kernel from taking in much of a body the script never reads. With a
+    `context`, the server speaks TLS.
+    """
+
+    def __init__(
+        self,
+        scripts: tuple[Script, ...],
+        receive_buffer: int | None = None,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
         self.scripts = scripts
+        self.receive_buffer = receive_buffer
+        self.context = context
         self.peers: list[Peer] = []
         self.errors: list[BaseException] = []
         self.port = 0
@@ -122,11 +141,18 @@ class RawServer:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        if self.receive_buffer is None:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.context)
+        else:
+            listener = socket.socket()  # the server owns it from here, and closes it
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+            listener.bind(("127.0.0.1", 0))
+            self._server = await asyncio.start_server(self._serve, sock=listener, ssl=self.context)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def target(self, path: str = "/") -> http1.Target:
-        return http1.parse_target(f"http://127.0.0.1:{self.port}{path}")
+        scheme = "http" if self.context is None else "https"
+        return http1.parse_target(f"{scheme}://127.0.0.1:{self.port}{path}")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -163,8 +189,12 @@ StartServer = Callable[..., Awaitable[RawServer]]
 async def servers() -> AsyncIterator[StartServer]:
     made: list[RawServer] = []
 
-    async def start(*scripts: Script) -> RawServer:
-        server = RawServer(scripts)
+    async def start(
+        *scripts: Script,
+        receive_buffer: int | None = None,
+        context: ssl.SSLContext | None = None,
+    ) -> RawServer:
+        server = RawServer(scripts, receive_buffer, context)
         await server.start()
         made.append(server)
         return server
@@ -180,6 +210,39 @@ async def client() -> AsyncIterator[http1.Client]:
     http = http1.Client(ssl.create_default_context(), allow_all)
     yield http
     http.close()
+
+
+class Sockets:
+    """Every client Connection made, and those whose transport is gone (connection_lost)."""
+
+    def __init__(self) -> None:
+        self.made: list[http1.Connection] = []
+        self.lost: list[http1.Connection] = []
+
+    @property
+    def open(self) -> list[http1.Connection]:
+        return [c for c in self.made if c not in self.lost]
+
+
+@pytest.fixture
+def sockets(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sockets]:
+    seen = Sockets()
+    connection_made = http1.Connection.connection_made
+    connection_lost = http1.Connection.connection_lost
+
+    def record_made(self: http1.Connection, transport: asyncio.BaseTransport) -> None:
+        seen.made.append(self)
+        connection_made(self, transport)
+
+    def record_lost(self: http1.Connection, exc: Exception | None) -> None:
+        seen.lost.append(self)
+        connection_lost(self, exc)
+
+    monkeypatch.setattr(http1.Connection, "connection_made", record_made)
+    monkeypatch.setattr(http1.Connection, "connection_lost", record_lost)
+    yield seen
+    for connection in seen.open:
+        connection.abort()  # what a failed test left behind, so the next test starts clean
 
 
 def keep_alive(*responses: bytes) -> Script:
@@ -529,6 +592,25 @@ async def test_a_malformed_response_is_a_bad_response_and_the_connection_dropped
     assert server.peers[0].end == "eof"
 
 
+async def test_a_content_length_of_thousands_of_digits_is_a_bad_response(
+    client: http1.Client, servers: StartServer
+) -> None:
+    """int() refuses more than 4300 decimal digits (sys.get_int_max_str_digits) with a
+    ValueError, which is not an HTTPError: let through, it would leave data_received, the
+    event loop would log "Fatal error on transport" with a traceback, and the attempt would
+    be recorded as "connection closed before a response" although a complete head came."""
+
+    async def huge_length(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: " + b"1" * 5000 + b"\r\n\r\n")
+        await peer.until_closed()
+
+    server = await servers(huge_length)
+    with pytest.raises(http1.BadResponse) as caught:
+        await post(client, server.target())
+    assert str(caught.value) == "bad response: invalid Content-Length"
+
+
 def padded_head(size: int) -> bytes:
     """A status line and `X-Pad` header lines, together at least `size` bytes, unterminated."""
     pad = b"X-Pad: " + b"a" * 1000 + b"\r\n"
@@ -869,6 +951,30 @@ async def test_a_large_request_body_arrives_intact(
 
 
 @pytest.mark.parametrize(
+    "size", [16 << 20, 64 << 10], ids=["transport-buffers-the-rest", "kernel-holds-the-rest"]
+)
+async def test_a_connection_answered_before_its_body_was_sent_is_closed(
+    client: http1.Client, servers: StartServer, sockets: Sockets, size: int
+) -> None:
+    """A large body (a batch, or one big webhook: max_body_bytes is 10 MiB) to an endpoint
+    that answers after the head and then stops reading: the response is complete while the
+    transport still buffers the body. A graceful close would wait for that buffer to drain,
+    which never happens, so each such delivery would keep a socket and megabytes of body
+    for as long as the endpoint keeps the connection open: it is aborted instead. A body
+    small enough for the kernel's send queue leaves the transport's buffer empty, yet the
+    request is still half sent: that connection is closed too, never pooled."""
+
+    async def answer_early_then_stall(peer: Peer) -> None:
+        await peer.reader.readuntil(b"\r\n\r\n")
+        await peer.send(OK)
+        await asyncio.Event().wait()  # keeps the connection open, reads nothing more
+
+    server = await servers(answer_early_then_stall, receive_buffer=4096)
+    assert await post(client, server.target(), b"x" * size) == OK_RESPONSE
+    await wait_for(lambda: not sockets.open, PROMPT)
+
+
+@pytest.mark.parametrize(
     ("response", "body"),
     [
         (b'HTTP/1.1 202 Accepted\r\nContent-Length: 11\r\n\r\n{"a": [1]}\n', b'{"a": [1]}\n'),
@@ -948,6 +1054,17 @@ async def test_a_folded_header_continues_the_previous_value(
     )
 
 
+async def test_a_folded_header_line_is_read_not_refused(
+    client: http1.Client, servers: StartServer
+) -> None:
+    """RFC 9112 section 5.2: a user agent that receives obs-fold in a response MUST replace
+    it with SP. Refusing the whole 200 as "invalid header line" would send the webhook again
+    and again; aiohttp's client, which this one replaced, reads it too."""
+    folded = b"HTTP/1.1 200 OK\r\nX-Note: a\r\n  b\r\nContent-Length: 2\r\n\r\nok"
+    server = await servers(keep_alive(folded))
+    assert (await post(client, server.target())).status == 200
+
+
 # -- connecting: addresses raced, not waited for one by one --------------------------------------
 
 
@@ -988,3 +1105,209 @@ async def test_an_address_that_never_answers_costs_the_race_delay_not_the_timeou
         for sock in (*filler, black_hole):
             sock.close()
     assert server.peers[0].requests == [sent(target)]
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+#
+# uvloop's TLS transport differs from its TCP transport in two ways the client relies on: what
+# close() waits for, and what get_write_buffer_size() counts.
+
+CLOSE = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_context(ca: trustme.CA, host: str = "127.0.0.1") -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(host).configure_cert(context)
+    return context
+
+
+@pytest.fixture
+async def tls_client(ca: trustme.CA) -> AsyncIterator[http1.Client]:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    http = http1.Client(context, allow_all)
+    yield http
+    http.close()
+
+
+@pytest.fixture
+def tls_servers(ca: trustme.CA, servers: StartServer) -> StartServer:
+    """`servers` behind TLS, with a certificate from `ca` for `host` (127.0.0.1 by default)."""
+
+    async def start(*scripts: Script, host: str = "127.0.0.1", **options: Any) -> RawServer:
+        return await servers(*scripts, context=server_context(ca, host), **options)
+
+    return start
+
+
+async def stop_reading(peer: Peer) -> None:
+    """Stop reading the connection (the TLS layer too), keep it open, and wait."""
+    # uvloop's transports are not asyncio.Transport subclasses, only alike.
+    cast(asyncio.Transport, peer.writer.transport).pause_reading()
+    await asyncio.Event().wait()  # until teardown cancels the script
+
+
+def answer_then_stop_reading(response: bytes) -> Script:
+    async def script(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(response)
+        await stop_reading(peer)
+
+    return script
+
+
+@pytest.mark.parametrize("how", ["connection-close", "idle-sweep"])
+async def test_a_tls_connection_the_client_is_done_with_is_closed_at_once(
+    how: str,
+    tls_client: http1.Client,
+    tls_servers: StartServer,
+    sockets: Sockets,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """transport.close() on a TLS transport is a graceful shutdown: it sends close_notify and
+    keeps the socket until the peer's close_notify comes back, or uvloop's
+    ssl_shutdown_timeout (30 s) passes. An endpoint that answers `200` with `Connection:
+    close` (or keeps a connection until the idle sweep) and then simply does not answer
+    close_notify would keep every such socket open for 30 s after its delivery ended and
+    its max_connections slot was released. One tenant with a queue delivers tens of
+    webhooks a second, so a few hundred sockets would pile up outside max_connections
+    ("outgoing connections, all tenants together") and RLIMIT_NOFILE (1024 by default),
+    until accept() on the API, SQLite and every other tenant's connect failed with EMFILE.
+    So the client aborts TLS connections it closes, as aiohttp (which it replaced) does:
+    its ssl_shutdown_timeout defaults to 0 for this reason."""
+    if how == "idle-sweep":
+        monkeypatch.setattr(http1, "IDLE_S", 0.1)
+        monkeypatch.setattr(http1, "SWEEP_S", 0.05)
+    server = await tls_servers(answer_then_stop_reading(CLOSE if how == "connection-close" else OK))
+    for n in range(3):
+        response = await post(tls_client, server.target(f"/{n}"))
+        assert response.status == 200
+        if how == "idle-sweep":
+            await wait_for(lambda: not tls_client._idle, PROMPT)  # swept
+    assert len(sockets.made) == 3
+    await wait_for(lambda: not sockets.open, PROMPT)
+
+
+async def test_a_tls_connection_answered_before_its_body_was_sent_is_not_pooled(
+    tls_client: http1.Client, tls_servers: StartServer, sockets: Sockets
+) -> None:
+    """Whether a request went out cannot be asked of transport.get_write_buffer_size()
+    alone: on a TLS transport it counts only bytes not yet encrypted, while the ciphertext
+    waits in the TCP transport below, uncounted. Over https (most endpoints), a large body
+    (a batch; a webhook up to max_body_bytes, 10 MiB) to an endpoint that answers `200`
+    after the head and stops reading would look "fully sent", and the connection would go
+    back to the pool in the middle of its request with megabytes queued: the next delivery
+    to that endpoint would be written behind them and wait out its whole timeout (a failed
+    attempt the endpoint never saw), the socket and the body kept until then."""
+
+    async def answer_early_then_stall(peer: Peer) -> None:
+        await peer.reader.readuntil(b"\r\n\r\n")
+        await peer.send(OK)
+        await stop_reading(peer)
+
+    server = await tls_servers(answer_early_then_stall, keep_alive(OK), receive_buffer=4096)
+    assert await post(tls_client, server.target("/1"), b"x" * (16 << 20)) == OK_RESPONSE
+    # The next delivery goes out on a new connection and is answered...
+    assert await post(tls_client, server.target("/2")) == OK_RESPONSE
+    assert len(server.peers) == 2
+    # ...and the connection with the unsent body is gone, not kept for later.
+    await wait_for(lambda: sockets.made[0] in sockets.lost, PROMPT)
+
+
+async def test_an_https_endpoint_with_a_fully_qualified_trailing_dot_verifies(
+    tmp_path: Path, ca: trustme.CA, tls_servers: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """config accepts a host name ending in a dot (`https://hooks.example.com./x`, the
+    fully-qualified spelling; its _HOST pattern allows it on purpose). Python's ssl matches
+    server_hostname against the certificate as it is, and no certificate names
+    `hooks.example.com.`: passed with its dot, every delivery to such an endpoint would
+    fail "TLS: certificate verify failed (Hostname mismatch ...)" and the tenant would
+    stall forever. aiohttp, whose TLS verification README promises is unchanged, strips
+    the dot (as curl and browsers do): the name is the same host."""
+    host = "hooks.example"
+    server = await tls_servers(keep_alive(OK), host=host)
+    loop = asyncio.get_running_loop()
+    resolve = loop.getaddrinfo
+
+    async def resolve_test_host(name: str, port: int, **kwargs: Any) -> list[Any]:
+        if name.rstrip(".") != host:
+            return await resolve(name, port, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", resolve_test_host)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    acme = load_tenant(tmp_path, f"https://{host}.:{server.port}/hooks")  # config takes it
+    sender = Sender(allow_private=True, ca_file=ca_file)
+    try:
+        outcome = await sender.send(acme, [webhook()])
+    finally:
+        await sender.close()
+    assert (outcome.ok, outcome.error) == (True, None)
+    assert [len(peer.requests) for peer in server.peers] == [1]
+
+
+# -- endpoint host names, through the sender -----------------------------------------------------
+
+
+@pytest.mark.parametrize("label", ["straße", "ς"], ids=["sharp-s", "final-sigma"])
+async def test_an_internationalised_endpoint_host_is_the_configured_domain(
+    tmp_path: Path, label: str
+) -> None:
+    """SPEC §3: "Every delivery is `POST <endpoint>`": to the endpoint as configured.
+
+    Python's "idna" codec is IDNA 2003: it maps `ß` to `ss` and `ς` to `σ`, so with it
+    `https://straße.example/hook` would be delivered to `strasse.example`, another
+    registrable domain (DENIC has registered `ß` names since 2010), with its Host header and
+    TLS name, carrying the tenant's data and secret. IDNA 2008 / UTS #46 (browsers, curl,
+    and yarl, i.e. the aiohttp client that http1 replaced) keep them:
+    `xn--strae-oqa.example`. The name resolved is shown by the real sender's DNS error
+    (`.example` never resolves)."""
+    host = f"{label}.example"
+    acme = load_tenant(tmp_path, f"https://{host}/hook")  # the configuration takes it
+    expected = idna.encode(host, uts46=True).decode("ascii")
+
+    target = http1.parse_target(acme.endpoint)
+    sender = Sender(allow_private=True)
+    try:
+        outcome = await sender.send(acme, [webhook()])
+    finally:
+        await sender.close()
+    assert not outcome.ok
+    seen = (target.authority, target.host, outcome.error)
+    assert seen == (expected, expected, f"DNS: cannot resolve {expected}")
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "ü" + "a" * 64 + ".example",  # parse_target's IDNA encoding raises
+        "a" * 64 + ".example",  # getaddrinfo raises UnicodeError
+    ],
+    ids=["non-ascii", "ascii"],
+)
+async def test_an_endpoint_host_with_a_label_over_63_characters_is_refused_then_a_failed_attempt(
+    tmp_path: Path, host: str
+) -> None:
+    """config refuses such a host (also through the tenant API), naming it; handed one all
+    the same, Sender.send still ends in an outcome ("never raises for delivery errors"),
+    neither raising before its try nor recording "unexpected error"."""
+    endpoint = f"http://{host}/hooks"
+    with pytest.raises(config_mod.ConfigError) as refused:
+        load_tenant(tmp_path, endpoint)
+    assert "tenants.acme.endpoint: " in str(refused.value)
+    assert "is not a valid host name" in str(refused.value)
+    sender = Sender(allow_private=True)
+    acme = dataclasses.replace(load_tenant(tmp_path, "http://example.com/hooks"), endpoint=endpoint)
+    try:
+        outcome = await sender.send(acme, [webhook()])
+    finally:
+        await sender.close()
+    assert not outcome.ok
+    assert outcome.error is not None
+    assert outcome.error.startswith("DNS: cannot resolve "), outcome.error

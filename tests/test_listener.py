@@ -338,6 +338,33 @@ async def test_every_refusal_of_the_http_parser_is_the_documented_json(
     # ...and the connection was closed: `exchange` read to the end.
 
 
+async def test_a_non_utf8_authorization_header_is_401_not_500(
+    start_daemon: StartDaemon, receiver: Receiver
+) -> None:
+    """SPEC §6: "With `api_token` set, every path but `/healthz` needs `Authorization: Bearer
+    <api_token>` (401 otherwise). Errors are JSON `{"error": "<code>", "detail": "<human
+    sentence>"}`." README (Delivery guarantees): "any body, header or config gets a 4xx JSON
+    error ..., never a 500".
+
+    aiohttp hands over a header byte that is not UTF-8 surrogate-escaped: a token check
+    that called `.encode()` on it would raise UnicodeEncodeError, a 500 "internal".
+    """
+    token = "tok-5d1c7e0b42"
+    daemon = await start_daemon(
+        tenants={"acme": tenant(receiver.url("/acme"))}, daemon={"api_token": token}
+    )
+    for route in (b"/v1/status", b"/v1/tenants/acme/status"):
+        request = (
+            b"GET " + route + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Authorization: Bearer \xff" + token.encode() + b"\r\n\r\n"
+        )
+        status, headers, body = parse(await exchange(port_of(daemon), request, timeout=10))
+        assert status == 401, (route, status, body)
+        assert headers.get("content-type", "").startswith("application/json"), headers
+        assert set(body) == {"error", "detail"} and body["detail"], body
+        assert body["error"] == "unauthorized", body
+
+
 async def test_a_declared_body_over_the_limit_gets_413_at_once(
     start_daemon: StartDaemon, receiver: Receiver
 ) -> None:

@@ -1,4 +1,5 @@
-"""The operator's view: status and its queue states, control calls, access, metrics, CLI.
+"""The operator's view: status and its queue states, control calls, access, metrics, CLI,
+and the README's stalled-tenant walk-through (its table and its CLI equivalents).
 
 Real receiver, real SQLite, the daemon in-process or as a subprocess; no mocks.
 """
@@ -7,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from secrets import token_hex
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -22,6 +26,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
+    ROOT,
     Daemon,
     Process,
     Receiver,
@@ -34,9 +39,12 @@ from tests.conftest import (
 from tests.test_faults import RawEndpoint
 from tests.test_terminal import BIDI, C0, C1, UNSAFE, escaped, shown
 from webhookd import config as config_mod
+from webhookd import views
+from webhookd.__main__ import build_parser
 from webhookd.metrics import Metrics
 from webhookd.scheduler import Clock
 from webhookd.sender import Outcome
+from webhookd.status import iso
 
 EVENT = "CHECK_COMPLETED"
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -407,7 +415,9 @@ async def test_retry_all_retries_every_waiting_tenant(
 # -- subprocess helpers -------------------------------------------------------------------------
 
 
-async def run_cli(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
+async def run_cli(
+    *args: str, timeout: float = 30.0, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     """`python -m webhookd ARGS` without blocking the loop the receiver runs on."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -416,6 +426,7 @@ async def run_cli(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=env,
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
@@ -596,6 +607,40 @@ async def test_recent_failures_are_capped_newest_first_and_refresh_clears_them(
     assert (await daemon.status("three"))["recent_failures"] != []
     status, body = await daemon.request("POST", "/v1/tenants/ten/refresh")
     assert (status, body["cleared"]) == (200, 0)
+
+
+@pytest.mark.usefixtures("restore_structlog")
+async def test_lowering_recent_failures_by_reload_keeps_the_newest_failures(
+    tmp_path: Path, receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """An operator lowers `recent_failures` (5 -> 2) and reloads (SIGHUP) while a tenant is
+    stalled; the same happens when a PUT lowers it or an orphan comes back with a lower one.
+
+    SPEC §6 / README status fields: `recent_failures` is newest first, at most
+    `recent_failures` entries ("the 10 most recent failures"). The shortened list keeps the
+    newest: rebuilding the newest-first deque as `deque(old, maxlen=n)` would keep its LAST
+    n items, the oldest failures, and the status would show attempts [2, 1] instead of
+    [5, 4], disagreeing with the database (which keeps the newest, as a restart shows).
+    """
+    receiver.always("/acme", 503)
+    backoff = {"retry_base": 0.02, "retry_doublings": 1, "retry_after_doublings": 0.02}
+    acme = tenant(receiver.url("/acme"), recent_failures=5, **backoff)
+    path = write_config(tmp_path, {"acme": acme})
+    daemon = await start_daemon(path)
+    worker = daemon.service.workers["acme"]
+    await daemon.ingest("acme", {"event": EVENT})
+    await wait_for(lambda: worker.row.attempts >= 5)
+    status, _ = await daemon.request("POST", "/v1/tenants/acme/pause")  # no more attempts
+    assert status == 200
+    await wait_for(lambda: worker.in_flight is None)
+    before = [f["attempt"] for f in (await daemon.status("acme"))["recent_failures"]]
+    assert before == sorted(before, reverse=True) and len(before) == 5, before
+
+    lowered = {**acme, "recent_failures": 2}
+    write_config(tmp_path, {"acme": lowered}, daemon=_daemon_table(daemon))
+    assert await daemon.service.reload() is True
+    after = [f["attempt"] for f in (await daemon.status("acme"))["recent_failures"]]
+    assert after == before[:2], f"newest two were {before[:2]}, status shows {after}"
 
 
 async def test_paused_flag_and_failures_survive_a_restart(
@@ -856,6 +901,73 @@ async def test_non_loopback_listen_without_token_is_refused(tmp_path: Path) -> N
     code, out, err = await run_cli("run", "-c", str(path), timeout=20)
     assert code == 1, (out, err)
     assert "api_token" in err
+
+
+async def test_a_two_line_api_token_file_never_shows_the_token(
+    tmp_path: Path, process_factory: Callable[..., Process]
+) -> None:
+    """SPEC §7: "Secrets and tokens never appear in logs, errors or status output." README
+    (Configuration): a secret is refused when it holds a control character ("a line break
+    from a two-line secret file, say"), because it travels as a header value.
+
+    An operator writes the token file with two lines (a pasted token wrapped in two, or
+    `echo $OLD >> api.token` while rotating). Taken as it is, the daemon would start, and
+    `webhookd status -c config.toml` would die with a traceback ending `ValueError: Invalid
+    header value b'Bearer <token>'`: the whole API token, printed to the terminal (and to
+    whatever captures it: CI logs, a ticket). No client could ever send that token either,
+    so the config refuses it; whatever happens, the token shows nowhere.
+    """
+    first, second = "tok-" + token_hex(12), "tok-" + token_hex(12)
+    token_file = tmp_path / "api.token"
+    token_file.write_text(f"{first}\n{second}\n")
+    token_file.chmod(0o600)
+    config = write_config(tmp_path, {}, daemon={"api_token_file": "api.token"})
+
+    outputs = {}
+    code, out, err = await run_cli("check", "-c", str(config))
+    outputs["check"] = out + err
+    if code == 0:  # accepted: then the daemon runs with it
+        process = process_factory(config)
+        await asyncio.to_thread(process.start)
+        _, out, err = await run_cli("status", "-c", str(config))
+        outputs["status"] = out + err
+        outputs["daemon log"] = process.log()
+    leaks = [
+        f"{part} in {where}: {text!r}"
+        for where, text in outputs.items()
+        for part in (first, second)
+        if part in text
+    ]
+    assert not leaks, leaks
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["tok-5f0c2a9e71d4b6 ", "tök-5f0c2a9e71d4b6"],
+    ids=["trailing-space", "non-ascii"],
+)
+async def test_the_cli_can_use_the_api_token_the_config_accepts(
+    tmp_path: Path, process_factory: Callable[..., Process], token: str
+) -> None:
+    """README (Command line): "The client commands read `listen` and `api_token` from the same
+    config file the daemon uses." SPEC §5: bad values are errors that stop startup; README:
+    `webhookd check` validates a file.
+
+    An operator writes `api_token = "…"` inline with a trailing space (a paste) or with a
+    non-ASCII letter. If `check` said OK and the daemon started, `webhookd status` (and
+    every other client command) would get `HTTP 401` from its own daemon: the API strips the
+    token it is sent, and urllib sends the header as Latin-1 while the daemon compares UTF-8
+    bytes. So either the config refuses the token, naming the key, or the CLI can use it.
+    """
+    config = write_config(tmp_path, {}, daemon={"api_token": token})
+    code, _, err = await run_cli("check", "-c", str(config))
+    if code != 0:  # refused with a key path: fine
+        assert f"{config}: daemon.api_token:" in err, err
+        return
+    process = process_factory(config)
+    await asyncio.to_thread(process.start)
+    code, _, err = await run_cli("status", "-c", str(config))
+    assert code == 0, f"check accepted the token, but the CLI cannot use it: {err}"
 
 
 # -- 6. metrics ---------------------------------------------------------------------------------
@@ -1127,6 +1239,44 @@ async def test_cli_status_and_refresh_against_a_subprocess_with_a_token(
     assert TOKEN not in err
 
 
+SECRET_VARIABLE = "WEBHOOKD_TEST_ACME_SECRET"
+
+
+async def test_client_commands_work_without_the_daemons_tenant_secrets(
+    tmp_path: Path,
+    receiver: Receiver,
+    start_daemon: StartDaemon,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """README, Command line: "The client commands read `listen` and `api_token` from the
+    same config file the daemon uses." SPEC §5 offers `secret_env = "ACME_SECRET"` for a
+    tenant (the variable set in the service's environment, as systemd does), and SPEC §7
+    gives `webhookd status [TENANT] [-c CONFIG]`, `retry`, `refresh` against that file.
+
+    In an operator's shell the service's variable is not set: client commands that loaded
+    the whole configuration, tenant secrets included, would exit 1 with
+    "tenants.acme.secret_env: environment variable … is not set or empty" instead of
+    showing the status of a running daemon.
+    """
+    receiver.always("/acme", 503)
+    monkeypatch.setenv(SECRET_VARIABLE, "acme-secret-from-the-unit")  # the daemon's environment
+    table = tenant(receiver.url("/acme"), retry_base=30.0, secret_env=SECRET_VARIABLE)
+    del table["secret"]
+    path = write_config(tmp_path, {"acme": table})
+    daemon = await start_daemon(path)
+    await daemon.ingest("acme", {"event": EVENT})
+    await wait_for(lambda: daemon.service.tenant_status("acme")["attempts"] == 1, timeout=5)
+
+    operator_shell = {k: v for k, v in os.environ.items() if k != SECRET_VARIABLE}
+    results = {}
+    for command in (("status",), ("status", "acme"), ("retry", "acme"), ("refresh", "acme")):
+        results[command] = await run_cli(*command, "-c", str(path), env=operator_shell)
+    failed = {" ".join(c): (code, err.strip()) for c, (code, _, err) in results.items() if code}
+    assert failed == {}, failed
+    assert "stalled" in results[("status",)][1]
+    assert results[("retry", "acme")][1].strip() == "acme: retrying now"
+
+
 async def test_outside_text_reaches_no_terminal_raw(
     tmp_path: Path, process_factory: Callable[..., Process], session: aiohttp.ClientSession
 ) -> None:
@@ -1218,6 +1368,93 @@ async def test_outside_text_reaches_no_terminal_raw(
     finally:
         for endpoint in endpoints.values():
             await endpoint.close()
+
+
+def walkthrough() -> str:
+    """README's "When a tenant is stalled" section, up to the next top-level heading."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("## When a tenant is stalled")
+    end = text.index("\n## ", start + 1)
+    return text[start:end]
+
+
+def test_walkthrough_status_table_is_what_the_text_view_prints() -> None:
+    """README, "When a tenant is stalled", step 1: "The text view puts each tenant on a
+    line; the stalled one says so, with its last error", followed by the output of
+    `curl -s 'localhost:8787/v1/status?format=text'`:
+
+        acme    stalled  137      12m ago   13m ago   5         in 7m58s  HTTP 503
+        globex  empty    0        -         2s ago    0         -         -
+
+    Rendered by the text view for exactly that state (oldest webhook 12 minutes old, last
+    success 13 minutes ago, next attempt in 7m58s), the table matches the walk-through cell
+    for cell: a view that always printed seconds below an hour ("12m00s ago") would not.
+    """
+    section = walkthrough()
+    block = section[section.index("TENANT  QUEUE") :]
+    shown = [line for line in block[: block.index("```")].splitlines() if line.strip()]
+    assert len(shown) == 4, shown  # header, acme, globex, the totals line
+
+    now = 1_764_064_800.0  # any whole second
+    failure = {
+        "at": iso(now - 30),
+        "attempt": 5,
+        "first_sequence": 1,
+        "last_sequence": 100,
+        "count": 100,
+        "status": 503,
+        "error": "HTTP 503",
+        "duration_ms": 12.0,
+    }
+    acme = {
+        "tenant": "acme",
+        "queue": "stalled",
+        "waiting": 137,
+        "oldest_waiting_at": iso(now - 12 * 60),
+        "last_processed_at": iso(now - 13 * 60),
+        "attempts": 5,
+        "next_attempt_at": iso(now + 7 * 60 + 58),
+        "recent_failures": [failure],
+    }
+    globex = {
+        "tenant": "globex",
+        "queue": "empty",
+        "waiting": 0,
+        "oldest_waiting_at": None,
+        "last_processed_at": iso(now - 2),
+        "attempts": 0,
+        "next_attempt_at": None,
+        "recent_failures": [],
+    }
+    totals = {"tenants": 2, "waiting": 137, "stalled": 1, "paused": 0, "disabled": 0}
+    text = views.status_table({"tenants": [acme, globex], "totals": totals}, now=now)
+    printed = [line for line in text.splitlines() if line.strip()]
+    # Cells compared, not the padding (the README's columns are laid out by hand).
+    assert [line.split() for line in printed] == [line.split() for line in shown], text
+
+
+def test_every_walkthrough_step_has_the_cli_equivalent_it_promises() -> None:
+    """README, "When a tenant is stalled": "Everything here is curl against the API (…);
+    each step has a CLI equivalent." Every curl line names a command that parses."""
+    section = walkthrough()
+    assert "each step has a CLI equivalent" in section
+    parser = build_parser()
+    missing = []
+    for line in section.splitlines():
+        if "curl " not in line or "Bearer" in line or "the same as JSON" in line:
+            continue  # the JSON form of step 2 shares that step's `webhookd status acme`
+        curl = re.search(r"curl [^`#]*", line)
+        assert curl is not None, line
+        # "# or: webhookd …", "…: webhookd …" after a code line, "(or `webhookd …`)" in prose.
+        equivalent = re.search(r"(?:# or: |: |\(or `)(webhookd [^`)]*)", line)
+        if equivalent is None:
+            missing.append(curl.group(0).strip())
+            continue
+        words = shlex.split(equivalent.group(1).strip().replace("<id>", "ID"))[1:]
+        parser.parse_args(words)  # the named equivalent exists (SystemExit 2 otherwise)
+    assert missing == [], "API calls of the walk-through with no CLI equivalent: " + "; ".join(
+        missing
+    )
 
 
 # -- 8. scale -----------------------------------------------------------------------------------

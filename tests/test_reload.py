@@ -539,6 +539,96 @@ async def test_restart_only_key_warns_and_log_level_applies_at_once(
     assert delivered["level"] == "info"
 
 
+async def test_restart_needed_is_logged_when_the_same_reload_raises_log_verbosity(
+    tmp_path: Path,
+    receiver: Receiver,
+    process_factory: Callable[..., Process],
+    http: aiohttp.ClientSession,
+) -> None:
+    """SPEC §5: "`[daemon]` keys other than `log_level`, `log_format` and
+    `allow_private_endpoints` take effect at the next restart; a reload that changes them logs
+    a warning naming them." README (Configuration): "(a reload that changes them logs
+    `restart_needed` naming them)".
+
+    An operator runs quietly with `log_level = "error"`, then edits config.toml to
+    `log_level = "info"` and `max_connections = 50` and reloads, expecting to see what the
+    reload did. The new level is applied before `restart_needed` (and any `config_warning`)
+    is logged: under the old "error" level the warning would be filtered out while the
+    `reloaded` line right after it (at info) is written, and the operator would believe
+    max_connections is now 50.
+    """
+    listen = f"127.0.0.1:{free_port()}"
+    tenants = {"acme": tenant(receiver.url("/acme"))}
+    config = write_config(tmp_path, tenants, daemon={"listen": listen, "log_level": "error"})
+    process = process_factory(config)
+    await asyncio.to_thread(process.start)
+
+    write_config(
+        tmp_path,
+        tenants,
+        daemon={"listen": listen, "log_level": "info", "max_connections": 50},
+    )
+    await Subprocess(process, http).reload()  # "reloaded" is at info: the new level is in force
+    warned = log_events(process, "restart_needed")
+    assert warned and warned[-1]["keys"] == ["max_connections"], (
+        "no restart_needed warning for max_connections; log:\n" + process.log()
+    )
+
+
+async def test_changing_tenants_dir_by_reload_does_not_drop_api_tenants_before_the_restart(
+    tmp_path: Path,
+    receiver: Receiver,
+    process_factory: Callable[..., Process],
+    http: aiohttp.ClientSession,
+) -> None:
+    """SPEC §5: "`[daemon]` keys other than `log_level`, `log_format` and
+    `allow_private_endpoints` take effect at the next restart; a reload that changes them logs
+    a warning naming them." SPEC §6: `PUT /v1/tenants/{t}` is "written to
+    `tenants_dir/{t}.toml` ..., applied live".
+
+    An operator prepares a move of the tenant files by setting `tenants_dir = "moved.d"`
+    (still empty) in config.toml and runs `systemctl reload webhookd`. The daemon logs
+    `restart_needed keys=["tenants_dir"]` and keeps reading the old folder until the
+    restart. Were the tenants taken from the new folder at once, every API-made tenant of
+    the old one would stop (orphaned) while `daemon.tenants_dir` kept the old value: a
+    tenant PUT afterwards (answered 201) would be written to the old folder, and the next
+    reload, for any reason, would silently remove it again.
+    """
+    (tmp_path / "tenants.d").mkdir()
+    (tmp_path / "moved.d").mkdir()
+    beta = tmp_path / "tenants.d" / "beta.toml"
+    beta.write_text(f'endpoint = "{receiver.url("/beta")}"\nsecret = "s3cr3t"\nevents = ["*"]\n')
+    beta.chmod(0o600)
+    listen = f"127.0.0.1:{free_port()}"
+    tenants = {"acme": tenant(receiver.url("/acme"))}
+    daemon = {"listen": listen, "log_level": "info", "tenants_dir": "tenants.d"}
+    config = write_config(tmp_path, tenants, daemon=daemon)
+    process = process_factory(config)
+    await asyncio.to_thread(process.start)
+    target = Subprocess(process, http)
+    status, _ = await call(http, process, "GET", "/v1/tenants/beta")
+    assert status == 200
+
+    write_config(tmp_path, tenants, daemon={**daemon, "tenants_dir": "moved.d"})
+    await target.reload()
+    warned = log_events(process, "restart_needed")
+    assert warned and "tenants_dir" in warned[-1]["keys"], warned
+
+    # An operator creates a tenant through the API before the restart: 201.
+    gamma = tenant(receiver.url("/gamma"))
+    status, body = await call(http, process, "PUT", "/v1/tenants/gamma", gamma)
+    assert status == 201, body
+    # Any later reload (another tenant's secret rotated, say).
+    await target.reload()
+
+    found = {}
+    for name in ("beta", "gamma"):
+        found[name], _ = await call(http, process, "GET", f"/v1/tenants/{name}")
+    assert found == {"beta": 200, "gamma": 200}, (
+        f"tenants after a reload that only warned 'restart_needed: tenants_dir': {found}"
+    )
+
+
 # -- reload under load ---------------------------------------------------------------------------
 
 

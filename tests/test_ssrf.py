@@ -6,14 +6,26 @@ reach it, however the endpoint spells its way there.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, Receiver, StartDaemon, free_port, tenant, wait_for, write_config
+from tests.conftest import (
+    Daemon,
+    Receiver,
+    StartDaemon,
+    free_port,
+    load_tenant,
+    tenant,
+    wait_for,
+    webhook,
+    write_config,
+)
 from webhookd import sender
+from webhookd.sender import Sender
 
 EVENT = "CHECK_COMPLETED"
 BLOCKED = "blocked: resolves to private address"
@@ -186,6 +198,39 @@ async def test_reload_forbidding_private_endpoints_blocks_the_next_attempt(
     status = await first_outcome(daemon, "acme")
     assert receiver.sequences("/hooks") == [1], "delivered to 127.0.0.1 after the reload forbade it"
     assert_refused(status, {"127.0.0.1"})
+
+
+async def test_tightening_allow_private_during_a_connect_keeps_its_connection_out_of_the_pool(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Sender.set_allow_private(False) bumps the client's generation so that no connection
+    to a private address carries another request. A connection whose address was checked
+    before that, and which is made after it (the reload lands during the connect, one RTT),
+    belongs to the generation of its check: if it took the new one, it would be pooled, and
+    the next delivery to the private address would go through it instead of failing as
+    blocked."""
+    sender = Sender(allow_private=True)
+    acme = load_tenant(tmp_path, receiver.url("/acme"))
+    client = sender._client
+    check = client._check_address
+    loop = asyncio.get_running_loop()
+
+    def check_then_reload(address: str) -> None:
+        check(address)  # passes: private endpoints are allowed right now
+        loop.call_soon(sender.set_allow_private, False)  # the reload, mid-connect
+
+    client._check_address = check_then_reload
+    try:
+        first = await sender.send(acme, [webhook("evt-1")])
+        assert first.ok  # its address was checked under the rule of that moment
+        assert not sender.allow_private
+        second = await sender.send(acme, [webhook("evt-2")])
+        assert (second.ok, second.error) == (
+            False,
+            "blocked: resolves to private address 127.0.0.1",
+        )
+    finally:
+        await sender.close()
 
 
 async def _empty(daemon: Daemon) -> dict[str, Any] | None:

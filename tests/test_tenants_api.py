@@ -30,6 +30,7 @@ from tests.conftest import (
     wait_for,
     write_config,
 )
+from webhookd import config as config_mod
 
 EVENT = "CHECK_COMPLETED"
 SIGNING = "whsec_" + base64.b64encode(b"a-signing-key-of-24-byte").decode()
@@ -418,6 +419,30 @@ async def test_invalid_name_is_404_and_a_main_file_tenant_is_409(
     await wait_for(lambda: receiver.sequences("/main") == [1])
 
 
+async def test_put_refuses_a_tenant_name_with_a_trailing_line_break(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """SPEC §5: "Tenant names: `[A-Za-z0-9_-]{1,64}`." SPEC §6: "Unknown or invalid tenant
+    name: 404."
+
+    The name check is a full match: `^...$` with `re.match` would let `PUT
+    /v1/tenants/newt%0A` through (`$` also matches before a final newline), create the
+    tenant "newt\\n" live and write `tenants.d/newt\\n.toml`, whose header comment then
+    breaks across two lines, so that the next start or reload would refuse the whole
+    configuration ("not valid TOML").
+    """
+    daemon = await start_daemon(tenants={"main": tenant(receiver.url("/main"))})
+    body = {"endpoint": receiver.url("/newt"), "secret": "s3cr3t", "events": [EVENT]}
+    status, answer = await daemon.request("PUT", "/v1/tenants/newt%0A", json=body)
+    written = files_in(tenants_dir(daemon))
+    assert status == 404, (status, answer, written)
+    assert_error(answer, "not_found")
+    assert written == []
+    assert "newt\n" not in daemon.service.config.tenants
+    # The daemon can still start from its own configuration.
+    config_mod.load(daemon.service.config.path)
+
+
 # -- DELETE --------------------------------------------------------------------------------------
 
 
@@ -749,6 +774,31 @@ def test_check_names_endpoints_where_the_secret_travels_in_clear(tmp_path: Path)
     assert "OK" not in result.stdout
 
 
+def test_check_refuses_a_ca_file_that_is_not_a_certificate_bundle(tmp_path: Path) -> None:
+    """SPEC §5: "bad values are errors that name the file (as given) and the key path ...
+    and stop startup". SPEC §7: `webhookd check` "validate, print a summary, exit 1 on
+    errors". README (Run as a service): `webhookd check -c /etc/webhookd/config.toml` is the
+    step before `systemctl enable --now webhookd`.
+
+    An operator sets `ca_file` to the private CA's *key* or a DER file by mistake (anything
+    that is a file but not PEM certificates). Checking only that it is a file would let
+    `webhookd check` say "OK", and `webhookd run` would then exit 1 with
+    `cannot_start error="[X509: NO_CERTIFICATE_OR_CRL_FOUND] ..."`, naming neither the file
+    nor `daemon.ca_file`; a reload setting such a ca_file would be taken too (only
+    `restart_needed`), so the next restart would fail.
+    """
+    (tmp_path / "private-ca.pem").write_text("-----BEGIN PRIVATE KEY-----\nnot a cert\n")
+    config = write_config(
+        tmp_path,
+        {"acme": tenant("https://hooks.acme.example/x")},
+        daemon={"ca_file": "private-ca.pem"},
+    )
+    result = run_cli("check", "-c", str(config))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, f"check accepted an unusable ca_file:\n{output}"
+    assert f"{config}: daemon.ca_file:" in output, output
+
+
 def test_init_writes_a_private_config_with_a_fresh_token(tmp_path: Path) -> None:
     tokens = []
     for path in (tmp_path / "one" / "config.toml", tmp_path / "two.toml"):
@@ -788,6 +838,31 @@ def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
 
 
 # -- a GET answer sent back, masked secrets with nothing to keep, the file's mode ---------------
+
+
+async def test_a_tenant_get_can_be_edited_and_put_back(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """README (Configuration): "Responses show secrets as `"***"`; sending `"***"` back keeps
+    the stored secret, so a GET can be edited and PUT back."
+
+    The GET answer carries `tenant`, `source` and `delivery`; PUT takes them back unchanged
+    (refused as unknown keys, they would make every script strip them first).
+    """
+    daemon = await start_daemon(tenants={})
+    body = {"endpoint": receiver.url("/one"), "secret": "first-secret", "events": [EVENT]}
+    status, _ = await daemon.request("PUT", "/v1/tenants/acme", json=body)
+    assert status == 201
+
+    status, shown = await daemon.request("GET", "/v1/tenants/acme")
+    assert status == 200, shown
+    edited = {**shown, "endpoint": receiver.url("/two")}
+    status, answer = await daemon.request("PUT", "/v1/tenants/acme", json=edited)
+    assert status == 200, answer
+    assert answer["endpoint"] == receiver.url("/two")
+    await daemon.ingest("acme", {"event": EVENT})
+    await wait_for(lambda: receiver.sequences("/two") == [1], timeout=5)
+    assert receiver.at("/two")[0].headers["Authorization"] == "Bearer first-secret"
 
 
 async def test_put_refuses_an_edited_delivery_view_and_a_mask_with_no_secret_behind_it(
