@@ -217,7 +217,8 @@ async def test_tightening_allow_private_during_a_connect_keeps_its_connection_ou
         second = await sender.send(acme, [webhook("evt-2")])
         assert (second.ok, second.error) == (
             False,
-            "blocked: resolves to private address 127.0.0.1",
+            "blocked: resolves to private address 127.0.0.1 "
+            "(set allow_private_endpoints = true to allow)",
         )
     finally:
         await sender.close()
