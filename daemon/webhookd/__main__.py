@@ -163,20 +163,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     rows = []
     for t in cfg.tenants.values():
         state = "batched" if t.batching else "single"
+        secret = SECRET_SOURCES[t.secret_ref.kind]
         rows.append(
             [
                 t.name,
                 state if t.enabled else "disabled",
                 "*" if "*" in t.events else len(t.subscribed),
-                SECRET_SOURCES[t.secret_ref.kind],
-                "signed" if t.signing_secret else "-",
+                f"{secret}, signed" if t.signing_secret else secret,
                 t.endpoint,
             ]
         )
     if rows:
-        headers = ["TENANT", "STATE", "EVENTS", "SECRET", "SIGNING", "ENDPOINT"]
+        headers = ["TENANT", "STATE", "EVENTS", "SECRET", "ENDPOINT"]
         # The endpoint gives up room first, then the name (cut in the middle).
-        shrink = [(5, 30), (0, 14), (5, 10), (0, 6)]
+        shrink = [(4, 30), (0, 14), (4, 10), (0, 6)]
         print("\n" + views.table(headers, rows, shrink=shrink, middle=[0]))
     plain = checks.plain_http_unwarned(cfg)
     if plain:
