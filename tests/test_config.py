@@ -261,18 +261,6 @@ def test_secret_file(here: Path) -> None:
     assert config.warnings == ()
 
 
-@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
-def test_secret_file_readable_by_others_warns(here: Path, mode: int) -> None:
-    write(here / "acme.secret", "from-file\n", mode=mode)
-    write(here / "config.toml", acme(secret=None, secret_file='"acme.secret"'))
-    config = load("config.toml", environ={})
-    assert config.tenants["acme"].secret.reveal() == "from-file"
-    assert config.warnings == (
-        "config.toml: tenants.acme.secret_file: acme.secret is readable by other users; "
-        "chmod 600 it",
-    )
-
-
 def test_secret_env(here: Path) -> None:
     write(here / "config.toml", acme(secret=None, secret_env='"ACME_SECRET"'))
     tenant = load("config.toml", environ={"ACME_SECRET": "from-env"}).tenants["acme"]

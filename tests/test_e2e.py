@@ -674,7 +674,7 @@ async def test_cli_receiver_checks_the_secret(
     await api.ingest("bad", {"event": EVENT})
 
     line = await good.line(r"sequence \d+")
-    assert line.startswith(f"/good: 1 webhook(s), sequence {queued['sequence']}, {EVENT}"), line
+    assert line.startswith(f"/good: 1 webhook, sequence {queued['sequence']}, {EVENT}"), line
     assert f"id {queued['id']}" in line
     assert await wrong.line(r"\b401\b")
 

@@ -515,12 +515,12 @@ async def test_cli_retry_tenant_and_all_against_a_subprocess(
 
     code, out, err = await run_cli("retry", "--all", "-c", str(path))
     assert (code, err) == (0, ""), err
-    assert out.strip() == "retrying 1 tenant(s): b"
+    assert out.strip() == "retrying 1 tenant: b"
     await wait_for(lambda: receiver.at("/b", ok_only=True), timeout=5)
     await remote.until("b", lambda s: s["waiting"] == 0)
 
     code, out, _ = await run_cli("retry", "--all", "-c", str(path))
-    assert (code, out.strip()) == (0, "retrying 0 tenant(s): -")
+    assert (code, out.strip()) == (0, "retrying 0 tenants: -")
     code, out, _ = await run_cli("retry", "a", "-c", str(path))
     assert (code, out.strip()) == (0, "a: nothing to retry (empty)")
     code, _, err = await run_cli("retry", "-c", str(path))
@@ -1282,8 +1282,9 @@ async def test_outside_text_reaches_no_terminal_raw(
 ) -> None:
     """Endpoints answer a redirect whose Location (and reason phrase) hold every C0 and C1
     control and every bidirectional control; a producer sends them in an id and in data.
-    Text views, the CLI and the log lines show each as an escape, and never the character;
-    the JSON answers keep the exact text."""
+    Text views, the CLI and the log lines show each as an escape, and never the character
+    (a view cut to 80 columns shows the escapes up to its cut); the JSON answers keep the
+    exact text."""
     sets = {"c0": [c for c in C0 if c != "\n"], "c1": C1, "bidi": BIDI}  # \n ends a header
     locations = {name: f"https://evil.example/{''.join(chars)}FAKE" for name, chars in sets.items()}
     endpoints = {}
@@ -1321,19 +1322,28 @@ async def test_outside_text_reaches_no_terminal_raw(
             for char in chars:
                 assert escaped(char) in text, (char, text)
 
-        every = [c for chars in sets.values() for c in chars]
+        def assert_cut_after_escaping(text: str, error: str) -> None:
+            """A view cuts the error to fit 80 columns: what it shows is the beginning of
+            the escaped sentence, never a raw control."""
+            assert_shown_escaped(text, [])
+            row = next(line for line in text.splitlines() if "redirect to" in line)
+            cell = row[row.index("redirect to") :]
+            assert cell.endswith("…") and shown(error).startswith(cell[:-1]), (cell, error)
+
         _, served = await remote.get("/v1/status?format=text")
-        assert_shown_escaped(served, every)
+        assert_shown_escaped(served, [])
         code, out, err = await run_cli("status", "-c", str(path))
         assert (code, err) == (0, ""), err
-        assert_shown_escaped(out, every)
+        assert_shown_escaped(out, [])
         assert normalised(out) == normalised(served)
         for name, chars in sets.items():
+            error = f"redirect to {locations[name]} not followed (HTTP 302)"
             _, served = await remote.get(f"/v1/tenants/{name}/status?format=text")
-            assert_shown_escaped(served, chars)
+            assert_cut_after_escaping(served, error)
+            assert_shown_escaped(served, chars[:1])
             code, out, err = await run_cli("status", name, "-c", str(path))
             assert (code, err) == (0, ""), err
-            assert_shown_escaped(out, chars)
+            assert_cut_after_escaping(out, error)
 
         # The producer's id and data: peek and parked print JSON that is harmless and exact.
         code, out, err = await run_cli("peek", "c0", "-c", str(path))
@@ -1355,7 +1365,7 @@ async def test_outside_text_reaches_no_terminal_raw(
 
         # The daemon's JSON log lines: escaped in every value, for a terminal showing them.
         log = remote.process.log()
-        assert_shown_escaped(log, every)
+        assert_shown_escaped(log, [c for chars in sets.values() for c in chars])
         failed = {
             e["tenant"]: e["error"]
             for e in map(json.loads, log.splitlines())
@@ -1455,6 +1465,127 @@ def test_every_walkthrough_step_has_the_cli_equivalent_it_promises() -> None:
     assert missing == [], "API calls of the walk-through with no CLI equivalent: " + "; ".join(
         missing
     )
+
+
+async def test_every_text_view_fits_80_columns_and_the_json_keeps_the_whole_text(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """Tenant names of 64 characters that differ at their end, a DNS error naming a long host,
+    an HTTP 503: every line of the overview and of the tenant view (its failures table too)
+    fits 80 columns, long cells cut with "…"; the JSON has every sentence whole."""
+    receiver.always("/dead", 503)
+    host = "hooks-of-a-customer-with-a-rather-long-name." + "x" * 40 + ".invalid"
+    names = ["acme-" + "x" * 49 + "-eu-west-" + str(n) for n in (1, 2)]
+    assert all(len(name) == 64 for name in names)
+    daemon = await start_daemon(
+        tenants={
+            names[0]: tenant(f"https://{host}/webhooks", retry_base=30.0),
+            names[1]: tenant(receiver.url("/dead"), retry_base=30.0),
+            "ok": tenant(receiver.url("/ok")),
+        }
+    )
+    for name in (*names, "ok"):
+        await daemon.ingest(name, [{"event": EVENT} for _ in range(3)])
+    for name in names:
+
+        def failed_once(name: str = name) -> bool:
+            return bool(state_of(daemon, name)["attempts"] == 1)
+
+        await wait_for(failed_once, timeout=15)
+    await wait_for(lambda: state_of(daemon, "ok")["waiting"] == 0, timeout=5)
+
+    status, body = await daemon.request("GET", "/v1/status")
+    assert status == 200
+    errors = [t["recent_failures"][0]["error"] for t in body["tenants"][:2]]
+    assert errors == [f"DNS: cannot resolve {host}", "HTTP 503"]  # whole, in JSON
+
+    code, _, overview = await raw(daemon, "GET", "/v1/status?format=text", daemon.headers)
+    assert code == 200
+    assert max(len(line) for line in overview.splitlines()) <= 80, overview
+    dns_row, dead_row, ok_row = table_rows(overview)[1]
+    # Cut in the middle, the two names stay apart.
+    assert dns_row.split()[0] != dead_row.split()[0]
+    assert dns_row.split()[0].endswith("west-1") and dead_row.split()[0].endswith("west-2")
+    assert re.search(r"  DNS: [^…]+…, \d+s ago$", dns_row), dns_row  # the age stays
+    assert re.search(r"  HTTP 503, \d+s ago$", dead_row), dead_row
+    assert ok_row.split()[:3] == ["ok", "empty", "0"] and ok_row.endswith("  -")
+
+    for name, error in zip(names, errors, strict=True):
+        code, _, text = await raw(
+            daemon, "GET", f"/v1/tenants/{name}/status?format=text", daemon.headers
+        )
+        assert code == 200
+        assert max(len(line) for line in text.splitlines()) <= 80, text
+        assert text.splitlines()[0] == f"tenant          {name}"
+        failure = text.splitlines()[-1]  # the one row of the failures table
+        cell = failure[failure.index(error[:8]) :]
+        assert cell == error or (cell.endswith("…") and error.startswith(cell[:-1])), text
+
+
+async def test_last_error_shows_its_age_and_clears_once_a_success_follows(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """An empty queue does not read as failing: the overview's LAST ERROR is "-" once a
+    success came after the newest failure. The tenant's failures list stays until Refresh,
+    as the reference product's does."""
+    receiver.script("/acme", 503)  # then 200
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"), retry_base=30.0)})
+    await daemon.ingest("acme", {"event": EVENT})
+    await wait_for(lambda: state_of(daemon, "acme")["attempts"] == 1, timeout=5)
+
+    async def overview_row() -> str:
+        _, _, text = await raw(daemon, "GET", "/v1/status?format=text", daemon.headers)
+        return table_rows(text)[1][0]
+
+    assert re.search(r"^acme +stalled +1 .*  HTTP 503, \d+s ago$", await overview_row())
+    await daemon.request("POST", "/v1/tenants/acme/retry")
+    await wait_for(lambda: state_of(daemon, "acme")["queue"] == "empty", timeout=5)
+
+    assert (await overview_row()).split() == ["acme", "empty", "0", "0s", "-", "-"]
+    _, _, text = await raw(daemon, "GET", "/v1/tenants/acme/status?format=text", daemon.headers)
+    assert "recent failures (newest first, 1):" in text and "HTTP 503" in text, text
+    await daemon.request("POST", "/v1/tenants/acme/refresh")
+    _, _, text = await raw(daemon, "GET", "/v1/tenants/acme/status?format=text", daemon.headers)
+    assert text.endswith("recent failures: none\n"), text
+
+
+def test_last_error_on_a_tie_of_whole_seconds_trusts_attempts() -> None:
+    """Stamps have whole seconds: a failure and a success in the same second are told apart
+    by `attempts`, which a success resets."""
+    now = 1_764_064_800.0
+    failure = {
+        "at": iso(now - 5),
+        "attempt": 1,
+        "first_sequence": 7,
+        "last_sequence": 7,
+        "count": 1,
+        "status": 503,
+        "error": "HTTP 503",
+        "duration_ms": 3.0,
+    }
+    row = {"last_processed_at": iso(now - 5), "recent_failures": [failure]}
+    assert views.last_error({**row, "attempts": 0}, now) == "-"  # failed, then succeeded
+    assert views.last_error({**row, "attempts": 1}, now) == views.Cell("HTTP 503", ", 5s ago")
+    assert views.last_error({**row, "attempts": 0, "last_processed_at": iso(now - 9)}, now) == (
+        views.Cell("HTTP 503", ", 5s ago")
+    )
+    assert views.last_error({**row, "attempts": 0, "recent_failures": []}, now) == "-"
+
+
+def test_counts_in_text_agree_with_their_noun() -> None:
+    assert [views.counted(n, "tenant") for n in (0, 1, 2)] == ["0 tenants", "1 tenant", "2 tenants"]
+    one = {"tenants": [], "totals": {"tenants": 1, "waiting": 1, "stalled": 0, "parked": 1}}
+    assert views.status_table(one).endswith("\n\n1 tenant, 1 waiting, 0 stalled, 1 parked\n")
+
+
+def test_a_cut_cell_keeps_its_tail_and_a_name_its_end() -> None:
+    assert views.fit("DNS: cannot resolve hooks.example", 20, tail=", 3m ago") == (
+        "DNS: cannot…, 3m ago"
+    )
+    assert views.fit("acme-production-eu-west-1", 15, middle=True) == "acme-pr…-west-1"
+    assert views.fit("https://hooks.example/path", 12) == "https://hoo…"
+    assert views.fit("short", 13, tail=", 1s ago") == "short, 1s ago"
+    assert views.fit("short", 12, tail=", 1s ago") == "sho…, 1s ago"
 
 
 # -- 8. scale -----------------------------------------------------------------------------------

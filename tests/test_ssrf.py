@@ -89,8 +89,11 @@ def assert_refused(status: dict[str, Any], addresses: set[str]) -> None:
     assert failure["status"] is None, failure
     error = failure["error"]
     assert error.startswith(BLOCKED), failure
-    # It names the address it refused (IPv6 in its compressed form: ::ffff:7f00:1).
-    named = ipaddress.ip_address(error.removeprefix(BLOCKED).strip())
+    # It names the address it refused (IPv6 in its compressed form: ::ffff:7f00:1), and the
+    # setting that would allow it.
+    address, hint = error.removeprefix(BLOCKED).strip().split(" ", 1)
+    assert hint == "(set allow_private_endpoints = true to allow)", failure
+    named = ipaddress.ip_address(address)
     assert named in {ipaddress.ip_address(a) for a in addresses}, failure
 
 
@@ -227,7 +230,8 @@ async def test_tightening_allow_private_during_a_connect_keeps_its_connection_ou
         second = await sender.send(acme, [webhook("evt-2")])
         assert (second.ok, second.error) == (
             False,
-            "blocked: resolves to private address 127.0.0.1",
+            "blocked: resolves to private address 127.0.0.1 "
+            "(set allow_private_endpoints = true to allow)",
         )
     finally:
         await sender.close()

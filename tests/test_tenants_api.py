@@ -463,7 +463,7 @@ async def test_delete_is_refused_while_webhooks_wait_unless_discard(
 
     status, answer = await daemon.request("DELETE", "/v1/tenants/gone")
     assert status == 409, answer
-    assert "2 webhook(s)" in assert_error(answer, "conflict")
+    assert "2 webhooks are waiting" in assert_error(answer, "conflict")
     assert path.exists()
     assert (await daemon.status("gone"))["waiting"] == 2
 
@@ -614,7 +614,7 @@ async def test_tenant_command_set_show_change_and_rm(
     assert path.exists()
     removed = await webhookd("tenant", "rm", "clit", "--discard", *c)
     assert removed.returncode == 0, removed.stderr
-    assert "removed clit (discarded 2 waiting webhook(s))" in removed.stdout
+    assert "removed clit (discarded 2 waiting webhooks)" in removed.stdout
     assert not path.exists()
     gone = await webhookd("tenant", "show", "clit", *c)
     assert gone.returncode == 1
@@ -736,7 +736,7 @@ def test_check_prints_a_summary_or_the_errors(tmp_path: Path) -> None:
     ok = run_cli("check", "-c", str(config))
     assert ok.returncode == 0, ok.stderr
     assert f"{config}: OK" in ok.stdout
-    assert "3 tenant(s)" in ok.stdout
+    assert "3 tenants" in ok.stdout
     for name, endpoint in (
         ("alpha", "https://alpha.example/hooks"),
         ("beta", "https://beta.example/hooks"),
@@ -759,7 +759,7 @@ def test_check_names_endpoints_where_the_secret_travels_in_clear(tmp_path: Path)
     )
     result = run_cli("check", "-c", str(config))
     assert result.returncode == 0, result.stderr
-    assert "1 endpoint(s) without TLS: the secret travels unencrypted to plain" in result.stdout
+    assert "1 endpoint without TLS: the secret travels unencrypted to plain" in result.stdout
 
     bad = write_config(
         tmp_path,

@@ -93,7 +93,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
     log = structlog.get_logger("webhookd")
-    for warning in cfg.warnings:
+    from webhookd import checks
+
+    # Those `check` prints too, but for DNS: names resolve at each connect, and a lookup
+    # here could hold start-up for seconds.
+    for warning in [*cfg.warnings, *checks.findings(cfg, resolve=False)]:
         log.warning("config_warning", warning=warning)
 
     # Per-webhook work allocates many short-lived objects and few cycles; the default
@@ -161,43 +165,55 @@ def raise_open_files_limit() -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from webhookd import checks
+
     cfg = load_or_exit(args)
+    warnings = [*cfg.warnings, *checks.findings(cfg)]
     d = cfg.daemon
-    print(f"{config_path(args)}: OK")
+    verdict = f"OK, with {views.counted(len(warnings), 'warning')} (below)" if warnings else "OK"
+    print(f"{config_path(args)}: {verdict}")
     print(f"  database    {d.database} (durability {d.durability})")
     print(f"  listen      {d.listen} ({'token required' if d.api_token else 'no token'})")
     print(f"  tenants_dir {d.tenants_dir or '-'}")
     if cfg.catalogue.custom:
         print(f"  custom events: {', '.join(cfg.catalogue.custom)}")
-    print(f"  {len(cfg.tenants)} tenant(s)")
+    print(f"  {views.counted(len(cfg.tenants), 'tenant')}")
     rows = []
     for t in cfg.tenants.values():
-        events = "*" if "*" in t.events else f"{len(t.subscribed)} events"
+        state = "batched" if t.batching else "single"
+        secret = SECRET_SOURCES[t.secret_ref.kind]
         rows.append(
             [
                 t.name,
-                "enabled" if t.enabled else "disabled",
-                "batched" if t.batching else "single",
-                events,
-                t.secret_ref.kind,
-                "signed" if t.signing_secret else "-",
+                state if t.enabled else "disabled",
+                "*" if "*" in t.events else len(t.subscribed),
+                f"{secret}, signed" if t.signing_secret else secret,
                 t.endpoint,
             ]
         )
     if rows:
-        headers = ["TENANT", "STATE", "MODE", "EVENTS", "SECRET", "SIGNING", "ENDPOINT"]
-        print("\n" + views.table(headers, rows))
-    plain = [t.name for t in cfg.tenants.values() if t.endpoint.startswith("http://")]
+        headers = ["TENANT", "STATE", "EVENTS", "SECRET", "ENDPOINT"]
+        # The endpoint gives up room first, then the name (cut in the middle).
+        shrink = [(4, 30), (0, 14), (4, 10), (0, 6)]
+        print("\n" + views.table(headers, rows, shrink=shrink, middle=[0]))
+    plain = checks.plain_http_unwarned(cfg)
     if plain:
         print(
-            f"\n{len(plain)} endpoint(s) without TLS: the secret travels unencrypted to "
-            + ", ".join(plain)
+            f"\n{views.counted(len(plain), 'endpoint')} without TLS: the secret travels "
+            "unencrypted to " + ", ".join(plain)
         )
-    if cfg.warnings:
-        print(f"\n{len(cfg.warnings)} warning(s):")
-        for warning in cfg.warnings:
-            print(f"  warning: {visible(warning)}")
+    if warnings:
+        print(
+            f"\n{views.counted(len(warnings), 'warning')} (the file is valid, so check exits 0; "
+            "errors exit 1):"
+        )
+        for warning in warnings:
+            print(f"warning: {visible(warning)}")
     return 0
+
+
+# How `check` names where a tenant's secret comes from.
+SECRET_SOURCES = {"secret": "inline", "secret_file": "file", "secret_env": "env"}
 
 
 def starter_config(state_dir: str = "") -> dict[str, Any]:
@@ -356,7 +372,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return 2
     if args.all:
         answer = api_call(cfg, "POST", "/v1/retry")
-        print(f"retrying {answer['count']} tenant(s): {', '.join(answer['retrying']) or '-'}")
+        retrying = views.counted(answer["count"], "tenant")
+        print(f"retrying {retrying}: {', '.join(answer['retrying']) or '-'}")
     else:
         answer = api_call(cfg, "POST", f"/v1/tenants/{args.tenant}/retry")
         state = "retrying now" if answer["retrying"] else f"nothing to retry ({answer['queue']})"
@@ -367,7 +384,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_refresh(args: argparse.Namespace) -> int:
     cfg = load_client_or_exit(args)
     answer = api_call(cfg, "POST", f"/v1/tenants/{args.tenant}/refresh")
-    print(f"{args.tenant}: cleared {answer['cleared']} failure(s)")
+    print(f"{args.tenant}: cleared {views.counted(answer['cleared'], 'failure')}")
     return 0
 
 
@@ -415,7 +432,8 @@ def cmd_tenant(args: argparse.Namespace) -> int:
     if args.action == "rm":
         query = "?discard=true" if args.discard else ""
         answer = api_call(cfg, "DELETE", f"/v1/tenants/{args.name}{query}")
-        print(f"removed {args.name} (discarded {answer['discarded']} waiting webhook(s))")
+        discarded = views.counted(answer["discarded"], "waiting webhook")
+        print(f"removed {args.name} (discarded {discarded})")
         return 0
     # set: start from the current tenant (masked secrets are kept as they are), apply flags.
     try:

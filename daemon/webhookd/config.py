@@ -16,7 +16,6 @@ import os
 import re
 import socket
 import ssl
-import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -773,17 +772,13 @@ def _secret_value(table: _Table, ctx: _Context) -> tuple[str, SecretRef]:
     try:
         path = _path(ctx.base_dir, value)
         secret = _read_secret_text(path)
-        mode = path.stat().st_mode
     except (ValueError, OSError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)
         table.error(key, f"cannot read {value!r}: {reason}")
         return "", SecretRef("secret_file", value)
     if not secret:
         table.error(key, f"{value!r} is empty")
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
-        ctx.warnings.append(
-            f"{table.source}: {table.key(key)}: {value} is readable by other users; chmod 600 it"
-        )
+    # Who else can read it, and whether the service user can, is webhookd.checks' question.
     return secret, SecretRef("secret_file", value)
 
 

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from webhookd.config import parse_listen
 from webhookd.terminal import visible
+from webhookd.views import counted
 
 
 def verify_signature(signing_secret: str, headers: Any, body: bytes) -> bool:
@@ -122,7 +123,7 @@ class Receiver:
             return
         events = sorted({str(w.get("event")) for w in webhooks})
         span = f"{numbers[0]}-{numbers[-1]}" if len(numbers) > 1 else str(first)
-        line = f"{path}: {len(webhooks)} webhook(s), sequence {span}, {', '.join(events)}"
+        line = f"{path}: {counted(len(webhooks), 'webhook')}, sequence {span}, {', '.join(events)}"
         if len(webhooks) == 1:
             line += f", id {webhooks[0].get('id')}, data {json.dumps(webhooks[0].get('data'))}"
         self.say(line + "".join(f"  [{n}]" for n in notes))

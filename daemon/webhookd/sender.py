@@ -52,6 +52,15 @@ def is_blocked(address: str) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
+ALLOW_PRIVATE_HINT = "set allow_private_endpoints = true to allow"
+
+
+def blocked_error(address: str) -> str:
+    """The error of an attempt refused by the private-address rule: it names the setting, so
+    a development setup (an endpoint on 127.0.0.1) knows what to change."""
+    return f"blocked: resolves to private address {address} ({ALLOW_PRIVATE_HINT})"
+
+
 def encode_body(tenant: TenantConfig, webhooks: Sequence[Webhook], *, batched: bool) -> bytes:
     """The exact request body: stored `data` JSON text is spliced in, not re-encoded per send."""
     secret = orjson.dumps(tenant.secret.reveal()).decode()
@@ -105,7 +114,7 @@ class Sender:
 
     def _check_address(self, address: str) -> None:
         if not self.allow_private and is_blocked(address):
-            raise BlockedAddress(errno.EACCES, f"blocked: resolves to private address {address}")
+            raise BlockedAddress(errno.EACCES, blocked_error(address))
 
     async def close(self) -> None:
         self._client.close()
@@ -216,7 +225,7 @@ def describe_error(exc: BaseException) -> str:
 
 def _connect_error(cause: OSError) -> str:
     if isinstance(cause, BlockedAddress):
-        return cause.strerror or "blocked: resolves to private address"
+        return cause.strerror or f"blocked ({ALLOW_PRIVATE_HINT})"
     if isinstance(cause, ConnectionRefusedError):
         return "connection refused"
     if isinstance(cause, ssl.SSLCertVerificationError):

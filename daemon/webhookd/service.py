@@ -18,8 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
+from webhookd import checks, listener, logs, status, systemd
 from webhookd import config as config_mod
-from webhookd import listener, logs, status, systemd
 from webhookd.config import Config, ConfigError, TenantConfig
 from webhookd.metrics import Metrics
 from webhookd.scheduler import Clock, InFlight, TenantWorker
@@ -348,7 +348,8 @@ class Service:
         logs.configure(new.daemon.log_format, new.daemon.log_level)
         if restart_keys:
             log.warning("restart_needed", keys=sorted(restart_keys))
-        for warning in new.warnings:
+        # As at start (`run`): what the file gets wrong beyond errors, DNS aside.
+        for warning in [*new.warnings, *checks.findings(new, resolve=False)]:
             log.warning("config_warning", warning=warning)
         self.sender.set_allow_private(new.daemon.allow_private_endpoints)
         # Keys that need a restart keep their running values until then.
@@ -408,8 +409,9 @@ class Service:
                 raise Conflict(f"tenant {name!r} is defined in {self.config.path}; remove it there")
             worker = self.workers[name]
             if worker.waiting and not discard:
+                many = f"{worker.waiting} webhooks are" if worker.waiting > 1 else "1 webhook is"
                 raise Conflict(
-                    f"{worker.waiting} webhook(s) are waiting for {name}; let them deliver, "
+                    f"{many} waiting for {name}; let them deliver, "
                     "or DELETE with ?discard=true to drop them"
                 )
             directory = existing.origin.parent

@@ -14,6 +14,7 @@ import orjson
 
 from webhookd.scheduler import TenantWorker
 from webhookd.store import Webhook
+from webhookd.views import counted
 
 QUEUE_STATES = ("empty", "waiting", "stalled", "paused", "disabled", "orphaned")
 
@@ -88,7 +89,7 @@ def line(workers: Sequence[TenantWorker]) -> str:
     """The one-line summary systemd shows (STATUS=)."""
     waiting = sum(w.waiting for w in workers)
     stalled = sum(1 for w in workers if w.queue_state == "stalled")
-    return f"{len(workers)} tenants, {waiting} waiting, {stalled} stalled"
+    return f"{counted(len(workers), 'tenant')}, {waiting} waiting, {stalled} stalled"
 
 
 def webhook(w: Webhook) -> dict[str, Any]:

@@ -2,20 +2,59 @@
 
 Every cell and value goes through terminal.visible: an error sentence quotes what an
 endpoint answered, and ids and names may come from producers. The JSON views keep it exact.
+
+Every line fits a terminal of WIDTH columns: a table's long cells (a tenant name of 64
+characters, a DNS error, an endpoint URL) are cut with "…" in the columns each view names,
+and the whole text is in the JSON view.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from webhookd.terminal import visible
+from webhookd.terminal import ELLIPSIS, visible
 
-# A cell longer than this (after escaping) is cut with "…": one endpoint's answer does not
-# fill an operator's screen. The whole text is in the JSON view.
+# A cell longer than this (after escaping) is cut with "…" before any layout: one
+# endpoint's answer does not cost the table's width computation its whole length.
 CELL_LIMIT = 300
+# The classic terminal: every line of a text view fits in it.
+WIDTH = 80
+GAP = "  "
+
+
+def counted(count: int, noun: str, plural: str = "") -> str:
+    """`1 tenant`, `2 tenants`, `0 webhooks`: a count with its noun agreeing."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table cell whose `tail` stays whole when the cell is cut: the cut falls in `text`
+    ("DNS: cannot res…, 3m ago" keeps the age)."""
+
+    text: str
+    tail: str = ""
+
+
+def fit(text: str, width: int, *, tail: str = "", middle: bool = False) -> str:
+    """`text + tail` in at most `width` characters, cut with "…" where it is too long: before
+    `tail` when there is one, else at the end, or (`middle`) in the middle, which keeps a
+    name's distinguishing ending (acme-prod…eu-west-1)."""
+    whole = text + tail
+    if len(whole) <= width:
+        return whole
+    if width <= 1:
+        return ELLIPSIS[:width]
+    if tail and width > len(tail) + 1:
+        return text[: width - len(tail) - 1] + ELLIPSIS + tail
+    if middle and width >= 5:
+        head = width // 2
+        return whole[:head] + ELLIPSIS + whole[len(whole) - (width - 1 - head) :]
+    return whole[: width - 1] + ELLIPSIS
 
 
 def ago(seconds: float | None) -> str:
@@ -35,64 +74,122 @@ def ago(seconds: float | None) -> str:
     return f"{days}d{hours}h"
 
 
+def roughly(seconds: float) -> str:
+    """A duration in its largest unit, for a cell with little room: 42s, 3m, 2h, 3d."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def _parse(when: str | None) -> float | None:
     if when is None:
         return None
     return datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
-def _since(when: str | None, now: float) -> str:
+def _since(when: str | None, now: float, suffix: str = " ago") -> str:
     stamp = _parse(when)
-    return "-" if stamp is None else ago(now - stamp) + " ago"
+    return "-" if stamp is None else ago(now - stamp) + suffix
 
 
-def _until(when: str | None, now: float) -> str:
+def _until(when: str | None, now: float, prefix: str = "in ") -> str:
     stamp = _parse(when)
     if stamp is None:
         return "-"
-    return "now" if stamp <= now else "in " + ago(stamp - now)
+    return "now" if stamp <= now else prefix + ago(stamp - now)
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    width: int = WIDTH,
+    shrink: Sequence[tuple[int, int]] = (),
+    middle: Sequence[int] = (),
+) -> str:
     """Columns padded to their widest cell; the last column is left ragged. Cells are made
-    visible (controls escaped) and cut to CELL_LIMIT."""
-    cells = [
-        [visible(str(h), CELL_LIMIT) for h in headers],
-        *[[visible(str(c), CELL_LIMIT) for c in row] for row in rows],
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    visible (controls escaped) and cut to CELL_LIMIT.
+
+    While a line would be wider than `width`, the columns in `shrink` give up room in turn,
+    each `(column, floor)` down to `floor` characters, and their cells are cut with "…" (in
+    the middle for the columns in `middle`). Any line still too wide is cut at `width`.
+    """
+
+    def shown(value: Any) -> tuple[str, str]:
+        if isinstance(value, Cell):
+            return visible(value.text, CELL_LIMIT), visible(value.tail, CELL_LIMIT)
+        return visible(str(value), CELL_LIMIT), ""
+
+    cells = [[shown(h) for h in headers], *[[shown(c) for c in row] for row in rows]]
+    columns = zip(*cells, strict=True)
+    widths = [max(len(text) + len(tail) for text, tail in column) for column in columns]
+    for column, floor in shrink:
+        excess = sum(widths) + len(GAP) * (len(widths) - 1) - width
+        if excess <= 0:
+            break
+        widths[column] = max(min(floor, widths[column]), widths[column] - excess)
     lines = []
     for row in cells:
-        padded = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
-        lines.append("  ".join(padded).rstrip())
+        texts = [
+            fit(text, widths[i], tail=tail, middle=i in middle)
+            for i, (text, tail) in enumerate(row)
+        ]
+        padded = [text.ljust(widths[i]) for i, text in enumerate(texts[:-1])] + texts[-1:]
+        lines.append(fit(GAP.join(padded).rstrip(), width))
     return "\n".join(lines)
 
 
+def last_error(t: dict[str, Any], now: float) -> str | Cell:
+    """The newest failure with its age, or "-" once a success came after it.
+
+    The failures list stays until Refresh (as the reference product's does), but a row that
+    shows an old error beside an empty queue reads as failing. The stamps have whole
+    seconds: on a tie, `attempts` (reset by a success) says which came last.
+    """
+    failures = t["recent_failures"]
+    if not failures:
+        return "-"
+    newest = failures[0]
+    succeeded = t["last_processed_at"]
+    if t["attempts"] == 0 and succeeded is not None and succeeded >= newest["at"]:
+        return "-"
+    at = _parse(newest["at"])
+    age = "" if at is None else f", {roughly(now - at)} ago"
+    return Cell(newest["error"], age)
+
+
 def status_table(status: dict[str, Any], now: float | None = None) -> str:
+    """One line per tenant. Ages and waits are short (the headers say what they measure);
+    how long the oldest webhook has waited and the attempt count are in the tenant view."""
     now = time.time() if now is None else now
-    rows = []
-    for t in status["tenants"]:
-        failures = t["recent_failures"]
-        rows.append(
-            [
-                t["tenant"],
-                t["queue"],
-                t["waiting"],
-                _since(t["oldest_waiting_at"], now) if t["waiting"] else "-",
-                _since(t["last_processed_at"], now),
-                t["attempts"],
-                _until(t["next_attempt_at"], now),
-                failures[0]["error"] if failures else "-",
-            ]
-        )
-    headers = ["TENANT", "QUEUE", "WAITING", "OLDEST", "LAST OK", "ATTEMPTS", "NEXT", "LAST ERROR"]
+    rows = [
+        [
+            t["tenant"],
+            t["queue"],
+            t["waiting"],
+            _since(t["last_processed_at"], now, suffix=""),
+            _until(t["next_attempt_at"], now, prefix=""),
+            last_error(t, now),
+        ]
+        for t in status["tenants"]
+    ]
+    headers = ["TENANT", "QUEUE", "WAITING", "LAST OK", "NEXT", "LAST ERROR"]
+    # The error gives up room first, then the name (cut in the middle: names of one
+    # customer's tenants tend to differ at the end), then both down to their headers.
+    text = table(headers, rows, shrink=[(5, 20), (0, 20), (5, 10), (0, 6)], middle=[0])
     totals = status["totals"]
     summary = ", ".join(
-        f"{totals[key]} {key}"
+        counted(totals[key], "tenant") if key == "tenants" else f"{totals[key]} {key}"
         for key in ("tenants", "waiting", "stalled", "paused", "disabled", "orphaned", "parked")
         if key in totals and (totals[key] or key in ("tenants", "waiting", "stalled"))
     )
-    return table(headers, rows) + "\n\n" + summary + "\n"
+    return text + "\n\n" + summary + "\n"
+
+
+def _took(duration_ms: float) -> str:
+    return f"{duration_ms:g}ms" if duration_ms < 1000 else f"{duration_ms / 1000:.1f}s"
 
 
 def tenant_text(t: dict[str, Any], now: float | None = None) -> str:
@@ -109,27 +206,27 @@ def tenant_text(t: dict[str, Any], now: float | None = None) -> str:
         ("next attempt", _until(t["next_attempt_at"], now)),
         ("parked", t.get("parked", 0)),
     ]
-    width = max(len(k) for k, _ in pairs)
-    lines = [f"{k.ljust(width)}  {visible(str(v), CELL_LIMIT)}" for k, v in pairs]
+    label = max(len(k) for k, _ in pairs)
+    room = WIDTH - label - len(GAP)
+    lines = [f"{k.ljust(label)}{GAP}{fit(visible(str(v), CELL_LIMIT), room)}" for k, v in pairs]
     failures = t["recent_failures"]
     lines.append("")
     if failures:
         lines.append(f"recent failures (newest first, {len(failures)}):")
         rows = [
             [
-                f["at"],
+                _since(f["at"], now, suffix=""),
                 f["attempt"],
                 f"{f['first_sequence']}-{f['last_sequence']}",
                 f["count"],
-                "-" if f["status"] is None else f["status"],
-                f"{f['duration_ms']:g}ms",
+                _took(f["duration_ms"]),
                 f["error"],
             ]
             for f in failures
         ]
-        lines.append(
-            table(["AT", "ATTEMPT", "SEQUENCES", "COUNT", "STATUS", "TOOK", "ERROR"], rows)
-        )
+        # The error names the HTTP status when there was one; the JSON has `status` and `at`.
+        headers = ["AGE", "ATTEMPT", "SEQUENCES", "COUNT", "TOOK", "ERROR"]
+        lines.append(table(headers, rows, shrink=[(5, 5)]))
     else:
         lines.append("recent failures: none")
     return "\n".join(lines) + "\n"
