@@ -10,6 +10,7 @@ person's terminal does. The demo's fixed ports (8787, 9000) are the README's.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -24,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Process, Receiver, tenant, wait_for, write_config
 
 README = ROOT / "README.md"
 API = "http://127.0.0.1:8787"
@@ -130,9 +132,8 @@ def listening(port: int) -> bool:
         return False
 
 
-def status(tenant: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{API}/v1/tenants/{tenant}/status", timeout=5) as answer:
-        return json.loads(answer.read())  # type: ignore[no-any-return]
+def status(name: str) -> dict[str, Any]:
+    return api_status(name)
 
 
 @pytest.fixture
@@ -196,9 +197,152 @@ def test_the_five_minute_demo_works_as_written(checkout: Path) -> None:
         rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if line}
         assert rows["demo"] == "empty" and rows["demo-batched"] == "empty", out
 
+        # The tenant API's example (Configuration) in the same terminal, on the same daemon.
+        (tenant_api,) = shell_blocks("Configuration")
+        code, out = terminal.run(tenant_api)
+        assert code == 0, out
+        assert "https://hooks.acme.example/v2" in out, out
+        assert not (checkout / "tenants.d" / "acme.toml").exists()  # removed at the end
+
         daemon.ctrl_c()  # "Stop the daemon with Ctrl-C"
         assert '"stopped"' in daemon.output() or "stopped" in daemon.output()
     finally:
         terminal.close()
         receiver.kill()
         daemon.kill()
+
+
+def commands(block: str) -> list[tuple[str, str | None]]:
+    """Each line of a block: (the command, its CLI equivalent from `# or: webhookd …`)."""
+    pairs = []
+    for line in block.splitlines():
+        command, _, comment = line.partition("  #")
+        cli = comment[comment.index("webhookd") :].strip() if "webhookd" in comment else None
+        pairs.append((command.strip(), cli))
+    return pairs
+
+
+def inline_commands(text: str) -> list[str]:
+    return re.findall(r"`((?:curl -s|webhookd) [^`]+)`", text)
+
+
+async def test_the_stalled_tenant_walk_through_works_as_written(
+    tmp_path: Path, receiver: Receiver, process_factory: Callable[..., Process]
+) -> None:
+    """Every command of "When a tenant is stalled", and its CLI equivalent, run against a
+    daemon on the README's address with a stalled `acme` (`<id>` is the parked one's)."""
+    assert not listening(8787), "port 8787 is taken; the README's commands need it"
+    receiver.always("/acme", 503)
+    config = write_config(
+        tmp_path,
+        {"acme": tenant(receiver.url("/acme")), "globex": tenant(receiver.url("/globex"))},
+        daemon={"listen": "127.0.0.1:8787"},
+        delivery={"retry_base": 60.0},  # stalled for the whole walk-through
+    )
+    daemon = process_factory(config)
+    await asyncio.to_thread(daemon.start)
+    terminal = Terminal(tmp_path)
+
+    async def shell(block: str) -> tuple[int, str]:
+        return await asyncio.to_thread(terminal.run, block)
+
+    await shell(f"export PATH={ROOT / '.venv/bin'}:$PATH WEBHOOKD_CONFIG={config}")
+    steps = shell_blocks("When a tenant is stalled")
+    find, read, retry, peek_skip_parked, requeue = steps
+    text = section("When a tenant is stalled")
+
+    async def run(command: str) -> str:
+        code, out = await shell(command)
+        assert code == 0, (command, out)
+        return out
+
+    async def stalled(count: int) -> None:
+        await wait_for(
+            lambda: (
+                api_status("acme").get("queue") == "stalled"
+                and api_status("acme")["waiting"] == count
+            )
+        )
+
+    try:
+        await run(
+            "curl -s -X POST localhost:8787/v1/tenants/globex/webhooks "
+            "-H 'Content-Type: application/json' -d "
+            '\'{"event": "TASK_CREATED"}\''
+        )
+        await run(
+            "curl -s -X POST localhost:8787/v1/tenants/acme/webhooks "
+            "-H 'Content-Type: application/json' -d "
+            '\'[{"event": "TASK_CREATED"}, {"event": "TASK_CREATED"}]\''
+        )
+        await stalled(2)
+
+        # 1. Find it.
+        for command, cli in commands(find):
+            for line in (command, cli):
+                assert line is not None
+                rows = {r.split()[0]: r for r in (await run(line)).splitlines() if r}
+                assert "stalled" in rows["acme"] and "HTTP 503" in rows["acme"], rows
+                assert "empty" in rows["globex"], rows
+        # 2. Read its failures.
+        (text_view, cli), (as_json, _) = commands(read)
+        for line in (text_view, cli):
+            assert line is not None
+            out = await run(line)
+            assert "stalled (2 waiting)" in out and "HTTP 503" in out, out
+        assert json.loads(await run(as_json))["recent_failures"][0]["status"] == 503
+        # 3. Fix or retry, then the inline refresh, pause and resume.
+        receiver.always("/acme", 200)
+        for command, cli in commands(retry):
+            for line in (command, cli):
+                assert line is not None
+                await run(line)
+        await wait_for(lambda: receiver.sequences("/acme") == [1, 2])
+        for line in inline_commands(text[text.index("3. **Fix") : text.index("4. **Skip")]):
+            await run(line)
+        assert api_status("acme")["recent_failures"] == []
+        assert api_status("acme")["paused"] is False
+
+        # 4. Skip a poison webhook: the curl commands on one, the CLI on another.
+        async def poison(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            return web.Response(status=400 if b"poison" in body else 200)
+
+        receiver.always("/acme", poison)
+        for via in ("curl", "cli"):
+            await run(
+                "curl -s -X POST localhost:8787/v1/tenants/acme/webhooks "
+                "-H 'Content-Type: application/json' -d "
+                f'\'[{{"event": "TASK_CREATED", "id": "poison-{via}", '
+                '"data": {"poison": true}}, {"event": "TASK_CREATED"}]\''
+            )
+            await stalled(2)
+            for command, cli in commands(peek_skip_parked):
+                line = command if via == "curl" else cli
+                assert line is not None
+                out = await run(line)
+                assert f"poison-{via}" in out or "parked" in out, out
+            await wait_for(lambda: api_status("acme")["waiting"] == 0)
+        parked = [p["id"] for p in api_get("/v1/tenants/acme/parked")["parked"]]
+        assert parked == ["poison-curl", "poison-cli"]
+        receiver.always("/acme", 200)  # the customer can take them now
+        ((command, cli),) = commands(requeue)
+        assert cli is not None
+        await run(command.replace("<id>", "poison-curl"))
+        await run(cli.replace("<id>", "poison-cli"))
+        await wait_for(lambda: api_get("/v1/tenants/acme/parked")["parked"] == [])
+        await wait_for(
+            lambda: [w["id"] for w in receiver.at("/acme")[-1].webhooks] == ["poison-cli"]
+        )
+    finally:
+        terminal.close()
+    assert await asyncio.to_thread(daemon.terminate) == 0
+
+
+def api_get(path: str) -> Any:
+    with urllib.request.urlopen(API + path, timeout=5) as answer:
+        return json.loads(answer.read())
+
+
+def api_status(tenant_name: str) -> dict[str, Any]:
+    return api_get(f"/v1/tenants/{tenant_name}/status")  # type: ignore[no-any-return]
