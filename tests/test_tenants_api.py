@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -21,6 +22,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import (
+    ROOT,
     Daemon,
     Process,
     Receiver,
@@ -819,14 +821,76 @@ def test_init_writes_a_private_config_with_a_fresh_token(tmp_path: Path) -> None
     assert tokens[0] != tokens[1]
 
 
-def test_init_output_passes_check(tmp_path: Path) -> None:
+def example_keys() -> list[str]:
+    """Every key config.example.toml sets, as `table.key` (tenant keys as `tenants.*.key`)."""
+    raw = tomllib.loads((ROOT / "config.example.toml").read_text(encoding="utf-8"))
+    keys = []
+    for table, values in raw.items():
+        if table == "tenants":
+            keys += [f"tenants.*.{k}" for tenant_table in values.values() for k in tenant_table]
+        else:
+            keys += [f"{table}.{k}" for k in values]
+    return sorted(set(keys))
+
+
+def commented_keys(text: str) -> set[str]:
+    """The keys of a TOML text that carry a `# comment` on their line, as `table.key`; a
+    table or key line that is itself commented out counts too (a table to copy)."""
+    found, table = set(), ""
+    for line in text.splitlines():
+        setting, commented, comment = line.removeprefix("# ").partition(" # ")
+        header = re.fullmatch(r"\[([\w.-]+)\]\s*", setting)
+        if header:
+            table = re.sub(r"^tenants\.[\w-]+$", "tenants.*", header.group(1))
+        elif commented and comment.strip() and "=" in setting:
+            found.add(f"{table}.{setting.partition('=')[0].strip()}")
+    return found
+
+
+def test_init_output_is_commented_and_passes_check(tmp_path: Path) -> None:
+    """The starter is the example's keys and comments with production values: it loads
+    cleanly, sends nothing anywhere until a tenant is added, and names no file that an
+    installed copy (pip install, no source tree) lacks."""
     path = tmp_path / "config.toml"
     assert run_cli("init", str(path)).returncode == 0
+    text = path.read_text(encoding="utf-8")
     # As on a fresh machine: no variable the starter file might name is set.
     env = {k: v for k, v in os.environ.items() if not k.endswith("_WEBHOOK_SECRET")}
     result = run_cli("check", "-c", str(path), env=env)
-    assert result.returncode == 0, result.stderr
+    assert (result.returncode, result.stderr) == (0, "")
     assert f"{path}: OK" in result.stdout
+    assert "  0 tenants\n" in result.stdout
+    assert "warning" not in result.stdout
+
+    missing = [key for key in example_keys() if key not in commented_keys(text)]
+    assert missing == [], missing
+    for absent in ("README", "config.example.toml", "SPEC", "../"):
+        assert absent not in text, absent
+    assert f"webhookd check -c {path}" in text
+    daemon = read_toml(path)["daemon"]
+    assert daemon["allow_private_endpoints"] is False
+    assert (daemon["database"], daemon["tenants_dir"]) == ("webhookd.db", "tenants.d")
+
+    # The tenant left commented out is one to copy: uncommented and given a secret, it loads.
+    tenant_lines = text[text.index("# [tenants.") :].splitlines()
+    path.write_text(text + "\n" + "\n".join(line.removeprefix("# ") for line in tenant_lines))
+    result = run_cli("check", "-c", str(path), env=env)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "  1 tenant\n" in result.stdout
+
+
+def test_init_state_dir_puts_the_database_and_tenants_there(tmp_path: Path) -> None:
+    """Whatever the folder's name holds, it is written as a TOML string that reads back."""
+    path = tmp_path / "etc" / "config.toml"
+    state = tmp_path / 'state "quoted" \\ dir'
+    result = run_cli("init", str(path), "--state-dir", f"{state}/")
+    assert result.returncode == 0, result.stderr
+    daemon = read_toml(path)["daemon"]
+    assert (daemon["database"], daemon["tenants_dir"]) == (
+        f"{state}/webhookd.db",
+        f"{state}/tenants.d",
+    )
+    assert run_cli("check", "-c", str(path)).returncode == 0
 
 
 def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
+from importlib.resources import files as package_files
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -216,55 +217,38 @@ def cmd_check(args: argparse.Namespace) -> int:
 SECRET_SOURCES = {"secret": "inline", "secret_file": "file", "secret_env": "env"}
 
 
-def starter_config(state_dir: str = "") -> dict[str, Any]:
+# The starter file: the package's commented template (shipped with it, so an installed copy
+# has it) with this file's values filled in; a `# comment` after a filled-in value is moved
+# back to its column, or one space past a long value.
+STARTER = "starter.toml"
+COMMENT_COLUMN = 34
+
+
+def starter_text(path: Path, state_dir: str) -> str:
+    template = package_files("webhookd").joinpath(STARTER).read_text(encoding="utf-8")
     base = state_dir.rstrip("/") + "/" if state_dir else ""
-    return {
-        "daemon": {
-            "database": f"{base}webhookd.db",
-            "listen": "127.0.0.1:8787",
-            "api_token": secrets.token_urlsafe(32),
-            "tenants_dir": f"{base}tenants.d",
-            "log_format": "auto",
-            "log_level": "info",
-            "durability": "full",
-            "max_connections": 1000,
-            "source_address": "",
-            "allow_private_endpoints": False,
-            "shutdown_grace": 10.0,
-            "max_body_bytes": 10485760,
-            "ca_file": "",
-        },
-        "events": {"custom": []},
-        "delivery": {
-            "batch_size": 100,
-            "batch_window": 10.0,
-            "batch_timeout": 5.0,
-            "timeout": 10.0,
-            "retry_base": 30.0,
-            "retry_doublings": 12,
-            "retry_after_doublings": 86400.0,
-            "success_statuses": [200],
-            "recent_failures": 10,
-        },
-        "tenants": {
-            "example": {
-                "enabled": False,
-                "batching": True,
-                "endpoint": "https://hooks.example.com/webhooks",
-                "secret": secrets.token_urlsafe(24),
-                "events": ["PRODUCT_STATUS_CHANGED", "CHECK_COMPLETED"],
-            }
-        },
+    values = {
+        "@PATH@": visible(str(path)),
+        "@API_TOKEN@": secrets.token_urlsafe(32),
+        "@DATABASE@": toml_string(f"{base}webhookd.db"),
+        "@TENANTS_DIR@": toml_string(f"{base}tenants.d"),
     }
+    lines = []
+    for line in template.splitlines():
+        markers = [marker for marker in values if marker in line]
+        if not markers:
+            lines.append(line)
+            continue
+        setting, commented, comment = line.partition(" # ")
+        for marker in markers:
+            setting = setting.replace(marker, values[marker])
+        lines.append(f"{setting.ljust(COMMENT_COLUMN - 1)} # {comment}" if commented else setting)
+    return "\n".join(lines) + "\n"
 
 
-STARTER_HEADER = """\
-# webhookd configuration, written by `webhookd init`.
-# Every key is shown with its default; config.example.toml explains each one.
-# The api_token below was generated for you: keep this file private (mode 0600).
-# Validate with `webhookd check -c {path}`; apply changes with SIGHUP (systemctl reload).
-
-"""
+def toml_string(text: str) -> str:
+    """`text` as a TOML string (escaped as TOML wants: quotes, backslashes, controls)."""
+    return tomli_w.dumps({"v": text}).removeprefix("v = ").rstrip("\n")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -272,13 +256,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         print(f"error: {path} exists; use --force to overwrite", file=sys.stderr)
         return 1
-    text = STARTER_HEADER.format(path=path) + tomli_w.dumps(starter_config(args.state_dir))
+    text = starter_text(path, args.state_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # before the token is written: --force over a 0644 file
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(text)
     print(f"wrote {path} (mode 0600) with a fresh api_token")
+    print(f"next: add tenants to it, then `webhookd check -c {path}`")
     return 0
 
 
