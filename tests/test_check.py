@@ -51,7 +51,7 @@ def test_check_warns_that_a_loopback_endpoint_is_blocked_and_names_the_setting(
     path = tmp_path / "config.toml"
     assert run_cli("init", str(path)).returncode == 0
     raw = tomllib.loads(path.read_text())
-    raw["tenants"]["demo"] = tenant("http://127.0.0.1:9000/demo")
+    raw["tenants"] = {"demo": tenant("http://127.0.0.1:9000/demo")}  # init writes none
     path.write_text(tomli_w.dumps(raw))
 
     result = run_cli("check", "-c", str(path))

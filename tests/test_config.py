@@ -848,6 +848,11 @@ ERRORS: list[tuple[str, str, str]] = [
         acme(events='["CHECK_COMPLETED", "INVOICE_PAID"]'),
         "tenants.acme.events: unknown event type 'INVOICE_PAID' (add it to [events] custom?)",
     ),
+    (
+        "events-near-miss",
+        acme(events='["check_completed"]'),
+        "tenants.acme.events: unknown event type 'check_completed' (did you mean CHECK_COMPLETED?)",
+    ),
     ("events-type", acme(events="[1]"), "tenants.acme.events: expected event type names (strings)"),
     ("enabled-int", acme(enabled="1"), "tenants.acme.enabled: expected true or false"),
     ("batching-str", acme(batching='"yes"'), "tenants.acme.batching: expected true or false"),

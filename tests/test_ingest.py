@@ -276,14 +276,22 @@ async def test_unknown_event_type_is_422_and_nothing_is_queued(
     assert again["webhooks"] == [{"id": "t", "sequence": 2, "status": "queued"}]
 
 
-@pytest.mark.parametrize("name", ["nobody", "bad.name", "a" * 65, "sp%20ace"])
-async def test_unknown_or_invalid_tenant_is_404(
-    name: str, receiver: Receiver, start_daemon: StartDaemon
+@pytest.mark.parametrize(
+    ("name", "status", "code"),
+    [
+        ("nobody", 404, "not_found"),
+        ("bad.name", 400, "bad_request"),
+        ("a" * 65, 400, "bad_request"),
+        ("sp%20ace", 400, "bad_request"),
+    ],
+)
+async def test_an_unknown_tenant_is_404_and_an_invalid_name_400(
+    name: str, status: int, code: str, receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
     daemon = await paused_daemon(start_daemon, receiver)
-    status, answer = await daemon.request("POST", f"/v1/tenants/{name}/webhooks", json=VALID)
-    assert status == 404, answer
-    assert_error(answer, "not_found")
+    got, answer = await daemon.request("POST", f"/v1/tenants/{name}/webhooks", json=VALID)
+    assert got == status, answer
+    assert_error(answer, code)
 
 
 async def test_body_over_max_body_bytes_is_413(

@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -41,6 +43,7 @@ from tests.test_terminal import BIDI, C0, C1, UNSAFE, escaped, shown
 from webhookd import config as config_mod
 from webhookd import views
 from webhookd.__main__ import build_parser
+from webhookd.events import CURRENT
 from webhookd.metrics import Metrics
 from webhookd.scheduler import Clock
 from webhookd.sender import Outcome
@@ -339,6 +342,48 @@ async def test_retry_during_a_long_backoff_attempts_at_once_and_keeps_counting(
     assert 55 <= stamp(after["next_attempt_at"]) - time.time() <= 61
 
 
+async def test_retry_answers_the_state_it_leaves_not_the_one_it_found(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """Right after "retry", a stalled tenant is no longer in backoff: the answer says
+    `waiting` with the next attempt now, not `stalled` with the old backoff's time."""
+    receiver.always("/acme", 503)
+    daemon = await start_daemon(
+        tenants={
+            "acme": tenant(receiver.url("/acme"), retry_base=30.0),
+            "held": tenant(receiver.url("/held")),
+            "idle": tenant(receiver.url("/idle")),
+        }
+    )
+    await daemon.ingest("acme", {"event": EVENT})
+    await wait_for(lambda: state_of(daemon, "acme")["attempts"] == 1, timeout=5)
+    found = await daemon.status("acme")
+    assert found["queue"] == "stalled"
+    assert stamp(found["next_attempt_at"]) - time.time() > 20
+
+    asked = time.time()
+    status, body = await daemon.request("POST", "/v1/tenants/acme/retry")
+    assert status == 200, body
+    assert {k: body[k] for k in ("tenant", "retrying", "queue", "waiting", "attempts")} == {
+        "tenant": "acme",
+        "retrying": True,
+        "queue": "waiting",
+        "waiting": 1,
+        "attempts": 1,
+    }
+    assert abs(stamp(body["next_attempt_at"]) - asked) <= 2, body
+    await wait_for(lambda: state_of(daemon, "acme")["attempts"] == 2, timeout=5)
+    assert state_of(daemon, "acme")["queue"] == "stalled"  # that attempt failed too
+
+    # Nothing to retry: the answer is the state as it is.
+    status, _ = await daemon.request("POST", "/v1/tenants/held/pause")
+    await daemon.ingest("held", {"event": EVENT})
+    for name, queue in (("held", "paused"), ("idle", "empty")):
+        status, body = await daemon.request("POST", f"/v1/tenants/{name}/retry")
+        assert status == 200, body
+        assert (body["retrying"], body["queue"], body["next_attempt_at"]) == (False, queue, None)
+
+
 async def test_a_retry_during_an_attempt_does_not_outlive_a_pause(
     receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
@@ -508,7 +553,7 @@ async def test_cli_retry_tenant_and_all_against_a_subprocess(
 
     code, out, err = await run_cli("retry", "a", "-c", str(path))
     assert (code, err) == (0, ""), err
-    assert out.strip() == "a: retrying now"
+    assert out.strip() == "a: retrying now (1 waiting, 1 failed attempt so far)"
     await wait_for(lambda: receiver.at("/a", ok_only=True), timeout=5)
     await remote.until("a", lambda s: s["waiting"] == 0)
     assert receiver.at("/b", ok_only=True) == []  # only the named tenant was retried
@@ -558,7 +603,7 @@ async def test_cli_pause_peek_skip_parked_requeue_resume_against_a_subprocess(
     await wait_for(lambda: receiver.sequences("/acme") == [2, 3], timeout=5)
     assert [r.json["id"] for r in receiver.at("/acme")] == ["p/2", "p/1"]
     code, _, err = await run_cli("skip", "acme", "-c", str(path))  # nothing left to park
-    assert code == 1 and "409" in err, err
+    assert (code, err) == (1, "error: acme has no webhook waiting to skip\n")
 
 
 # -- 3. recent failures -------------------------------------------------------------------------
@@ -1235,7 +1280,10 @@ async def test_cli_status_and_refresh_against_a_subprocess_with_a_token(
     )
     code, out, err = await run_cli("status", "-c", str(other))
     assert code == 1
-    assert "401" in err
+    assert err == (
+        f"error: the daemon refused the API token (api_token / api_token_file in {other}); "
+        "is it the file the daemon runs with?\n"
+    )
     assert TOKEN not in err
 
 
@@ -1274,7 +1322,163 @@ async def test_client_commands_work_without_the_daemons_tenant_secrets(
     failed = {" ".join(c): (code, err.strip()) for c, (code, _, err) in results.items() if code}
     assert failed == {}, failed
     assert "stalled" in results[("status",)][1]
-    assert results[("retry", "acme")][1].strip() == "acme: retrying now"
+    assert results[("retry", "acme")][1].startswith("acme: retrying now (1 waiting")
+
+
+async def test_a_token_changed_by_a_reload_is_refused_until_a_restart_and_the_cli_says_why(
+    tmp_path: Path,
+    receiver: Receiver,
+    process_factory: Callable[..., Process],
+    session: aiohttp.ClientSession,
+) -> None:
+    """api_token applies at restart. After a reload that changed it, the file's new token
+    is refused with its own 401 ("restart_needed"), and the CLI says what to do; any other
+    token is refused as before, and the token the daemon started with still works."""
+    old, new, stranger = "old-" + "a" * 30, "new-" + "b" * 30, "strange-" + "c" * 30
+    tenants = {"acme": tenant(receiver.url("/acme"))}
+    listen = f"127.0.0.1:{free_port()}"
+    path = write_config(tmp_path, tenants, daemon={"listen": listen, "api_token": old})
+    remote = await start_process(process_factory, path, session)
+    code, _, err = await run_cli("status", "-c", str(path))
+    assert (code, err) == (0, "")
+
+    write_config(tmp_path, tenants, daemon={"listen": listen, "api_token": new})
+    assert remote.process.proc is not None
+    remote.process.proc.send_signal(signal.SIGHUP)
+    await wait_for(lambda: "restart_needed" in remote.process.log(), timeout=10)
+
+    code, out, err = await run_cli("status", "-c", str(path))
+    assert (code, out) == (1, "")
+    assert err == (
+        f"error: the daemon refused the API token in {path}: the token was changed after the "
+        "daemon started, and the daemon keeps its old token until it is restarted "
+        "(systemctl restart webhookd); a reload does not change it\n"
+    )
+    other = write_config(
+        tmp_path, tenants, daemon={"listen": listen, "api_token": stranger}, name="other.toml"
+    )
+    code, _, err = await run_cli("status", "-c", str(other))
+    assert code == 1
+    assert "refused the API token (api_token / api_token_file in" in err
+    answers = {}
+    for token in (old, new, stranger):
+        status, body = await remote.get("/v1/status", headers={"Authorization": f"Bearer {token}"})
+        answers[token] = (status, body.get("error"))
+    assert answers == {
+        old: (200, None),
+        new: (401, "restart_needed"),
+        stranger: (401, "unauthorized"),
+    }
+    assert not any(t in remote.process.log() for t in (old, new, stranger))
+
+    assert remote.process.terminate() == 0
+    await start_process(process_factory, path, session)
+    code, _, err = await run_cli("status", "-c", str(path))
+    assert (code, err) == (0, "")
+
+
+async def test_an_unknown_event_type_is_answered_with_the_near_miss_and_the_catalogue_command(
+    tmp_path: Path,
+    receiver: Receiver,
+    process_factory: Callable[..., Process],
+    session: aiohttp.ClientSession,
+) -> None:
+    path = write_config(
+        tmp_path, {"acme": tenant(receiver.url("/acme"))}, events={"custom": ["INVOICE_PAID"]}
+    )
+    remote = await start_process(process_factory, path, session)
+    items = [{"event": e} for e in ("check_completed", "INVOICE_PAYED", "ORDER_SHIPPED")]
+    status, body = await remote.call("POST", "/v1/tenants/acme/webhooks", json=items)
+    assert status == 422, body
+    assert body == {
+        "error": "unknown_event",
+        "detail": "unknown event type INVOICE_PAYED (did you mean INVOICE_PAID?), "
+        "ORDER_SHIPPED, check_completed (did you mean CHECK_COMPLETED?); nothing was queued "
+        "(`webhookd events` lists the catalogue)",
+    }
+
+    code, out, err = await run_cli("send", "acme", "check_completed", "-c", str(path))
+    assert (code, out) == (1, "")
+    assert err == (
+        "error: unknown event type check_completed (did you mean CHECK_COMPLETED?); nothing "
+        "was queued (`webhookd events` lists the catalogue)\n"
+    )
+    assert (await remote.status("acme"))["waiting"] == 0
+    code, out, err = await run_cli("send", "acme", "CHECK_COMPLETED", "-c", str(path))
+    assert (code, err) == (0, ""), err
+    assert out.startswith("queued: id ")
+
+
+def run_events(*args: str, cwd: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "WEBHOOKD_CONFIG"}
+    result = subprocess.run(
+        [sys.executable, "-m", "webhookd", "events", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    return result.stdout
+
+
+def test_cli_events_lists_the_catalogue_with_the_configs_custom_types(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {}, events={"custom": ["INVOICE_PAID", "INVOICE_VOIDED"]})
+    deprecated = [
+        "deprecated (still delivered to tenants of the main file that list them):",
+        "  PROFILE_STATUS_CHANGED",
+        "  TASK_IS_COMPLETE_CHANGED",
+        "  COLLECTION_STEPS_COMPLETED",
+        "  COLLECTED_DATA_UPDATED (use COLLECTED_DATA_CHANGED)",
+    ]
+    current = ["current:", *(f"  {name}" for name in CURRENT)]
+    assert run_events("-c", str(path), cwd=tmp_path).splitlines() == [
+        *current,
+        f"custom ([events] custom in {path}):",
+        "  INVOICE_PAID",
+        "  INVOICE_VOIDED",
+        *deprecated,
+    ]
+    # With no config file at all, what is built in is still listed.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_events(cwd=empty).splitlines() == [
+        *current,
+        "custom (none: no config.toml):",
+        "  -",
+        *deprecated,
+    ]
+
+
+def test_cli_errors_name_the_flag_or_the_config_key(tmp_path: Path) -> None:
+    """A bad --limit is the command line's error (exit 2, naming the flag), not a 400 from
+    the API about a query string; a daemon nobody answers for is named with the key that
+    set its address."""
+    result = subprocess.run(
+        [sys.executable, "-m", "webhookd", "peek", "acme", "--limit", "0", "-c", "none.toml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "argument --limit: '0': expected a whole number from 1 to 1000" in result.stderr
+
+    port = free_port()  # nobody listens there
+    path = write_config(tmp_path, {}, daemon={"listen": f"127.0.0.1:{port}"})
+    result = subprocess.run(
+        [sys.executable, "-m", "webhookd", "status", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: cannot reach webhookd at 127.0.0.1:{port}: ")
+    assert result.stderr.endswith(f" (listen in {path}); is the daemon running?\n")
 
 
 async def test_outside_text_reaches_no_terminal_raw(

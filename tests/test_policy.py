@@ -222,6 +222,9 @@ HEALTHY = {"configured": True, "enabled": True, "paused": False, "waiting": 0, "
         ({"paused": True, "waiting": 3, "attempts": 1}, "paused"),
         ({"paused": True, "waiting": 3}, "paused"),
         ({"waiting": 1, "attempts": 1}, "stalled"),
+        # a retry asked for ends the backoff: the attempt is due now
+        ({"waiting": 3, "attempts": 2, "retry_due": True}, "waiting"),
+        ({"paused": True, "waiting": 3, "attempts": 2, "retry_due": True}, "paused"),
     ],
 )
 def test_classify_queue(changes: dict[str, object], expected: str) -> None:
@@ -239,6 +242,27 @@ def test_catalogue_star_is_every_current_type_plus_custom_but_not_deprecated() -
     assert not resolved & set(DEPRECATED)
     assert Catalogue().resolve(["*"]) == frozenset(CURRENT)
     assert len(CURRENT) == 13
+
+
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [
+        ("check_completed", "CHECK_COMPLETED"),  # the name, not in capitals
+        ("Check-Completed", "CHECK_COMPLETED"),
+        ("CHECK_COMPLETD", "CHECK_COMPLETED"),  # a typo
+        ("TASK_CREATE", "TASK_CREATED"),
+        ("collected_data_updated", "COLLECTED_DATA_UPDATED"),  # deprecated is still known
+        ("invoice_paid", "INVOICE_PAID"),  # custom
+        ("INVOICE_PAYED", "INVOICE_PAID"),
+        ("ORDER_SHIPPED", None),
+        ("X", None),
+        ("CHECK_COMPLETED" * 20, None),
+    ],
+)
+def test_an_unknown_event_type_near_a_known_one_is_named(given: str, meant: str | None) -> None:
+    catalogue = Catalogue(custom=("INVOICE_PAID",))
+    assert catalogue.near_miss(given) == meant
+    assert catalogue.unknown_hint(given) == (f" (did you mean {meant}?)" if meant else "")
 
 
 def test_catalogue_resolve_named_types() -> None:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -21,6 +22,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import (
+    ROOT,
     Daemon,
     Process,
     Receiver,
@@ -307,7 +309,7 @@ async def test_put_with_secret_env_stores_the_variable_name_not_its_value(
 # -- PUT validation ------------------------------------------------------------------------------
 
 VALID = {"endpoint": "http://127.0.0.1:9/x", "secret": "s", "events": [EVENT]}
-PREFIX = "PUT /v1/tenants/newt: "
+PREFIX = "tenant newt: "
 
 
 @pytest.mark.parametrize(
@@ -393,18 +395,23 @@ async def test_collected_data_updated_becomes_collected_data_changed(
     assert [w["status"] for w in answer["webhooks"]] == ["queued", "not_subscribed"]
 
 
-async def test_invalid_name_is_404_and_a_main_file_tenant_is_409(
+async def test_an_invalid_name_is_400_an_unknown_one_404_and_a_main_file_tenant_409(
     receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
+    """A name that cannot be a tenant's is the client's mistake (400, saying what a name
+    may hold); a valid name nobody configured is 404."""
     daemon = await start_daemon(tenants={"main": tenant(receiver.url("/main"))})
     directory = tenants_dir(daemon)
-    for name in ("bad.name", "x" * 65, "sp%20ace"):
+    for name in ("bad.name", "x" * 65, "sp%20ace", "BAD%20NAME"):
         for method in ("GET", "PUT", "DELETE"):
             status, answer = await daemon.request(method, f"/v1/tenants/{name}", json=VALID)
-            assert status == 404, (method, name, answer)
-            assert_error(answer, "not_found")
-    status, answer = await daemon.request("DELETE", "/v1/tenants/nobody")
-    assert (status, answer["error"]) == (404, "not_found")
+            assert status == 400, (method, name, answer)
+            assert "is not a valid tenant name (1 to 64 of A-Z a-z 0-9 _ -)" in assert_error(
+                answer, "bad_request"
+            )
+    for method in ("GET", "DELETE"):
+        status, answer = await daemon.request(method, "/v1/tenants/nobody")
+        assert (status, answer["error"]) == (404, "not_found"), method
 
     status, answer = await daemon.request("PUT", "/v1/tenants/main", json=VALID)
     assert status == 409, answer
@@ -422,8 +429,8 @@ async def test_invalid_name_is_404_and_a_main_file_tenant_is_409(
 async def test_put_refuses_a_tenant_name_with_a_trailing_line_break(
     receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
-    """SPEC §5: "Tenant names: `[A-Za-z0-9_-]{1,64}`." SPEC §6: "Unknown or invalid tenant
-    name: 404."
+    """SPEC §5: "Tenant names: `[A-Za-z0-9_-]{1,64}`." A name that cannot be one is 400
+    (SPEC §6 said 404 for it, as for an unknown name; a bad request is the client's).
 
     The name check is a full match: `^...$` with `re.match` would let `PUT
     /v1/tenants/newt%0A` through (`$` also matches before a final newline), create the
@@ -435,8 +442,8 @@ async def test_put_refuses_a_tenant_name_with_a_trailing_line_break(
     body = {"endpoint": receiver.url("/newt"), "secret": "s3cr3t", "events": [EVENT]}
     status, answer = await daemon.request("PUT", "/v1/tenants/newt%0A", json=body)
     written = files_in(tenants_dir(daemon))
-    assert status == 404, (status, answer, written)
-    assert_error(answer, "not_found")
+    assert status == 400, (status, answer, written)
+    assert_error(answer, "bad_request")
     assert written == []
     assert "newt\n" not in daemon.service.config.tenants
     # The daemon can still start from its own configuration.
@@ -463,7 +470,7 @@ async def test_delete_is_refused_while_webhooks_wait_unless_discard(
 
     status, answer = await daemon.request("DELETE", "/v1/tenants/gone")
     assert status == 409, answer
-    assert "2 webhooks are waiting" in assert_error(answer, "conflict")
+    assert "2 webhooks are waiting" in assert_error(answer, "queue_not_empty")
     assert path.exists()
     assert (await daemon.status("gone"))["waiting"] == 2
 
@@ -609,16 +616,18 @@ async def test_tenant_command_set_show_change_and_rm(
     status, _ = await api("POST", "/v1/tenants/clit/webhooks", [{"event": EVENT}] * 2)
     assert status == 202
     refused = await webhookd("tenant", "rm", "clit", *c)
-    assert refused.returncode == 1
-    assert "HTTP 409" in refused.stderr
+    assert (refused.returncode, refused.stderr) == (
+        1,
+        "error: 2 webhooks are waiting for clit; let them deliver (webhookd status clit), "
+        "or add --discard to drop them\n",
+    )
     assert path.exists()
     removed = await webhookd("tenant", "rm", "clit", "--discard", *c)
     assert removed.returncode == 0, removed.stderr
     assert "removed clit (discarded 2 waiting webhooks)" in removed.stdout
     assert not path.exists()
     gone = await webhookd("tenant", "show", "clit", *c)
-    assert gone.returncode == 1
-    assert "HTTP 404" in gone.stderr
+    assert (gone.returncode, gone.stderr) == (1, "error: no tenant named 'clit' is configured\n")
     for result in (created, shown, changed, refused, removed, gone):
         assert "cli-secret" not in result.stdout + result.stderr
         assert token not in result.stdout + result.stderr
@@ -812,14 +821,76 @@ def test_init_writes_a_private_config_with_a_fresh_token(tmp_path: Path) -> None
     assert tokens[0] != tokens[1]
 
 
-def test_init_output_passes_check(tmp_path: Path) -> None:
+def example_keys() -> list[str]:
+    """Every key config.example.toml sets, as `table.key` (tenant keys as `tenants.*.key`)."""
+    raw = tomllib.loads((ROOT / "config.example.toml").read_text(encoding="utf-8"))
+    keys = []
+    for table, values in raw.items():
+        if table == "tenants":
+            keys += [f"tenants.*.{k}" for tenant_table in values.values() for k in tenant_table]
+        else:
+            keys += [f"{table}.{k}" for k in values]
+    return sorted(set(keys))
+
+
+def commented_keys(text: str) -> set[str]:
+    """The keys of a TOML text that carry a `# comment` on their line, as `table.key`; a
+    table or key line that is itself commented out counts too (a table to copy)."""
+    found, table = set(), ""
+    for line in text.splitlines():
+        setting, commented, comment = line.removeprefix("# ").partition(" # ")
+        header = re.fullmatch(r"\[([\w.-]+)\]\s*", setting)
+        if header:
+            table = re.sub(r"^tenants\.[\w-]+$", "tenants.*", header.group(1))
+        elif commented and comment.strip() and "=" in setting:
+            found.add(f"{table}.{setting.partition('=')[0].strip()}")
+    return found
+
+
+def test_init_output_is_commented_and_passes_check(tmp_path: Path) -> None:
+    """The starter is the example's keys and comments with production values: it loads
+    cleanly, sends nothing anywhere until a tenant is added, and names no file that an
+    installed copy (pip install, no source tree) lacks."""
     path = tmp_path / "config.toml"
     assert run_cli("init", str(path)).returncode == 0
+    text = path.read_text(encoding="utf-8")
     # As on a fresh machine: no variable the starter file might name is set.
     env = {k: v for k, v in os.environ.items() if not k.endswith("_WEBHOOK_SECRET")}
     result = run_cli("check", "-c", str(path), env=env)
-    assert result.returncode == 0, result.stderr
+    assert (result.returncode, result.stderr) == (0, "")
     assert f"{path}: OK" in result.stdout
+    assert "  0 tenants\n" in result.stdout
+    assert "warning" not in result.stdout
+
+    missing = [key for key in example_keys() if key not in commented_keys(text)]
+    assert missing == [], missing
+    for absent in ("README", "config.example.toml", "SPEC", "../"):
+        assert absent not in text, absent
+    assert f"webhookd check -c {path}" in text
+    daemon = read_toml(path)["daemon"]
+    assert daemon["allow_private_endpoints"] is False
+    assert (daemon["database"], daemon["tenants_dir"]) == ("webhookd.db", "tenants.d")
+
+    # The tenant left commented out is one to copy: uncommented and given a secret, it loads.
+    tenant_lines = text[text.index("# [tenants.") :].splitlines()
+    path.write_text(text + "\n" + "\n".join(line.removeprefix("# ") for line in tenant_lines))
+    result = run_cli("check", "-c", str(path), env=env)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "  1 tenant\n" in result.stdout
+
+
+def test_init_state_dir_puts_the_database_and_tenants_there(tmp_path: Path) -> None:
+    """Whatever the folder's name holds, it is written as a TOML string that reads back."""
+    path = tmp_path / "etc" / "config.toml"
+    state = tmp_path / 'state "quoted" \\ dir'
+    result = run_cli("init", str(path), "--state-dir", f"{state}/")
+    assert result.returncode == 0, result.stderr
+    daemon = read_toml(path)["daemon"]
+    assert (daemon["database"], daemon["tenants_dir"]) == (
+        f"{state}/webhookd.db",
+        f"{state}/tenants.d",
+    )
+    assert run_cli("check", "-c", str(path)).returncode == 0
 
 
 def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:

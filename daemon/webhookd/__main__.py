@@ -1,4 +1,4 @@
-"""Command line: run, check, init, send, status, retry, refresh, tenant, receiver."""
+"""Command line: run, check, init, events, send, status, retry, refresh, tenant, receiver."""
 
 from __future__ import annotations
 
@@ -27,12 +27,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
+from importlib.resources import files as package_files
 from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
 
-from webhookd import __version__, config, logs, views
+from webhookd import __version__, config, events, logs, views
 from webhookd.terminal import json_text, visible, visible_lines
 
 DEFAULT_CONFIG = "config.toml"
@@ -216,55 +217,38 @@ def cmd_check(args: argparse.Namespace) -> int:
 SECRET_SOURCES = {"secret": "inline", "secret_file": "file", "secret_env": "env"}
 
 
-def starter_config(state_dir: str = "") -> dict[str, Any]:
+# The starter file: the package's commented template (shipped with it, so an installed copy
+# has it) with this file's values filled in; a `# comment` after a filled-in value is moved
+# back to its column, or one space past a long value.
+STARTER = "starter.toml"
+COMMENT_COLUMN = 34
+
+
+def starter_text(path: Path, state_dir: str) -> str:
+    template = package_files("webhookd").joinpath(STARTER).read_text(encoding="utf-8")
     base = state_dir.rstrip("/") + "/" if state_dir else ""
-    return {
-        "daemon": {
-            "database": f"{base}webhookd.db",
-            "listen": "127.0.0.1:8787",
-            "api_token": secrets.token_urlsafe(32),
-            "tenants_dir": f"{base}tenants.d",
-            "log_format": "auto",
-            "log_level": "info",
-            "durability": "full",
-            "max_connections": 1000,
-            "source_address": "",
-            "allow_private_endpoints": False,
-            "shutdown_grace": 10.0,
-            "max_body_bytes": 10485760,
-            "ca_file": "",
-        },
-        "events": {"custom": []},
-        "delivery": {
-            "batch_size": 100,
-            "batch_window": 10.0,
-            "batch_timeout": 5.0,
-            "timeout": 10.0,
-            "retry_base": 30.0,
-            "retry_doublings": 12,
-            "retry_after_doublings": 86400.0,
-            "success_statuses": [200],
-            "recent_failures": 10,
-        },
-        "tenants": {
-            "example": {
-                "enabled": False,
-                "batching": True,
-                "endpoint": "https://hooks.example.com/webhooks",
-                "secret": secrets.token_urlsafe(24),
-                "events": ["PRODUCT_STATUS_CHANGED", "CHECK_COMPLETED"],
-            }
-        },
+    values = {
+        "@PATH@": visible(str(path)),
+        "@API_TOKEN@": secrets.token_urlsafe(32),
+        "@DATABASE@": toml_string(f"{base}webhookd.db"),
+        "@TENANTS_DIR@": toml_string(f"{base}tenants.d"),
     }
+    lines = []
+    for line in template.splitlines():
+        markers = [marker for marker in values if marker in line]
+        if not markers:
+            lines.append(line)
+            continue
+        setting, commented, comment = line.partition(" # ")
+        for marker in markers:
+            setting = setting.replace(marker, values[marker])
+        lines.append(f"{setting.ljust(COMMENT_COLUMN - 1)} # {comment}" if commented else setting)
+    return "\n".join(lines) + "\n"
 
 
-STARTER_HEADER = """\
-# webhookd configuration, written by `webhookd init`.
-# Every key is shown with its default; config.example.toml explains each one.
-# The api_token below was generated for you: keep this file private (mode 0600).
-# Validate with `webhookd check -c {path}`; apply changes with SIGHUP (systemctl reload).
-
-"""
+def toml_string(text: str) -> str:
+    """`text` as a TOML string (escaped as TOML wants: quotes, backslashes, controls)."""
+    return tomli_w.dumps({"v": text}).removeprefix("v = ").rstrip("\n")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -272,13 +256,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         print(f"error: {path} exists; use --force to overwrite", file=sys.stderr)
         return 1
-    text = STARTER_HEADER.format(path=path) + tomli_w.dumps(starter_config(args.state_dir))
+    text = starter_text(path, args.state_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # before the token is written: --force over a 0644 file
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(text)
     print(f"wrote {path} (mode 0600) with a fresh api_token")
+    print(f"next: add tenants to it, then `webhookd check -c {path}`")
     return 0
 
 
@@ -286,7 +271,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 class ApiError(Exception):
-    pass
+    """The daemon refused a call (`status` and its JSON `code`), or could not be reached
+    (status 0). `detail` is the daemon's sentence, worded for any HTTP client."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+class CliError(Exception):
+    """An error worded for the command line (flags and files, not queries and headers)."""
 
 
 def api_call(
@@ -313,14 +307,33 @@ def api_call(
         payload = exc.read()
         try:
             error = json.loads(payload)
-            message = f"{error.get('error')}: {error.get('detail')}"
-        except ValueError:
-            message = payload.decode(errors="replace")
-        raise ApiError(f"HTTP {exc.code}: {message}") from None
+            code, detail = str(error.get("error")), str(error.get("detail"))
+        except (ValueError, AttributeError):
+            code, detail = "", f"HTTP {exc.code}: {payload.decode(errors='replace')}"
+        raise ApiError(exc.code, code, detail) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise ApiError(f"cannot reach webhookd at {url}: {reason}") from None
+        raise ApiError(0, "unreachable", f"{host}:{cfg.listen_port}: {reason}") from None
     return payload.decode() if text else json.loads(payload)
+
+
+def explain(exc: ApiError, args: argparse.Namespace) -> str:
+    """What a refusal means for someone at the command line."""
+    where = config_path(args)
+    if exc.code == "unreachable":
+        return f"cannot reach webhookd at {exc.detail} (listen in {where}); is the daemon running?"
+    if exc.status == 401 and exc.code == "restart_needed":
+        return (
+            f"the daemon refused the API token in {where}: the token was changed after the "
+            "daemon started, and the daemon keeps its old token until it is restarted "
+            "(systemctl restart webhookd); a reload does not change it"
+        )
+    if exc.status == 401:
+        return (
+            f"the daemon refused the API token (api_token / api_token_file in {where}); "
+            "is it the file the daemon runs with?"
+        )
+    return exc.detail
 
 
 def tenant_arg(value: str) -> str:
@@ -328,6 +341,12 @@ def tenant_arg(value: str) -> str:
     if not config.TENANT_NAME.fullmatch(value):
         raise argparse.ArgumentTypeError(f"{value!r}: tenant names are 1 to 64 of A-Z a-z 0-9 _ -")
     return value
+
+
+def peek_limit(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a whole number from 1 to 1000")
+    return int(value)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -376,7 +395,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
         print(f"retrying {retrying}: {', '.join(answer['retrying']) or '-'}")
     else:
         answer = api_call(cfg, "POST", f"/v1/tenants/{args.tenant}/retry")
-        state = "retrying now" if answer["retrying"] else f"nothing to retry ({answer['queue']})"
+        if answer["retrying"]:
+            failed = views.counted(answer["attempts"], "failed attempt")
+            state = f"retrying now ({answer['waiting']} waiting, {failed} so far)"
+        else:
+            state = f"nothing to retry ({answer['queue']})"
         print(f"{args.tenant}: {state}")
     return 0
 
@@ -430,16 +453,12 @@ def cmd_tenant(args: argparse.Namespace) -> int:
         print(f"error: tenant {args.action} needs a NAME", file=sys.stderr)
         return 2
     if args.action == "rm":
-        query = "?discard=true" if args.discard else ""
-        answer = api_call(cfg, "DELETE", f"/v1/tenants/{args.name}{query}")
-        discarded = views.counted(answer["discarded"], "waiting webhook")
-        print(f"removed {args.name} (discarded {discarded})")
-        return 0
+        return tenant_rm(cfg, args.name, discard=args.discard)
     # set: start from the current tenant (masked secrets are kept as they are), apply flags.
     try:
         current = api_call(cfg, "GET", f"/v1/tenants/{args.name}")
     except ApiError as exc:
-        if "HTTP 404" not in str(exc):
+        if exc.status != 404:
             raise
         current = {}
     table = {k: v for k, v in current.items() if k not in ("tenant", "source", "delivery")}
@@ -475,6 +494,46 @@ def cmd_tenant(args: argparse.Namespace) -> int:
         table[key.strip()] = _option_value(value.strip())
     answer = api_call(cfg, "PUT", f"/v1/tenants/{args.name}", table)
     print(json_text(answer))
+    return 0
+
+
+def tenant_rm(cfg: config.ClientConfig, name: str, *, discard: bool) -> int:
+    query = "?discard=true" if discard else ""
+    try:
+        answer = api_call(cfg, "DELETE", f"/v1/tenants/{name}{query}")
+    except ApiError as exc:
+        if exc.code != "queue_not_empty":
+            raise
+        # The daemon's sentence names the HTTP query; the count is asked for separately.
+        waiting = api_call(cfg, "GET", f"/v1/tenants/{name}/status")["waiting"]
+        many = f"{waiting} webhooks are" if waiting != 1 else "1 webhook is"
+        raise CliError(
+            f"{many} waiting for {name}; let them deliver "
+            f"(webhookd status {name}), or add --discard to drop them"
+        ) from None
+    print(f"removed {name} (discarded {views.counted(answer['discarded'], 'waiting webhook')})")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """The event catalogue: built-in types, the config's custom ones, deprecated ones."""
+    path = config_path(args)
+    named = bool(args.config or os.environ.get("WEBHOOKD_CONFIG"))
+    if named or Path(path).exists():
+        catalogue = _or_exit(config.load_catalogue, args)
+        custom = f"custom ([events] custom in {path})"
+    else:  # no config file at all: what is built in is still worth showing
+        catalogue = events.Catalogue()
+        custom = f"custom (none: no {path})"
+    print("current:")
+    for name in events.CURRENT:
+        print(f"  {name}")
+    print(f"{custom}:")
+    for name in catalogue.custom or ("-",):
+        print(f"  {name}")
+    print("deprecated (still delivered to tenants of the main file that list them):")
+    for name, replacement in events.DEPRECATED.items():
+        print(f"  {name}" + (f" (use {replacement})" if replacement else ""))
     return 0
 
 
@@ -518,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.set_defaults(func=cmd_init)
 
+    command("events", "list the event types: built in, custom, deprecated").set_defaults(
+        func=cmd_events
+    )
+
     send = command("send", "ingest one webhook through the API")
     send.add_argument("tenant", metavar="TENANT", type=tenant_arg)
     send.add_argument("event", metavar="EVENT")
@@ -551,7 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "requeue":
             control.add_argument("id", metavar="ID", help="the parked webhook's id")
         if name == "peek":
-            control.add_argument("--limit", type=int, default=10, help="1 to 1000 (default 10)")
+            control.add_argument(
+                "--limit", type=peek_limit, default=10, help="1 to 1000 (default 10)"
+            )
         control.set_defaults(func=cmd_control)
 
     tenant_cmd = command("tenant", "show, create, change or remove API-managed tenants")
@@ -605,7 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
     except ApiError as exc:
-        print(f"error: {visible(str(exc))}", file=sys.stderr)  # quotes what the daemon said
+        print(f"error: {visible(explain(exc, args))}", file=sys.stderr)  # may quote the daemon
+        return 1
+    except CliError as exc:
+        print(f"error: {visible(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

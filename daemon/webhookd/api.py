@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from webhookd import logs, views
 from webhookd.config import CONTROL_CHARACTERS, TENANT_NAME
 from webhookd.responses import error_response, http_error_response, json_response
-from webhookd.service import IngestItem, NotFound, Service, ServiceError
+from webhookd.service import IngestItem, Service, ServiceError
 
 log = logs.get_logger("webhookd.api")
 
@@ -77,15 +77,31 @@ def authorized(request: web.BaseRequest, expected: bytes) -> bool:
 
 
 UNAUTHORIZED = "send Authorization: Bearer <api_token>"
+RESTART_NEEDED = (
+    "this is the api_token the configuration file holds now, but the daemon keeps the token "
+    "it started with until it is restarted (a reload does not change it)"
+)
 
 
-def auth_middleware(token: str) -> Any:
+def refusal(service: Service, request: web.BaseRequest) -> web.Response:
+    """The 401. A client holding the token the file was changed to since start-up (read by
+    a reload, applied only by a restart) is told so: otherwise a changed token looks wrong
+    with nothing to say why. Compared in constant time, like the running token."""
+    changed = service.token_at_restart
+    if changed is not None:
+        token = changed.reveal()
+        if authorized(request, token.encode()) if token else "Authorization" not in request.headers:
+            return error_response(401, "restart_needed", RESTART_NEEDED)
+    return error_response(401, "unauthorized", UNAUTHORIZED)
+
+
+def auth_middleware(service: Service, token: str) -> Any:
     expected = token.encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/healthz" and not authorized(request, expected):
-            return error_response(401, "unauthorized", UNAUTHORIZED)
+            return refusal(service, request)
         return await handler(request)
 
     return check
@@ -95,7 +111,7 @@ def create_app(service: Service) -> web.Application:
     middlewares: list[Any] = [errors_middleware]
     token = service.config.daemon.api_token.reveal()
     if token:
-        middlewares.append(auth_middleware(token))
+        middlewares.append(auth_middleware(service, token))
     app = web.Application(
         middlewares=middlewares, client_max_size=service.config.daemon.max_body_bytes
     )
@@ -138,7 +154,7 @@ def preflight(app: web.Application) -> Any:
             )
         match = await app.router.resolve(request)  # type: ignore[arg-type]
         if token and request.path != "/healthz" and not authorized(request, token):
-            return error_response(401, "unauthorized", UNAUTHORIZED)
+            return refusal(app[SERVICE], request)
         if match.http_exception is not None:
             return http_error_response(request, match.http_exception)
         if match.route.handler is ingest:
@@ -186,8 +202,10 @@ def tenant_name(request: web.Request) -> str:
 
 
 def valid_tenant(name: str) -> str:
+    """A tenant name from a path: 400 when it cannot be a name at all; whether a tenant
+    of that name exists (404 if not) is the service's answer."""
     if not TENANT_NAME.fullmatch(name):
-        raise NotFound(f"{name!r} is not a valid tenant name")
+        raise BadRequest(f"{name[:80]!r} is not a valid tenant name (1 to 64 of A-Z a-z 0-9 _ -)")
     return name
 
 

@@ -447,6 +447,18 @@ def load_client(path: str | os.PathLike[str]) -> ClientConfig:
     return ClientConfig(host, port, Secret(token))
 
 
+def load_catalogue(path: str | os.PathLike[str]) -> Catalogue:
+    """Read only `[events]` from a configuration file: the catalogue `webhookd events` lists
+    (as for `load_client`, nothing a tenant needs is read)."""
+    config_path = Path(os.fspath(path))
+    raw = _read_toml(config_path)
+    errors: list[str] = []
+    catalogue = _catalogue(_Table(os.fspath(config_path), "", raw, errors).sub("events"))
+    if errors:
+        raise ConfigError(errors)
+    return catalogue
+
+
 def from_dict(
     raw: dict[str, Any],
     config_path: Path,
@@ -711,7 +723,8 @@ def _events(table: _Table, ctx: _Context, *, from_api: bool) -> tuple[str, ...]:
             if not isinstance(event, str):
                 raise ValueError("expected event type names (strings)")
             if event != ALL_EVENTS and not ctx.catalogue.is_known(event):
-                raise ValueError(f"unknown event type {event!r} (add it to [events] custom?)")
+                hint = ctx.catalogue.unknown_hint(event) or " (add it to [events] custom?)"
+                raise ValueError(f"unknown event type {event!r}{hint}")
         return tuple(dict.fromkeys(value))
 
     nothing: tuple[str, ...] = ()

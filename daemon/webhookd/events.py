@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ DEPRECATED: dict[str, str | None] = {
 }
 
 ALL_EVENTS = "*"
+MAX_NAME = 64
 EVENT_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")  # for fullmatch
 
 
@@ -53,6 +55,23 @@ class Catalogue:
 
     def is_known(self, event: str) -> bool:
         return event in DEPRECATED or event in self.current
+
+    def near_miss(self, event: str) -> str | None:
+        """The known type `event` was most likely meant to be, if one is close: the same
+        name in capitals (`check_completed`), or one a typo away (`CHECK_COMPLETD`)."""
+        if len(event) > 2 * MAX_NAME:  # no type is that long; spare difflib the work
+            return None
+        known = sorted(self.current | DEPRECATED.keys())
+        wanted = event.strip().upper().replace("-", "_").replace(" ", "_")
+        if wanted in known:
+            return wanted
+        close = difflib.get_close_matches(wanted, known, n=1, cutoff=0.8)
+        return close[0] if close else None
+
+    def unknown_hint(self, event: str) -> str:
+        """` (did you mean X?)` for an unknown type with a near miss, else nothing."""
+        match = self.near_miss(event)
+        return f" (did you mean {match}?)" if match else ""
 
     @staticmethod
     def is_deprecated(event: str) -> bool:

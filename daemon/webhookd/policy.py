@@ -75,16 +75,26 @@ def batch_due_at(waiting: int, batch_size: int, oldest_accepted_at: float, windo
 
 
 def classify_queue(
-    *, configured: bool, enabled: bool, paused: bool, waiting: int, attempts: int
+    *,
+    configured: bool,
+    enabled: bool,
+    paused: bool,
+    waiting: int,
+    attempts: int,
+    retry_due: bool = False,
 ) -> QueueState:
-    """The status word for a tenant's queue; the first rule that matches wins (SPEC §6)."""
+    """The status word for a tenant's queue; the first rule that matches wins (SPEC §6).
+
+    `stalled` is "in backoff": a retry asked for (`retry_due`) ends the backoff, so the
+    tenant is `waiting` for the attempt about to start until its outcome is known.
+    """
     if not configured:
         return "orphaned"
     if not enabled:
         return "disabled"
     if paused:
         return "paused"
-    if waiting and attempts:
+    if waiting and attempts and not retry_due:
         return "stalled"
     if waiting:
         return "waiting"

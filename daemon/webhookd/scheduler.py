@@ -117,6 +117,7 @@ class TenantWorker:
             paused=self.row.paused,
             waiting=self.waiting,
             attempts=self.row.attempts,
+            retry_due=self.retry_requested,
         )
 
     @property

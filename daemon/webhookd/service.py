@@ -57,6 +57,12 @@ class Conflict(ServiceError):
     status, code = 409, "conflict"
 
 
+class QueueNotEmpty(Conflict):
+    """Removing a tenant whose webhooks still wait (a client may offer to discard them)."""
+
+    code = "queue_not_empty"
+
+
 class UnknownEventType(ServiceError):
     status, code = 422, "unknown_event"
 
@@ -112,6 +118,8 @@ class Service:
         self.addresses: list[Any] = []
         self._abort = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        # The api_token the file holds since a reload changed it; it applies at restart.
+        self.token_at_restart: config_mod.Secret | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -348,6 +356,8 @@ class Service:
         logs.configure(new.daemon.log_format, new.daemon.log_level)
         if restart_keys:
             log.warning("restart_needed", keys=sorted(restart_keys))
+        token = new.daemon.api_token
+        self.token_at_restart = None if token == old.daemon.api_token else token
         # As at start (`run`): what the file gets wrong beyond errors, DNS aside.
         for warning in [*new.warnings, *checks.findings(new, resolve=False)]:
             log.warning("config_warning", warning=warning)
@@ -384,7 +394,7 @@ class Service:
                 raw = _from_view(raw, existing, self.config.delivery)
             try:
                 tenant, warnings = config_mod.parse_api_tenant(
-                    name, raw, self.config, source=f"PUT /v1/tenants/{name}"
+                    name, raw, self.config, source=f"tenant {name}"
                 )
             except ConfigError as exc:
                 raise InvalidTenant("; ".join(exc.errors)) from None
@@ -410,7 +420,7 @@ class Service:
             worker = self.workers[name]
             if worker.waiting and not discard:
                 many = f"{worker.waiting} webhooks are" if worker.waiting > 1 else "1 webhook is"
-                raise Conflict(
+                raise QueueNotEmpty(
                     f"{many} waiting for {name}; let them deliver, "
                     "or DELETE with ?discard=true to drop them"
                 )
@@ -440,8 +450,12 @@ class Service:
         catalogue = self.config.catalogue
         unknown = sorted({i.event for i in items if not catalogue.is_known(i.event)})
         if unknown:
-            shown = ", ".join(e[:64] for e in unknown[:5]) + (", …" if len(unknown) > 5 else "")
-            raise UnknownEventType(f"unknown event type {shown}; nothing was queued")
+            shown = ", ".join(e[:64] + catalogue.unknown_hint(e) for e in unknown[:5])
+            more = ", …" if len(unknown) > 5 else ""
+            raise UnknownEventType(
+                f"unknown event type {shown}{more}; nothing was queued "
+                f"(`webhookd events` lists the catalogue)"
+            )
         if not tenant.enabled:
             self.metrics.ingested(name, "disabled", len(items))
             return [{"id": i.id, "sequence": None, "status": "disabled"} for i in items]
@@ -519,9 +533,16 @@ class Service:
     # -- control -----------------------------------------------------------------------------
 
     def retry(self, name: str) -> dict[str, Any]:
+        """Ask for an attempt now; answer with the state that leaves (the attempt is due now,
+        no longer in backoff), not the one the call found."""
         worker = self.worker(name)
         will = worker.request_retry()
-        return {"tenant": name, "retrying": will, "queue": worker.queue_state}
+        shown = status.tenant(worker, self.clock.now())
+        return {
+            "tenant": name,
+            "retrying": will,
+            **{key: shown[key] for key in ("queue", "waiting", "attempts", "next_attempt_at")},
+        }
 
     def retry_all(self) -> dict[str, Any]:
         retried = [

@@ -31,18 +31,19 @@ def tenant(worker: TenantWorker, now: float) -> dict[str, Any]:
     config = worker.config
     row = worker.row
     last = row.last_processed_at
+    queue = worker.queue_state
     return {
         "tenant": worker.name,
         "enabled": config.enabled if config else False,
         "paused": row.paused,
         "batching": config.batching if config else False,
-        "queue": worker.queue_state,
+        "queue": queue,
         "waiting": worker.waiting,
         "oldest_waiting_at": iso(worker.oldest_waiting_at),
         "last_processed_at": iso(last),
         "seconds_since_last_processed": None if last is None else round(now - last, 1),
         "attempts": row.attempts,
-        "next_attempt_at": iso(row.next_attempt_at) if row.attempts else None,
+        "next_attempt_at": next_attempt_at(worker, queue, now),
         "in_flight": worker.in_flight is not None,
         "parked": worker.parked,
         "recent_failures": [
@@ -59,6 +60,13 @@ def tenant(worker: TenantWorker, now: float) -> dict[str, Any]:
             for f in worker.failures
         ],
     }
+
+
+def next_attempt_at(worker: TenantWorker, queue: str, now: float) -> str | None:
+    """When the backoff ends (null outside backoff); now, once a retry has been asked for."""
+    if worker.retry_requested and queue == "waiting":
+        return iso(now)
+    return iso(worker.row.next_attempt_at) if worker.row.attempts else None
 
 
 def daemon(workers: Sequence[TenantWorker], now: float, disk_full: bool) -> dict[str, Any]:
