@@ -12,7 +12,7 @@ import contextlib
 import gc
 import signal
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +20,7 @@ from aiohttp import web
 from webhookd import config as config_mod
 from webhookd import logs, status, systemd
 from webhookd.config import Config, ConfigError, TenantConfig
+from webhookd.ingest import IngestItem
 from webhookd.metrics import Metrics
 from webhookd.scheduler import Clock, InFlight, TenantWorker
 from webhookd.sender import Sender
@@ -74,15 +75,6 @@ class InvalidIngest(ServiceError):
 
 class InvalidTenant(ServiceError):
     status, code = 400, "invalid_tenant"
-
-
-@dataclass(frozen=True, slots=True)
-class IngestItem:
-    """One validated ingest item; `data` is already JSON text."""
-
-    id: str | None
-    event: str
-    data: str
 
 
 class Service:
