@@ -33,8 +33,8 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from tests.conftest import Daemon, StartDaemon, tenant, write_config
-from webhookd import ingest
 from webhookd import config as config_mod
+from webhookd import ingest
 from webhookd.config import DELIVERY_KEYS, TENANT_KEYS, TENANT_NAME, Config, ConfigError
 from webhookd.ingest import IngestItem
 from webhookd.service import InvalidIngest
