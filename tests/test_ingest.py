@@ -727,7 +727,7 @@ async def test_healthz_and_deliveries_keep_pace_while_a_10_mib_body_is_parsed(
 def large_bodies() -> dict[str, bytes]:
     """Bodies over INLINE_BYTES: few values (parsed in a thread), many (a worker process)."""
     blob = {"event": EVENT, "data": {"s": "x" * ingest.INLINE_BYTES, "n": -0.0}}
-    # json.dumps writes é as \\u00e9, which orjson would not: the exact path, in a thread.
+    # json.dumps writes é as \u00e9, which orjson would not: the exact path, in a thread.
     few = json.dumps([blob, {"event": EVENT, "id": "b", "data": {"e": "café"}}]).encode()
     many = small_numbers_and_a_long_integer(2 * MiB)
     assert few.count(b",") < ingest.THREAD_VALUES < many.count(b",")
