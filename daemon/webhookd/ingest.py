@@ -132,6 +132,8 @@ def _as_orjson_writes_it(body: bytes) -> Any:
         written = orjson.dumps(document)
     except (orjson.JSONDecodeError, orjson.JSONEncodeError):  # 64-bit overflow, 255+ levels
         return _CHANGED
+    if written == body:  # a compact producer: no need to delete anything
+        return document
     if written.translate(None, WHITESPACE) != body.translate(None, WHITESPACE):
         return _CHANGED
     return document
@@ -169,21 +171,25 @@ def _load_exact(body: bytes) -> tuple[str, Any]:
     return text, document
 
 
-# Strings, as whole tokens: what minifying leaves alone. (The text is valid JSON by then.)
+# Strings, as whole tokens. (The text is valid JSON by the time it is minified.)
 STRING = re.compile(r'("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTALL)
-SPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _skip_space(text: str, index: int) -> int:
-    return SPACE.match(text, index).end()  # type: ignore[union-attr]  # it matches ""
 
 
 def _minify(json_text: str) -> str:
-    parts = STRING.split(json_text)  # strings at the odd indexes
-    # Outside strings valid JSON holds no character str.split() takes for whitespace but
-    # JSON's own four.
-    parts[::2] = ["".join(part.split()) for part in parts[::2]]
-    return "".join(parts)
+    """Valid JSON text without the whitespace between its tokens, in C-level passes.
+
+    Tab, line feed and carriage return occur raw only between tokens; a space may be in a
+    string too, so spaces go only from the text between strings. Quotes delimit strings,
+    unless one is escaped: then a regular expression finds them (ten times slower).
+    """
+    text = json_text.replace("\n", "").replace("\r", "").replace("\t", "")
+    if " " not in text:
+        return text
+    quoted = '\\"' in text
+    parts = STRING.split(text) if quoted else text.split('"')  # strings at the odd indexes
+    # Joined by a character valid JSON holds only inside strings, cleaned in one go.
+    parts[::2] = "\0".join(parts[::2]).replace(" ", "").split("\0")
+    return ("" if quoted else '"').join(parts)
 
 
 Scan = Callable[[str, int], tuple[Any, int]]  # JSONDecoder.raw_decode: (value, its end)
@@ -192,38 +198,33 @@ Scan = Callable[[str, int], tuple[Any, int]]  # JSONDecoder.raw_decode: (value, 
 def _data_texts(text: str, many: bool) -> list[str | None]:
     """Each item's `data` as written in `text` (valid JSON), minified; the last one of
     several, as parsers take it; "{}" when absent, None when the item is no object."""
+    text = _minify(text)
     scan = json.JSONDecoder(parse_int=len, parse_float=len).raw_decode
-    index = _skip_space(text, 0)
     if not many:
-        return [_data_text(text, index, scan)[1]]
+        return [_data_text(text, 0, scan)[1]]
     texts: list[str | None] = []
-    index = _skip_space(text, index + 1)
+    index = 1  # past "["
     while True:
         end, data_text = _data_text(text, index, scan)
         texts.append(data_text)
-        index = _skip_space(text, end)
-        if text[index] == "]":
+        if text[end] == "]":
             return texts
-        index = _skip_space(text, index + 1)
+        index = end + 1  # past ","
 
 
 def _data_text(text: str, index: int, scan: Scan) -> tuple[int, str | None]:
-    """(where the item at `index` ends, its data text)."""
+    """(where the item at `index` of minified `text` ends, its data text)."""
     if text[index] != "{":
         return scan(text, index)[1], None
-    span: tuple[int, int] | None = None
-    index = _skip_space(text, index + 1)
+    start = end = 0
+    index += 1
     while text[index] != "}":
-        key, index = scan(text, index)
-        index = _skip_space(text, index) + 1  # past ":"
-        start = _skip_space(text, index)
-        end = scan(text, start)[1]
+        key, index = scan(text, index)  # then index is at ":"
+        value_end = scan(text, index + 1)[1]
         if key == "data":
-            span = (start, end)
-        index = _skip_space(text, end)
-        if text[index] == ",":
-            index = _skip_space(text, index + 1)
-    return index + 1, "{}" if span is None else _minify(text[span[0] : span[1]])
+            start, end = index + 1, value_end
+        index = value_end + 1 if text[value_end] == "," else value_end
+    return index + 1, text[start:end] if end else "{}"
 
 
 # -- items -------------------------------------------------------------------------------------
