@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import orjson
@@ -119,13 +121,13 @@ def _as_orjson_writes_it(body: bytes) -> Any:
     strings; orjson's output has none between tokens. Deleting whitespace never touches a
     quote or a backslash, nor splits an escape (a backslash is never followed by whitespace),
     so both texts keep their strings, one for one, and everything outside the strings must
-    match exactly: the same structure, keys and literals, every number written the same way,
-    no duplicate key dropped (that would drop a string). Within one string, the producer's
-    and orjson's spelling of the same value (orjson writes a space as itself) can differ
-    after deleting spaces only if the producer escaped a character orjson writes as itself,
-    or the other way round (`\\u00e9` and `é`, `\\/` and `/`, `\\u0020` and a space); that
-    difference survives the deletion. So when the texts match, each `orjson.dumps(data)` is
-    the producer's text of `data` with its whitespace outside strings removed.
+    match exactly: the same structure and literals, every number written the same way,
+    no duplicate key dropped (that would drop a string). Within one string both spell the
+    same characters, and orjson writes every space as itself: the two still match once
+    spaces are gone only if the producer also wrote every space as itself (`\\u0020` would
+    show) and spelled every other character as orjson does (`\\u00e9` against `é`, `\\/`
+    against `/` show too). So when the texts match, each `orjson.dumps(data)` is the
+    producer's text of `data` with its whitespace outside strings removed.
     """
     try:
         document = orjson.loads(body)
@@ -279,6 +281,14 @@ def _item(index: int, doc: Any, many: bool, data_text: str | None) -> IngestItem
 # -- the worker process ------------------------------------------------------------------------
 
 
+# The worker imports this very copy of webhookd, installed or not.
+_PACKAGES = str(Path(__file__).resolve().parent.parent)
+WORKER_ENVIRONMENT = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGES, os.environ.get("PYTHONPATH")])),
+}
+
+
 class _WorkerSlot:
     """One worker process at a time, per event loop (the daemon runs one; tests, many)."""
 
@@ -303,6 +313,7 @@ async def _parse_in_worker(body: bytes) -> list[IngestItem]:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            env=WORKER_ENVIRONMENT,
         )
         try:
             return await asyncio.to_thread(_worker_outcome, process, body)
