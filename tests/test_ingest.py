@@ -4,16 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import time
+import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from tests.conftest import Daemon, Receiver, StartDaemon, tenant, wait_for
+from tests.conftest import (
+    Daemon,
+    Process,
+    Receiver,
+    StartDaemon,
+    tenant,
+    wait_for,
+    write_config,
+)
+from webhookd import ingest
+from webhookd.ingest import IngestItem, parse_ingest
+from webhookd.service import InvalidIngest
 
 EVENT = "CHECK_COMPLETED"
 
@@ -487,3 +503,290 @@ async def test_concurrent_requests_with_one_id_queue_it_once(
     assert sorted(e["status"] for e in entries) == ["duplicate"] * 19 + ["queued"]
     assert {(e["id"], e["sequence"]) for e in entries} == {("same", 1)}
     assert (await daemon.status("acme"))["waiting"] == 1
+
+
+# -- data as written: numbers, escapes, whitespace ----------------------------------------------
+
+# Numbers a double would change, and spellings a JSON encoder would change.
+NOTABLE_NUMBERS = [
+    "-0",
+    "-0.0",
+    "1E2",
+    "1e+2",
+    "1.50",
+    "1.5e300",
+    "1e-400",
+    "1e400",
+    "5e-324",
+    "1e16",
+    "12345678901234567890",
+    "-123456789012345678901234567890",
+    "0.1000000000000000055511151231257827",
+    "3.14159265358979323846264338327950288",
+]
+
+
+@st.composite
+def json_numbers(draw: st.DrawFn) -> str:
+    """Any number JSON's grammar allows (RFC 8259 §6): sign, integer part (0 or no leading
+    zero), fraction, exponent with e or E and an optional sign; any length or magnitude."""
+    sign = draw(st.sampled_from(["", "-"]))
+    integer = draw(st.just("0") | st.from_regex(r"[1-9][0-9]{0,39}", fullmatch=True))
+    fraction = draw(st.just("") | st.from_regex(r"\.[0-9]{1,30}", fullmatch=True))
+    exponent = draw(st.just("") | st.from_regex(r"[eE][+-]?[0-9]{1,4}", fullmatch=True))
+    return sign + integer + fraction + exponent
+
+
+# Pieces of JSON string literals: characters as themselves and as escapes.
+STRING_PIECES = [
+    "a",
+    " ",
+    "é",
+    "\\u00e9",
+    "\\u00E9",
+    "/",
+    "\\/",
+    "\\\\",
+    '\\"',
+    "\\n",
+    "\\u000a",
+    "\\u0020",
+    "😀",
+    "\\ud83d\\ude00",
+    "\u2028",
+    "\\u2028",
+]
+JSON_STRINGS = st.lists(st.sampled_from(STRING_PIECES), max_size=6).map(
+    lambda pieces: '"' + "".join(pieces) + '"'
+)
+LEAVES = (
+    json_numbers()
+    | st.sampled_from(NOTABLE_NUMBERS)
+    | JSON_STRINGS
+    | st.sampled_from(["true", "false", "null"])
+).map(lambda token: [token])
+
+
+def json_objects(values: st.SearchStrategy[list[str]]) -> st.SearchStrategy[list[str]]:
+    """Tokens of an object; keys may repeat (they are kept as written too)."""
+    keys = st.sampled_from(['"a"', '"b"', '"caf\\u00e9"']) | JSON_STRINGS
+    return st.lists(st.tuples(keys, values), max_size=4).map(
+        lambda pairs: ["{", *_joined([[key, ":", *value] for key, value in pairs]), "}"]
+    )
+
+
+def json_arrays(values: st.SearchStrategy[list[str]]) -> st.SearchStrategy[list[str]]:
+    return st.lists(values, max_size=4).map(lambda items: ["[", *_joined(items), "]"])
+
+
+def _joined(parts: list[list[str]]) -> list[str]:
+    tokens: list[str] = []
+    for part in parts:
+        tokens += [",", *part] if tokens else part
+    return tokens
+
+
+JSON_VALUES = st.recursive(
+    LEAVES, lambda children: json_arrays(children) | json_objects(children), max_leaves=20
+)
+DATA_TOKENS = json_objects(JSON_VALUES)
+WHITESPACE = st.sampled_from(["", "", "", " ", "\n", "\t", "\r\n    "])
+
+
+@st.composite
+def spaced(draw: st.DrawFn, tokens: list[str]) -> str:
+    """The tokens with any whitespace JSON allows around each."""
+    gaps = draw(st.lists(WHITESPACE, min_size=len(tokens) + 1, max_size=len(tokens) + 1))
+    return gaps[0] + "".join(token + gap for token, gap in zip(tokens, gaps[1:], strict=True))
+
+
+@st.composite
+def bodies_with_data(draw: st.DrawFn) -> tuple[bytes, list[str]]:
+    """An ingest body and, per item, its data as written less the whitespace."""
+    datas = draw(st.lists(DATA_TOKENS, min_size=1, max_size=3))
+    items = [["{", '"event"', ":", f'"{EVENT}"', ",", '"data"', ":", *data, "}"] for data in datas]
+    tokens = items[0] if len(items) == 1 and draw(st.booleans()) else ["[", *_joined(items), "]"]
+    return draw(spaced(tokens)).encode(), ["".join(data) for data in datas]
+
+
+@settings(max_examples=200, deadline=None, database=None, derandomize=True)
+@given(case=bodies_with_data())
+@example(
+    case=(
+        b'{"event":"E","data":{"n":-0,"e":1E2,"big":1.5e300,"small":1e-400}}',
+        ['{"n":-0,"e":1E2,"big":1.5e300,"small":1e-400}'],
+    )
+)
+def test_data_is_stored_as_written_whatever_its_numbers_escapes_and_whitespace(
+    case: tuple[bytes, list[str]],
+) -> None:
+    body, expected = case
+    assert [item.data for item in parse_ingest(body)] == expected
+
+
+async def test_data_is_delivered_byte_for_byte_as_written(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """What the receiver gets is the producer's text of `data`, less the whitespace between
+    tokens: numbers a double or an encoder would change, escapes, repeated keys."""
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"))})
+    # (as the producer writes it, as the receiver must get it), each number at a new depth
+    cases = [
+        (f'{{"n": {number}}}', f'{{"n":{number}}}')
+        if i % 2
+        else (f'{{"a": [1, {{"n" : {number} }}]}}', f'{{"a":[1,{{"n":{number}}}]}}')
+        for i, number in enumerate(NOTABLE_NUMBERS)
+    ]
+    cases += [
+        (
+            '{"s": "caf\\u00e9 \\/ \\ud83d\\ude00 a  b", "k": 1, "k": 2}',
+            '{"s":"caf\\u00e9 \\/ \\ud83d\\ude00 a  b","k":1,"k":2}',
+        ),
+        (
+            '{"x": [0.5, 10, true, null], "s": "as orjson writes it"}',
+            '{"x":[0.5,10,true,null],"s":"as orjson writes it"}',
+        ),
+    ]
+    items = [f'{{"event": "{EVENT}", "data": {written}}}' for written, _ in cases]
+    # Two `data` keys: the last one counts, as in every parser.
+    items[0] = items[0].replace('"data":', '"data": {"dropped": 1}, "data":')
+    status, answer = await post_raw(daemon, ("[\n  " + ",\n  ".join(items) + "\n]").encode())
+    assert status == 202, answer
+    await wait_for(lambda: len(receiver.sequences("/acme")) == len(cases), timeout=5)
+    delivered = b"\n".join(request.body for request in receiver.at("/acme", ok_only=True))
+    for _, expected in cases:
+        assert delivered.count(b'"data":' + expected.encode() + b"}") == 1, (expected, delivered)
+    assert b"dropped" not in delivered
+
+
+# -- large bodies do not hold the event loop ----------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def small_numbers_and_a_long_integer(size: int) -> bytes:
+    """1000 webhooks, `size` bytes of small numbers in all, the first also holding one
+    20-digit integer: the body that held the old event loop for 8.9 s."""
+    numbers = b",".join(b"%d" % (n % 100) for n in range(size // 1000 * 10 // 29 + 1))  # 2.9 B each
+    item = b'{"event":"CHECK_COMPLETED","data":{"n":[' + numbers + b"]}}"
+    first = item.replace(b"[0,", b"[12345678901234567890,0,", 1)
+    return b"[" + b",".join([first] + [item] * 999) + b"]"
+
+
+def p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def post_blocking(url: str, body: bytes) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status, json.loads(response.read())
+
+
+async def test_healthz_and_deliveries_keep_pace_while_a_10_mib_body_is_parsed(
+    tmp_path: Path, receiver: Receiver, process_factory: Callable[..., Process]
+) -> None:
+    """A real daemon. While it takes a 10 MiB body of small numbers and one 20-digit integer
+    (millions of values, none of which a double changes but one), /healthz keeps answering,
+    and webhooks ingested meanwhile for another tenant keep being delivered: both with a
+    p99 under 100 ms."""
+    tenants = {"bulk": tenant(receiver.url("/bulk")), "live": tenant(receiver.url("/live"))}
+    daemon = process_factory(write_config(tmp_path, tenants, daemon={"max_body_bytes": 11 * MiB}))
+    await asyncio.to_thread(daemon.start)
+    body = small_numbers_and_a_long_integer(10 * MiB)
+    assert len(body) >= 10 * MiB
+    healthz: list[float] = []
+    queued: dict[str, float] = {}  # when the 202 came: delivery is measured from there
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        # (Also opens the connection the measured requests reuse.)
+        async with session.post(daemon.base + "/v1/tenants/bulk/pause") as response:
+            assert response.status == 200
+        # The producer uploads from a thread: this loop only measures.
+        upload = asyncio.ensure_future(
+            asyncio.to_thread(post_blocking, daemon.base + "/v1/tenants/bulk/webhooks", body)
+        )
+        while not upload.done():
+            started = time.monotonic()
+            async with session.get(daemon.base + "/healthz") as response:
+                assert response.status == 200
+            healthz.append(time.monotonic() - started)
+            webhook_id = f"live-{len(queued)}"
+            live = {"event": EVENT, "id": webhook_id}
+            async with session.post(
+                daemon.base + "/v1/tenants/live/webhooks", json=live
+            ) as response:
+                assert response.status == 202
+            queued[webhook_id] = time.monotonic()
+            await asyncio.sleep(0.01)
+        status, answer = await upload
+        assert status == 202, answer
+        assert [w["status"] for w in answer["webhooks"]] == ["queued"] * 1000
+        async with session.get(daemon.base + "/v1/tenants/bulk/webhooks?limit=1") as response:
+            [first] = (await response.json())["webhooks"]
+        assert json.dumps(first["data"]).startswith('{"n": [12345678901234567890, 0, 1, 2,')
+    await wait_for(lambda: len(receiver.at("/live", ok_only=True)) == len(queued), timeout=10)
+    delivered = [r.at - queued[r.json["id"]] for r in receiver.at("/live", ok_only=True)]
+    assert p99(healthz) < 0.1, f"/healthz p99 {p99(healthz) * 1000:.0f} ms: {sorted(healthz)}"
+    assert p99(delivered) < 0.1, f"delivery p99 {p99(delivered) * 1000:.0f} ms: {sorted(delivered)}"
+    assert len(healthz) >= 10, f"the body was parsed too fast to measure: {healthz}"
+
+
+def large_bodies() -> dict[str, bytes]:
+    """Bodies over INLINE_BYTES: few values (parsed in a thread), many (a worker process)."""
+    blob = {"event": EVENT, "data": {"s": "x" * ingest.INLINE_BYTES, "n": -0.0}}
+    # json.dumps writes é as \u00e9, which orjson would not: the exact path, in a thread.
+    few = json.dumps([blob, {"event": EVENT, "id": "b", "data": {"e": "café"}}]).encode()
+    many = small_numbers_and_a_long_integer(2 * MiB)
+    assert few.count(b",") < ingest.THREAD_VALUES < many.count(b",")
+    return {
+        "few values": few,
+        "many values": many,
+        "many values, invalid": many[:-1],
+        "many values, nested too deeply": many.replace(
+            b'"data":{"n":', b'"data":{"x":' + b"[" * 300 + b"]" * 300 + b',"n":', 1
+        ),
+        "many values, a lone surrogate": many.replace(b'"n":[', b'"\\ud800":[', 1),
+        "many values, 2000 items": b"[" + b'{"event":"E"},' * 1000 + many[1:],
+    }
+
+
+@pytest.mark.parametrize("name", list(large_bodies()))
+async def test_a_large_body_parsed_off_the_loop_gives_what_parsing_it_inline_gives(
+    name: str,
+) -> None:
+    body = large_bodies()[name]
+    try:
+        expected: list[IngestItem] | str = parse_ingest(body)
+    except InvalidIngest as exc:
+        expected = exc.detail
+    try:
+        got: list[IngestItem] | str = await ingest.parse_body(body)
+    except InvalidIngest as exc:
+        got = exc.detail
+    assert got == expected
+    assert isinstance(expected, list) == (name in ("few values", "many values")), expected
+
+
+def worker_processes() -> list[int]:
+    """The pids of this process's children running the ingest parser."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"webhookd.ingest" in command:
+            pids.append(int(entry.name))
+    return pids
+
+
+async def test_a_parse_cancelled_midway_leaves_no_worker_process() -> None:
+    """The client hung up, or the daemon stops: the worker process goes with the request."""
+    parse = asyncio.ensure_future(ingest.parse_body(small_numbers_and_a_long_integer(10 * MiB)))
+    await wait_for(worker_processes, timeout=10)
+    parse.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await parse
+    await wait_for(lambda: not worker_processes(), timeout=10)

@@ -4,39 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
-import math
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from webhookd import logs, views
-from webhookd.config import CONTROL_CHARACTERS, TENANT_NAME
+from webhookd.config import TENANT_NAME
+from webhookd.ingest import parse_body
 from webhookd.responses import error_response, http_error_response, json_response
-from webhookd.service import IngestItem, Service, ServiceError
+from webhookd.service import Service, ServiceError
 
 log = logs.get_logger("webhookd.api")
 
 SERVICE = web.AppKey("service", Service)
-MAX_ITEMS = 1000
-MAX_ID_LENGTH = 255
-ITEM_KEYS = frozenset({"event", "data", "id"})
-# Digits to "0", everything else to "x": a run of 19 digits becomes 19 zeros, found by
-# `in` (20 µs for a 14 KB body, where a regex takes 300 µs).
-# Digits and the decimal point as "0": a run of 16 means a number a double may not hold
-# exactly (an integer past 2^53 is kept by orjson only up to 64 bits; a decimal with 16+
-# significant digits not at all).
-DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= b <= 0x39 or b == 0x2E else 0x78 for b in range(256))
-LONG_NUMBER = b"0" * 16
-# orjson writes at most 254 levels of nesting; the exact path holds to the same.
-MAX_DEPTH = 254
 # A slow client may take this long to send its body (a slow-loris guard).
 BODY_TIMEOUT_S = 60.0
 
@@ -212,115 +198,6 @@ def valid_tenant(name: str) -> str:
 # -- ingest ------------------------------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-class RawNumber:
-    """A non-integer JSON number kept as the producer wrote it (a double would round it)."""
-
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        if not math.isfinite(float(text)):
-            raise ValueError(f"{text[:40]} does not fit a double")
-        self.text = text
-
-
-def _load_json(body: bytes) -> tuple[Any, bool]:
-    """Parse a body; (document, exact). orjson is the fast path.
-
-    orjson reads numbers as 64-bit integers or doubles, which would change a longer one.
-    A body that may hold one (a run of 16+ digits and points, found by one C-level pass)
-    goes through the standard library instead, which keeps integers exact and decimals as
-    their text. That parser is laxer than orjson, so it is held to the same rules: no NaN
-    or Infinity, no 1e400, no lone surrogates.
-    """
-    if LONG_NUMBER not in body.translate(DIGITS_AS_ZEROS):
-        return orjson.loads(body), False
-    document = json.loads(body, parse_constant=_reject_constant, parse_float=RawNumber)
-    # UnicodeEncodeError on a lone surrogate, anywhere in the document.
-    json.dumps(document, ensure_ascii=False, default=lambda number: number.text).encode()
-    return document, True
-
-
-def _encode_data(data: dict[str, Any], exact: bool) -> str:
-    return _dumps_exact(data, MAX_DEPTH) if exact else orjson.dumps(data).decode()
-
-
-def _dumps_exact(value: Any, levels: int) -> str:
-    """Compact JSON with RawNumbers written as they came; ValueError past `levels`."""
-    if isinstance(value, dict):
-        if not levels:
-            raise ValueError("nested too deeply")
-        return (
-            "{"
-            + ",".join(
-                f"{json.dumps(key, ensure_ascii=False)}:{_dumps_exact(item, levels - 1)}"
-                for key, item in value.items()
-            )
-            + "}"
-        )
-    if isinstance(value, list):
-        if not levels:
-            raise ValueError("nested too deeply")
-        return "[" + ",".join(_dumps_exact(item, levels - 1) for item in value) + "]"
-    if isinstance(value, RawNumber):
-        return value.text
-    return json.dumps(value, ensure_ascii=False)  # str, int, bool, None
-
-
-def parse_ingest(body: bytes) -> list[IngestItem]:
-    """Validate an ingest body: one webhook object or a non-empty array of up to 1000."""
-    try:
-        document, exact = _load_json(body)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeError included
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
-    if isinstance(document, dict):
-        documents = [document]
-    elif isinstance(document, list):
-        if not document:
-            raise BadRequest("the array is empty; send 1 to 1000 webhooks")
-        if len(document) > MAX_ITEMS:
-            raise BadRequest(f"{len(document)} webhooks in one request; the limit is {MAX_ITEMS}")
-        documents = document
-    else:
-        raise BadRequest('expected a webhook object {"event", "data", "id"?} or an array of them')
-    many = isinstance(document, list)
-    return [_item(index, doc, many=many, exact=exact) for index, doc in enumerate(documents)]
-
-
-def _item(index: int, doc: Any, *, many: bool, exact: bool) -> IngestItem:
-    where = f"item {index}: " if many else ""
-    if not isinstance(doc, dict):
-        raise BadRequest(f"{where}expected an object")
-    unknown = set(doc) - ITEM_KEYS
-    if unknown:
-        raise BadRequest(
-            f"{where}unknown field(s) {', '.join(sorted(unknown))}; expected event, data, id"
-        )
-    event = doc.get("event")
-    if not isinstance(event, str) or not event:
-        raise BadRequest(f"{where}event must be a non-empty string")
-    data = doc.get("data", {})
-    if not isinstance(data, dict):
-        raise BadRequest(f"{where}data must be a JSON object")
-    webhook_id = doc.get("id")
-    if webhook_id is not None and (
-        not isinstance(webhook_id, str) or not 0 < len(webhook_id) <= MAX_ID_LENGTH
-    ):
-        raise BadRequest(f"{where}id must be a string of 1 to {MAX_ID_LENGTH} characters")
-    if webhook_id is not None and CONTROL_CHARACTERS.search(webhook_id):
-        # It is sent as the webhook-id header of signed deliveries.
-        raise BadRequest(f"{where}id must not hold control characters (line breaks, ...)")
-    try:
-        encoded = _encode_data(data, exact)
-    except (TypeError, ValueError, RecursionError):
-        # orjson writes at most 254 levels (it reads 1024): refuse what we could not send.
-        raise BadRequest(f"{where}data is nested too deeply (at most {MAX_DEPTH} levels)") from None
-    return IngestItem(webhook_id, event, encoded)
-
-
 def check_ingest_head(service: Service, name: str, request: web.BaseRequest) -> None:
     """What the head alone decides: the tenant, the media type (before any body is read)."""
     service.tenant_config(name)
@@ -338,7 +215,7 @@ async def ingest(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     name = tenant_name(request)
     check_ingest_head(service, name, request)
-    items = parse_ingest(await read_body(request))
+    items = await parse_body(await read_body(request))
     results = await service.ingest(name, items)
     return json_response({"webhooks": results}, 202)
 

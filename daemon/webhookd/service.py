@@ -13,7 +13,7 @@ import errno
 import gc
 import signal
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +21,7 @@ from aiohttp import web
 from webhookd import checks, listener, logs, status, systemd
 from webhookd import config as config_mod
 from webhookd.config import Config, ConfigError, TenantConfig
+from webhookd.ingest import IngestItem
 from webhookd.metrics import Metrics
 from webhookd.scheduler import Clock, InFlight, TenantWorker
 from webhookd.sender import Sender
@@ -85,15 +86,6 @@ class InvalidIngest(ServiceError):
 
 class InvalidTenant(ServiceError):
     status, code = 400, "invalid_tenant"
-
-
-@dataclass(frozen=True, slots=True)
-class IngestItem:
-    """One validated ingest item; `data` is already JSON text."""
-
-    id: str | None
-    event: str
-    data: str
 
 
 class Service:
