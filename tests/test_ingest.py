@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sqlite3
+import subprocess
 import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -790,3 +794,186 @@ async def test_a_parse_cancelled_midway_leaves_no_worker_process() -> None:
     with pytest.raises(asyncio.CancelledError):
         await parse
     await wait_for(lambda: not worker_processes(), timeout=10)
+
+
+INGEST = "/v1/tenants/acme/webhooks"
+
+
+def popen(process: Process) -> subprocess.Popen[bytes]:
+    assert process.proc is not None, "the daemon was never started"
+    return process.proc
+
+
+async def exited_within(process: Process, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if popen(process).poll() is not None:
+            return True
+        await asyncio.sleep(0.05)
+    return popen(process).poll() is not None
+
+
+async def stalled_upload(process: Process) -> asyncio.StreamWriter:
+    """A producer (or a proxy in front of it) that sent the head and part of an ingest body,
+    then stalls: its Content-Length promises more than has arrived so far."""
+    _reader, writer = await asyncio.open_connection(
+        process.config.daemon.listen_host, process.config.daemon.listen_port
+    )
+    writer.write(
+        f"POST {INGEST} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n".encode()
+        + b'[{"event": "CHECK_COMPLETED", "data": {"part": '
+    )
+    await writer.drain()
+    return writer
+
+
+async def ingest_over_http(process: Process, items: Any) -> dict[str, Any]:
+    """A normal ingest on its own connection (sent after the stalled one, so by its answer
+    the daemon has begun reading the stalled request's body)."""
+    reader, writer = await asyncio.open_connection(
+        process.config.daemon.listen_host, process.config.daemon.listen_port
+    )
+    body = json.dumps(items).encode()
+    writer.write(
+        f"POST {INGEST} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 202"), raw[:300]
+    answer: dict[str, Any] = json.loads(payload)
+    return answer
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+# -- a stalled ingest upload does not hold SIGTERM -----------------------------------------------
+
+
+async def test_sigterm_exits_promptly_although_a_producer_is_mid_upload(
+    tmp_path: Path, receiver: Receiver, process_factory: Callable[..., Process]
+) -> None:
+    """A producer (or a proxy, or a client that lied in Content-Length) is part-way through an
+    ingest body when systemd sends SIGTERM. The API gets HTTP_SHUTDOWN_S to finish open
+    requests, not aiohttp's default 60 s (nor the 60 s body deadline), so the daemon exits 0
+    well inside the unit's `TimeoutStopSec=30s` instead of being SIGKILLed."""
+    grace = 0.5
+    config = write_config(
+        tmp_path, {"acme": tenant(receiver.url("/acme"))}, daemon={"shutdown_grace": grace}
+    )
+    daemon = process_factory(config)
+    await asyncio.to_thread(daemon.start)
+    stalled = await stalled_upload(daemon)
+    try:
+        await ingest_over_http(daemon, {"event": EVENT})
+        popen(daemon).send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        # Nothing is in flight: the grace is not even needed. 10 s is far more than any
+        # clean stop takes here, and well inside TimeoutStopSec=30s.
+        exited = await exited_within(daemon, 10.0)
+        took = time.monotonic() - signalled
+        assert exited, (
+            f"still running {took:.1f} s after SIGTERM (grace {grace} s): a stalled ingest "
+            "upload holds the shutdown"
+        )
+        assert popen(daemon).returncode == 0, daemon.log()
+    finally:
+        await close(stalled)
+
+
+async def test_second_sigterm_stops_at_once_although_a_producer_is_mid_upload(
+    tmp_path: Path, receiver: Receiver, process_factory: Callable[..., Process]
+) -> None:
+    """The same stalled upload; a second SIGTERM stops at once ("a second signal stops at
+    once"), the stalled handler included."""
+    config = write_config(
+        tmp_path, {"acme": tenant(receiver.url("/acme"))}, daemon={"shutdown_grace": 10.0}
+    )
+    daemon = process_factory(config)
+    await asyncio.to_thread(daemon.start)
+    stalled = await stalled_upload(daemon)
+    try:
+        [queued] = (await ingest_over_http(daemon, {"event": EVENT}))["webhooks"]
+        assert queued["status"] == "queued"
+        popen(daemon).send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        popen(daemon).send_signal(signal.SIGTERM)
+        second = time.monotonic()
+        exited = await exited_within(daemon, 3.0)
+        assert exited, (
+            f"still running {time.monotonic() - second:.1f} s after a second SIGTERM: a "
+            "stalled ingest upload holds the shutdown"
+        )
+        assert popen(daemon).returncode == 0, daemon.log()
+    finally:
+        await close(stalled)
+
+
+# -- decimal numbers in data are kept exactly -------------------------------------------------
+
+
+async def test_data_decimals_are_delivered_exactly_as_sent(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """Amounts and rates with more significant digits than a double holds (a NUMERIC(30,18)
+    column, an exchange rate) arrive as the producer wrote them, on both parsing paths: a
+    receiver that parses numbers exactly (Decimal, BigDecimal) sees the values sent."""
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"))})
+    sent = {
+        # 19+ digits in a row: this body takes the exact (standard library) path.
+        "exact path": b'{"event": "CHECK_COMPLETED", "data": '
+        b'{"amount": 1234567890.123456789012345678}}',
+        # Fewer: the orjson path.
+        "fast path": b'{"event": "CHECK_COMPLETED", "data": {"rate": 3.14159265358979323}}',
+    }
+    for body in sent.values():
+        status, answer = await daemon.request(
+            "POST", INGEST, data=body, headers={"Content-Type": "application/json"}
+        )
+        assert status == 202, answer
+    await wait_for(lambda: len(receiver.at("/acme", ok_only=True)) == 2, timeout=5)
+    delivered = [
+        json.loads(r.body, parse_float=Decimal)["data"] for r in receiver.at("/acme", ok_only=True)
+    ]
+    expected = [json.loads(b, parse_float=Decimal)["data"] for b in sent.values()]
+    assert delivered == expected, (
+        "a receiver that parses numbers exactly (Decimal, BigDecimal) sees other values: "
+        f"sent {expected}, delivered {delivered}"
+    )
+
+
+# -- a generated id sent back by the producer is a duplicate ---------------------------------
+
+
+async def paused(start_daemon: StartDaemon, receiver: Receiver) -> Daemon:
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"))})
+    status, _ = await daemon.request("POST", "/v1/tenants/acme/pause")
+    assert status == 200
+    return daemon
+
+
+async def test_an_accepted_generated_id_sent_again_is_a_duplicate(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """A producer that resends an event with the id the 202 generated for it (its retry after
+    an uncertain outcome, or a replay of what peek showed) gets `duplicate` with the first
+    sequence, and nothing is queued twice: ids are unique per tenant, generated ones too."""
+    daemon = await paused(start_daemon, receiver)
+    [first] = (await daemon.ingest("acme", {"event": EVENT, "data": {"n": 1}}))["webhooks"]
+    assert (first["sequence"], first["status"]) == (1, "queued")
+    again = await daemon.ingest("acme", {"event": EVENT, "id": first["id"], "data": {"n": 1}})
+    assert again["webhooks"] == [{"id": first["id"], "sequence": 1, "status": "duplicate"}], (
+        f"the id {first['id']} the daemon generated and answered was accepted before; the "
+        f"resend was queued again: {again['webhooks']}"
+    )
+    assert (await daemon.status("acme"))["waiting"] == 1
