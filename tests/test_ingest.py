@@ -568,19 +568,23 @@ LEAVES = (
     | st.sampled_from(NOTABLE_NUMBERS)
     | JSON_STRINGS
     | st.sampled_from(["true", "false", "null"])
-).map(lambda token: [token])
+).map(lambda token: [token]) | st.sampled_from([["[", "]"], ["{", "}"]])
 
 
-def json_objects(values: st.SearchStrategy[list[str]]) -> st.SearchStrategy[list[str]]:
+def json_objects(
+    values: st.SearchStrategy[list[str]], min_size: int = 0
+) -> st.SearchStrategy[list[str]]:
     """Tokens of an object; keys may repeat (they are kept as written too)."""
     keys = st.sampled_from(['"a"', '"b"', '"caf\\u00e9"']) | JSON_STRINGS
-    return st.lists(st.tuples(keys, values), max_size=4).map(
+    return st.lists(st.tuples(keys, values), min_size=min_size, max_size=4).map(
         lambda pairs: ["{", *_joined([[key, ":", *value] for key, value in pairs]), "}"]
     )
 
 
 def json_arrays(values: st.SearchStrategy[list[str]]) -> st.SearchStrategy[list[str]]:
-    return st.lists(values, max_size=4).map(lambda items: ["[", *_joined(items), "]"])
+    # At least one item: hypothesis needs the recursion to use its argument (empty arrays
+    # and objects are leaves).
+    return st.lists(values, min_size=1, max_size=4).map(lambda items: ["[", *_joined(items), "]"])
 
 
 def _joined(parts: list[list[str]]) -> list[str]:
@@ -591,7 +595,7 @@ def _joined(parts: list[list[str]]) -> list[str]:
 
 
 JSON_VALUES = st.recursive(
-    LEAVES, lambda children: json_arrays(children) | json_objects(children), max_leaves=20
+    LEAVES, lambda children: json_arrays(children) | json_objects(children, 1), max_leaves=20
 )
 DATA_TOKENS = json_objects(JSON_VALUES)
 WHITESPACE = st.sampled_from(["", "", "", " ", "\n", "\t", "\r\n    "])

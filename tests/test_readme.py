@@ -142,6 +142,11 @@ def checkout(tmp_path: Path) -> Iterator[Path]:
     for name in ("Makefile", "pyproject.toml", "config.example.toml", "README.md"):
         shutil.copy2(ROOT / name, tmp_path / name)
     (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    # As on a fresh clone, `make` finds the venv up to date (its stamp newer than
+    # pyproject.toml) and does not reinstall into this checkout's venv from the copy.
+    stamp = (ROOT / ".venv" / ".installed").stat().st_mtime
+    copied = tmp_path / "pyproject.toml"
+    os.utime(copied, (stamp - 1, min(copied.stat().st_mtime, stamp - 1)))
     for port in (8787, 9000):
         assert not listening(port), f"port {port} is taken; the README's demo needs it"
     yield tmp_path
