@@ -22,6 +22,8 @@ import tomli_w
 import uvloop
 from aiohttp import web
 
+# The PostgreSQL fixtures, registered for every test file by importing them here.
+from tests.postgres import postgres_server, postgres_url  # noqa: F401
 from webhookd import config as config_mod
 from webhookd import logs
 from webhookd.config import TenantConfig
