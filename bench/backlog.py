@@ -23,7 +23,8 @@ from bench.context import Context, per_item_us, rate
 from bench.harness import EVENT, Daemon, tenant_names, tenant_tables
 from bench.report import Figure
 from webhookd import logs
-from webhookd.store import NewWebhook, Store
+from webhookd.records import NewWebhook
+from webhookd.store import Store
 
 MIB = 2**20
 TENANTS_PER_COMMIT = 50  # 50,000 rows a transaction: few commits, a WAL of bounded size

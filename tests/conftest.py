@@ -27,9 +27,9 @@ from tests.postgres import postgres_server, postgres_url  # noqa: F401
 from webhookd import config as config_mod
 from webhookd import logs
 from webhookd.config import TenantConfig
+from webhookd.records import Webhook
 from webhookd.scheduler import Clock
 from webhookd.service import Service
-from webhookd.store import Webhook
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -32,7 +32,8 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Daemon, Process, Receiver, StartDaemon, tenant, wait_for, write_config
-from webhookd.store import Failure, NewWebhook, Store, StoreError, TenantRecord
+from webhookd.records import Failure, NewWebhook, StoreError, TenantRecord
+from webhookd.store import Store
 
 EVENT = "CHECK_COMPLETED"
 VOLUME_SIZE = "4m"

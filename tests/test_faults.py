@@ -36,7 +36,7 @@ from tests.conftest import (
     wait_for,
     write_config,
 )
-from webhookd.store import Failure
+from webhookd.records import Failure
 
 EVENT = "CHECK_COMPLETED"
 BASE = 0.2  # the faulty tenant's retry_base

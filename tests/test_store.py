@@ -14,17 +14,17 @@ from typing import Literal
 import pytest
 
 from tests.conftest import wait_for
-from webhookd.store import (
-    SCHEMA_VERSION,
+from webhookd.ids import generated_id, generated_sequence, id_tag
+from webhookd.records import (
     Failure,
     IngestResult,
     NewWebhook,
     SchemaTooNew,
-    Store,
     StoreError,
     TenantRecord,
     Webhook,
 )
+from webhookd.store import SCHEMA_VERSION, Store
 from webhookd.store import sqlite as store_sqlite
 from webhookd.store.reserve import WAL_PAGES, size_for, wal_limit
 
@@ -580,8 +580,6 @@ async def test_on_a_full_database_ingest_is_refused_but_deliveries_are_recorded(
 
 
 def test_generated_ids_are_version_8_uuids_that_carry_tenant_and_sequence() -> None:
-    from webhookd.store import generated_id, generated_sequence, id_tag
-
     tag = id_tag("acme")
     assert tag != id_tag("acme2")
     for sequence in (1, 2, 999, 2**53 + 1, 2**62 - 1):

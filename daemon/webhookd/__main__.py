@@ -86,8 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, HANGUP)  # as above, for main(["run", ...]) too
     import uvloop
 
+    from webhookd.records import StoreError
     from webhookd.service import Service, StartError, install_signals
-    from webhookd.store import StoreError
 
     cfg = load_or_exit(args)
     logs.configure(cfg.daemon.log_format, cfg.daemon.log_level)

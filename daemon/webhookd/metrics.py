@@ -12,9 +12,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from webhookd.records import Webhook
     from webhookd.sender import Outcome
     from webhookd.service import Service
-    from webhookd.store import Webhook
 
 
 class _QueueCollector(Collector):

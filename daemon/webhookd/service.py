@@ -21,20 +21,13 @@ from aiohttp import web
 from webhookd import checks, listener, logs, status, systemd
 from webhookd import config as config_mod
 from webhookd.config import Config, ConfigError, TenantConfig
+from webhookd.ids import generated_sequence, id_tag
 from webhookd.ingest import IngestItem
 from webhookd.metrics import Metrics
+from webhookd.records import NewWebhook, StoreError, TenantRecord, TenantRow, Webhook
 from webhookd.scheduler import Clock, InFlight, TenantWorker
 from webhookd.sender import Sender
-from webhookd.store import (
-    NewWebhook,
-    Store,
-    StoreError,
-    TenantRecord,
-    TenantRow,
-    Webhook,
-    generated_sequence,
-    id_tag,
-)
+from webhookd.store import Store
 
 log = logs.get_logger("webhookd.service")
 

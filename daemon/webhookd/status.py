@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 
+from webhookd.records import Webhook
 from webhookd.scheduler import TenantWorker
-from webhookd.store import Webhook
 from webhookd.views import counted
 
 QUEUE_STATES = ("empty", "waiting", "stalled", "paused", "disabled", "orphaned")

@@ -32,8 +32,7 @@ from typing import Any, Literal
 import aiosqlite
 
 from webhookd import logs
-from webhookd.store.lock import DatabaseLock
-from webhookd.store.records import (
+from webhookd.records import (
     Failure,
     IngestResult,
     NewWebhook,
@@ -43,6 +42,7 @@ from webhookd.store.records import (
     TenantRow,
     Webhook,
 )
+from webhookd.store.lock import DatabaseLock
 from webhookd.store.reserve import (
     WAL_FRAME_HEADER,
     WAL_PAGES,
