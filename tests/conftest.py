@@ -30,6 +30,7 @@ from webhookd.config import TenantConfig
 from webhookd.records import Webhook
 from webhookd.scheduler import Clock
 from webhookd.service import Service
+from webhookd.store.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -229,6 +230,13 @@ class Daemon:
         self.base = f"http://{d.listen_host}:{service.addresses[0][1]}"
         token = d.api_token.reveal()
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    @property
+    def sqlite_store(self) -> SqliteStore:
+        """The store as its SQLite engine, for tests of what only SQLite has (pragmas, files)."""
+        store = self.service.store
+        assert isinstance(store, SqliteStore), store
+        return store
 
     async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
         headers = {**self.headers, **kwargs.pop("headers", {})}

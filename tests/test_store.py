@@ -24,12 +24,13 @@ from webhookd.records import (
     TenantRecord,
     Webhook,
 )
-from webhookd.store import SCHEMA_VERSION, Store
+from webhookd.store import SCHEMA_VERSION
 from webhookd.store import sqlite as store_sqlite
 from webhookd.store.reserve import WAL_PAGES, size_for, wal_limit
+from webhookd.store.sqlite import SqliteStore
 
 Records = dict[str, TenantRecord]
-OpenStore = Callable[..., Awaitable[tuple[Store, Records]]]
+OpenStore = Callable[..., Awaitable[tuple[SqliteStore, Records]]]
 
 AT = 1764086400.0  # accepted_at for most webhooks below
 
@@ -64,11 +65,11 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def open_store(db_path: Path) -> AsyncIterator[OpenStore]:
-    """Open a Store on the test's database file; every one opened is closed at teardown."""
-    opened: list[Store] = []
+    """Open a SqliteStore on the test's database file; every one opened is closed at teardown."""
+    opened: list[SqliteStore] = []
 
-    async def open_(durability: Literal["full", "normal"] = "full") -> tuple[Store, Records]:
-        store = Store(db_path, durability=durability)
+    async def open_(durability: Literal["full", "normal"] = "full") -> tuple[SqliteStore, Records]:
+        store = SqliteStore(db_path, durability=durability)
         opened.append(store)
         records = await store.open()
         return store, {record.name: record for record in records}
@@ -79,24 +80,24 @@ async def open_store(db_path: Path) -> AsyncIterator[OpenStore]:
 
 
 @pytest.fixture
-async def store(open_store: OpenStore) -> Store:
+async def store(open_store: OpenStore) -> SqliteStore:
     store, records = await open_store()
     assert records == {}
     return store
 
 
-async def reopen(store: Store, open_store: OpenStore) -> tuple[Store, Records]:
+async def reopen(store: SqliteStore, open_store: OpenStore) -> tuple[SqliteStore, Records]:
     await store.close()
     return await open_store(durability=store.durability)
 
 
-async def queued(store: Store, tenant: str) -> list[int]:
+async def queued(store: SqliteStore, tenant: str) -> list[int]:
     """The sequences of the tenant's rows: its queue, and rows acknowledged on a full disk
     that are not yet deleted (reads from acked_sequence never see those)."""
     return [w.sequence for w in await store.read_queue(tenant, 0, 1000)]
 
 
-async def queued_is(store: Store, tenant: str, expected: list[int]) -> bool:
+async def queued_is(store: SqliteStore, tenant: str, expected: list[int]) -> bool:
     return await queued(store, tenant) == expected
 
 
@@ -120,7 +121,7 @@ async def test_pragmas_after_open(
     assert reserve.stat().st_size == size_for(page_size)
 
 
-async def test_the_wal_stays_bounded_after_a_big_ingest(store: Store) -> None:
+async def test_the_wal_stays_bounded_after_a_big_ingest(store: SqliteStore) -> None:
     """A transaction bigger than the bound grows the WAL; it is copied into the database at
     once, and the WAL file is cut back to its bound at the next commit."""
     wal = store.path.with_name(store.path.name + "-wal")
@@ -134,7 +135,7 @@ async def test_the_wal_stays_bounded_after_a_big_ingest(store: Store) -> None:
     assert wal.stat().st_size <= limit
 
 
-async def test_reopen_keeps_the_schema(store: Store, open_store: OpenStore) -> None:
+async def test_reopen_keeps_the_schema(store: SqliteStore, open_store: OpenStore) -> None:
     await store.enqueue("acme", [new()], AT)
     store, _ = await reopen(store, open_store)
     assert await store.pragma("user_version") == SCHEMA_VERSION
@@ -162,7 +163,7 @@ async def test_a_newer_schema_is_refused(db_path: Path, open_store: OpenStore) -
     assert tables == {"from_the_future"}
 
 
-async def test_writes_after_close_are_refused(store: Store) -> None:
+async def test_writes_after_close_are_refused(store: SqliteStore) -> None:
     await store.close()
     with pytest.raises(StoreError, match="the store is closed"):
         await store.enqueue("acme", [new()], AT)
@@ -171,7 +172,7 @@ async def test_writes_after_close_are_refused(store: Store) -> None:
 # -- sequences -----------------------------------------------------------------------------------
 
 
-async def test_enqueue_numbers_each_tenant_from_one(store: Store) -> None:
+async def test_enqueue_numbers_each_tenant_from_one(store: SqliteStore) -> None:
     first = await store.enqueue("acme", [new(), new(), new()], AT)
     assert sequences(first) == [1, 2, 3]
     assert [r.status for r in first] == ["queued"] * 3
@@ -182,7 +183,7 @@ async def test_enqueue_numbers_each_tenant_from_one(store: Store) -> None:
     assert await queued(store, "beta") == [1, 2, 3]
 
 
-async def test_enqueue_stores_the_webhook_as_given(store: Store) -> None:
+async def test_enqueue_stores_the_webhook_as_given(store: SqliteStore) -> None:
     data = '{"b": 1, "a": [1, 2.50, "é"]}'  # kept as text, never re-encoded
     [result] = await store.enqueue("acme", [new("order-7", data, "TASK_CREATED")], AT + 0.75)
     assert result == IngestResult("order-7", 1, "queued")
@@ -191,7 +192,7 @@ async def test_enqueue_stores_the_webhook_as_given(store: Store) -> None:
     assert webhook.timestamp == int(AT)
 
 
-async def test_read_queue_after_and_limit(store: Store) -> None:
+async def test_read_queue_after_and_limit(store: SqliteStore) -> None:
     await store.enqueue("acme", [new() for _ in range(10)], AT)
     assert [w.sequence for w in await store.read_queue("acme", 3, 4)] == [4, 5, 6, 7]
     assert [w.sequence for w in await store.read_queue("acme", 8, 100)] == [9, 10]
@@ -199,14 +200,16 @@ async def test_read_queue_after_and_limit(store: Store) -> None:
     assert await store.read_queue("nobody", 0, 100) == []
 
 
-async def test_sequences_not_reused_after_the_queue_empties(store: Store) -> None:
+async def test_sequences_not_reused_after_the_queue_empties(store: SqliteStore) -> None:
     await store.enqueue("acme", [new(), new()], AT)
     await store.acknowledge("acme", 2, AT + 1)
     assert await queued(store, "acme") == []
     assert sequences(await store.enqueue("acme", [new()], AT)) == [3]
 
 
-async def test_sequences_not_reused_across_reopen(store: Store, open_store: OpenStore) -> None:
+async def test_sequences_not_reused_across_reopen(
+    store: SqliteStore, open_store: OpenStore
+) -> None:
     await store.enqueue("acme", [new(), new(), new()], AT)
     await store.acknowledge("acme", 3, AT + 1)
     store, records = await reopen(store, open_store)
@@ -215,7 +218,7 @@ async def test_sequences_not_reused_across_reopen(store: Store, open_store: Open
     assert sequences(await store.enqueue("acme", [new()], AT)) == [4]
 
 
-async def test_queue_survives_reopen(store: Store, open_store: OpenStore) -> None:
+async def test_queue_survives_reopen(store: SqliteStore, open_store: OpenStore) -> None:
     await store.enqueue("acme", [new("a"), new("b")], AT)
     await store.enqueue("beta", [new()], AT)
     store, records = await reopen(store, open_store)
@@ -225,7 +228,9 @@ async def test_queue_survives_reopen(store: Store, open_store: OpenStore) -> Non
     assert sequences(await store.enqueue("acme", [new()], AT)) == [3]
 
 
-async def test_sequences_not_reused_after_discard(store: Store, open_store: OpenStore) -> None:
+async def test_sequences_not_reused_after_discard(
+    store: SqliteStore, open_store: OpenStore
+) -> None:
     await store.enqueue("acme", [new(), new(), new()], AT)
     await store.record_failure("acme", failure(1), AT + 30, keep=10)
     await store.set_paused("acme", True)
@@ -245,7 +250,7 @@ async def test_sequences_not_reused_after_discard(store: Store, open_store: Open
 # -- producer ids --------------------------------------------------------------------------------
 
 
-async def test_duplicate_ids_in_one_request(store: Store) -> None:
+async def test_duplicate_ids_in_one_request(store: SqliteStore) -> None:
     results = await store.enqueue("acme", [new("a"), new("a", '{"again": 1}'), new("b")], AT)
     assert results == [
         IngestResult("a", 1, "queued"),
@@ -256,7 +261,7 @@ async def test_duplicate_ids_in_one_request(store: Store) -> None:
     assert [(w.sequence, w.id, w.data) for w in queue] == [(1, "a", "{}"), (2, "b", "{}")]
 
 
-async def test_duplicate_ids_in_a_later_request(store: Store) -> None:
+async def test_duplicate_ids_in_a_later_request(store: SqliteStore) -> None:
     await store.enqueue("acme", [new("a"), new("b")], AT)
     results = await store.enqueue("acme", [new("b"), new("c"), new("a")], AT)
     assert results == [
@@ -267,7 +272,9 @@ async def test_duplicate_ids_in_a_later_request(store: Store) -> None:
     assert await queued(store, "acme") == [1, 2, 3]
 
 
-async def test_duplicate_ids_after_delivery_and_reopen(store: Store, open_store: OpenStore) -> None:
+async def test_duplicate_ids_after_delivery_and_reopen(
+    store: SqliteStore, open_store: OpenStore
+) -> None:
     await store.enqueue("acme", [new("a"), new("b")], AT)
     await store.acknowledge("acme", 2, AT + 1)
     assert await store.enqueue("acme", [new("a")], AT) == [IngestResult("a", 1, "duplicate")]
@@ -278,13 +285,13 @@ async def test_duplicate_ids_after_delivery_and_reopen(store: Store, open_store:
     assert sequences(await store.enqueue("acme", [new("c")], AT)) == [3]
 
 
-async def test_ids_are_per_tenant(store: Store) -> None:
+async def test_ids_are_per_tenant(store: SqliteStore) -> None:
     await store.enqueue("acme", [new("a")], AT)
     await store.enqueue("acme", [new()], AT)
     assert await store.enqueue("beta", [new("a")], AT) == [IngestResult("a", 1, "queued")]
 
 
-async def test_duplicate_ids_in_requests_committed_together(store: Store) -> None:
+async def test_duplicate_ids_in_requests_committed_together(store: SqliteStore) -> None:
     first, second = await asyncio.gather(
         store.enqueue("acme", [new("a"), new("b")], AT),
         store.enqueue("acme", [new("b"), new("a"), new("c")], AT),
@@ -298,7 +305,7 @@ async def test_duplicate_ids_in_requests_committed_together(store: Store) -> Non
     assert await queued(store, "acme") == [1, 2, 3]
 
 
-async def test_generated_ids_are_uuids(store: Store) -> None:
+async def test_generated_ids_are_uuids(store: SqliteStore) -> None:
     results = await store.enqueue("acme", [new(), new(), new()], AT)
     ids = [r.id for r in results]
     assert len(set(ids)) == 3
@@ -312,7 +319,7 @@ async def test_generated_ids_are_uuids(store: Store) -> None:
 
 
 async def test_acknowledge_removes_through_and_resets_backoff(
-    store: Store, open_store: OpenStore
+    store: SqliteStore, open_store: OpenStore
 ) -> None:
     await store.enqueue("acme", [new() for _ in range(5)], AT)
     await store.record_failure("acme", failure(1), AT + 30, keep=10)
@@ -341,7 +348,7 @@ async def test_acknowledge_removes_through_and_resets_backoff(
 
 
 async def test_record_failure_persists_backoff_and_keeps_the_newest(
-    store: Store, open_store: OpenStore
+    store: SqliteStore, open_store: OpenStore
 ) -> None:
     await store.enqueue("acme", [new()], AT)
     await store.enqueue("beta", [new()], AT)
@@ -366,14 +373,16 @@ async def test_record_failure_persists_backoff_and_keeps_the_newest(
     assert records["acme"].row.next_attempt_at is None
 
 
-async def test_record_failure_keep_zero_keeps_none(store: Store, open_store: OpenStore) -> None:
+async def test_record_failure_keep_zero_keeps_none(
+    store: SqliteStore, open_store: OpenStore
+) -> None:
     await store.record_failure("acme", failure(1), AT + 30, keep=0)
     store, records = await reopen(store, open_store)
     assert records["acme"].failures == []
     assert records["acme"].row.attempts == 1
 
 
-async def test_clear_failures(store: Store, open_store: OpenStore) -> None:
+async def test_clear_failures(store: SqliteStore, open_store: OpenStore) -> None:
     for attempt in (1, 2, 3):
         await store.record_failure("acme", failure(attempt), AT + 30, keep=10)
     assert await store.clear_failures("acme") == 3
@@ -386,7 +395,7 @@ async def test_clear_failures(store: Store, open_store: OpenStore) -> None:
 # -- park and requeue ----------------------------------------------------------------------------
 
 
-async def test_park_moves_only_the_head(store: Store, open_store: OpenStore) -> None:
+async def test_park_moves_only_the_head(store: SqliteStore, open_store: OpenStore) -> None:
     await store.enqueue("acme", [new("a", '{"n": 1}'), new("b"), new("c")], AT)
     await store.record_failure("acme", failure(3), AT + 120, keep=10)
     assert await store.park("acme", 2, AT + 5) is None
@@ -409,7 +418,7 @@ async def test_park_moves_only_the_head(store: Store, open_store: OpenStore) -> 
 
 
 async def test_requeue_goes_to_the_tail_with_a_new_sequence(
-    store: Store, open_store: OpenStore
+    store: SqliteStore, open_store: OpenStore
 ) -> None:
     calls: list[tuple[str, list[Webhook]]] = []
     store.on_enqueued = lambda tenant, webhooks: calls.append((tenant, list(webhooks)))
@@ -437,7 +446,7 @@ async def test_requeue_goes_to_the_tail_with_a_new_sequence(
 # -- paused --------------------------------------------------------------------------------------
 
 
-async def test_set_paused_survives_reopen(store: Store, open_store: OpenStore) -> None:
+async def test_set_paused_survives_reopen(store: SqliteStore, open_store: OpenStore) -> None:
     await store.set_paused("acme", True)
     store, records = await reopen(store, open_store)
     assert records["acme"].row.paused is True
@@ -451,7 +460,7 @@ async def test_set_paused_survives_reopen(store: Store, open_store: OpenStore) -
 # -- group commit --------------------------------------------------------------------------------
 
 
-async def test_concurrent_enqueues_are_group_committed(store: Store) -> None:
+async def test_concurrent_enqueues_are_group_committed(store: SqliteStore) -> None:
     calls: list[tuple[str, list[Webhook]]] = []
     store.on_enqueued = lambda tenant, webhooks: calls.append((tenant, list(webhooks)))
     before = store.commits
@@ -478,7 +487,7 @@ async def test_concurrent_enqueues_are_group_committed(store: Store) -> None:
         assert webhooks == await store.read_queue(tenant, after, len(webhooks))
 
 
-async def test_on_enqueued_runs_with_the_commit(store: Store) -> None:
+async def test_on_enqueued_runs_with_the_commit(store: SqliteStore) -> None:
     calls: list[tuple[str, list[Webhook]]] = []
     store.on_enqueued = lambda tenant, webhooks: calls.append((tenant, list(webhooks)))
     results = await store.enqueue("acme", [new("a", '{"x": 1}'), new()], AT)
@@ -502,7 +511,7 @@ async def test_on_enqueued_runs_with_the_commit(store: Store) -> None:
 # -- a failed commit -----------------------------------------------------------------------------
 
 
-async def test_a_failed_commit_changes_nothing(store: Store, open_store: OpenStore) -> None:
+async def test_a_failed_commit_changes_nothing(store: SqliteStore, open_store: OpenStore) -> None:
     calls: list[tuple[str, list[Webhook]]] = []
     store.on_enqueued = lambda tenant, webhooks: calls.append((tenant, list(webhooks)))
     await store.enqueue("acme", [new("first")], AT)
@@ -538,13 +547,13 @@ async def test_a_failed_commit_changes_nothing(store: Store, open_store: OpenSto
     assert [w.id for w in await store.read_queue("acme", 0, 10)] == ["first", "big"]
 
 
-def disk_full(store: Store) -> bool:
+def disk_full(store: SqliteStore) -> bool:
     """Read through a call: the flag changes behind the type checker's narrowing."""
     return store.disk_full
 
 
 async def test_on_a_full_database_ingest_is_refused_but_deliveries_are_recorded(
-    store: Store, open_store: OpenStore
+    store: SqliteStore, open_store: OpenStore
 ) -> None:
     await store.enqueue("acme", [new() for _ in range(3)], AT)
     reserve = store.path.with_name(store.path.name + "-reserve")
@@ -593,7 +602,7 @@ def test_generated_ids_are_version_8_uuids_that_carry_tenant_and_sequence() -> N
         assert generated_sequence(tag, other) is None
 
 
-async def fill_the_database(store: Store) -> None:
+async def fill_the_database(store: SqliteStore) -> None:
     """Cap the file at its size, then fail an ingest: the store is in its disk-full mode."""
     pages = await store.pragma("page_count")
     await store.pragma(f"max_page_count = {pages}")
@@ -603,7 +612,7 @@ async def fill_the_database(store: Store) -> None:
 
 
 async def test_on_a_full_disk_writes_take_no_new_page_and_the_queue_stays_right(
-    store: Store, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+    store: SqliteStore, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The cap is SQLite's, which statvfs cannot see: the store must not look for room and
     # find it while this part runs.

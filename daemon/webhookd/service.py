@@ -27,7 +27,7 @@ from webhookd.metrics import Metrics
 from webhookd.records import NewWebhook, StoreError, TenantRecord, TenantRow, Webhook
 from webhookd.scheduler import Clock, InFlight, TenantWorker
 from webhookd.sender import Sender
-from webhookd.store import Store
+from webhookd.store import make_store
 
 log = logs.get_logger("webhookd.service")
 
@@ -86,7 +86,7 @@ class Service:
         self.config = config
         self.clock = clock or Clock()
         daemon = config.daemon
-        self.store = Store(daemon.database, durability=daemon.durability)
+        self.store = make_store(daemon.database, daemon.durability)
         self.sender = Sender(
             max_connections=daemon.max_connections,
             source_address=daemon.source_address,
