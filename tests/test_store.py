@@ -24,10 +24,9 @@ from webhookd.records import (
     TenantRecord,
     Webhook,
 )
-from webhookd.store import SCHEMA_VERSION
-from webhookd.store import sqlite as store_sqlite
-from webhookd.store.reserve import WAL_PAGES, size_for, wal_limit
-from webhookd.store.sqlite import SqliteStore
+from webhookd.store.sqlite import SCHEMA_VERSION, SqliteStore
+from webhookd.store.sqlite import engine as store_sqlite
+from webhookd.store.sqlite.reserve import WAL_PAGES, size_for, wal_limit
 
 Records = dict[str, TenantRecord]
 OpenStore = Callable[..., Awaitable[tuple[SqliteStore, Records]]]

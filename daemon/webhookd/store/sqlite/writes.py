@@ -119,7 +119,7 @@ class Tx:
         except sqlite3.Error as exc:
             # A cap on the file (max_page_count) refuses the page in the statement, not at
             # commit; that may end the whole transaction, which then fails (and its ops are
-            # tried one by one, see sqlite.py).
+            # tried one by one, see engine.py).
             full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
             if not (full and self.conn.in_transaction):
                 raise

@@ -42,9 +42,9 @@ from webhookd.records import (
     TenantRow,
     Webhook,
 )
-from webhookd.store.lock import DatabaseLock
 from webhookd.store.protocol import OnEnqueued
-from webhookd.store.reserve import (
+from webhookd.store.sqlite.lock import DatabaseLock
+from webhookd.store.sqlite.reserve import (
     WAL_FRAME_HEADER,
     WAL_PAGES,
     Reserve,
@@ -52,8 +52,8 @@ from webhookd.store.reserve import (
     size_for,
     wal_limit,
 )
-from webhookd.store.schema import load_records, migrate, refuse_newer
-from webhookd.store.writes import (
+from webhookd.store.sqlite.schema import load_records, migrate, refuse_newer
+from webhookd.store.sqlite.writes import (
     Acknowledge,
     ClearFailures,
     Discard,
