@@ -29,6 +29,7 @@ from webhookd import logs
 from webhookd.config import TenantConfig
 from webhookd.records import Webhook
 from webhookd.scheduler import Clock
+from webhookd.serve import Server
 from webhookd.service import Service
 from webhookd.store.sqlite import SqliteStore
 
@@ -221,13 +222,14 @@ def webhook(webhook_id: str = "evt-1") -> Webhook:
 
 
 class Daemon:
-    """A started Service plus an HTTP client pointed at its API."""
+    """A started Server (a Service behind its API) plus an HTTP client pointed at the API."""
 
-    def __init__(self, service: Service, session: aiohttp.ClientSession) -> None:
-        self.service = service
+    def __init__(self, server: Server, session: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.service = server.service
         self.session = session
-        d = service.config.daemon
-        self.base = f"http://{d.listen_host}:{service.addresses[0][1]}"
+        d = self.service.config.daemon
+        self.base = f"http://{d.listen_host}:{server.addresses[0][1]}"
         token = d.api_token.reveal()
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -273,15 +275,15 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
         config_path: Path | None = None, *, clock: Clock | None = None, **kwargs: Any
     ) -> Daemon:
         path = config_path or write_config(tmp_path, **kwargs)
-        service = Service(config_mod.load(path), clock=clock)
-        await service.start()
-        daemon = Daemon(service, session)
+        server = Server(Service(config_mod.load(path), clock=clock))
+        await server.start()
+        daemon = Daemon(server, session)
         started.append(daemon)
         return daemon
 
     yield start
     for daemon in started:
-        await daemon.service.stop()
+        await daemon.server.stop()
     await session.close()
 
 

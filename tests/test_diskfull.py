@@ -172,7 +172,7 @@ class PageCapRig(Rig):
         await self._pragma("PRAGMA max_page_count = 4294967294")
 
     async def stop(self) -> int:
-        await self.daemon.service.stop()
+        await self.daemon.server.stop()
         return 0
 
 
