@@ -8,7 +8,7 @@ engine for the configured database:
 - `sqlite/`: one SQLite file beside the daemon (`SqliteStore`), today's only engine
 
 The rows that cross this boundary, and the store's errors, are in `webhookd.records`; the
-generated ids in `webhookd.ids`: neither is SQL, and the sender and the views use them
+generated ids in `webhookd.ids`: neither is SQL, and the sender and status use them
 without importing the store. tests/test_store_contract.py runs the same behaviour against
 every engine.
 """
