@@ -23,7 +23,8 @@ from bench.context import Context, per_item_us, rate
 from bench.harness import EVENT, Daemon, tenant_names, tenant_tables
 from bench.report import Figure
 from webhookd import logs
-from webhookd.store import NewWebhook, Store
+from webhookd.records import NewWebhook
+from webhookd.store import make_store
 
 MIB = 2**20
 TENANTS_PER_COMMIT = 50  # 50,000 rows a transaction: few commits, a WAL of bounded size
@@ -36,7 +37,7 @@ async def build_backlog(path: Path, names: list[str], per_tenant: int) -> float:
     """Queue `per_tenant` webhooks ({"n": i}) for every tenant; seconds it took."""
     started = time.monotonic()
     logs.configure("json", "warning")  # the store logs its migration at info
-    store = Store(path, durability="normal")
+    store = make_store(path, durability="normal")
     await store.open()
     try:
         for start in range(0, len(names), TENANTS_PER_COMMIT):

@@ -27,9 +27,11 @@ from tests.postgres import postgres_server, postgres_url  # noqa: F401
 from webhookd import config as config_mod
 from webhookd import logs
 from webhookd.config import TenantConfig
+from webhookd.records import Webhook
 from webhookd.scheduler import Clock
+from webhookd.serve import Server
 from webhookd.service import Service
-from webhookd.store import Webhook
+from webhookd.store.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -220,15 +222,23 @@ def webhook(webhook_id: str = "evt-1") -> Webhook:
 
 
 class Daemon:
-    """A started Service plus an HTTP client pointed at its API."""
+    """A started Server (a Service behind its API) plus an HTTP client pointed at the API."""
 
-    def __init__(self, service: Service, session: aiohttp.ClientSession) -> None:
-        self.service = service
+    def __init__(self, server: Server, session: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.service = server.service
         self.session = session
-        d = service.config.daemon
-        self.base = f"http://{d.listen_host}:{service.addresses[0][1]}"
+        d = self.service.config.daemon
+        self.base = f"http://{d.listen_host}:{server.addresses[0][1]}"
         token = d.api_token.reveal()
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    @property
+    def sqlite_store(self) -> SqliteStore:
+        """The store as its SQLite engine, for tests of what only SQLite has (pragmas, files)."""
+        store = self.service.store
+        assert isinstance(store, SqliteStore), store
+        return store
 
     async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
         headers = {**self.headers, **kwargs.pop("headers", {})}
@@ -265,15 +275,15 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
         config_path: Path | None = None, *, clock: Clock | None = None, **kwargs: Any
     ) -> Daemon:
         path = config_path or write_config(tmp_path, **kwargs)
-        service = Service(config_mod.load(path), clock=clock)
-        await service.start()
-        daemon = Daemon(service, session)
+        server = Server(Service(config_mod.load(path), clock=clock))
+        await server.start()
+        daemon = Daemon(server, session)
         started.append(daemon)
         return daemon
 
     yield start
     for daemon in started:
-        await daemon.service.stop()
+        await daemon.server.stop()
     await session.close()
 
 

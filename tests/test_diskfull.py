@@ -32,7 +32,8 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Daemon, Process, Receiver, StartDaemon, tenant, wait_for, write_config
-from webhookd.store import Failure, NewWebhook, Store, StoreError, TenantRecord
+from webhookd.records import Failure, NewWebhook, StoreError, TenantRecord
+from webhookd.store.sqlite import SqliteStore
 
 EVENT = "CHECK_COMPLETED"
 VOLUME_SIZE = "4m"
@@ -150,14 +151,14 @@ class PageCapRig(Rig):
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.database = daemon.service.store.path
+        self.database = daemon.sqlite_store.path
 
     async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         return await self.daemon.request(method, path, json=body)
 
     async def _pragma(self, statement: str) -> int:
-        # Store.pragma runs on the writer's connection, in its thread, between commits.
-        return int(await self.daemon.service.store.pragma(statement.removeprefix("PRAGMA ")))
+        # SqliteStore.pragma runs on the writer's connection, in its thread, between commits.
+        return int(await self.daemon.sqlite_store.pragma(statement.removeprefix("PRAGMA ")))
 
     async def fill(self) -> None:
         pages = await self._pragma("PRAGMA page_count")
@@ -171,7 +172,7 @@ class PageCapRig(Rig):
         await self._pragma("PRAGMA max_page_count = 4294967294")
 
     async def stop(self) -> int:
-        await self.daemon.service.stop()
+        await self.daemon.server.stop()
         return 0
 
 
@@ -534,10 +535,10 @@ class StoreVolume:
         self.volume = volume
         self.kind = "tmpfs" if volume is not None else "max_page_count"
         self.path = (volume or tmp_path) / "webhookd.db"
-        self.opened: list[Store] = []
+        self.opened: list[SqliteStore] = []
 
-    async def open(self) -> tuple[Store, dict[str, TenantRecord]]:
-        store = Store(self.path)
+    async def open(self) -> tuple[SqliteStore, dict[str, TenantRecord]]:
+        store = SqliteStore(self.path)
         self.opened.append(store)
         records = await store.open()
         return store, {record.name: record for record in records}
@@ -550,14 +551,14 @@ class StoreVolume:
             busy, frames, copied = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
         return busy, frames, copied
 
-    async def fill(self, store: Store, leave: int) -> None:
+    async def fill(self, store: SqliteStore, leave: int) -> None:
         if self.volume is not None:
             await asyncio.to_thread(fill_volume, self.volume, leave)
         else:
             pages, size = await store.pragma("page_count"), await store.pragma("page_size")
             await store.pragma(f"max_page_count = {pages + leave // size}")
 
-    async def free(self, store: Store) -> None:
+    async def free(self, store: SqliteStore) -> None:
         if self.volume is not None:
             (self.volume / FILLER).unlink()
         else:
@@ -579,7 +580,7 @@ def webhook(data_bytes: int = 0, webhook_id: str | None = None) -> NewWebhook:
     return NewWebhook(webhook_id, EVENT, '{"pad": "' + "x" * data_bytes + '"}')
 
 
-def store_is_full(store: Store) -> bool:
+def store_is_full(store: SqliteStore) -> bool:
     return store.disk_full  # read through a call: the flag changes behind mypy's narrowing
 
 

@@ -36,7 +36,7 @@ from tests.conftest import (
     wait_for,
     write_config,
 )
-from webhookd.store import Failure
+from webhookd.records import Failure
 
 EVENT = "CHECK_COMPLETED"
 BASE = 0.2  # the faulty tenant's retry_base
@@ -523,7 +523,7 @@ async def test_untrusted_certificate_fails_then_ca_file_delivers(
         assert secure.requests == []  # the handshake failed: no request was ever made
 
         # ca_file is read at start: restart on the same database with the CA added.
-        await daemon.service.stop()
+        await daemon.server.stop()
         ca_path = tmp_path / "private-ca.pem"
         ca.cert_pem.write_to_path(str(ca_path))
         config = write_config(

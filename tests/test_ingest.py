@@ -404,7 +404,7 @@ async def test_store_write_failure_is_503_and_ingest_recovers(
     receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
     daemon = await paused_daemon(start_daemon, receiver)
-    store = daemon.service.store
+    store = daemon.sqlite_store
     # Store.pragma runs on the writer's connection, in its thread, between commits.
     pages = await store.pragma("page_count")
     await store.pragma(f"max_page_count = {pages}")

@@ -33,7 +33,7 @@ HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
 def port_of(daemon: Daemon) -> int:
-    return int(daemon.service.addresses[0][1])
+    return int(daemon.server.addresses[0][1])
 
 
 async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -190,9 +190,7 @@ async def test_at_the_limit_a_new_client_closes_the_longest_waiting_idle_connect
     for _ in range(20):
         idle.append(await connect(port))
         await asyncio.sleep(0.01)  # so "longest waiting" is well defined
-    await wait_for(
-        lambda: daemon.service.connections and len(daemon.service.connections.live) == 20
-    )
+    await wait_for(lambda: daemon.server.connections and len(daemon.server.connections.live) == 20)
     # The API still answers: each new client makes room by closing the oldest idle one.
     status, _, body = parse(await exchange(port, HEALTHZ[:-2] + b"Connection: close\r\n\r\n"))
     assert (status, body) == (200, {"status": "ok"})
@@ -220,8 +218,8 @@ async def test_at_the_limit_with_every_connection_busy_a_new_client_gets_a_json_
         busy.append((reader, writer))
     await wait_for(
         lambda: (
-            daemon.service.connections
-            and sum(not h.waiting for h in daemon.service.connections.live) == 20
+            daemon.server.connections
+            and sum(not h.waiting for h in daemon.server.connections.live) == 20
         )
     )
     with capture_logs() as logs:
@@ -233,7 +231,7 @@ async def test_at_the_limit_with_every_connection_busy_a_new_client_gets_a_json_
     for _, writer in busy:
         writer.close()
     # Once they are gone, clients are served again.
-    guard = daemon.service.connections
+    guard = daemon.server.connections
     assert guard is not None
     await wait_for(lambda: not guard.live)
     assert await healthz_ms(daemon) < 1000

@@ -246,7 +246,7 @@ async def test_tenant_removed_before_a_restart_and_added_back_continues_its_sequ
     await wait_for(lambda: _status_when(target, "acme", lambda s: s["waiting"] == 0))
     deployment.write({})
     await target.reload()
-    await daemon.service.stop()
+    await daemon.server.stop()
 
     # Restarted without acme (its queue was empty), then acme is added back by a reload.
     target = InProcess(await start_daemon(deployment.path))

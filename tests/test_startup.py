@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Process, free_port, tenant, write_config
-from webhookd.store.schema import SCHEMA_VERSION
+from webhookd.store.sqlite import SCHEMA_VERSION
 
 DEADLINE_S = 15.0
 

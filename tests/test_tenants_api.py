@@ -232,7 +232,7 @@ async def test_api_tenant_survives_a_restart(receiver: Receiver, start_daemon: S
     await daemon.ingest("acme", {"event": EVENT})
     await wait_for(lambda: receiver.sequences("/acme") == [1])
     await wait_for(lambda: delivered_once(daemon, "acme"))
-    await daemon.service.stop()
+    await daemon.server.stop()
 
     again = await start_daemon(daemon.service.config.path)
     status, after = await again.request("GET", "/v1/tenants/acme")
@@ -511,7 +511,7 @@ async def test_tenant_created_again_after_a_restart_continues_its_sequences(
     await wait_for(lambda: delivered_once(daemon, "again"))  # the last 200 is recorded
     status, _ = await daemon.request("DELETE", "/v1/tenants/again")
     assert status == 200
-    await daemon.service.stop()
+    await daemon.server.stop()
 
     restarted = await start_daemon(daemon.service.config.path)
     status, _ = await restarted.request("PUT", "/v1/tenants/again", json=body)

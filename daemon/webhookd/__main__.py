@@ -86,8 +86,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, HANGUP)  # as above, for main(["run", ...]) too
     import uvloop
 
-    from webhookd.service import Service, StartError, install_signals
-    from webhookd.store import StoreError
+    from webhookd.records import StoreError
+    from webhookd.serve import Server, StartError, install_signals
+    from webhookd.service import Service
 
     cfg = load_or_exit(args)
     logs.configure(cfg.daemon.log_format, cfg.daemon.log_level)
@@ -119,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         service = Service(cfg)
         install_signals(shutdown, reload, service)
         # A SIGHUP held since start-up is delivered when released, and applied as a reload.
-        await service.run(shutdown, reload, ready=release_hangups)
+        await Server(service).run(shutdown, reload, ready=release_hangups)
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

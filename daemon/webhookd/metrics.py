@@ -1,26 +1,45 @@
-"""Prometheus metrics: counters fed by ingest and attempts, gauges read from the workers."""
+"""Prometheus metrics: counters fed by ingest and attempts, gauges read from the workers.
+
+What the gauges read is handed in: the service's workers and store (`Gauged`), and the
+API's connection guard once the process wiring listens (`watch_connections`). So this
+module imports neither the service nor the API.
+"""
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from webhookd.listener import Guard
+    from webhookd.records import Webhook
+    from webhookd.scheduler import Clock, TenantWorker
     from webhookd.sender import Outcome
-    from webhookd.service import Service
-    from webhookd.store import Webhook
+    from webhookd.store import Store
+
+
+class Gauged(Protocol):
+    """What the queue gauges read at scrape time (the service)."""
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    def visible_workers(self) -> list[TenantWorker]: ...
 
 
 class _QueueCollector(Collector):
     """Per-tenant gauges read at scrape time from the workers' in-memory state (no SQL)."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Gauged) -> None:
         self.service = service
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -56,12 +75,16 @@ class _QueueCollector(Collector):
             count_stalled += worker.queue_state == "stalled"
         stalled.add_metric([], count_stalled)
         yield from (depth, oldest, attempts, parked, stalled, disk_full)
-        yield from self._connections()
 
-    def _connections(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        guard = self.service.connections
-        if guard is None:
-            return
+
+class _ConnectionsCollector(Collector):
+    """The API's client connections, read at scrape time from its guard."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        guard = self.guard
         open_ = GaugeMetricFamily("webhookd_api_connections", "API client connections open.")
         open_.add_metric([], len(guard.live))
         limit = GaugeMetricFamily(
@@ -131,7 +154,7 @@ class _CountsCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Gauged) -> None:
         self.deliveries: dict[tuple[str, str], int] = {}
         self.delivered: dict[str, int] = {}
         self.ingest: dict[tuple[str, str], int] = {}
@@ -141,6 +164,11 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.registry.register(_CountsCollector(self))
         self.registry.register(_QueueCollector(service))
+
+    def watch_connections(self, guard: Guard) -> None:
+        """Report the API's connections from `guard` too (the process wiring calls this
+        as it builds the API; without one there are none to report)."""
+        self.registry.register(_ConnectionsCollector(guard))
 
     def attempted(self, tenant: str, batch: list[Webhook], outcome: Outcome) -> None:
         key = (tenant, "success" if outcome.ok else "failure")

@@ -19,8 +19,9 @@ from typing import Protocol
 
 from webhookd import logs, policy
 from webhookd.config import TenantConfig
+from webhookd.records import Failure, StoreError, TenantRecord, TenantRow, Webhook
 from webhookd.sender import Outcome
-from webhookd.store import Failure, Store, StoreError, TenantRecord, TenantRow, Webhook
+from webhookd.store import Store
 
 log = logs.get_logger("webhookd.delivery")
 

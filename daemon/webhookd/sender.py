@@ -18,7 +18,7 @@ import orjson
 
 from webhookd import __version__, http1, logs, policy
 from webhookd.config import CONTROL_CHARACTERS, TenantConfig
-from webhookd.store import Webhook
+from webhookd.records import Webhook
 
 log = logs.get_logger("webhookd.sender")
 

@@ -1,40 +1,29 @@
-"""Wiring: the store, one worker per tenant, the sender, the API; reload and ordered shutdown.
+"""The service: the store, one worker per tenant, the sender; ingest, status, control, reload.
 
-The HTTP API talks to this module, never to SQL. Shutdown is ordered and bounded: stop
-ingest (503) -> let in-flight attempts finish up to `shutdown_grace` and record their
-outcomes -> close the API and the client -> commit what is pending and close the database.
+The HTTP API talks to this module, never to SQL, and this module knows nothing of HTTP:
+serve.py builds the API around it and runs both. Its shutdown comes in two steps, so that
+the API can close between them: `drain` stops ingest (503) and lets in-flight attempts
+finish up to `shutdown_grace`, their outcomes recorded; `close` closes the client, commits
+what is pending and closes the database.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import gc
-import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from aiohttp import web
-
-from webhookd import checks, listener, logs, status, systemd
+from webhookd import checks, logs, status
 from webhookd import config as config_mod
 from webhookd.config import Config, ConfigError, TenantConfig
+from webhookd.ids import generated_sequence, id_tag
 from webhookd.ingest import IngestItem
 from webhookd.metrics import Metrics
+from webhookd.records import NewWebhook, StoreError, TenantRecord, TenantRow, Webhook
 from webhookd.scheduler import Clock, InFlight, TenantWorker
 from webhookd.sender import Sender
-from webhookd.store import (
-    NewWebhook,
-    Store,
-    StoreError,
-    TenantRecord,
-    TenantRow,
-    Webhook,
-    generated_sequence,
-    id_tag,
-)
+from webhookd.store import make_store
 
 log = logs.get_logger("webhookd.service")
 
@@ -72,14 +61,6 @@ class Unavailable(ServiceError):
     status, code = 503, "unavailable"
 
 
-# How long open API requests get when the daemon stops (after the delivery grace).
-HTTP_SHUTDOWN_S = 1.0
-
-
-class StartError(Exception):
-    """The daemon cannot start; the message says why and what to do, in one sentence."""
-
-
 class InvalidIngest(ServiceError):
     status, code = 400, "bad_request"
 
@@ -93,7 +74,7 @@ class Service:
         self.config = config
         self.clock = clock or Clock()
         daemon = config.daemon
-        self.store = Store(daemon.database, durability=daemon.durability)
+        self.store = make_store(daemon.database, daemon.durability)
         self.sender = Sender(
             max_connections=daemon.max_connections,
             source_address=daemon.source_address,
@@ -104,10 +85,7 @@ class Service:
         self.workers: dict[str, TenantWorker] = {}
         self._dormant: dict[str, TenantRecord] = {}
         self.accepting = False
-        self.started = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self.connections: listener.Guard | None = None  # the API's clients, once listening
-        self.addresses: list[Any] = []
+        self.started = asyncio.Event()  # set once serving (the API listens)
         self._abort = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         # The api_token the file holds since a reload changed it; it applies at restart.
@@ -116,9 +94,8 @@ class Service:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the database, start a worker per tenant, then listen."""
-        from webhookd.api import create_app, preflight  # the API depends on the service
-
+        """Open the database and start a worker per tenant. Ingest is refused until
+        `serving`; a start that raises leaves what it began for `drain` and `close`."""
         self.store.on_enqueued = self._enqueued
         self._dormant = {r.name: r for r in await self.store.open()}
         self._switch_tenants(self.config.tenants)
@@ -127,55 +104,17 @@ class Service:
             # (orphaned); otherwise it stays dormant until it comes back.
             if record.row.last_sequence > record.row.acked_sequence or record.parked:
                 self._add_worker(self._dormant.pop(name), None)
-        app = create_app(self)
-        daemon = self.config.daemon
-        limits = listener.Limits(
-            max_connections=listener.connection_cap(
-                daemon.api_max_connections, daemon.max_connections
-            ),
-            header_timeout=daemon.api_header_timeout,
-            idle_timeout=daemon.api_idle_timeout,
-            max_body_bytes=daemon.max_body_bytes,
-        )
-        if limits.max_connections < daemon.api_max_connections:
-            log.warning(
-                "api_connections_capped",
-                limit=limits.max_connections,
-                api_max_connections=daemon.api_max_connections,
-                detail="the open-files limit less max_connections leaves no more; raise "
-                "LimitNOFILE= (ulimit -Hn) to allow more API clients",
-            )
-        self.connections = listener.Guard(limits, preflight(app))
-        # auto_decompress off: a compressed body is refused by the API with a JSON 415,
-        # rather than by the HTTP parser in plain text (and no decompression bombs).
-        # shutdown_timeout: at stop, requests still open get this long (aiohttp's default is
-        # 60 s, past systemd's TimeoutStopSec). Ingest is refused by then; a commit in
-        # progress takes milliseconds; a producer stalled mid-upload is cut off.
-        self._runner = listener.Runner(
-            app,
-            guard=self.connections,
-            access_log=None,
-            handle_signals=False,
-            auto_decompress=False,
-            shutdown_timeout=HTTP_SHUTDOWN_S,
-        )
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, daemon.listen_host, daemon.listen_port, backlog=limits.backlog
-        )
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartError(_cannot_listen(daemon.listen, self.config.path, exc)) from None
-        self.addresses = list(self._runner.addresses)
+
+    def serving(self, listen: Sequence[str]) -> None:
+        """The API listens on `listen`: accept ingest from now on, and say so."""
         self.accepting = True
         self.started.set()
         log.info(
             "started",
-            listen=[_address(a) for a in self.addresses],
+            listen=list(listen),
             tenants=len(self.config.tenants),
             waiting=sum(w.waiting for w in self.workers.values()),
-            database=str(daemon.database),
+            database=str(self.config.daemon.database),
         )
 
     def _add_worker(self, record: TenantRecord, tenant: TenantConfig | None) -> TenantWorker:
@@ -224,61 +163,23 @@ class Service:
         if worker is not None:
             worker.enqueued(webhooks)
 
-    async def run(
-        self,
-        shutdown: asyncio.Event,
-        reload: asyncio.Event | None = None,
-        ready: Callable[[], None] | None = None,
-    ) -> None:
-        """Serve until `shutdown` is set, reloading whenever `reload` is set. `ready` is
-        called once the service is started and reloads are being watched for."""
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()  # what did start: workers, the database's threads
-            raise
-        # What start-up built (configuration, workers, modules) lives as long as the
-        # process: keep the collector from walking it again and again.
-        gc.freeze()
-        notifier = systemd.Notifier.from_environment()
-        notifier.ready(self.status_line())
-        tasks = [asyncio.create_task(notifier.watchdog_loop(self.status_line, self.healthy))]
-        if reload is not None:
-            tasks.append(asyncio.create_task(self._reload_loop(reload, notifier)))
-        if ready is not None:
-            ready()
-        try:
-            await shutdown.wait()
-        finally:
-            notifier.stopping()
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await self.stop()
-
     def abort(self) -> None:
         """A second stop signal: cancel in-flight attempts now (their webhooks stay queued)."""
         self._abort.set()
 
-    async def stop(self) -> None:
-        """Ordered, bounded shutdown. Idempotent."""
+    async def drain(self) -> None:
+        """The first step of an ordered, bounded stop: refuse ingest, then let in-flight
+        attempts finish and record their outcomes, for up to `shutdown_grace` or until
+        `abort`; what is left is cancelled, its webhooks still queued. Idempotent."""
+        self.accepting = False
         if not self.started.is_set():
-            # Never started, or a start that failed part-way: nothing was in flight yet.
-            # Everything it may have begun is closed, or its threads would keep the
-            # process from exiting.
+            # Never served, or a start that failed part-way: nothing was in flight yet.
+            # Whatever it began is ended, or its tasks would outlive the daemon.
             for worker in self.workers.values():
                 if worker.task is not None:
                     worker.task.cancel()
                 await worker.join()
-            if self._runner is not None:
-                await self._runner.cleanup()
-                self._runner = None
-            await self.sender.close()
-            await self.store.close()
             return
-        self.accepting = False
         for worker in self.workers.values():
             worker.stop()
         tasks = [w.task for w in self.workers.values() if w.task is not None and not w.task.done()]
@@ -299,25 +200,17 @@ class Service:
                 task.cancel()
             for worker in self.workers.values():
                 await worker.join()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+
+    async def close(self) -> None:
+        """The last step: close the client, commit what is pending and close the database
+        (its threads would otherwise keep the process from exiting). Idempotent."""
         await self.sender.close()
         await self.store.close()
-        self.started.clear()
-        log.info("stopped")
+        if self.started.is_set():
+            self.started.clear()
+            log.info("stopped")
 
     # -- reload ------------------------------------------------------------------------------
-
-    async def _reload_loop(self, reload: asyncio.Event, notifier: systemd.Notifier) -> None:
-        while True:
-            await reload.wait()
-            reload.clear()
-            notifier.reloading()
-            try:
-                await self.reload()
-            finally:
-                notifier.ready(self.status_line())
 
     async def reload(self) -> bool:
         """Re-read the configuration file; on any error keep the running configuration."""
@@ -651,46 +544,3 @@ def _from_view(
 def _plain(value: Any) -> Any:
     """A setting as JSON shows it (tuples are lists)."""
     return list(value) if isinstance(value, tuple) else value
-
-
-def _cannot_listen(listen: str, config: Any, exc: OSError) -> str:
-    if exc.errno == errno.EADDRINUSE:
-        return (
-            f"{listen} is already in use (another webhookd, or another program); stop it, "
-            f"or set listen in [daemon] of {config} to a free address"
-        )
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return (
-            f"{listen} is not an address of this machine; set listen in [daemon] of {config} "
-            "to one of its addresses (127.0.0.1:8787 for this machine only)"
-        )
-    if exc.errno == errno.EACCES:
-        return (
-            f"listening on {listen} is not permitted (ports below 1024 need privileges); "
-            f"set listen in [daemon] of {config} to a port above 1023"
-        )
-    return f"cannot listen on {listen}: {exc.strerror or exc}"
-
-
-def _address(address: Any) -> str:
-    if isinstance(address, tuple):
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(address)
-
-
-def install_signals(shutdown: asyncio.Event, reload: asyncio.Event, service: Service) -> None:
-    """Signal handlers only set events: neither the store nor the loop is safe to touch there.
-
-    The first SIGTERM/SIGINT starts a graceful stop; a second one aborts in-flight attempts.
-    """
-    loop = asyncio.get_running_loop()
-
-    def stop() -> None:
-        if shutdown.is_set():
-            service.abort()
-        shutdown.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop)
-    loop.add_signal_handler(signal.SIGHUP, reload.set)

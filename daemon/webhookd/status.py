@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 
+from webhookd.records import Webhook
 from webhookd.scheduler import TenantWorker
-from webhookd.store import Webhook
 from webhookd.views import counted
 
 QUEUE_STATES = ("empty", "waiting", "stalled", "paused", "disabled", "orphaned")
@@ -87,7 +87,7 @@ def daemon(workers: Sequence[TenantWorker], now: float, disk_full: bool) -> dict
         "parked": sum(t["parked"] for t in tenants),
         "in_flight": sum(1 for t in tenants if t["in_flight"]),
         "queues": queues,
-        # Out of disk: ingest answers 503, deliveries go on (see store/reserve.py).
+        # Out of disk: ingest answers 503, deliveries go on (see store/sqlite/reserve.py).
         "disk_full": disk_full,
     }
     return {"tenants": tenants, "totals": totals}

@@ -1,46 +1,30 @@
 """The store: every byte of SQL webhookd runs lives in this package.
 
-`Store` is the one interface the scheduler, service and API use (enqueue, acknowledge,
-record_failure, park, requeue, read_queue, ...); `sqlite.py` implements it on SQLite.
-A shared engine (PostgreSQL with per-tenant advisory locks, say) would be another module
-behind the same methods, without touching the scheduler.
+`Store` (protocol.py) is the one interface the service, the scheduler and the metrics use
+(enqueue, acknowledge, record_failure, park, requeue, read_queue, ...), with the guarantees
+each method keeps. Each engine implements it in its own folder, and `make_store` picks the
+engine for the configured database:
 
-- `records.py`: the immutable rows that cross this boundary, and the store's errors
-- `schema.py`: versioned migrations and what start-up reads back
-- `writes.py`: the write operations applied inside a group commit
-- `reserve.py`: the ballast file that keeps deliveries recordable on a full disk
+- `sqlite/`: one SQLite file beside the daemon (`SqliteStore`), today's only engine
+
+The rows that cross this boundary, and the store's errors, are in `webhookd.records`; the
+generated ids in `webhookd.ids`: neither is SQL, and the sender and status use them
+without importing the store. tests/test_store_contract.py runs the same behaviour against
+every engine.
 """
 
-from webhookd.store.records import (
-    Failure,
-    IngestResult,
-    IngestStatus,
-    NewWebhook,
-    ParkedWebhook,
-    SchemaTooNew,
-    StoreError,
-    TenantRecord,
-    TenantRow,
-    Webhook,
-)
-from webhookd.store.schema import SCHEMA_VERSION
-from webhookd.store.sqlite import Store
-from webhookd.store.writes import generated_id, generated_sequence, id_tag
+from __future__ import annotations
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "Failure",
-    "IngestResult",
-    "IngestStatus",
-    "NewWebhook",
-    "ParkedWebhook",
-    "SchemaTooNew",
-    "Store",
-    "StoreError",
-    "TenantRecord",
-    "TenantRow",
-    "Webhook",
-    "generated_id",
-    "generated_sequence",
-    "id_tag",
-]
+from pathlib import Path
+from typing import Literal
+
+from webhookd.store.protocol import Store
+from webhookd.store.sqlite import SqliteStore
+
+__all__ = ["Store", "make_store"]
+
+
+def make_store(database: Path, durability: Literal["full", "normal"] = "full") -> Store:
+    """The engine for `database` (unopened: `await store.open()`). Typed as `Store`, so the
+    type checker holds each engine to the interface."""
+    return SqliteStore(database, durability=durability)

@@ -14,7 +14,7 @@ share of the volume: a small volume needs it as much as a large one):
   the database file it cannot start over, and every later commit would need it to grow; the
   copy must extend the database file by as many pages as the WAL holds that the file does
   not. `wal_autocheckpoint` keeps that under WAL_PAGES, and the store refuses an ingest
-  whose own checkpoint would not fit in the free space (sqlite.py, `_check_room`), so a big
+  whose own checkpoint would not fit in the free space (engine.py, `_check_room`), so a big
   ingest cannot leave more than that behind;
 - the outcomes recorded while full (OUTCOME_PAGES): in-place writes of a page or two each
   (an acknowledgement only moves `acked_sequence`, see writes.py), which the WAL, restarted

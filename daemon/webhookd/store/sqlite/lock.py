@@ -15,7 +15,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from webhookd.store.records import StoreError
+from webhookd.records import StoreError
 
 
 class DatabaseLock:

@@ -15,14 +15,12 @@ leaves the rows to `Sweep`; a failure, park or requeue that would take a new pag
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from functools import lru_cache
 from typing import Any, TypeVar
 
-from webhookd.store.records import (
+from webhookd.ids import generated_id, generated_sequence, id_tag
+from webhookd.records import (
     Failure,
     IngestResult,
     NewWebhook,
@@ -121,7 +119,7 @@ class Tx:
         except sqlite3.Error as exc:
             # A cap on the file (max_page_count) refuses the page in the statement, not at
             # commit; that may end the whole transaction, which then fails (and its ops are
-            # tried one by one, see sqlite.py).
+            # tried one by one, see engine.py).
             full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
             if not (full and self.conn.in_transaction):
                 raise
@@ -196,40 +194,6 @@ class Enqueue(Op):
             )
             results.append(IngestResult(webhook_id, sequence, "queued"))
         return results
-
-
-# Generated ids: RFC 9562 version-8 UUIDs that carry the tenant's tag and the sequence
-# they were first given, so they are unique per tenant without being stored, and one sent
-# back as a producer id is known: `duplicate`, with its first sequence.
-#   tttttttt-tttt-8000-vsss-ssssssssssss   t: tag, v: variant 10xx, s: sequence (62 bits)
-
-
-@lru_cache(maxsize=65536)
-def id_tag(tenant: str) -> str:
-    """48 bits naming the tenant in its generated ids."""
-    return hashlib.sha256(b"webhookd-id:" + tenant.encode()).hexdigest()[:12]
-
-
-def generated_id(tag: str, sequence: int) -> str:
-    tail = f"{(1 << 63) | sequence:016x}"
-    return f"{tag[:8]}-{tag[8:]}-8000-{tail[:4]}-{tail[4:]}"
-
-
-def generated_sequence(tag: str, webhook_id: str) -> int | None:
-    """The sequence a generated id of this tenant was given; None for any other id."""
-    if len(webhook_id) != 36 or webhook_id[14:19] != "8000-":
-        return None  # the fast refusal: most producer ids end here
-    text = webhook_id.lower()
-    if text[:14] != f"{tag[:8]}-{tag[8:]}-" or text[23] != "-":
-        return None
-    digits = text[19:23] + text[24:]
-    if not _HEX.fullmatch(digits):
-        return None
-    value = int(digits, 16)
-    return value & ((1 << 62) - 1) if value >> 62 == 0b10 else None
-
-
-_HEX = re.compile(r"[0-9a-f]{16}")
 
 
 class Acknowledge(Op):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 
 from webhookd import logs
-from webhookd.store.records import Failure, SchemaTooNew, TenantRecord, TenantRow
+from webhookd.records import Failure, SchemaTooNew, TenantRecord, TenantRow
 
 log = logs.get_logger("webhookd.store")
 

@@ -1,4 +1,8 @@
-"""What crosses the store boundary: rows as immutable records, and the store's errors."""
+"""What crosses the store boundary: rows as immutable records, and the store's errors.
+
+Outside `store/` so that the layers the rows reach (the scheduler, the sender, status and
+the views) import nothing of the store: the store fills these, whichever engine it is.
+"""
 
 from __future__ import annotations
 

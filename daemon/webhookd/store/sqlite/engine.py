@@ -32,8 +32,7 @@ from typing import Any, Literal
 import aiosqlite
 
 from webhookd import logs
-from webhookd.store.lock import DatabaseLock
-from webhookd.store.records import (
+from webhookd.records import (
     Failure,
     IngestResult,
     NewWebhook,
@@ -43,7 +42,9 @@ from webhookd.store.records import (
     TenantRow,
     Webhook,
 )
-from webhookd.store.reserve import (
+from webhookd.store.protocol import OnEnqueued
+from webhookd.store.sqlite.lock import DatabaseLock
+from webhookd.store.sqlite.reserve import (
     WAL_FRAME_HEADER,
     WAL_PAGES,
     Reserve,
@@ -51,8 +52,8 @@ from webhookd.store.reserve import (
     size_for,
     wal_limit,
 )
-from webhookd.store.schema import load_records, migrate, refuse_newer
-from webhookd.store.writes import (
+from webhookd.store.sqlite.schema import load_records, migrate, refuse_newer
+from webhookd.store.sqlite.writes import (
     Acknowledge,
     ClearFailures,
     Discard,
@@ -86,8 +87,8 @@ PRAGMAS_COMMON = (
 )
 
 
-class Store:
-    """SQLite-backed queue store. One instance per daemon; not shared between processes."""
+class SqliteStore:
+    """The `Store` on SQLite. One instance per daemon; not shared between processes."""
 
     def __init__(self, path: Path, *, durability: Literal["full", "normal"] = "full") -> None:
         self.path = path
@@ -102,7 +103,7 @@ class Store:
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
-        self.on_enqueued: Any = None  # set by the service: (tenant, [Webhook]) -> None
+        self.on_enqueued: OnEnqueued | None = None  # set by the service (see Store)
         self.commits = 0
         self._lock = DatabaseLock(path)
         self._reserve: Reserve  # made at open, sized by the database's page size

@@ -1,0 +1,161 @@
+"""The store's one interface: what the service, the scheduler and the metrics may ask of it.
+
+Every engine (`sqlite/`, and PostgreSQL next) implements `Store` with the same guarantees,
+and tests/test_store_contract.py runs the same behaviour against each. What an engine does
+beyond this (SQLite's pragmas, reserve file and lock file) is its own and tested on its own.
+
+The guarantees every method keeps:
+
+- **Atomic.** A write happens entirely or not at all. A write that raises `StoreError`
+  changed nothing: no sequence was taken, no id remembered, no state row moved.
+- **Durable on return.** When a write's coroutine returns, its transaction is committed: a
+  crash after that never loses it (with durability "normal", a power cut may lose the last
+  commits but never corrupts the database). Writes awaited at the same time may be
+  committed together (a group commit), each with its own result or error.
+- **The queue invariant.** A tenant's queued webhooks are exactly the sequences
+  `acked_sequence + 1 … last_sequence` of its state row, contiguous and in order. Enqueueing
+  and requeueing append at the tail; acknowledging and parking remove from the head; a
+  discard empties it. So the number waiting is `last_sequence - acked_sequence`.
+- **Sequences are never reused,** per tenant: not after the queue empties, not after a
+  discard, not across restarts.
+- **Errors.** `StoreError` means the database could not carry out the request; its message
+  is one sentence for the operator (never a secret). `disk_full` on it says the refusal is
+  for lack of space. Anything else raised is a bug.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from webhookd.records import (
+    Failure,
+    IngestResult,
+    NewWebhook,
+    ParkedWebhook,
+    TenantRecord,
+    Webhook,
+)
+
+# Called with a tenant and the webhooks a commit has just queued for it, in order.
+OnEnqueued = Callable[[str, list[Webhook]], None]
+
+
+class Store(Protocol):
+    """A durable, per-tenant ordered queue with its delivery state. One per daemon."""
+
+    on_enqueued: OnEnqueued | None
+    """Set by the service before `open`. Called once per commit that queued webhooks for a
+    tenant (by `enqueue` or `requeue`), with exactly those webhooks in sequence order, after
+    the commit and before the write returns: a worker wakes before ingest answers. Never
+    called for duplicates or other writes. An exception it raises is logged and swallowed:
+    the rows are committed, and the tenant's worker reads them from the database."""
+
+    @property
+    def disk_full(self) -> bool:
+        """True while ingest is refused for lack of space: `enqueue` raises `StoreError`
+        with `disk_full` set and queues nothing. Acknowledgements, failures and controls
+        are still recorded wherever they fit, so deliveries go on. The store looks for room
+        by itself and turns this off once there is enough again."""
+        ...
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed since `open`: concurrent writes share commits (group
+        commit), so this grows more slowly than the number of writes under load."""
+        ...
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> list[TenantRecord]:
+        """Open the database (creating or migrating its schema) and take it for this
+        daemon alone; return every tenant that has a state row, with its row, its stored
+        failures newest first, and its number of parked webhooks.
+
+        Raises `StoreError` with a one-sentence reason and what to do when the database
+        cannot be opened or another daemon has it; `SchemaTooNew` (a `StoreError`) when a
+        newer webhookd wrote it, leaving it untouched.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Commit every write already submitted, then release the database. Idempotent;
+        a write after it raises `StoreError("the store is closed")`."""
+        ...
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def enqueue(
+        self, tenant: str, items: Sequence[NewWebhook], accepted_at: float
+    ) -> list[IngestResult]:
+        """Queue `items` for `tenant` at the tail, all or nothing; one result per item, in
+        order, once durably committed.
+
+        Each queued item takes the next sequence (`last_sequence + 1`, …) and keeps its
+        `data` text exactly. An item without an id gets a generated one (`webhookd.ids`).
+        Ids are per tenant: an item whose id the tenant has had before (queued, delivered,
+        parked or discarded, before a restart too, or earlier in the same call, or in a
+        call committed together with this one) is `duplicate` with the first item's
+        sequence and queues nothing; so is a generated id of this tenant sent back. Raises
+        `StoreError` (with `disk_full`) while the disk is full.
+        """
+        ...
+
+    async def acknowledge(self, tenant: str, through_sequence: int, at: float) -> None:
+        """The endpoint took everything up to `through_sequence`: those leave the queue
+        (`acked_sequence` moves up to it, never back), attempts and `next_attempt_at` reset,
+        `last_processed_at` becomes `at`. The stored failures are history and stay."""
+        ...
+
+    async def record_failure(
+        self, tenant: str, failure: Failure, next_attempt_at: float | None, keep: int
+    ) -> None:
+        """A failed attempt: the tenant's `attempts` becomes `failure.attempt` and its next
+        attempt `next_attempt_at`; `failure` is stored and only the newest `keep` of the
+        tenant's failures are kept. On a full disk the backoff is still stored, the failure
+        row only if it fits."""
+        ...
+
+    async def clear_failures(self, tenant: str) -> int:
+        """Forget the tenant's stored failures; return how many there were. The attempt
+        count and backoff are untouched: clearing the list is not a retry."""
+        ...
+
+    async def set_paused(self, tenant: str, paused: bool) -> None:
+        """Store whether the tenant is paused. A paused tenant still queues."""
+        ...
+
+    async def park(self, tenant: str, sequence: int, at: float) -> Webhook | None:
+        """Move the head webhook `sequence` out of the queue into the tenant's parked
+        webhooks (parked at `at`): `acked_sequence` becomes `sequence`, attempts and backoff
+        reset. None, and nothing changes, when `sequence` is not the head."""
+        ...
+
+    async def requeue(self, tenant: str, webhook_id: str, at: float) -> Webhook | None:
+        """Move the parked webhook `webhook_id` back to the tail with a new sequence
+        (`last_sequence + 1`), its id, event, `accepted_at` and data unchanged; return it as
+        queued (and announce it through `on_enqueued`). None when no parked webhook of the
+        tenant has that id."""
+        ...
+
+    async def discard(self, tenant: str) -> int:
+        """Drop the tenant's queue, parked webhooks and failures (an operator's explicit
+        choice); return how many were waiting. `acked_sequence` becomes `last_sequence` (the
+        counter stays: sequences are never reused), attempts and backoff reset, unpaused."""
+        ...
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def read_queue(self, tenant: str, after: int, limit: int) -> list[Webhook]:
+        """Up to `limit` queued webhooks of `tenant` with sequence > `after`, in sequence
+        order. Callers read from `acked_sequence`: below it an engine may still return
+        webhooks acknowledged but not yet deleted (as SQLite does on a full disk)."""
+        ...
+
+    async def list_parked(self, tenant: str, limit: int = 1000) -> list[ParkedWebhook]:
+        """The tenant's parked webhooks in sequence order, up to `limit`."""
+        ...
+
+    async def ping(self) -> None:
+        """Return once the database answers a query; raise otherwise (the health check)."""
+        ...
