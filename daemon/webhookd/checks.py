@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from webhookd import http1
-from webhookd.config import Config, TenantConfig, is_loopback
+from webhookd.config import Config, TenantConfig, is_ip, is_loopback
 from webhookd.sender import is_blocked
 
 # The user systemd runs the daemon as: User= in systemd/webhookd.service (a test holds the
@@ -59,7 +59,7 @@ def findings(
         names = {
             (target.host, target.port)
             for name, target in targets.items()
-            if cfg.tenants[name].enabled and not _is_ip(target.host)
+            if cfg.tenants[name].enabled and not is_ip(target.host)
         }
         lookups = resolve_all(names, timeout)
     reader = ServiceUser.named(service_user)
@@ -96,7 +96,7 @@ def _endpoint(
     """The private-address rule, applied as the sender applies it at connect time."""
     at = where(cfg, tenant, "endpoint")
     host = target.host
-    if _is_ip(host):
+    if is_ip(host):
         if cfg.daemon.allow_private_endpoints or not is_blocked(host):
             return []
         what = f"{host} is {_kind(host)}"
@@ -123,14 +123,6 @@ def _endpoint(
         f"{at}: {what}, which allow_private_endpoints = false refuses: every attempt fails "
         f'with "blocked: resolves to private address …"; {ALLOW_PRIVATE}'
     ]
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _kind(host: str) -> str:

@@ -315,7 +315,7 @@ def endpoint_url(value: Any) -> str:
             f"{parts.hostname!r} is not a valid host name (each dot-separated label 1 to 63 "
             "characters)"
         ) from None
-    if not _HOST.fullmatch(host) and not _is_ip(host):
+    if not _HOST.fullmatch(host) and not is_ip(host):
         raise ValueError(f"{parts.hostname!r} is not a valid host name")
     if parts.fragment:
         raise ValueError("a URL fragment is never sent; remove it")
@@ -325,7 +325,7 @@ def endpoint_url(value: Any) -> str:
 _HOST = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -336,7 +336,7 @@ def _is_ip(host: str) -> bool:
 def _legacy_ipv4(host: str) -> bool:
     """`127.1`, `2130706433`, `0x7f.1`: numbers libc takes for an address but we refuse to
     send to (the HTTP client rejects them, and they are a classic SSRF disguise)."""
-    if _is_ip(host):
+    if is_ip(host):
         return False
     try:
         socket.inet_aton(host)
