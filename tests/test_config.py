@@ -740,7 +740,7 @@ KEY_16 = "whsec_" + base64.b64encode(b"x" * 16).decode()
 STATUS_RANGE = "expected status codes from 200 to 299"
 ONE_SECRET = "set exactly one of secret, secret_file, secret_env"
 PG_FORM = "postgresql://USER@HOST:PORT/DBNAME?sslmode=verify-full&sslrootcert=CA.pem"
-PG_PORT = "the port is not a number from 1 to 65535 (in a password, percent-encode / ? # @ and :)"
+PG_PORT = "the port is not a number from 1 to 65535 (in a password, percent-encode / ? # and @)"
 
 ERRORS: list[tuple[str, str, str]] = [
     # (id, the file, the one error line after "config.toml: ")

@@ -386,7 +386,24 @@ class DatabaseProbe:
 
 
 def probe_database(database: PostgresURL, timeout: float = DATABASE_TIMEOUT_S) -> DatabaseProbe:
-    """Connect as the daemon would (the URL, the password apart), ask the server's version."""
+    """Connect as the daemon would (the URL, the password apart), ask the server's version.
+
+    The name is looked up first in a daemon thread, as for endpoints: the event loop's own
+    lookup cannot be cancelled, and asyncio.run() would wait for a hung one at its end.
+    """
+    parts = urlsplit(database.url)
+    host, port = parts.hostname or "", parts.port or 5432
+    if not _is_ip(host):
+        found = resolve_all([(host, port)], timeout).get((host, port))
+        if found is None:
+            return DatabaseProbe(
+                error=f"{host} did not resolve within {timeout:g} s here (slow or unreachable "
+                "DNS?); check the host name and the resolver"
+            )
+        if isinstance(found, str):
+            return DatabaseProbe(
+                error=f"{host} does not resolve here ({found}); check the host name"
+            )
 
     async def within_timeout() -> str:
         async with asyncio.timeout(timeout):

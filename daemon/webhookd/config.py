@@ -666,7 +666,7 @@ def postgres_url(text: str, base_dir: Path) -> PostgresURL:
         port = 0
     if port == 0 or hostport.endswith(":"):
         raise ValueError(
-            "the port is not a number from 1 to 65535 (in a password, percent-encode / ? # @ and :)"
+            "the port is not a number from 1 to 65535 (in a password, percent-encode / ? # and @)"
         )
     host = parts.hostname or ""
     if not host:
