@@ -5,6 +5,9 @@ server: trust authentication, listening on 127.0.0.1 on a free port, its Unix so
 the folder, `fsync` and `synchronous_commit` left on (the store's durability is what tests
 check, so the server must keep it). Under root, as tests run here and in CI, `initdb` and
 `postgres` refuse to run, so they run as the `postgres` user (`runuser`) on a folder it owns.
+With `ssl=True` the server also speaks TLS, with a certificate for `TLS_HOSTNAME` from its
+own private CA (`server.ca`, made with trustme). `create_role` adds a role that must log in
+with a password.
 
 Fixtures (registered in tests/conftest.py):
   postgres_server  one server for the whole session, started by the first test that asks
@@ -21,16 +24,21 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+import trustme
 
 MISSING = (
     "PostgreSQL's server binaries are not installed (no /usr/lib/postgresql/*/bin/initdb): "
     "install Debian's postgresql (.ci/run does)"
 )
 START_TIMEOUT_S = 120  # pg_ctl -w: generous, the machine is shared with other test runs
+# The one name the `ssl=True` server's certificate holds: connecting to 127.0.0.1 instead is
+# a name the certificate does not hold (verify-full refuses it, verify-ca does not).
+TLS_HOSTNAME = "localhost"
 
 
 class PostgresMissing(RuntimeError):
@@ -60,14 +68,17 @@ class PostgresServer:
     """One PostgreSQL cluster in a temporary folder; `start()`, `stop()`, `restart()`.
 
     `settings` are written to postgresql.conf (e.g. {"shared_buffers": "128MB"}); the
-    defaults keep the server small, since several test runs share the machine.
+    defaults keep the server small, since several test runs share the machine. `ssl` turns
+    TLS on, with a certificate for TLS_HOSTNAME signed by `self.ca` (set by `init()`).
     """
 
     SETTINGS: Mapping[str, str] = {"shared_buffers": "16MB", "max_connections": "100"}
 
-    def __init__(self, settings: Mapping[str, str] | None = None) -> None:
+    def __init__(self, settings: Mapping[str, str] | None = None, *, ssl: bool = False) -> None:
         self.bin = bin_dir()
         self.settings = {**self.SETTINGS, **(settings or {})}
+        self.ssl = ssl
+        self.ca: trustme.CA | None = None
         self.as_root = os.geteuid() == 0
         # Not under pytest's tmp_path: /tmp/pytest-of-root is 0700, which the postgres
         # user cannot enter. The socket path must also stay under 107 bytes.
@@ -108,6 +119,9 @@ class PostgresServer:
             "fsync": "on",
             "synchronous_commit": "on",
         }
+        if self.ssl:
+            self._write_certificate()
+            settings["ssl"] = "on"  # server.crt and server.key in the data folder: the defaults
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write("\n# tests/postgres.py\n")
             for name, value in settings.items():
@@ -175,7 +189,43 @@ class PostgresServer:
         # keep its database (and its rows) around for the rest of the session.
         self.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
+    def create_role(self, name: str, password: str) -> None:
+        """A login role that must give `password` (SCRAM) over TCP; `postgres` stays trusted.
+
+        Its pg_hba.conf line goes first, so it wins over initdb's `trust` for everyone.
+        """
+        quoted = password.replace("'", "''")
+        self.psql(f"CREATE ROLE {name} LOGIN PASSWORD '{quoted}'")
+        hba = self.data / "pg_hba.conf"
+        hba.write_text(f"host all {name} 127.0.0.1/32 scram-sha-256\n{hba.read_text()}")
+        self.reload()
+
+    def reload(self) -> None:
+        """Have the server read its configuration files again, and wait until it has (a
+        reload is a signal: pg_reload_conf() returns before the server acts on it)."""
+        before = self.psql("SELECT pg_conf_load_time()")
+        self.psql("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self.psql("SELECT pg_conf_load_time()") == before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not reload:\n{self.log_tail()}")
+            time.sleep(0.01)
+
     # -- helpers ---------------------------------------------------------------------------
+
+    def _write_certificate(self) -> None:
+        self.ca = trustme.CA()
+        issued = self.ca.issue_cert(TLS_HOSTNAME)
+        files = {
+            self.data / "server.crt": b"".join(pem.bytes() for pem in issued.cert_chain_pems),
+            self.data / "server.key": issued.private_key_pem.bytes(),
+        }
+        for path, data in files.items():
+            path.write_bytes(data)
+            path.chmod(0o600)  # the server refuses a key others can read
+            if self.as_root:
+                owner = pwd.getpwnam("postgres")
+                os.chown(path, owner.pw_uid, owner.pw_gid)
 
     def _run(self, program: str, *args: str) -> None:
         command = [str(self.bin / program), *args]
@@ -213,9 +263,11 @@ class PostgresServer:
         return False
 
 
-def started_server(settings: Mapping[str, str] | None = None) -> PostgresServer:
+def started_server(
+    settings: Mapping[str, str] | None = None, *, ssl: bool = False
+) -> PostgresServer:
     """A new server, initialised and started (the caller `remove()`s it)."""
-    server = PostgresServer(settings)
+    server = PostgresServer(settings, ssl=ssl)
     try:
         server.init()
         server.start()

@@ -3,7 +3,8 @@ machine are warnings that name the key and the setting to change (webhookd.check
 `run` logs the same ones at start. The summary table fits 80 columns.
 
 Real files, real DNS lookups of names that cannot resolve (`.invalid`), real sockets bound
-to test the source addresses, `check` and `run` as subprocesses.
+to test the source addresses, `check` and `run` as subprocesses. A PostgreSQL database is
+checked by connecting to it: real servers, one of them with TLS from a private CA.
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ import os
 import pwd
 import re
 import signal
+import socket
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 import tomli_w
+import trustme
 
 from tests.conftest import ROOT, Process, free_port, tenant, wait_for, write_config
+from tests.postgres import TLS_HOSTNAME, PostgresServer, started_server
 from tests.test_reload import log_events
 from tests.test_tenants_api import SIGNING, run_cli
 from webhookd import checks, config
@@ -323,3 +329,201 @@ def test_the_check_table_fits_80_columns(tmp_path: Path) -> None:
         assert "…" in shown and name.startswith(shown[: shown.index("…")])
         assert name.endswith(shown[shown.index("…") + 1 :]) and shown.endswith(name[-1])
         assert endpoint.endswith("…") and url.startswith(endpoint[:-1]), row
+
+
+# -- a PostgreSQL database: check connects to it -----------------------------------------------
+
+CANNOT_USE = "the file is valid, but its database cannot be used (below)"
+PASSWORD_SOURCES = "database_password_file, $WEBHOOKD_DATABASE_PASSWORD or the URL"
+
+
+@pytest.fixture(scope="module")
+def tls_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server speaking TLS with a certificate for `localhost` only, from its
+    own private CA (server.ca)."""
+    server = started_server(ssl=True)
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+def postgres_config(directory: Path, url: str, name: str = "config.toml", **daemon: Any) -> Path:
+    return write_config(
+        directory,
+        {"demo": tenant("http://127.0.0.1:9000/demo")},
+        daemon={"database": url, **daemon},
+        name=name,
+    )
+
+
+def probe(directory: Path, url: str, timeout: float = checks.DATABASE_TIMEOUT_S) -> str:
+    """What `check` says of the database at `url` (relative paths from `directory`)."""
+    found = checks.probe_database(config.postgres_url(url, directory), timeout)
+    return found.version or found.error
+
+
+def test_check_connects_to_a_postgresql_database_and_shows_its_version(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    path = postgres_config(tmp_path, postgres_url)
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{path}: OK"
+    assert re.fullmatch(
+        rf"  database    {re.escape(postgres_url)} \(PostgreSQL \d+\.\d+, reachable\)", lines[1]
+    ), lines[1]
+
+
+def test_check_exits_1_when_the_database_refuses_the_password(
+    tmp_path: Path, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """The role must log in with its password (SCRAM): the right one in
+    database_password_file connects, a wrong one is an error naming where to set it."""
+    postgres_server.create_role("check_login", "the-right-password")
+    url = postgres_url.replace("postgresql://postgres@", "postgresql://check_login@")
+    (tmp_path / "db.password").write_text("a-wrong-password\n")
+    path = postgres_config(tmp_path, url, database_password_file="db.password")
+
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.splitlines()[:2] == [
+        f"{path}: {CANNOT_USE}",
+        f"  database    {url} (cannot be used: below)",
+    ]
+    assert result.stderr.splitlines() == [
+        f"error: {path}: daemon.database: {url}: the server refused the login: password "
+        'authentication failed for user "check_login"; check the user in the URL and the '
+        f"password ({PASSWORD_SOURCES})"
+    ]
+
+    (tmp_path / "db.password").write_text("the-right-password\n")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "reachable" in result.stdout.splitlines()[1]
+
+
+def test_check_names_each_way_a_database_cannot_be_used(
+    tmp_path: Path, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """One line each: what is wrong, and what to change."""
+    at = f"127.0.0.1:{postgres_server.port}"
+    base = postgres_url.rpartition("/")[0]
+    assert probe(tmp_path, f"{base}/no_such_db") == (
+        f'database "no_such_db" does not exist on {at}: create it (createdb -O USER NAME), '
+        "or fix the URL's database"
+    )
+    nobody = postgres_url.replace("postgres@", "nobody@")
+    assert probe(tmp_path, nobody) == (
+        'the server refused the login: role "nobody" does not exist; create the role, or fix '
+        "the URL's user"
+    )
+    assert probe(tmp_path, f"{postgres_url}?sslmode=require") == (
+        f"the server at {at} does not offer TLS, which sslmode=require requires: turn ssl on "
+        "in its postgresql.conf, or lower sslmode"
+    )
+    port = free_port()  # nothing listens there
+    assert probe(tmp_path, f"postgresql://postgres@127.0.0.1:{port}/w") == (
+        f"connection refused by 127.0.0.1:{port}: is PostgreSQL running there, and listening "
+        "on that address (listen_addresses) and port?"
+    )
+    gone = probe(tmp_path, "postgresql://postgres@db.webhookd.invalid/w")
+    assert gone.startswith("db.webhookd.invalid does not resolve here ("), gone
+    assert gone.endswith("); check the host name"), gone
+
+    # A server that takes the connection and never answers: check gives up in time.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        assert probe(tmp_path, f"postgresql://postgres@127.0.0.1:{port}/w", timeout=0.5) == (
+            f"no answer from 127.0.0.1:{port} within 0.5 s: check the host and port, and that "
+            "a firewall lets the connection through"
+        )
+
+
+def test_check_connects_over_tls_verifying_a_private_ca(
+    tmp_path: Path, tls_postgres: PostgresServer
+) -> None:
+    """sslmode=verify-full with sslrootcert = the private CA: the certificate's CA and its
+    name are both checked. Another CA, or a name the certificate does not hold, fails with
+    a TLS error saying which."""
+    assert tls_postgres.ca is not None
+    tls_postgres.ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    trustme.CA().cert_pem.write_to_path(tmp_path / "other-ca.pem")
+    port = tls_postgres.port
+    verified = f"postgresql://postgres@{TLS_HOSTNAME}:{port}/postgres?sslmode=verify-full"
+
+    path = postgres_config(tmp_path, f"{verified}&sslrootcert=ca.pem")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    shown = f"{verified}&sslrootcert={tmp_path}/ca.pem"
+    assert re.fullmatch(
+        rf"  database    {re.escape(shown)} \(PostgreSQL \d+\.\d+, reachable\)",
+        result.stdout.splitlines()[1],
+    ), result.stdout
+    assert "warning" not in result.stdout  # verify-full: nothing to warn about
+
+    path = postgres_config(tmp_path, f"{verified}&sslrootcert=other-ca.pem", name="other.toml")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.splitlines() == [
+        f"error: {path}: daemon.database: {verified}&sslrootcert={tmp_path}/other-ca.pem: TLS: "
+        "the server's certificate does not verify against sslrootcert (unable to get local "
+        "issuer certificate): set sslrootcert to the CA certificate that issued the server's"
+    ]
+
+    by_address = f"postgresql://postgres@127.0.0.1:{port}/postgres?sslrootcert=ca.pem&sslmode="
+    path = postgres_config(tmp_path, f"{by_address}verify-full", name="address.toml")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 1, result.stdout
+    [error] = result.stderr.splitlines()
+    assert error.endswith(
+        ": TLS: the server's certificate is not issued to the IP address 127.0.0.1, which "
+        "sslmode=verify-full checks: connect by a name the certificate holds, or have it "
+        "reissued for this one"
+    ), error
+    # The CA is right, only the name differs: verify-ca, which does not check it, connects.
+    assert probe(tmp_path, f"{by_address}verify-ca").startswith("PostgreSQL ")
+
+
+def test_check_warns_when_tls_to_the_database_does_not_check_the_server(tmp_path: Path) -> None:
+    """Over a network, only verify-full keeps a host on the way from posing as the database
+    (and reading the password). A database on this machine needs no TLS."""
+    (tmp_path / "ca.pem").write_bytes(trustme.CA().cert_pem.bytes())
+    fix = "; use sslmode=verify-full with sslrootcert"
+    cases = {
+        "postgresql://db.example/w": "sslmode=prefer does not check who answers at "
+        "db.example: a host on the way can pose as the database and read the password and "
+        f"every webhook{fix}",
+        "postgresql://db.example/w?sslmode=require": "sslmode=require does not check who "
+        "answers at db.example: a host on the way can pose as the database and read the "
+        f"password and every webhook{fix}",
+        "postgresql://db.example/w?sslmode=verify-ca&sslrootcert=ca.pem": "sslmode=verify-ca "
+        "checks the CA of db.example's certificate but not its name: any server with a "
+        f"certificate from that CA can pose as the database{fix}",
+        "postgresql://db.example/w?sslmode=verify-full&sslrootcert=ca.pem": None,
+        "postgresql://127.0.0.1/w?sslmode=disable": None,
+        "postgresql://localhost/w": None,
+    }
+    for url, expected in cases.items():
+        path = postgres_config(tmp_path, url)
+        found = checks.findings(config.load(path), resolve=False)
+        assert found == ([f"{path}: daemon.database: {expected}"] if expected else []), url
+
+
+def test_a_database_password_file_others_can_read_is_named(tmp_path: Path) -> None:
+    password = tmp_path / "db.password"
+    password.write_text("pw\n")
+    password.chmod(0o644)
+    path = postgres_config(
+        tmp_path, "postgresql://127.0.0.1/w", database_password_file="db.password"
+    )
+    owner, group = me(), grp.getgrgid(os.getgid()).gr_name
+    assert checks.findings(config.load(path), resolve=False, service_user=me()) == [
+        f"{path}: daemon.database_password_file: {password} (mode 0644, owner {owner}, group "
+        f"{group}) is readable by every user; chmod o-r it"
+    ]
+    password.chmod(0o600)
+    assert checks.findings(config.load(path), resolve=False, service_user=me()) == []

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trustme
 
-from webhookd.config import ConfigError, SecretRef, load
+from webhookd.config import ConfigError, PostgresURL, Secret, SecretRef, load
 from webhookd.events import CURRENT
 
 ENDPOINT = "https://hooks.acme.example/passfort"
@@ -417,6 +417,189 @@ def test_secrets_never_in_errors(here: Path) -> None:
         assert secret not in text
 
 
+# -- the database: a SQLite file, or a PostgreSQL URL with its password kept apart ---------------
+
+PASSWORD_ENV = "WEBHOOKD_DATABASE_PASSWORD"
+
+
+def database(url: str, **daemon: str) -> str:
+    """A [daemon] table with `database = url` and more keys (TOML literals)."""
+    lines = [f'database = "{url}"', *(f"{key} = {value}" for key, value in daemon.items())]
+    return "[daemon]\n" + "\n".join(lines) + "\n"
+
+
+def test_database_is_a_sqlite_path_or_a_postgresql_url(here: Path) -> None:
+    """A path is SQLite, as before; a postgresql:// (or postgres://) URL is PostgreSQL. The
+    URL is kept as asyncpg reads it: the scheme spelled out, the user and database name
+    percent-encoded once, the query's file paths resolved against the config's folder."""
+    write(here / "certs" / "ca.pem", CA_PEM)
+    cases: dict[str, Path | str] = {
+        "data/queue.db": here.resolve() / "data" / "queue.db",
+        "postgres://webhookd@db.internal:6543/webhooks": "postgresql://webhookd@db.internal:6543/webhooks",
+        "postgresql://db.internal/webhooks": "postgresql://db.internal/webhooks",
+        "postgresql://u@[2001:db8::5]:5432/webhooks": "postgresql://u@[2001:db8::5]:5432/webhooks",
+        "postgresql://web%40hooks@db/web%20hooks": "postgresql://web%40hooks@db/web%20hooks",
+        "postgresql://u@db/w?sslmode=verify-full&sslrootcert=certs/ca.pem": (
+            f"postgresql://u@db/w?sslmode=verify-full&sslrootcert={here.resolve()}/certs/ca.pem"
+        ),
+        "postgresql://u@db/w?sslmode=disable": "postgresql://u@db/w?sslmode=disable",
+    }
+    for given, expected in cases.items():
+        write(here / "config.toml", database(given))
+        d = load("config.toml", environ={}).daemon
+        if isinstance(expected, Path):
+            assert d.database == expected
+            continue
+        assert d.database == PostgresURL(expected), given
+        assert str(d.database) == expected
+        assert d.database_password_file is None
+
+
+def test_the_password_comes_from_the_url_a_file_or_the_environment(here: Path) -> None:
+    """Wherever it comes from, the password is kept apart from the URL, which is what is
+    shown. A file's final line break is not the password's; its spaces are."""
+    write(here / "config.toml", database("postgresql://webhookd:p%40ss%2Fw0rd%3A@db/webhooks"))
+    d = load("config.toml", environ={}).daemon
+    assert d.database == PostgresURL("postgresql://webhookd@db/webhooks", Secret("p@ss/w0rd:"))
+    # An @ left unencoded in the password still leaves the host alone.
+    write(here / "config.toml", database("postgresql://webhookd:p@ss@db/webhooks"))
+    d = load("config.toml", environ={}).daemon
+    assert d.database == PostgresURL("postgresql://webhookd@db/webhooks", Secret("p@ss"))
+
+    for content, password in (("  pass word \n", "  pass word "), ("crlf\r\n", "crlf")):
+        write(here / "secrets" / "db.password", content)
+        write(
+            here / "config.toml",
+            database(
+                "postgresql://webhookd@db/webhooks", database_password_file='"secrets/db.password"'
+            ),
+        )
+        d = load("config.toml", environ={}).daemon
+        assert d.database == PostgresURL("postgresql://webhookd@db/webhooks", Secret(password))
+        assert d.database_password_file == here.resolve() / "secrets" / "db.password"
+
+    write(here / "config.toml", database("postgresql://webhookd@db/webhooks"))
+    d = load("config.toml", environ={PASSWORD_ENV: "from-env"}).daemon
+    assert d.database == PostgresURL("postgresql://webhookd@db/webhooks", Secret("from-env"))
+    # No password at all: asyncpg's own sources (~/.pgpass, $PGPASSWORD) or none.
+    assert load("config.toml", environ={}).daemon.database == PostgresURL(
+        "postgresql://webhookd@db/webhooks"
+    )
+
+
+def test_the_database_password_is_set_in_one_place_only(here: Path) -> None:
+    write(here / "db.password", "FILE-PASSWORD-2\n")
+    url = "postgresql://webhookd:URL-PASSWORD-1@db/webhooks"
+    env = {PASSWORD_ENV: "ENV-PASSWORD-3"}
+    write(here / "config.toml", database(url))
+    assert errors_of("config.toml", env) == [
+        "config.toml: daemon.database: the password is set in 2 places (the URL, "
+        "$WEBHOOKD_DATABASE_PASSWORD); keep one"
+    ]
+    write(here / "config.toml", database(url, database_password_file='"db.password"'))
+    errors = errors_of("config.toml", env)
+    assert errors == [
+        "config.toml: daemon.database_password_file: the password is set in 3 places (the "
+        "URL, database_password_file, $WEBHOOKD_DATABASE_PASSWORD); keep one"
+    ]
+    assert not any(s in str(errors) for s in ("PASSWORD-1", "PASSWORD-2", "PASSWORD-3"))
+
+
+def test_a_database_password_file_must_hold_one_line(here: Path) -> None:
+    write(here / "empty.password", "\n")
+    write(here / "two.password", "FIRST-LINE-1\nSECOND-LINE-2\n")
+    for name, expected in (
+        ("empty.password", "'empty.password' is empty"),
+        (
+            "two.password",
+            "'two.password' holds more than one line, or a control character; the password "
+            "is the file's one line",
+        ),
+        ("none.password", "cannot read 'none.password': No such file or directory"),
+    ):
+        write(
+            here / "config.toml",
+            database("postgresql://db/webhooks", database_password_file=f'"{name}"'),
+        )
+        errors = errors_of("config.toml", {})
+        assert errors == [f"config.toml: daemon.database_password_file: {expected}"]
+        assert "LINE-" not in str(errors)
+
+
+def test_a_sqlite_database_takes_no_password(here: Path) -> None:
+    """database_password_file beside a path is a mistake; the variable may be set for other
+    reasons (a shared environment file), and a SQLite file has no use for it."""
+    write(here / "db.password", "pw\n")
+    write(here / "config.toml", database("webhookd.db", database_password_file='"db.password"'))
+    assert errors_of("config.toml", {}) == [
+        "config.toml: daemon.database_password_file: only for a PostgreSQL database (database "
+        "is a SQLite file's path)"
+    ]
+    write(here / "config.toml", database("webhookd.db"))
+    d = load("config.toml", environ={PASSWORD_ENV: "pw"}).daemon
+    assert d.database == here.resolve() / "webhookd.db"
+
+
+def test_the_database_password_is_never_shown(here: Path) -> None:
+    """Not by str() or repr() of the URL or the whole configuration, and not by any error
+    about a URL that holds it, however the URL is broken."""
+    write(here / "config.toml", database("postgresql://webhookd:URL-PASSWORD-1@db/webhooks"))
+    config = load("config.toml", environ={})
+    assert isinstance(config.daemon.database, PostgresURL)
+    assert config.daemon.database.password.reveal() == "URL-PASSWORD-1"
+    for text in (str(config.daemon.database), repr(config.daemon.database), repr(config)):
+        assert "URL-PASSWORD-1" not in text
+    assert "Secret('***')" in repr(config.daemon.database)
+
+    broken = [
+        "postgresql://u:URL-PASSWORD-1@db:port/w",
+        "postgresql://u:URL-PASSWORD-1@/w",
+        "postgresql://u:URL-PASSWORD-1@db",
+        "postgresql://u:URL-PASSWORD-1@db/w?connect_timeout=5",
+        "postgresql://u:URL-PASSWORD-1@db/w#f",
+        "postgresql://u:URL/PASSWORD-1@db/w",
+        "postgresql://u:1234/URL-PASSWORD-1@db/w",
+        "postgresql://u:URL-PASSWORD-1@a,b/w",
+        "postgresql://u:URL-PASSWORD-1@db/w?sslmode=URL-PASSWORD-1",
+        "mysql://u:URL-PASSWORD-1@db/w",
+    ]
+    for url in broken:
+        write(here / "config.toml", database(url))
+        errors = errors_of("config.toml", {})
+        assert len(errors) == 1 and errors[0].startswith("config.toml: daemon.database: "), errors
+        if "sslmode=URL" not in url:  # a value the user typed into sslmode is shown back
+            assert "PASSWORD-1" not in errors[0], url
+
+
+def test_tls_files_in_the_url_must_load(here: Path) -> None:
+    """As for ca_file: a CA that does not load would fail at start, far from its key."""
+    write(here / "key.pem", "-----BEGIN PRIVATE KEY-----\nnot a cert\n")
+    write(
+        here / "config.toml", database("postgresql://db/w?sslmode=verify-full&sslrootcert=key.pem")
+    )
+    [error] = errors_of("config.toml", {})
+    assert error.startswith(
+        "config.toml: daemon.database: sslrootcert is not a PEM certificate bundle ("
+    ), error
+
+    client = trustme.CA().issue_cert("webhookd")
+    client.cert_chain_pems[0].write_to_path(here / "client.crt")
+    client.private_key_pem.write_to_path(here / "client.key")
+    url = "postgresql://db/w?sslmode=require&sslcert=client.crt&sslkey=client.key"
+    write(here / "config.toml", database(url))
+    d = load("config.toml", environ={}).daemon
+    assert d.database == PostgresURL(
+        f"postgresql://db/w?sslmode=require&sslcert={here.resolve()}/client.crt"
+        f"&sslkey={here.resolve()}/client.key"
+    )
+    write(here / "config.toml", database(url.replace("client.key", "key.pem")))
+    [error] = errors_of("config.toml", {})
+    assert error.startswith(
+        "config.toml: daemon.database: sslcert and sslkey are not a certificate and its "
+        "unencrypted key ("
+    ), error
+
+
 # -- tenants_dir ---------------------------------------------------------------------------------
 
 
@@ -556,6 +739,8 @@ SHORT_KEY = "whsec_" + base64.b64encode(b"x" * 15).decode()
 KEY_16 = "whsec_" + base64.b64encode(b"x" * 16).decode()
 STATUS_RANGE = "expected status codes from 200 to 299"
 ONE_SECRET = "set exactly one of secret, secret_file, secret_env"
+PG_FORM = "postgresql://USER@HOST:PORT/DBNAME?sslmode=verify-full&sslrootcert=CA.pem"
+PG_PORT = "the port is not a number from 1 to 65535 (in a password, percent-encode / ? # and @)"
 
 ERRORS: list[tuple[str, str, str]] = [
     # (id, the file, the one error line after "config.toml: ")
@@ -592,6 +777,113 @@ ERRORS: list[tuple[str, str, str]] = [
         "daemon.database: expected a path, got an empty string",
     ),
     ("database-type", "[daemon]\ndatabase = 1\n", "daemon.database: expected a string"),
+    (
+        "database-scheme",
+        database("mysql://db/webhooks"),
+        f"daemon.database: expected a SQLite file's path or a URL such as {PG_FORM}",
+    ),
+    (
+        "database-no-host",
+        database("postgresql:///w"),
+        f"daemon.database: the URL names no host: {PG_FORM}",
+    ),
+    (
+        "database-no-name",
+        database("postgresql://db"),
+        f"daemon.database: the URL names no database: {PG_FORM}",
+    ),
+    (
+        "database-no-name-slash",
+        database("postgresql://db/"),
+        f"daemon.database: the URL names no database: {PG_FORM}",
+    ),
+    ("database-port", database("postgresql://db:port/w"), f"daemon.database: {PG_PORT}"),
+    ("database-port-0", database("postgresql://db:0/w"), f"daemon.database: {PG_PORT}"),
+    ("database-port-range", database("postgresql://db:65536/w"), f"daemon.database: {PG_PORT}"),
+    ("database-port-empty", database("postgresql://db:/w"), f"daemon.database: {PG_PORT}"),
+    (
+        "database-hosts",
+        database("postgresql://a:5432,b:5432/w"),
+        "daemon.database: several hosts (host1,host2) are not supported; give one",
+    ),
+    (
+        "database-host",
+        database("postgresql://db$x/w"),
+        "daemon.database: 'db$x' is not a valid host name",
+    ),
+    (
+        "database-slash-in-password",
+        database("postgresql://u:1234/5678@db/w"),
+        "daemon.database: the database name holds a / or an @ (in a password, percent-encode "
+        "/ and @ as %2F and %40)",
+    ),
+    (
+        "database-fragment",
+        database("postgresql://db/w#x"),
+        "daemon.database: a URL fragment (#...) has no meaning here; remove it",
+    ),
+    (
+        "database-parameter",
+        database("postgresql://db/w?connect_timeout=5"),
+        "daemon.database: the URL parameter 'connect_timeout' is not supported (supported: "
+        "sslmode, sslrootcert, sslcert, sslkey)",
+    ),
+    (
+        "database-query-password",
+        database("postgresql://db/w?password=x"),
+        "daemon.database: password in the URL's query is not supported; set "
+        "database_password_file or $WEBHOOKD_DATABASE_PASSWORD",
+    ),
+    (
+        "database-query-shape",
+        database("postgresql://db/w?sslmode"),
+        "daemon.database: the query (after ?) is not NAME=VALUE pairs joined by &",
+    ),
+    (
+        "database-twice",
+        database("postgresql://db/w?sslmode=require&sslmode=disable"),
+        "daemon.database: the URL sets sslmode twice",
+    ),
+    (
+        "database-sslmode",
+        database("postgresql://db/w?sslmode=strict"),
+        "daemon.database: sslmode must be one of disable, allow, prefer, require, verify-ca, "
+        "verify-full; got 'strict'",
+    ),
+    (
+        "database-verify-without-ca",
+        database("postgresql://db/w?sslmode=verify-full"),
+        "daemon.database: sslmode=verify-full needs sslrootcert=PATH: the CA certificate that "
+        "signed the server's (for a public CA, the system bundle, e.g. "
+        "/etc/ssl/certs/ca-certificates.crt)",
+    ),
+    (
+        "database-ca-unused",
+        database("postgresql://db/w?sslrootcert=config.toml"),
+        "daemon.database: sslrootcert is not used with sslmode=prefer, which does not check "
+        "the server's certificate; set sslmode=verify-full",
+    ),
+    (
+        "database-ca-missing",
+        database("postgresql://db/w?sslmode=verify-full&sslrootcert=no.pem"),
+        "daemon.database: sslrootcert: no such file: 'no.pem'",
+    ),
+    (
+        "database-key-alone",
+        database("postgresql://db/w?sslmode=require&sslkey=config.toml"),
+        "daemon.database: sslkey needs sslcert (the client certificate it goes with)",
+    ),
+    (
+        "database-password-file-missing",
+        database("postgresql://db/w", database_password_file='"no.password"'),
+        "daemon.database_password_file: cannot read 'no.password': No such file or directory",
+    ),
+    (
+        "database-password-file-sqlite",
+        database("webhookd.db", database_password_file='"no.password"'),
+        "daemon.database_password_file: only for a PostgreSQL database (database is a SQLite "
+        "file's path)",
+    ),
     (
         "token-both",
         '[daemon]\napi_token = "t"\napi_token_file = "t"\n',

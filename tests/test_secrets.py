@@ -35,8 +35,11 @@ import pytest
 import tomli_w
 
 from tests.conftest import Process, Receiver, free_port, wait_for
+from tests.postgres import PostgresServer
+from tests.test_reload import log_events
 
 EVENT = "CHECK_COMPLETED"
+PASSWORD_ENV = "WEBHOOKD_DATABASE_PASSWORD"
 ProcessFactory = Callable[..., Process]
 
 
@@ -458,6 +461,125 @@ async def test_no_secret_or_token_is_ever_shown(
     assert control.leaks(s.forbidden())
     leaks = run.transcript.leaks(s.forbidden())
     assert not leaks, "secrets shown:\n" + "\n".join(leaks)
+
+
+# -- the PostgreSQL password ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["url", "database_password_file", "env"])
+async def test_no_database_password_is_ever_shown(
+    source: str,
+    tmp_path: Path,
+    receiver: Receiver,
+    process_factory: ProcessFactory,
+    session: aiohttp.ClientSession,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PostgreSQL password from each of its three places (the URL, database_password_file,
+    $WEBHOOKD_DATABASE_PASSWORD), and a wrong one, through what shows the database: a reload
+    onto it (`restart_needed`), a reload refused (the password set twice), the views and
+    metrics after it, and `check` connecting with the right password, the wrong one, and both.
+
+    The control: the role must log in with its password (SCRAM), and `check` connects.
+    """
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    s = Secrets()
+    right = "db-right-" + secrets.token_hex(12)
+    wrong = "db-wrong-" + secrets.token_hex(12)
+    role = "shown_" + secrets.token_hex(4)
+    postgres_server.create_role(role, right)
+    url = postgres_url.replace("postgresql://postgres@", f"postgresql://{role}@")
+    (tmp_path / "secrets").mkdir()
+    port = free_port()
+    env = {PASSWORD_ENV: right} if source == "env" else {}
+
+    def with_password(password: str, name: str) -> dict[str, Any]:
+        """[daemon] keys that give `password` from `source` (the env's is set for all)."""
+        if source == "url":
+            return {"database": url.replace(f"{role}@", f"{role}:{password}@")}
+        if source == "database_password_file":
+            (tmp_path / "secrets" / name).write_text(password + "\n")
+            (tmp_path / "secrets" / name).chmod(0o600)
+            return {"database": url, "database_password_file": f"secrets/{name}"}
+        return {"database": url}
+
+    def write(file: str, **daemon: Any) -> str:
+        document = {
+            "daemon": {
+                "database": "webhookd.db",
+                "listen": f"127.0.0.1:{port}",
+                "api_token": s.token,
+                "allow_private_endpoints": True,
+                "log_level": "debug",
+                "log_format": "json",
+                "shutdown_grace": 2.0,
+                **daemon,
+            },
+            "tenants": {
+                "inline": {"endpoint": receiver.url("/inline"), "secret": s.inline, "events": ["*"]}
+            },
+        }
+        (tmp_path / file).write_text(tomli_w.dumps(document))
+        return str(tmp_path / file)
+
+    config = write("config.toml")  # SQLite: the daemon runs on it; PostgreSQL is a restart away
+    process = process_factory(Path(config), env=env)
+    await asyncio.to_thread(process.start)
+    run = Scenario(s, session, process, Transcript(), {**os.environ, **env})
+    await run.json("POST", "/v1/tenants/inline/webhooks", 202, json={"event": EVENT})
+    await wait_for(lambda: len(receiver.at("/inline", ok_only=True)) == 1)
+
+    # -- a reload onto PostgreSQL: a restart-only key, named -------------------------------------
+    write("config.toml", **with_password(right, "right.password"))
+    process_signal(process, signal.SIGHUP)
+    await wait_for(lambda: run.logged("restart_needed") >= 1)
+    assert "database" in log_events(process, "restart_needed")[0]["keys"]
+
+    # -- check: the right password, a wrong one, the password set twice --------------------------
+    output = await run.cli("check", "-c", config)
+    assert "reachable" in output, output
+    wrong_config = write("wrong.toml", **with_password(wrong, "w.password"))
+    run.env = {**os.environ, PASSWORD_ENV: wrong} if source == "env" else run.env
+    output = await run.cli("check", "-c", wrong_config, expect=1)
+    assert "password authentication failed" in output, output
+    run.env = {**os.environ, **env}
+    twice = with_password(right, "twice.password")
+    if source == "url":
+        (tmp_path / "secrets" / "other.password").write_text(wrong + "\n")
+        twice["database_password_file"] = "secrets/other.password"
+    else:
+        twice["database"] = url.replace(f"{role}@", f"{role}:{wrong}@")
+    output = await run.cli("check", "-c", write("twice.toml", **twice), expect=1)
+    assert "the password is set in 2 places" in output, output
+
+    # -- a reload refused for the same mistake; the views after it --------------------------------
+    write("config.toml", **twice)
+    process_signal(process, signal.SIGHUP)
+    await wait_for(lambda: run.logged("reload_rejected") >= 1)
+    for path in ("/v1/status", "/v1/status?format=text", "/v1/tenants", "/v1/tenants/inline"):
+        await run.call("GET", path)
+    await run.call("GET", "/metrics")
+    await run.call("GET", "/healthz", token=None)
+    await run.cli("status", "-c", config)
+    assert await asyncio.to_thread(process.terminate) == 0
+
+    # -- the search -------------------------------------------------------------------------------
+    run.transcript.add("daemon.log", process.log_path.read_bytes())
+    forbidden = {**text_forms("the password", right), **text_forms("a wrong password", wrong)}
+    control = Transcript()  # the search finds the password where it is kept
+    control.add(
+        "the configuration",
+        b"".join(
+            p.read_bytes()
+            for p in tmp_path.rglob("*")
+            if p.is_file() and p.suffix in (".toml", ".password")
+        ),
+    )
+    assert control.leaks(forbidden)
+    leaks = run.transcript.leaks(forbidden)
+    assert not leaks, "database password shown:\n" + "\n".join(leaks)
 
 
 def process_signal(process: Process, signum: int) -> None:

@@ -172,9 +172,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_or_exit(args)
     warnings = [*cfg.warnings, *checks.findings(cfg)]
     d = cfg.daemon
-    verdict = f"OK, with {views.counted(len(warnings), 'warning')} (below)" if warnings else "OK"
+    database, failed = f"{d.database} (durability {d.durability})", ""
+    if isinstance(d.database, config.PostgresURL):
+        # A database that cannot be used now is an error: the daemon could not use it either.
+        probe = checks.probe_database(d.database)
+        state = f"{probe.version}, reachable" if probe.version else "cannot be used: below"
+        database = f"{d.database} ({state})"
+        if probe.error:
+            failed = f"{cfg.path}: daemon.database: {d.database}: {probe.error}"
+    if failed:
+        verdict = "the file is valid, but its database cannot be used (below)"
+    elif warnings:
+        verdict = f"OK, with {views.counted(len(warnings), 'warning')} (below)"
+    else:
+        verdict = "OK"
     print(f"{config_path(args)}: {verdict}")
-    print(f"  database    {d.database} (durability {d.durability})")
+    print(f"  database    {database}")
     print(f"  listen      {d.listen} ({'token required' if d.api_token else 'no token'})")
     print(f"  tenants_dir {d.tenants_dir or '-'}")
     if cfg.catalogue.custom:
@@ -205,12 +218,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             "unencrypted to " + ", ".join(plain)
         )
     if warnings:
-        print(
-            f"\n{views.counted(len(warnings), 'warning')} (the file is valid, so check exits 0; "
-            "errors exit 1):"
-        )
+        exits = "" if failed else " (the file is valid, so check exits 0; errors exit 1)"
+        print(f"\n{views.counted(len(warnings), 'warning')}{exits}:")
         for warning in warnings:
             print(f"warning: {visible(warning)}")
+    if failed:
+        print(f"error: {visible(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,28 +4,43 @@ setting to change.
 `config` refuses what cannot be meant (a bad URL, an unknown key). The checks here find
 settings that are valid but cannot work: an endpoint the private-address rule blocks at
 every attempt, an http:// endpoint where the secret should not travel in clear, a
-`source_address` no interface has, a `secret_file` the service user cannot read. They are
-warnings, never errors: `webhookd check` prints them and exits 0, `run` logs them as
-`config_warning` (without the DNS lookups, which may be slow and change by the hour).
+`source_address` no interface has, a `secret_file` the service user cannot read, a
+PostgreSQL connection whose TLS does not check who answers. They are warnings, never
+errors: `webhookd check` prints them and exits 0, `run` logs them as `config_warning`
+(without the DNS lookups, which may be slow and change by the hour).
+
+`probe_database` is `check`'s connection to a PostgreSQL database: its version, or one line
+saying why it cannot be used and what to do (an error: `check` exits 1).
 """
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import ipaddress
 import math
 import os
 import pwd
 import socket
+import ssl
 import stat
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from webhookd import http1
-from webhookd.config import Config, TenantConfig, is_ip, is_loopback
+from webhookd.config import (
+    DATABASE_PASSWORD_ENV,
+    Config,
+    PostgresURL,
+    TenantConfig,
+    is_ip,
+    is_loopback,
+)
+from webhookd.logs import one_line
 from webhookd.sender import is_blocked
 
 # The user systemd runs the daemon as: User= in systemd/webhookd.service (a test holds the
@@ -39,6 +54,9 @@ RESOLVERS = 16
 RESOLVE_LIMIT_S = 10.0
 
 ALLOW_PRIVATE = "set allow_private_endpoints = true in [daemon] to deliver to it"
+# `check` gives a PostgreSQL database this long to connect, log in and answer one query.
+DATABASE_TIMEOUT_S = 5.0
+PASSWORD_SOURCES = f"database_password_file, ${DATABASE_PASSWORD_ENV} or the URL"
 
 
 def findings(
@@ -51,6 +69,15 @@ def findings(
     """Every warning for `cfg`, daemon-wide ones first, then tenant by tenant. With `resolve`,
     enabled tenants' endpoint names are looked up in DNS as deliveries will look them up."""
     found: list[str] = []
+    if isinstance(cfg.daemon.database, PostgresURL):
+        found += _database_tls(cfg, cfg.daemon.database)
+    reader = ServiceUser.named(service_user)
+    if cfg.daemon.database_password_file is not None:
+        found += _private_file(
+            f"{cfg.path}: daemon.database_password_file",
+            cfg.daemon.database_password_file,
+            reader,
+        )
     if cfg.daemon.source_address:
         found += _source_address(f"{cfg.path}: daemon.source_address", cfg.daemon.source_address)
     targets = {t.name: http1.parse_target(t.endpoint) for t in cfg.tenants.values()}
@@ -62,7 +89,6 @@ def findings(
             if cfg.tenants[name].enabled and not is_ip(target.host)
         }
         lookups = resolve_all(names, timeout)
-    reader = ServiceUser.named(service_user)
     for tenant in cfg.tenants.values():
         target = targets[tenant.name]
         found += _endpoint(cfg, tenant, target, lookups, resolve=resolve, timeout=timeout)
@@ -246,14 +272,20 @@ class ServiceUser:
 
 
 def _secret_file(cfg: Config, tenant: TenantConfig, user: ServiceUser) -> list[str]:
-    """The file must be readable by the service user, and by no one else.
+    shown = tenant.secret_ref.where
+    path = cfg.path.resolve().parent / Path(shown).expanduser()
+    return _private_file(where(cfg, tenant, "secret_file"), path, user, shown=shown)
+
+
+def _private_file(at: str, path: Path, user: ServiceUser, *, shown: str = "") -> list[str]:
+    """The file at `path` (`shown` as the config gives it) must be readable by the service
+    user, and by no one else.
 
     Judged by mode and owner (ACLs and the folders on the way are not looked at). Without
     such a user on this machine, the service user is taken to be another user than the
     file's owner (who prepared the file is rarely who the daemon runs as), perhaps a member
     of the file's group.
     """
-    path = cfg.path.resolve().parent / Path(tenant.secret_ref.where).expanduser()
     try:
         info = path.stat()
     except OSError:
@@ -289,8 +321,8 @@ def _secret_file(cfg: Config, tenant: TenantConfig, user: ServiceUser) -> list[s
     else:
         return []
     owner, group = _user_name(info.st_uid), _group_name(info.st_gid)
-    shown = f"{tenant.secret_ref.where} (mode {mode:04o}, owner {owner}, group {group})"
-    return [f"{where(cfg, tenant, 'secret_file')}: {shown} {problem}"]
+    described = f"{shown or path} (mode {mode:04o}, owner {owner}, group {group})"
+    return [f"{at}: {described} {problem}"]
 
 
 def _readable_by(info: os.stat_result, user: ServiceUser) -> bool:
@@ -316,3 +348,143 @@ def _group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
+
+
+# -- the PostgreSQL database -----------------------------------------------------------------
+
+
+def _database_tls(cfg: Config, database: PostgresURL) -> list[str]:
+    """Over a network, only sslmode=verify-full makes sure the password and the webhooks go
+    to the database and no one else: the other modes let a host on the way pose as it."""
+    parts = urlsplit(database.url)
+    host = parts.hostname or ""
+    sslmode = parse_qs(parts.query).get("sslmode", ["prefer"])[0]
+    if is_loopback(host) or sslmode == "verify-full":
+        return []
+    at = f"{cfg.path}: daemon.database"
+    if sslmode in ("verify-ca", "require") and "sslrootcert" in parts.query:
+        what = (
+            f"sslmode={sslmode} checks the CA of {host}'s certificate but not its name: "
+            "any server with a certificate from that CA can pose as the database"
+        )
+    else:
+        what = (
+            f"sslmode={sslmode} does not check who answers at {host}: a host on the way can "
+            "pose as the database and read the password and every webhook"
+        )
+    return [f"{at}: {what}; use sslmode=verify-full with sslrootcert"]
+
+
+@dataclass(frozen=True)
+class DatabaseProbe:
+    """What connecting to the database showed: its version ("PostgreSQL 15.10"), or why it
+    cannot be used and what to do, in one line."""
+
+    version: str = ""
+    error: str = ""
+
+
+def probe_database(database: PostgresURL, timeout: float = DATABASE_TIMEOUT_S) -> DatabaseProbe:
+    """Connect as the daemon would (the URL, the password apart), ask the server's version.
+
+    The name is looked up first in a daemon thread, as for endpoints: the event loop's own
+    lookup cannot be cancelled, and asyncio.run() would wait for a hung one at its end.
+    """
+    parts = urlsplit(database.url)
+    host, port = parts.hostname or "", parts.port or 5432
+    if not is_ip(host):
+        found = resolve_all([(host, port)], timeout).get((host, port))
+        if found is None:
+            return DatabaseProbe(
+                error=f"{host} did not resolve within {timeout:g} s here (slow or unreachable "
+                "DNS?); check the host name and the resolver"
+            )
+        if isinstance(found, str):
+            return DatabaseProbe(
+                error=f"{host} does not resolve here ({found}); check the host name"
+            )
+
+    async def within_timeout() -> str:
+        async with asyncio.timeout(timeout):
+            return await _server_version(database)
+
+    try:
+        version = asyncio.run(within_timeout())
+    except Exception as exc:  # whatever it is, `check` reports it in a line
+        return DatabaseProbe(error=database_error(exc, database, timeout))
+    return DatabaseProbe(version=version)
+
+
+async def _server_version(database: PostgresURL) -> str:
+    import asyncpg  # only `check` and the PostgreSQL engine need it
+
+    connection = await asyncpg.connect(database.url, password=database.password.reveal() or None)
+    try:
+        text = await connection.fetchval("SELECT version()")
+    finally:
+        await connection.close()
+    # "PostgreSQL 15.10 (Debian 15.10-0+deb12u1) on x86_64-pc-linux-gnu, compiled by ..."
+    return " ".join(str(text).split()[:2])
+
+
+# ssl.SSLCertVerificationError.verify_code for a certificate issued to another name.
+NAME_MISMATCH = {62: "name", 64: "IP address"}  # X509_V_ERR_HOSTNAME/IP_ADDRESS_MISMATCH
+
+
+def database_error(exc: BaseException, database: PostgresURL, timeout: float) -> str:
+    """Why connecting to `database` failed, and what to do, in one line. Built from our
+    own URL (never with the password) and the error's text, which asyncpg and the server
+    write without it: the password travels apart from the URL."""
+    import asyncpg
+
+    parts = urlsplit(database.url)
+    host, port = parts.hostname or "", parts.port or 5432
+    at = f"{host}:{port}"
+    sslmode = parse_qs(parts.query).get("sslmode", ["prefer"])[0]
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.verify_message or str(exc)
+        if exc.verify_code in NAME_MISMATCH:
+            return (
+                f"TLS: the server's certificate is not issued to the "
+                f"{NAME_MISMATCH[exc.verify_code]} {host}, which sslmode=verify-full checks: "
+                "connect by a name the certificate holds, or have it reissued for this one"
+            )
+        return (
+            f"TLS: the server's certificate does not verify against sslrootcert ({reason}): "
+            "set sslrootcert to the CA certificate that issued the server's"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS with {at} failed ({exc.reason or exc}); check the server's ssl settings"
+    if isinstance(exc, asyncpg.InvalidPasswordError):
+        return (
+            f"the server refused the login: {exc}; check the user in the URL and the password "
+            f"({PASSWORD_SOURCES})"
+        )
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        if "pg_hba.conf" in str(exc):
+            return f"the server refused the login: {exc}; add a line for it to pg_hba.conf"
+        return f"the server refused the login: {exc}; create the role, or fix the URL's user"
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return f"{exc} on {at}: create it (createdb -O USER NAME), or fix the URL's database"
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"the server refused: {exc} (SQLSTATE {exc.sqlstate})"
+    if isinstance(exc, TimeoutError):
+        return (
+            f"no answer from {at} within {timeout:g} s: check the host and port, and that a "
+            "firewall lets the connection through"
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return (
+            f"connection refused by {at}: is PostgreSQL running there, and listening on that "
+            "address (listen_addresses) and port?"
+        )
+    if isinstance(exc, socket.gaierror):
+        return f"{host} does not resolve here ({exc.strerror}); check the host name"
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+        return (
+            f"the server at {at} does not offer TLS, which sslmode={sslmode} requires: turn "
+            "ssl on in its postgresql.conf, or lower sslmode"
+        )
+    if isinstance(exc, OSError):
+        return f"cannot connect to {at}: {exc.strerror or exc}"
+    return f"cannot use it: {one_line(exc)}"

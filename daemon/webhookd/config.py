@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from webhookd.events import ALL_EVENTS, EVENT_NAME, Catalogue
 from webhookd.http1 import ascii_host
@@ -34,6 +34,14 @@ BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 SIGNING_SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]+")
 API_TOKEN = re.compile(r"[!-~]+")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Where the PostgreSQL password may come from besides the URL and database_password_file.
+DATABASE_PASSWORD_ENV = "WEBHOOKD_DATABASE_PASSWORD"
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# The URL query parameters passed on to asyncpg. It sends any other one to the server as a
+# setting at connect (`connect_timeout` too, which the server then refuses), so an unknown
+# one is an error here rather than a failed start there.
+URL_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 T = TypeVar("T")
 
@@ -92,7 +100,7 @@ DELIVERY_KEYS = tuple(f.name for f in fields(DeliveryOptions))
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    database: Path = Path("webhookd.db")
+    database: Path | PostgresURL = Path("webhookd.db")
     listen_host: str = "127.0.0.1"
     listen_port: int = 8787
     api_token: Secret = field(default_factory=lambda: Secret(""))
@@ -109,11 +117,26 @@ class DaemonConfig:
     api_max_connections: int = 1000
     api_header_timeout: float = 10.0
     api_idle_timeout: float = 15.0
+    # Where the PostgreSQL password was read from (its permissions are `check`'s question).
+    database_password_file: Path | None = None
 
     @property
     def listen(self) -> str:
         host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
         return f"{host}:{self.listen_port}"
+
+
+@dataclass(frozen=True)
+class PostgresURL:
+    """`[daemon] database` as a PostgreSQL URL. The password is kept apart (from the URL,
+    `database_password_file` or `$WEBHOOKD_DATABASE_PASSWORD`) and never printed: str()
+    and repr() show the URL without it."""
+
+    url: str  # postgresql://user@host:port/dbname?sslmode=…, never with a password
+    password: Secret = field(default_factory=lambda: Secret(""))
+
+    def __str__(self) -> str:
+        return self.url
 
 
 @dataclass(frozen=True)
@@ -516,13 +539,7 @@ def from_dict(
 def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> DaemonConfig:
     defaults = DaemonConfig()
 
-    def path_in(value: Any) -> Path:
-        text = _str(value)
-        if not text:
-            raise ValueError("expected a path, got an empty string")
-        return _path(base_dir, text)
-
-    database = table.get("database", base_dir / defaults.database, path_in)
+    database, password_file = _database(table, base_dir, environ)
     host, port = table.get("listen", ("127.0.0.1", 8787), parse_listen)
     token = _api_token(table, base_dir)
     if not token and not is_loopback(host):
@@ -561,9 +578,191 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         api_max_connections=table.get("api_max_connections", 1000, _int(1, 100_000)),
         api_header_timeout=table.get("api_header_timeout", 10.0, _number(0.1, 3600)),
         api_idle_timeout=table.get("api_idle_timeout", 15.0, _number(0.1, 86400)),
+        database_password_file=password_file,
     )
     table.finish()
     return config
+
+
+# ---------------------------------------------------------------------------------------------
+# The database: a SQLite file, or a PostgreSQL URL whose password is kept apart
+
+
+def _database(
+    table: _Table, base_dir: Path, environ: Mapping[str, str]
+) -> tuple[Path | PostgresURL, Path | None]:
+    """`database` (a path or a postgresql:// URL), and the password file it was given."""
+
+    def convert(value: Any) -> Path | PostgresURL:
+        text = _str(value)
+        if not text:
+            raise ValueError("expected a path, got an empty string")
+        if URL_SCHEME.match(text):
+            return postgres_url(text, base_dir)
+        return _path(base_dir, text)
+
+    default: Path | PostgresURL = base_dir / "webhookd.db"
+    database = table.get("database", default, convert)
+    file_text = table.get("database_password_file", "", _str)
+    if not isinstance(database, PostgresURL):
+        given = table.raw.get("database")
+        if file_text and not (isinstance(given, str) and URL_SCHEME.match(given)):
+            table.error(
+                "database_password_file",
+                "only for a PostgreSQL database (database is a SQLite file's path)",
+            )
+        return database, None  # $WEBHOOKD_DATABASE_PASSWORD is not SQLite's business
+
+    passwords: dict[str, str] = {}  # where it is set -> the password
+    if database.password:
+        passwords["the URL"] = database.password.reveal()
+    password_file = None
+    if file_text:
+        try:
+            password_file = _path(base_dir, file_text)
+            # The final line break an editor adds is not the password's; spaces are.
+            text = _read_file_text(password_file).removesuffix("\n").removesuffix("\r")
+        except ValueError as exc:
+            table.error("database_password_file", f"cannot read {file_text!r}: {exc}")
+        else:
+            if not text:
+                table.error("database_password_file", f"{file_text!r} is empty")
+            elif CONTROL_CHARACTERS.search(text):
+                table.error(
+                    "database_password_file",
+                    f"{file_text!r} holds more than one line, or a control character; the "
+                    "password is the file's one line",
+                )
+            else:
+                passwords["database_password_file"] = text
+    if environ.get(DATABASE_PASSWORD_ENV):
+        passwords[f"${DATABASE_PASSWORD_ENV}"] = environ[DATABASE_PASSWORD_ENV]
+    if len(passwords) > 1:
+        table.error(
+            "database_password_file" if file_text else "database",
+            f"the password is set in {len(passwords)} places ({', '.join(passwords)}); keep one",
+        )
+    password = next(iter(passwords.values()), "")
+    return replace(database, password=Secret(password)), password_file
+
+
+def postgres_url(text: str, base_dir: Path) -> PostgresURL:
+    """A `postgresql://` URL, checked and rewritten: the password taken out (into the
+    result's `password`), the file paths in its query made absolute against `base_dir`.
+
+    Raises ValueError with a message that never repeats the URL: it may hold a password.
+    """
+    form = "postgresql://USER@HOST:PORT/DBNAME?sslmode=verify-full&sslrootcert=CA.pem"
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in ("postgresql", "postgres"):
+        raise ValueError(f"expected a SQLite file's path or a URL such as {form}")
+    # rpartition, as urlsplit does for the host: an unencoded @ in a password stays in it.
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    if "," in hostport:
+        raise ValueError("several hosts (host1,host2) are not supported; give one")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or hostport.endswith(":"):
+        raise ValueError(
+            "the port is not a number from 1 to 65535 (in a password, percent-encode / ? # and @)"
+        )
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError(f"the URL names no host: {form}")
+    if not (_HOST.fullmatch(host) or _is_ip(host)):
+        raise ValueError(f"{host!r} is not a valid host name")
+    raw_database = parts.path.removeprefix("/")
+    if not raw_database:
+        raise ValueError(f"the URL names no database: {form}")
+    if "/" in raw_database or "@" in raw_database:
+        raise ValueError(
+            "the database name holds a / or an @ (in a password, percent-encode / and @ as "
+            "%2F and %40)"
+        )
+    if parts.fragment:
+        raise ValueError("a URL fragment (#...) has no meaning here; remove it")
+    user, _, password = userinfo.partition(":")
+    query = _url_query(parts.query, base_dir)
+    netloc = f"{quote(unquote(user), safe='')}@{hostport}" if user else hostport
+    url = f"postgresql://{netloc}/{quote(unquote(raw_database), safe='')}"
+    if query:
+        url += "?" + urlencode(query, quote_via=quote, safe="/")
+    return PostgresURL(url, Secret(unquote(password)))
+
+
+def _url_query(query: str, base_dir: Path) -> dict[str, str]:
+    """The URL's query parameters, checked; their paths made absolute."""
+    params = _url_parameters(query)
+    sslmode = params.get("sslmode", "prefer")
+    if sslmode not in SSLMODES:
+        raise ValueError(f"sslmode must be one of {', '.join(SSLMODES)}; got {sslmode!r}")
+    verifies = sslmode in ("verify-ca", "verify-full")
+    if verifies and "sslrootcert" not in params:
+        raise ValueError(
+            f"sslmode={sslmode} needs sslrootcert=PATH: the CA certificate that signed the "
+            "server's (for a public CA, the system bundle, e.g. "
+            "/etc/ssl/certs/ca-certificates.crt)"
+        )
+    if "sslrootcert" in params and sslmode not in ("require", "verify-ca", "verify-full"):
+        raise ValueError(
+            f"sslrootcert is not used with sslmode={sslmode}, which does not check the "
+            "server's certificate; set sslmode=verify-full"
+        )
+    if "sslkey" in params and "sslcert" not in params:
+        raise ValueError("sslkey needs sslcert (the client certificate it goes with)")
+    for name in ("sslrootcert", "sslcert", "sslkey"):
+        if name in params:
+            path = _path(base_dir, params[name])
+            if not path.is_file():
+                raise ValueError(f"{name}: no such file: {params[name]!r}")
+            params[name] = os.fspath(path)
+    _load_tls_files(params)
+    return params
+
+
+def _url_parameters(query: str) -> dict[str, str]:
+    """NAME=VALUE pairs, each one of URL_PARAMETERS, once."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        raise ValueError("the query (after ?) is not NAME=VALUE pairs joined by &") from None
+    params: dict[str, str] = {}
+    for name, value in pairs:
+        if name in ("password", "passfile"):
+            raise ValueError(
+                f"{name} in the URL's query is not supported; set database_password_file or "
+                f"${DATABASE_PASSWORD_ENV}"
+            )
+        if name not in URL_PARAMETERS:
+            raise ValueError(
+                f"the URL parameter {name!r} is not supported (supported: "
+                f"{', '.join(URL_PARAMETERS)})"
+            )
+        if name in params:
+            raise ValueError(f"the URL sets {name} twice")
+        params[name] = value
+    return params
+
+
+def _load_tls_files(params: Mapping[str, str]) -> None:
+    """The certificates must load now: at start-up, a bad one would fail far from its key."""
+    if "sslrootcert" in params:
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=params["sslrootcert"])
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ValueError(f"sslrootcert is not a PEM certificate bundle ({exc})") from None
+    if "sslcert" in params:
+        try:
+            # An empty password, as asyncpg gives: an encrypted key cannot be used.
+            ssl.create_default_context().load_cert_chain(
+                params["sslcert"], params.get("sslkey"), password=""
+            )
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ValueError(
+                f"sslcert and sslkey are not a certificate and its unencrypted key ({exc})"
+            ) from None
 
 
 def _path(base_dir: Path, text: str) -> Path:
@@ -615,8 +814,13 @@ def _check_ca_file(table: _Table, ca_file: Path) -> None:
 
 def _read_secret_text(path: Path) -> str:
     """A token or secret file's contents, stripped; ValueError with a reason otherwise."""
+    return _read_file_text(path).strip()
+
+
+def _read_file_text(path: Path) -> str:
+    """A secret file's contents as they are; ValueError with a reason otherwise."""
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ValueError("is not UTF-8 text") from None
     except OSError as exc:
