@@ -671,7 +671,7 @@ def postgres_url(text: str, base_dir: Path) -> PostgresURL:
     host = parts.hostname or ""
     if not host:
         raise ValueError(f"the URL names no host: {form}")
-    if not (_HOST.fullmatch(host) or _is_ip(host)):
+    if not (_HOST.fullmatch(host) or is_ip(host)):
         raise ValueError(f"{host!r} is not a valid host name")
     raw_database = parts.path.removeprefix("/")
     if not raw_database:
