@@ -315,11 +315,21 @@ async def _parse_in_worker(body: bytes) -> list[IngestItem]:
             stderr=subprocess.PIPE,
             env=WORKER_ENVIRONMENT,
         )
+        # Shielded: cancelled before a thread was free to run it, the job would never run,
+        # and nothing else reaps the worker or closes its pipes.
+        feeding = asyncio.ensure_future(asyncio.to_thread(_worker_outcome, process, body))
         try:
-            return await asyncio.to_thread(_worker_outcome, process, body)
+            return await asyncio.shield(feeding)
         finally:
             if process.poll() is None:  # cancelled (the client left, or shutdown): the
                 process.kill()  # thread's communicate() then returns, and reaps it
+                feeding.add_done_callback(_forget)
+
+
+def _forget(job: asyncio.Future[Any]) -> None:
+    """A cancelled parse's outcome: nobody waits for it (the worker was killed)."""
+    if not job.cancelled():
+        job.exception()
 
 
 def _worker_outcome(process: subprocess.Popen[bytes], body: bytes) -> list[IngestItem]:
