@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -776,8 +779,9 @@ async def test_a_large_body_parsed_off_the_loop_gives_what_parsing_it_inline_giv
     assert isinstance(expected, list) == (name in ("few values", "many values")), expected
 
 
-def worker_processes() -> list[int]:
-    """The pids of this process's children running the ingest parser."""
+def worker_processes(parent: int | None = None) -> list[int]:
+    """The pids of `parent`'s (this process's) children running the ingest parser."""
+    parent = os.getpid() if parent is None else parent
     pids = []
     for entry in Path("/proc").iterdir():
         try:
@@ -785,9 +789,19 @@ def worker_processes() -> list[int]:
             command = (entry / "cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == os.getpid() and b"webhookd.ingest" in command:
+        if ppid == parent and b"webhookd.ingest" in command:
             pids.append(int(entry.name))
     return pids
+
+
+def reaped(pid: int) -> bool:
+    """Whether `pid`, a child of this process, is gone for good (not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0] != "Z" and int(fields[1]) != os.getpid()
 
 
 async def test_a_parse_cancelled_midway_leaves_no_worker_process() -> None:
@@ -859,6 +873,107 @@ async def close(writer: asyncio.StreamWriter) -> None:
     writer.close()
     with contextlib.suppress(ConnectionError):
         await writer.wait_closed()
+
+
+# -- large bodies of producers that leave, or of a daemon that stops ---------------------------
+
+
+async def test_a_parse_cancelled_while_the_threads_are_busy_leaves_no_worker_behind() -> None:
+    """The producer hangs up (or the daemon stops) while the thread that would feed the
+    worker process its body is still waiting for a free thread (other large bodies hold
+    them all; here, the only one): the worker is killed and reaped once a thread is free,
+    not left a zombie with its three pipes open."""
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as threads:
+        loop.set_default_executor(threads)
+        release = threading.Event()
+        parse = asyncio.ensure_future(ingest.parse_body(small_numbers_and_a_long_integer(3 * MiB)))
+        await asyncio.sleep(0)  # the parse has handed its first step to the thread
+        busy = loop.run_in_executor(None, release.wait)  # then the thread is taken
+        [pid] = await wait_for(worker_processes, timeout=10)
+        parse.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await parse
+        release.set()
+        await busy
+        await wait_for(lambda: reaped(pid), timeout=10)
+
+
+async def test_a_producer_that_hangs_up_after_a_large_body_costs_no_parse(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """Producers that send a large body and hang up at once hold no connection, so the
+    connection cap does not bound them; their parses must not queue up regardless (each
+    holding its body in memory and, in turn, the worker process for a second). A producer
+    that stays gets its answer after at most the one parse already under way, and nothing
+    of the abandoned requests is queued (their producers never heard a 202)."""
+    daemon = await paused_daemon(start_daemon, receiver)
+    body = small_numbers_and_a_long_integer(3 * MiB)
+    head = (
+        f"POST {INGEST} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    port = daemon.server.addresses[0][1]
+    for _ in range(4):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head + body)
+        await writer.drain()
+        await close(writer)
+    seen: set[int] = set()
+
+    async def watch() -> None:
+        while True:
+            seen.update(worker_processes())
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        status, answer = await asyncio.to_thread(post_answer, daemon.base + INGEST, body)
+        assert status == 202, answer
+        await wait_for(lambda: not worker_processes(), timeout=30)
+    finally:
+        watcher.cancel()
+    # The one that stayed, and at most one abandoned parse that had begun.
+    assert len(seen) <= 2, f"{len(seen)} parser processes ran for 1 producer that stayed"
+    assert (await daemon.status("acme"))["waiting"] == 1000
+
+
+async def test_a_large_ingest_cut_short_by_the_units_stop_is_503_not_500(
+    tmp_path: Path, receiver: Receiver, process_factory: Callable[..., Process]
+) -> None:
+    """`systemctl stop` sends SIGTERM to every process of the unit, and Ctrl-C in a terminal
+    SIGINT to every process of the foreground group: the ingest parser process too. A
+    producer whose large body it was parsing is told 503 (shutting down: send again), as
+    the API promises while stopping, not 500 with a traceback in the log."""
+    config = write_config(
+        tmp_path, {"acme": tenant(receiver.url("/acme"))}, daemon={"max_body_bytes": 11 * MiB}
+    )
+    daemon = process_factory(config)
+    await asyncio.to_thread(daemon.start)
+    upload = asyncio.ensure_future(
+        asyncio.to_thread(
+            post_answer, daemon.base + INGEST, small_numbers_and_a_long_integer(3 * MiB)
+        )
+    )
+    [worker] = await wait_for(lambda: worker_processes(popen(daemon).pid), 30, 0.002)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(worker, signal.SIGTERM)
+    popen(daemon).send_signal(signal.SIGTERM)
+    status, answer = await upload
+    assert status == 503, answer
+    assert_error(answer, "unavailable")
+    assert await asyncio.to_thread(popen(daemon).wait, 30) == 0, daemon.log()
+    assert "request_failed" not in daemon.log(), daemon.log()
+
+
+def post_answer(url: str, body: bytes) -> tuple[int, Any]:
+    """POST `body`; the status and the JSON answer, errors included."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 # -- a stalled ingest upload does not hold SIGTERM -----------------------------------------------

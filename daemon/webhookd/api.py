@@ -14,9 +14,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from webhookd import logs, views
+from webhookd import listener, logs, views
 from webhookd.config import TENANT_NAME
-from webhookd.ingest import parse_body
+from webhookd.ingest import INLINE_BYTES, parse_body
 from webhookd.responses import error_response, http_error_response, json_response
 from webhookd.service import Service, ServiceError
 
@@ -215,7 +215,12 @@ async def ingest(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     name = tenant_name(request)
     check_ingest_head(service, name, request)
-    items = await parse_body(await read_body(request))
+    body = await read_body(request)
+    if len(body) <= INLINE_BYTES:  # parsed at once, on the loop: nothing to give up
+        items = await parse_body(body)
+    else:
+        with listener.abandoned_if_client_leaves(request):
+            items = await parse_body(body)
     results = await service.ingest(name, items)
     return json_response({"webhooks": results}, 202)
 

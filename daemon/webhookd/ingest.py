@@ -76,8 +76,15 @@ def _refuse(detail: str) -> NoReturn:
     raise InvalidIngest(detail) from None
 
 
+def _unavailable(why: str) -> NoReturn:
+    from webhookd.service import Unavailable
+
+    raise Unavailable(f"the body could not be parsed: {why}; nothing was queued, send again")
+
+
 async def parse_body(body: bytes) -> list[IngestItem]:
-    """parse_ingest without holding the event loop for more than a few milliseconds."""
+    """parse_ingest without holding the event loop for more than a few milliseconds; an
+    Unavailable (503) when a large body's parser process cannot start or is stopped."""
     if len(body) <= INLINE_BYTES:
         return parse_ingest(body)
     items = await asyncio.to_thread(_parse_if_few_values, body)
@@ -308,22 +315,39 @@ async def _parse_in_worker(body: bytes) -> list[IngestItem]:
         # Popen, not asyncio's subprocess: uvloop forks, which copies the daemon's page
         # tables on the event loop (20-40 ms at 300 MB); Popen uses vfork (0.5 ms). -P:
         # nothing in the working directory shadows a module.
-        process = subprocess.Popen(  # noqa: ASYNC220 - see above
-            [sys.executable, "-P", "-m", "webhookd.ingest"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=WORKER_ENVIRONMENT,
-        )
         try:
-            return await asyncio.to_thread(_worker_outcome, process, body)
+            process = subprocess.Popen(  # noqa: ASYNC220 - see above
+                [sys.executable, "-P", "-m", "webhookd.ingest"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=WORKER_ENVIRONMENT,
+            )
+        except OSError as exc:  # out of processes, memory or descriptors: for now
+            _unavailable(f"the parser process could not start ({exc.strerror or exc})")
+        # Shielded: cancelled before a thread was free to run it, the job would never run,
+        # and nothing else reaps the worker or closes its pipes.
+        feeding = asyncio.ensure_future(asyncio.to_thread(_worker_outcome, process, body))
+        try:
+            return await asyncio.shield(feeding)
         finally:
             if process.poll() is None:  # cancelled (the client left, or shutdown): the
                 process.kill()  # thread's communicate() then returns, and reaps it
+                feeding.add_done_callback(_forget)
+
+
+def _forget(job: asyncio.Future[Any]) -> None:
+    """A cancelled parse's outcome: nobody waits for it (the worker was killed)."""
+    if not job.cancelled():
+        job.exception()
 
 
 def _worker_outcome(process: subprocess.Popen[bytes], body: bytes) -> list[IngestItem]:
     out, err = process.communicate(body)
+    if process.returncode < 0:
+        # Stopped by a signal: the unit's stop (systemd signals every process of the unit,
+        # a terminal's Ctrl-C the whole foreground group), or the kernel short of memory.
+        _unavailable(f"the parser process was stopped (signal {-process.returncode})")
     if process.returncode != 0:
         raise RuntimeError(
             f"the ingest parser process exited with {process.returncode}: "

@@ -26,10 +26,11 @@ says so. tests/test_listener.py pins the behaviour with real sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,13 +146,14 @@ class Guard:
 class GuardedHandler(RequestHandler):
     """aiohttp's per-connection protocol, with the deadlines, the cap and JSON refusals."""
 
-    __slots__ = ("_guard", "_head_timer", "since")
+    __slots__ = ("_abandon", "_guard", "_head_timer", "since")
 
     def __init__(self, manager: web.Server, *, guard: Guard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._head_timer: asyncio.TimerHandle | None = None
         self.since = 0.0  # when it last started waiting for a request
+        self._abandon: asyncio.Task[Any] | None = None  # cancelled if the client leaves
 
     @property
     def waiting(self) -> bool:
@@ -171,6 +173,9 @@ class GuardedHandler(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._guard.live.discard(self)
         self._disarm_head_timer()
+        if self._abandon is not None:
+            self._abandon.cancel()
+            self._abandon = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -252,6 +257,30 @@ def _parse_refusal(exc: HttpProcessingError) -> tuple[int, str]:
         "ContentLengthError": "the body is shorter than its Content-Length",
     }.get(name, "the request is not valid HTTP/1.1")
     return 400, f"{what} ({name})"
+
+
+@contextlib.contextmanager
+def abandoned_if_client_leaves(request: web.BaseRequest) -> Iterator[None]:
+    """Within this block, the client hanging up cancels the request's handler.
+
+    For work nobody would read the answer of, and that holds what other requests wait for
+    (a large body's parse: a thread, or the one worker process). A client that sends its
+    body and leaves holds no connection, so the connection cap does not bound it; this
+    does. aiohttp's own `handler_cancellation` would cancel any handler at any await, a
+    tenant file written but not applied included; this cancels only here.
+    """
+    protocol = request.protocol
+    task = asyncio.current_task()
+    if not isinstance(protocol, GuardedHandler) or task is None:
+        yield
+        return
+    if protocol.transport is None:  # gone already
+        raise asyncio.CancelledError
+    protocol._abandon = task
+    try:
+        yield
+    finally:
+        protocol._abandon = None
 
 
 class Listener(web.Server):
