@@ -157,8 +157,9 @@ class GuardedHandler(RequestHandler):
 
     @property
     def waiting(self) -> bool:
-        """Connected, with no request in progress: idle, or its head still arriving."""
-        return self._waiter is not None and not self._force_close
+        """Connected, with no request in progress: idle, or its head still arriving (a
+        waiter already woken holds a request about to be handled: not idle)."""
+        return self._waiter is not None and not self._waiter.done() and not self._force_close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._guard.admit(self):

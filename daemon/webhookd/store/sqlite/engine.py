@@ -427,14 +427,21 @@ class SqliteStore:
             return False
         loop = asyncio.get_running_loop()
         try:
-            made = await loop.run_in_executor(self._executor, self._reserve.make)
+            made = await loop.run_in_executor(self._executor, self._remake_reserve)
         except OSError as exc:
             log.warning("reserve_failed", error=str(exc))
             return False
         if made:
-            self.disk_full = False
             log.warning("disk_space_recovered", detail="ingest accepted again")
             self._wakeup.set()  # the writer may have rows to sweep
+        return made
+
+    def _remake_reserve(self) -> bool:
+        """In the writer thread, so no commit runs between making the reserve and clearing
+        the flag (one that found the disk full again would see its flag overwritten)."""
+        made = self._reserve.make()
+        if made:
+            self.disk_full = False
         return made
 
     async def acknowledge(self, tenant: str, through_sequence: int, at: float) -> None:
