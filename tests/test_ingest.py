@@ -462,7 +462,7 @@ async def test_answer_comes_only_after_the_commit(
     receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
     daemon = await paused_daemon(start_daemon, receiver)
-    database = daemon.service.config.daemon.database
+    database = daemon.sqlite_store.path
     expected: list[tuple[int, str]] = []
     for n in range(20):
         items = [{"event": EVENT, "id": f"w{n}-{k}"} for k in range(n % 3 + 1)]

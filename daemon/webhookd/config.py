@@ -92,7 +92,7 @@ DELIVERY_KEYS = tuple(f.name for f in fields(DeliveryOptions))
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    database: Path = Path("webhookd.db")
+    database: Path | PostgresURL = Path("webhookd.db")
     listen_host: str = "127.0.0.1"
     listen_port: int = 8787
     api_token: Secret = field(default_factory=lambda: Secret(""))
@@ -114,6 +114,19 @@ class DaemonConfig:
     def listen(self) -> str:
         host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
         return f"{host}:{self.listen_port}"
+
+
+@dataclass(frozen=True)
+class PostgresURL:
+    """`[daemon] database` as a PostgreSQL URL. The password is kept apart (from the URL,
+    `database_password_file` or `$WEBHOOKD_DATABASE_PASSWORD`) and never printed: str()
+    and repr() show the URL without it."""
+
+    url: str  # postgresql://user@host:port/dbname?sslmode=…, never with a password
+    password: Secret = field(default_factory=lambda: Secret(""))
+
+    def __str__(self) -> str:
+        return self.url
 
 
 @dataclass(frozen=True)
@@ -522,7 +535,7 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
             raise ValueError("expected a path, got an empty string")
         return _path(base_dir, text)
 
-    database = table.get("database", base_dir / defaults.database, path_in)
+    database = table.get("database", base_dir / "webhookd.db", path_in)
     host, port = table.get("listen", ("127.0.0.1", 8787), parse_listen)
     token = _api_token(table, base_dir)
     if not token and not is_loopback(host):
