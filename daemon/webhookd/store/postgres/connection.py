@@ -74,9 +74,8 @@ class Holder:
     client: str
 
     def __str__(self) -> str:
-        name = self.application or "no application_name"
-        where = f" from {self.client}" if self.client else ""
-        return f"{name}{where}, server pid {self.session.pid}"
+        where = f"from {self.client}" if self.client else "through a local socket"
+        return f"{self.application or 'a session'} connected {where}, server pid {self.session.pid}"
 
 
 async def take_lock(conn: Connection) -> Holder | None:
@@ -86,7 +85,7 @@ async def take_lock(conn: Connection) -> Holder | None:
         return None
     # A bigint advisory key shows in pg_locks as its high and low halves, objsubid 1.
     row = await conn.fetchrow(
-        """SELECT a.pid, a.backend_start, a.application_name, a.client_addr::text AS client
+        """SELECT a.pid, a.backend_start, a.application_name, host(a.client_addr) AS client
            FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
@@ -138,8 +137,11 @@ def cannot_open(database: PostgresURL, exc: BaseException) -> str:
 
 
 def unreachable(database: PostgresURL, exc: BaseException | None) -> str:
-    why = f" ({reason(exc)})" if exc is not None else ""
+    why = reason(exc) if exc is not None else CLOSED
     return (
-        f"the database {database} is unreachable{why}; webhookd reconnects by itself once "
-        "it answers"
+        f"the database {database} is unreachable ({why}); webhookd reconnects by itself "
+        "once it answers"
     )
+
+
+CLOSED = "the server closed the connection"

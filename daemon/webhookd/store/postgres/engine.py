@@ -108,7 +108,9 @@ class PostgresStore:
             self._pool = await asyncpg.create_pool(
                 self.database.url,
                 password=self.database.password.reveal() or None,
-                min_size=1,
+                # Connected on demand: a pool that keeps a floor reconnects by itself while
+                # the server is away, warning at each attempt; the writer already says so.
+                min_size=0,
                 max_size=READERS,
                 timeout=connection.CONNECT_TIMEOUT_S,
                 server_settings={
@@ -191,7 +193,7 @@ class PostgresStore:
         log.error(
             "database_unreachable",
             database=str(self.database),
-            error=connection.reason(exc) if exc else "the session ended",
+            error=connection.reason(exc) if exc else connection.CLOSED,
         )
         for conn in (self._conn, self._lock_conn):
             if conn is not None:

@@ -27,7 +27,7 @@ log = logs.get_logger("webhookd.store")
 
 SCHEMA_VERSION = 1
 
-# pg_advisory_xact_lock key (b"whkd-mig"): held while migrating, released at commit.
+# The advisory lock key (b"whkd-mig") held while migrating.
 MIGRATION_LOCK = int.from_bytes(b"whkd-mig", "big")
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -112,24 +112,31 @@ def refuse_newer(version: int) -> None:
 async def migrate(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """Bring the schema to SCHEMA_VERSION, or raise SchemaTooNew having changed nothing."""
     refuse_newer(await schema_version(conn))  # before the lock: nothing is written yet
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+    # A session lock taken before the transaction, not a transaction lock inside it: a
+    # transaction that began before another process committed its migration would still
+    # find no webhookd_schema table in its catalog cache after waiting for the lock.
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
         version = await schema_version(conn)  # again: another process may have migrated
         refuse_newer(version)
         if version == SCHEMA_VERSION:
             return
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS webhookd_schema (
-                version integer PRIMARY KEY,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            )"""
-        )
-        for target, statements in MIGRATIONS:
-            if target <= version:
-                continue
-            for statement in statements:
-                await conn.execute(statement)
-            await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", target)
+        async with conn.transaction():
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS webhookd_schema (
+                    version integer PRIMARY KEY,
+                    applied_at timestamptz NOT NULL DEFAULT now()
+                )"""
+            )
+            for target, statements in MIGRATIONS:
+                if target <= version:
+                    continue
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", target)
+    finally:
+        if not conn.is_closed():
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     log.info("schema_migrated", version=SCHEMA_VERSION, previous=version)
 
 
