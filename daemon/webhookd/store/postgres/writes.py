@@ -36,15 +36,21 @@ LOCK = """
     SELECT tenant, last_sequence FROM tenant_state
     WHERE tenant = ANY($1::text[]) ORDER BY tenant FOR NO KEY UPDATE"""
 
+# LATERAL: one primary-key lookup per id, never a join the planner could turn into a scan
+# of the table, which keeps every producer id ever given.
 KNOWN_IDS = """
-    SELECT w.tenant, w.id, w.sequence
-    FROM webhook_ids AS w JOIN unnest($1::text[], $2::text[]) AS u (tenant, id)
-        ON w.tenant = u.tenant AND w.id = u.id"""
+    SELECT u.tenant, u.id, w.sequence
+    FROM unnest($1::text[], $2::text[]) AS u (tenant, id)
+    CROSS JOIN LATERAL (
+        SELECT sequence FROM webhook_ids WHERE tenant = u.tenant AND id = u.id
+    ) AS w"""
 
+# `= ANY($1)` as well as the join: an index condition of its own, so the planner finds the
+# rows by key rather than joining with a scan of every tenant's row.
 ALLOCATE = """
     UPDATE tenant_state AS s SET last_sequence = s.last_sequence + u.n
     FROM unnest($1::text[], $2::bigint[]) AS u (tenant, n)
-    WHERE s.tenant = u.tenant
+    WHERE s.tenant = ANY($1::text[]) AND s.tenant = u.tenant
     RETURNING s.tenant, s.last_sequence"""
 
 INSERT_WEBHOOKS = """
@@ -56,20 +62,20 @@ INSERT_IDS = """
     INSERT INTO webhook_ids (tenant, id, sequence)
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"""
 
-# The deletion reads acked_sequence as it was before the update (one snapshot for the whole
-# statement): its index scan starts at the queue's head, not at the rows deleted before.
+# Per tenant, sent together (executemany: one round trip). Scalar parameters keep the plan
+# an index range scan from the queue's head (acked_sequence before the update: the
+# subquery reads the statement's snapshot) to `through`, whatever the table's size; an
+# `unnest` join here let the planner choose a scan of the whole table, or of each tenant's
+# whole queue.
 ACKNOWLEDGE = """
-    WITH u AS (
-        SELECT * FROM unnest($1::text[], $2::bigint[], $3::float8[]) AS u (tenant, through, at)
-    ),
-    gone AS (
-        DELETE FROM webhooks AS w USING tenant_state AS s, u
-        WHERE s.tenant = u.tenant AND w.tenant = u.tenant
-          AND w.sequence > s.acked_sequence AND w.sequence <= u.through
+    WITH gone AS (
+        DELETE FROM webhooks
+        WHERE tenant = $1 AND sequence <= $2
+          AND sequence > (SELECT acked_sequence FROM tenant_state WHERE tenant = $1)
     )
-    UPDATE tenant_state AS s SET acked_sequence = greatest(s.acked_sequence, u.through),
-        attempts = 0, next_attempt_at = NULL, last_processed_at = u.at
-    FROM u WHERE s.tenant = u.tenant"""
+    UPDATE tenant_state SET acked_sequence = greatest(acked_sequence, $2), attempts = 0,
+        next_attempt_at = NULL, last_processed_at = $3
+    WHERE tenant = $1"""
 
 
 class Tx:
@@ -99,11 +105,8 @@ class Tx:
             await self._enqueue(ops)
         if self.acks:
             acks, self.acks = self.acks, {}
-            await self.conn.execute(
-                ACKNOWLEDGE,
-                list(acks),
-                [through for through, _ in acks.values()],
-                [at for _, at in acks.values()],
+            await self.conn.executemany(
+                ACKNOWLEDGE, [(tenant, through, at) for tenant, (through, at) in acks.items()]
             )
 
     async def _enqueue(self, ops: list[Enqueue]) -> None:
