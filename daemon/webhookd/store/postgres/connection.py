@@ -31,6 +31,18 @@ INSTANCE_LOCK = int.from_bytes(b"webhookd", "big")
 CONNECT_ERRORS = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError)
 
 
+# What a statement raises when the session is gone rather than the statement refused: the
+# socket closed, or the server ending every session (stopping, crashing, starting).
+SESSION_ENDED = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+)
+
+
 def application_name(role: str) -> str:
     """What pg_stat_activity shows for each session (at most 63 bytes): the role, the host
     and the process, so an operator (and the lock's refusal) can tell who holds it."""
@@ -74,30 +86,32 @@ class Holder:
     client: str
 
     def __str__(self) -> str:
-        where = f"from {self.client}" if self.client else "through a local socket"
-        return f"{self.application or 'a session'} connected {where}, server pid {self.session.pid}"
+        # The address is empty for a local socket, or hidden from another role.
+        where = f" connected from {self.client}" if self.client else ""
+        pid = f", server pid {self.session.pid}" if self.session.pid else ""
+        return f"{self.application or 'a session'}{where}{pid}"
 
 
 async def take_lock(conn: Connection) -> Holder | None:
     """Take the instance lock on `conn` for as long as its session lasts; None once taken,
     else who holds it."""
-    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK):
-        return None
-    # A bigint advisory key shows in pg_locks as its high and low halves, objsubid 1.
-    row = await conn.fetchrow(
-        """SELECT a.pid, a.backend_start, a.application_name, host(a.client_addr) AS client
-           FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
-           WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-             AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid""",
-        INSTANCE_LOCK >> 32,
-        INSTANCE_LOCK & 0xFFFFFFFF,
-    )
-    if row is None:  # released in between (or not visible to this role): unknown holder
-        return Holder(Session(0, None), "", "")
-    return Holder(
-        Session(row["pid"], row["backend_start"]), row["application_name"], row["client"] or ""
-    )
+    for _ in range(3):  # a holder that lets go between the two queries: try again
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK):
+            return None
+        # A bigint advisory key shows in pg_locks as its high and low halves, objsubid 1.
+        row = await conn.fetchrow(
+            """SELECT a.pid, a.backend_start, a.application_name, host(a.client_addr) AS client
+               FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+               WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid""",
+            INSTANCE_LOCK >> 32,
+            INSTANCE_LOCK & 0xFFFFFFFF,
+        )
+        if row is not None:
+            session = Session(row["pid"], row["backend_start"])
+            return Holder(session, row["application_name"] or "", row["client"] or "")
+    return Holder(Session(0, None), "", "")
 
 
 def in_use(database: PostgresURL, holder: Holder) -> str:

@@ -214,6 +214,10 @@ class PostgresStore:
             except CONNECT_ERRORS as exc:
                 self._down = StoreError(connection.unreachable(self.database, exc))
                 continue
+            except Exception:
+                # A bug, not the server: say so, and keep trying rather than stay down.
+                log.exception("reconnect_crashed", database=str(self.database))
+                continue
             if holder is None:
                 self._down = None
                 log.warning("database_reconnected", database=str(self.database))
@@ -248,7 +252,12 @@ class PostgresStore:
                 if self._closing:
                     return
                 continue
-            results = await self._commit(ops)
+            try:
+                results = await self._commit(ops)
+            except Exception as exc:
+                # A bug, not the database: fail these writes but keep the writer alive.
+                log.exception("commit_crashed", ops=len(ops))
+                results = [StoreError(f"internal error: {type(exc).__name__}")] * len(ops)
             for op, result in zip(ops, results, strict=True):
                 self._settle(op, result)
             if self._closing and not self._pending:
@@ -262,7 +271,7 @@ class PostgresStore:
         try:
             return await self._transaction(conn, ops)
         except Exception as exc:
-            if conn.is_closed():  # the session went, not a statement: none can commit now
+            if _session_ended(conn, exc):  # not a statement: none of them can commit now
                 self._lose(exc)
                 return [self._unavailable()] * len(ops)
             if len(ops) == 1:
@@ -279,7 +288,7 @@ class PostgresStore:
         try:
             return (await self._transaction(conn, [op]))[0]
         except Exception as exc:
-            if conn.is_closed():
+            if _session_ended(conn, exc):
                 self._lose(exc)
                 return self._unavailable()
             return self._refused(exc, [op])
@@ -410,3 +419,10 @@ class PostgresStore:
         if self._conn is None:
             raise self._unavailable()
         await self._fetch("SELECT 1")
+
+
+def _session_ended(conn: Connection, exc: Exception) -> bool:
+    """Whether `exc` ended the session (the server went away) rather than refused a
+    statement; asyncpg may raise the server's last message before it marks the session
+    closed."""
+    return conn.is_closed() or isinstance(exc, connection.SESSION_ENDED)
