@@ -23,7 +23,7 @@ from tests.test_store_contract import AT, new, queued, sequences
 from webhookd.config import PostgresURL
 from webhookd.records import IngestResult, SchemaTooNew, StoreError, TenantRecord, Webhook
 from webhookd.store import make_store
-from webhookd.store.postgres import SCHEMA_VERSION, PostgresStore
+from webhookd.store.postgres import SCHEMA_VERSION, PostgresStore, engine
 from webhookd.store.postgres.connection import INSTANCE_LOCK
 from webhookd.store.postgres.schema import migrate
 from webhookd.store.sqlite import SqliteStore
@@ -317,14 +317,16 @@ async def test_a_session_ended_by_an_operator_is_replaced(
 
 
 async def test_a_database_taken_by_another_daemon_meanwhile_stops_this_store(
-    store: PostgresStore, database: PostgresURL
+    store: PostgresStore, database: PostgresURL, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A longer first wait before reconnecting than the store's own: the other session
+    # surely takes the lock first, however loaded the machine.
+    monkeypatch.setattr(engine, "RECONNECT_FIRST_S", 1.0)
     await store.enqueue("acme", [new()], AT)
     other = await asyncpg.connect(database.url)
     try:
         with capture_logs() as logs:
-            # End this store's sessions and take the lock before it reconnects (it waits a
-            # moment before its first attempt).
+            # End this store's sessions and take the lock before it reconnects.
             await other.execute(
                 """SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
                    WHERE application_name ~ '^webhookd (lock|writer) '"""
