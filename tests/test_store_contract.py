@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 
+from webhookd.config import PostgresURL
 from webhookd.records import Failure, IngestResult, NewWebhook, StoreError, TenantRecord, Webhook
 from webhookd.store import Store, make_store
 
 # Each engine, and the fixture that gives it a new, empty database for one test (the same
 # database at every reopen within the test). An engine listed here runs every test below.
-ENGINES = {"sqlite": "sqlite_database"}
+ENGINES = {"sqlite": "sqlite_database", "postgres": "postgres_database"}
 
 Records = dict[str, TenantRecord]
 OpenStore = Callable[[], Awaitable[tuple[Store, Records]]]
@@ -69,6 +70,11 @@ def engine(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def sqlite_database(tmp_path: Path) -> Path:
     return tmp_path / "state" / "webhookd.db"
+
+
+@pytest.fixture
+def postgres_database(postgres_url: str) -> PostgresURL:
+    return PostgresURL(postgres_url)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from webhookd import checks, logs, status
@@ -75,12 +74,6 @@ class Service:
         self.config = config
         self.clock = clock or Clock()
         daemon = config.daemon
-        if not isinstance(daemon.database, Path):
-            # `check` connects to it already; the engine that stores in it is not built in.
-            raise StoreError(
-                f"the database {daemon.database} is PostgreSQL, and PostgreSQL support is not "
-                "in this build; set database to a SQLite file's path"
-            )
         self.store = make_store(daemon.database, daemon.durability)
         self.sender = Sender(
             max_connections=daemon.max_connections,

@@ -5,7 +5,8 @@
 each method keeps. Each engine implements it in its own folder, and `make_store` picks the
 engine for the configured database:
 
-- `sqlite/`: one SQLite file beside the daemon (`SqliteStore`), today's only engine
+- `sqlite/`: one SQLite file beside the daemon (`SqliteStore`), the default
+- `postgres/`: a PostgreSQL database (`PostgresStore`), when `database` is a URL
 
 The rows that cross this boundary, and the store's errors, are in `webhookd.records`; the
 generated ids in `webhookd.ids`: neither is SQL, and the sender and status use them
@@ -18,13 +19,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from webhookd.config import PostgresURL
+from webhookd.store.postgres import PostgresStore
 from webhookd.store.protocol import Store
 from webhookd.store.sqlite import SqliteStore
 
 __all__ = ["Store", "make_store"]
 
 
-def make_store(database: Path, durability: Literal["full", "normal"] = "full") -> Store:
+def make_store(
+    database: Path | PostgresURL, durability: Literal["full", "normal"] = "full"
+) -> Store:
     """The engine for `database` (unopened: `await store.open()`). Typed as `Store`, so the
     type checker holds each engine to the interface."""
+    if isinstance(database, PostgresURL):
+        return PostgresStore(database, durability=durability)
     return SqliteStore(database, durability=durability)

@@ -1,17 +1,22 @@
 """The store's one interface: what the service, the scheduler and the metrics may ask of it.
 
-Every engine (`sqlite/`, and PostgreSQL next) implements `Store` with the same guarantees,
-and tests/test_store_contract.py runs the same behaviour against each. What an engine does
-beyond this (SQLite's pragmas, reserve file and lock file) is its own and tested on its own.
+Every engine (`sqlite/`, `postgres/`) implements `Store` with the same guarantees, and
+tests/test_store_contract.py runs the same behaviour against each. What an engine does
+beyond this (SQLite's pragmas, reserve file and lock file; PostgreSQL's sessions, instance
+lock and reconnection) is its own and tested on its own.
 
 The guarantees every method keeps:
 
 - **Atomic.** A write happens entirely or not at all. A write that raises `StoreError`
-  changed nothing: no sequence was taken, no id remembered, no state row moved.
+  changed nothing: no sequence was taken, no id remembered, no state row moved (but see
+  a connection lost during COMMIT, below).
 - **Durable on return.** When a write's coroutine returns, its transaction is committed: a
   crash after that never loses it (with durability "normal", a power cut may lose the last
   commits but never corrupts the database). Writes awaited at the same time may be
-  committed together (a group commit), each with its own result or error.
+  committed together (a group commit), each with its own result or error. On a database
+  server, a connection lost while COMMIT is on its way leaves the outcome unknown: the write
+  raises `StoreError` though it may have been committed (a producer id makes the retry
+  answer `duplicate`).
 - **The queue invariant.** A tenant's queued webhooks are exactly the sequences
   `acked_sequence + 1 … last_sequence` of its state row, contiguous and in order. Enqueueing
   and requeueing append at the tail; acknowledging and parking remove from the head; a
@@ -56,7 +61,9 @@ class Store(Protocol):
         """True while ingest is refused for lack of space: `enqueue` raises `StoreError`
         with `disk_full` set and queues nothing. Acknowledgements, failures and controls
         are still recorded wherever they fit, so deliveries go on. The store looks for room
-        by itself and turns this off once there is enough again."""
+        by itself and turns this off once there is enough again. Always False on PostgreSQL:
+        the server's disk is its own, and a write it refuses for lack of space raises
+        `StoreError` as any other refusal does."""
         ...
 
     @property

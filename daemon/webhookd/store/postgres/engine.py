@@ -1,0 +1,428 @@
+"""The PostgreSQL store: group-committed writes on one connection, reads on a small pool.
+
+Writes go through one event-loop task that owns the writer connection: callers submit
+operations (`enqueue`, `acknowledge`, ...), and whatever has accumulated while the previous
+transaction was committing runs as one transaction (writes.py), with one WAL flush. If the
+transaction fails on a statement, its ops are run again one by one, so the one bad write
+fails alone. `durability` sets the writer session's `synchronous_commit`: "full" waits for
+each commit's WAL flush (on), "normal" does not (off: a server crash may lose the last
+moments of commits, never consistency).
+
+Reads (queue heads, parked lists, the health check) use a pool of a few read-only sessions
+beside the writer.
+
+One webhookd per database for now: the store holds the instance lock (connection.py) on a
+session of its own for as long as it is open.
+
+The server may go away (restarted, stopped, unreachable). Writes then raise `StoreError`
+at once (ingest answers 503) and `ping` fails, while a task reconnects in the background:
+the lock session first, the lock taken again, then the writer. If another webhookd took the
+lock meanwhile, this store stops for good: every write and `ping` raise, saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import asyncpg
+
+from webhookd import logs
+from webhookd.config import PostgresURL
+from webhookd.records import (
+    Failure,
+    IngestResult,
+    NewWebhook,
+    ParkedWebhook,
+    StoreError,
+    TenantRecord,
+    Webhook,
+)
+from webhookd.store.postgres import connection
+from webhookd.store.postgres.connection import CONNECT_ERRORS, Holder, Session
+from webhookd.store.postgres.schema import load_records, migrate
+from webhookd.store.postgres.writes import (
+    Acknowledge,
+    ClearFailures,
+    Discard,
+    Enqueue,
+    Op,
+    Park,
+    RecordFailure,
+    Requeue,
+    SetPaused,
+    Show,
+    Tx,
+)
+from webhookd.store.protocol import OnEnqueued
+
+if TYPE_CHECKING:
+    from webhookd.store.postgres.connection import Connection
+
+log = logs.get_logger("webhookd.store")
+
+READERS = 3  # sessions in the read pool: reads are short, and the writer has its own
+CLOSE_TIMEOUT_S = 5.0  # a graceful close that takes longer (a server gone quiet) is cut
+RECONNECT_FIRST_S = 0.25  # the first wait before connecting again, doubled up to …
+RECONNECT_MAX_S = 2.0  # … this: a server back is in use again within about this long
+
+
+class PostgresStore:
+    """The `Store` on PostgreSQL. One instance per daemon, and one daemon per database."""
+
+    disk_full = False  # the server's disk is its own: a full one is a StoreError, not a mode
+
+    def __init__(
+        self, database: PostgresURL, *, durability: Literal["full", "normal"] = "full"
+    ) -> None:
+        self.database = database
+        self.durability = durability
+        self.on_enqueued: OnEnqueued | None = None  # set by the service (see Store)
+        self.commits = 0
+        self._conn: Connection | None = None  # the writer's session
+        self._lock_conn: Connection | None = None  # the session holding the instance lock
+        self._lock_session: Session | None = None
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._pending: list[Op] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closing = False
+        self._down: StoreError | None = None  # set while the server is unreachable
+        self._lost: StoreError | None = None  # set for good: another webhookd has it
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> list[TenantRecord]:
+        """Connect, take the database for this daemon, create or migrate the schema; return
+        every known tenant's state."""
+        try:
+            holder = await self._connect()
+            if holder is not None:
+                raise StoreError(connection.in_use(self.database, holder))
+            assert self._conn is not None
+            await migrate(self._conn)
+            records = await load_records(self._conn)
+            self._pool = await asyncpg.create_pool(
+                self.database.url,
+                password=self.database.password.reveal() or None,
+                # Connected on demand: a pool that keeps a floor reconnects by itself while
+                # the server is away, warning at each attempt; the writer already says so.
+                min_size=0,
+                max_size=READERS,
+                timeout=connection.CONNECT_TIMEOUT_S,
+                server_settings={
+                    "application_name": connection.application_name("reader"),
+                    "default_transaction_read_only": "on",
+                },
+            )
+        except BaseException as exc:
+            await self._disconnect()
+            if isinstance(exc, StoreError) or not isinstance(exc, CONNECT_ERRORS):
+                raise
+            raise StoreError(connection.cannot_open(self.database, exc)) from None
+        self._writer = asyncio.create_task(self._write_loop(), name="webhookd-store-writer")
+        return records
+
+    async def _connect(self) -> Holder | None:
+        """The lock session with the lock taken, then the writer session; or, leaving no
+        session open, whoever holds the lock."""
+        lock = await connection.connect(self.database, "lock")
+        try:
+            holder = await connection.take_lock(lock)
+            if holder is not None:
+                await lock.close(timeout=CLOSE_TIMEOUT_S)
+                return holder
+            session = await Session.of(lock)
+            synchronous = "on" if self.durability == "full" else "off"
+            writer = await connection.connect(
+                self.database, "writer", {"synchronous_commit": synchronous}
+            )
+        except BaseException:
+            lock.terminate()
+            raise
+        lock.add_termination_listener(self._terminated)
+        writer.add_termination_listener(self._terminated)
+        self._lock_conn, self._conn, self._lock_session = lock, writer, session
+        return None
+
+    async def close(self) -> None:
+        """Commit what is pending, then close the sessions (the lock's last). Idempotent."""
+        self._closing = True
+        self._wakeup.set()
+        if self._writer is not None:
+            await self._writer
+            self._writer = None
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnecting
+            self._reconnecting = None
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        conns, self._conn, self._lock_conn = [self._conn, self._lock_conn], None, None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
+            except (TimeoutError, *CONNECT_ERRORS):
+                pool.terminate()
+        for conn in conns:  # the lock's session last: the lock goes with it
+            if conn is not None:
+                with contextlib.suppress(*CONNECT_ERRORS):
+                    await conn.close(timeout=CLOSE_TIMEOUT_S)
+                conn.terminate()  # a no-op once closed
+
+    # -- losing the server, and finding it again ---------------------------------------------
+
+    def _terminated(self, conn: object) -> None:
+        """A session ended without our closing it (the server stopped or restarted, the
+        network broke, an operator terminated it)."""
+        if conn is self._conn or conn is self._lock_conn:
+            self._lose(None)
+
+    def _lose(self, exc: BaseException | None) -> None:
+        """The writer or the lock session is gone: stop writing, drop both (the lock may
+        be gone with its session), and reconnect in the background."""
+        if self._lost is not None or self._down is not None:
+            return
+        self._down = StoreError(connection.unreachable(self.database, exc))
+        log.error(
+            "database_unreachable",
+            database=str(self.database),
+            error=connection.reason(exc) if exc else connection.CLOSED,
+        )
+        for conn in (self._conn, self._lock_conn):
+            if conn is not None:
+                conn.terminate()
+        self._conn = self._lock_conn = None
+        if not self._closing:
+            self._reconnecting = asyncio.create_task(
+                self._reconnect(), name="webhookd-store-connect"
+            )
+
+    async def _reconnect(self) -> None:
+        delay = RECONNECT_FIRST_S
+        while not self._closing:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_S)
+            try:
+                holder = await self._connect()
+            except CONNECT_ERRORS as exc:
+                self._down = StoreError(connection.unreachable(self.database, exc))
+                continue
+            except Exception:
+                # A bug, not the server: say so, and keep trying rather than stay down.
+                log.exception("reconnect_crashed", database=str(self.database))
+                continue
+            if holder is None:
+                self._down = None
+                log.warning("database_reconnected", database=str(self.database))
+                self._wakeup.set()
+                return
+            if holder.session == self._lock_session:
+                continue  # our own old session, which the server has not noticed is gone
+            self._lost = StoreError(
+                f"the database {self.database} was taken by another webhookd ({holder}) "
+                "while it was unreachable; this one stopped using it: stop one of the two "
+                "(for now, one webhookd runs on a PostgreSQL database at a time)"
+            )
+            log.error("database_taken", database=str(self.database), holder=str(holder))
+            return
+
+    # -- the group-commit writer -------------------------------------------------------------
+
+    async def _submit(self, op: Op) -> Any:
+        if self._closing and self._writer is None:
+            raise StoreError("the store is closed")
+        self._pending.append(op)
+        self._wakeup.set()
+        return await op.future
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._pending:
+                await self._wakeup.wait()
+            self._wakeup.clear()
+            ops, self._pending = self._pending, []
+            if not ops:
+                if self._closing:
+                    return
+                continue
+            try:
+                results = await self._commit(ops)
+            except Exception as exc:
+                # A bug, not the database: fail these writes but keep the writer alive.
+                log.exception("commit_crashed", ops=len(ops))
+                results = [StoreError(f"internal error: {type(exc).__name__}")] * len(ops)
+            for op, result in zip(ops, results, strict=True):
+                self._settle(op, result)
+            if self._closing and not self._pending:
+                return
+
+    async def _commit(self, ops: list[Op]) -> list[Any]:
+        """Run `ops` as one transaction; the result list holds each op's result or error."""
+        conn = self._conn
+        if conn is None or self._lost is not None:
+            return [self._unavailable()] * len(ops)
+        try:
+            return await self._transaction(conn, ops)
+        except Exception as exc:
+            if _session_ended(conn, exc):  # not a statement: none of them can commit now
+                self._lose(exc)
+                return [self._unavailable()] * len(ops)
+            if len(ops) == 1:
+                return [self._refused(exc, ops)]
+            # One bad write must not fail the others committed with it (other producers'
+            # ingest, deliveries being recorded): each on its own, then.
+            log.warning("commit_isolating", ops=len(ops), error=connection.reason(exc))
+            return [await self._alone(op) for op in ops]
+
+    async def _alone(self, op: Op) -> Any:
+        conn = self._conn
+        if conn is None:
+            return self._unavailable()
+        try:
+            return (await self._transaction(conn, [op]))[0]
+        except Exception as exc:
+            if _session_ended(conn, exc):
+                self._lose(exc)
+                return self._unavailable()
+            return self._refused(exc, [op])
+
+    def _unavailable(self) -> StoreError:
+        """Why nothing can be written now: another webhookd took the database, the server
+        is unreachable, or the store is not open."""
+        if self._lost is not None:
+            return self._lost
+        if self._down is not None:
+            return self._down
+        if self._closing:
+            return StoreError("the store is closed")
+        return StoreError("the store is not open")
+
+    def _refused(self, exc: Exception, ops: list[Op]) -> StoreError:
+        if isinstance(exc, asyncpg.PostgresError):
+            log.error("commit_failed", error=connection.reason(exc), ops=len(ops))
+            return StoreError(f"database error: {connection.reason(exc)}")
+        # A bug, not the database: fail these writes but keep the writer alive.
+        log.exception("commit_crashed", ops=len(ops))
+        return StoreError(f"internal error: {type(exc).__name__}")
+
+    async def _transaction(self, conn: Connection, ops: list[Op]) -> list[Any]:
+        """Run `ops` as one transaction. All or nothing."""
+        async with conn.transaction():
+            tx = Tx(conn)
+            await tx.lock(ops)
+            for op in ops:
+                if op.batchable:
+                    op.defer(tx)
+                else:
+                    await tx.flush()
+                    await op.apply(tx)
+            await tx.flush()
+        self.commits += 1
+        return [op.result for op in ops]
+
+    def _settle(self, op: Op, result: Any) -> None:
+        """Tell the op's caller how it went; announce what a committed op queued."""
+        if isinstance(result, StoreError):
+            if not op.future.done():
+                op.future.set_exception(result)
+            return
+        if op.queued and op.tenant is not None and self.on_enqueued is not None:
+            try:
+                self.on_enqueued(op.tenant, op.queued)
+            except Exception:
+                # The rows are committed; the tenant's worker reads them from the database
+                # instead. The writer itself must keep running.
+                log.exception("enqueue_notify_failed", tenant=op.tenant)
+        if not op.future.done():  # the caller may have been cancelled meanwhile
+            op.future.set_result(result)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def enqueue(
+        self, tenant: str, items: Sequence[NewWebhook], accepted_at: float
+    ) -> list[IngestResult]:
+        result: list[IngestResult] = await self._submit(Enqueue(tenant, items, accepted_at))
+        return result
+
+    async def acknowledge(self, tenant: str, through_sequence: int, at: float) -> None:
+        await self._submit(Acknowledge(tenant, through_sequence, at))
+
+    async def record_failure(
+        self, tenant: str, failure: Failure, next_attempt_at: float | None, keep: int
+    ) -> None:
+        await self._submit(RecordFailure(tenant, failure, next_attempt_at, keep))
+
+    async def clear_failures(self, tenant: str) -> int:
+        cleared: int = await self._submit(ClearFailures(tenant))
+        return cleared
+
+    async def set_paused(self, tenant: str, paused: bool) -> None:
+        await self._submit(SetPaused(tenant, paused))
+
+    async def park(self, tenant: str, sequence: int, at: float) -> Webhook | None:
+        parked: Webhook | None = await self._submit(Park(tenant, sequence, at))
+        return parked
+
+    async def requeue(self, tenant: str, webhook_id: str, at: float) -> Webhook | None:
+        queued: Webhook | None = await self._submit(Requeue(tenant, webhook_id, at))
+        return queued
+
+    async def discard(self, tenant: str) -> int:
+        dropped: int = await self._submit(Discard(tenant))
+        return dropped
+
+    async def setting(self, name: str) -> str:
+        """One setting as the writer's session has it (for tests and `check`)."""
+        value: str = await self._submit(Show(name))
+        return value
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        if self._lost is not None:
+            raise self._lost
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        try:
+            return await self._pool.fetch(sql, *args)
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
+
+    async def read_queue(self, tenant: str, after: int, limit: int) -> list[Webhook]:
+        rows = await self._fetch(
+            """SELECT sequence, id, event, accepted_at, data FROM webhooks
+               WHERE tenant = $1 AND sequence > $2 ORDER BY sequence LIMIT $3""",
+            tenant,
+            after,
+            limit,
+        )
+        return [Webhook(*row) for row in rows]
+
+    async def list_parked(self, tenant: str, limit: int = 1000) -> list[ParkedWebhook]:
+        rows = await self._fetch(
+            """SELECT sequence, id, event, accepted_at, data, parked_at FROM parked
+               WHERE tenant = $1 ORDER BY sequence LIMIT $2""",
+            tenant,
+            limit,
+        )
+        return [ParkedWebhook(Webhook(*row[:5]), row[5]) for row in rows]
+
+    async def ping(self) -> None:
+        """Raise unless the database answers and this store can write to it."""
+        if self._conn is None:
+            raise self._unavailable()
+        await self._fetch("SELECT 1")
+
+
+def _session_ended(conn: Connection, exc: Exception) -> bool:
+    """Whether `exc` ended the session (the server went away) rather than refused a
+    statement; asyncpg may raise the server's last message before it marks the session
+    closed."""
+    return conn.is_closed() or isinstance(exc, connection.SESSION_ENDED)

@@ -1,0 +1,159 @@
+"""The PostgreSQL schema: versioned migrations, and what start-up reads back.
+
+Migrations are a list of (version, statements), as for SQLite; the table `webhookd_schema`
+records each version applied. A database newer than this code is refused before anything
+touches it, and the pending migrations run in one transaction under an advisory lock, so
+that two processes starting at once never migrate side by side (the second waits, then
+finds the work done).
+
+Types are PostgreSQL's own: `bigint` sequences, `boolean` flags. Times stay `double
+precision` epoch seconds, as the records carry them: they come back exactly as stored (a
+`timestamptz` keeps microseconds only, so a float would not), and `to_timestamp(at)` shows
+them to a person. `data` is `text`, never `jsonb`: the producer's JSON is kept byte for
+byte, never re-encoded.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from webhookd import logs
+from webhookd.records import Failure, SchemaTooNew, TenantRecord, TenantRow
+
+if TYPE_CHECKING:
+    import asyncpg
+
+log = logs.get_logger("webhookd.store")
+
+SCHEMA_VERSION = 1
+
+# The advisory lock key (b"whkd-mig") held while migrating.
+MIGRATION_LOCK = int.from_bytes(b"whkd-mig", "big")
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE tenant_state (
+                tenant text PRIMARY KEY,
+                last_sequence bigint NOT NULL DEFAULT 0,
+                acked_sequence bigint NOT NULL DEFAULT 0,
+                attempts integer NOT NULL DEFAULT 0,
+                next_attempt_at double precision,
+                last_processed_at double precision,
+                paused boolean NOT NULL DEFAULT false
+            )""",
+            # The queue: a tenant's rows in sequence order are its primary key's order.
+            """CREATE TABLE webhooks (
+                tenant text NOT NULL,
+                sequence bigint NOT NULL,
+                id text NOT NULL,
+                event text NOT NULL,
+                accepted_at double precision NOT NULL,
+                data text NOT NULL,
+                PRIMARY KEY (tenant, sequence)
+            )""",
+            # Producer-given ids only (generated ones carry their sequence): what makes
+            # ingest idempotent. Kept after delivery, so a late retry of a delivered webhook
+            # is still answered `duplicate`.
+            """CREATE TABLE webhook_ids (
+                tenant text NOT NULL,
+                id text NOT NULL,
+                sequence bigint NOT NULL,
+                PRIMARY KEY (tenant, id)
+            )""",
+            """CREATE TABLE parked (
+                tenant text NOT NULL,
+                sequence bigint NOT NULL,
+                id text NOT NULL,
+                event text NOT NULL,
+                accepted_at double precision NOT NULL,
+                data text NOT NULL,
+                parked_at double precision NOT NULL,
+                PRIMARY KEY (tenant, sequence)
+            )""",
+            "CREATE INDEX parked_id ON parked (tenant, id)",
+            # An identity column: "newest first" is id order, and its values are never
+            # reused, even after the newest rows are pruned or a transaction rolls back.
+            """CREATE TABLE failures (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                tenant text NOT NULL,
+                at double precision NOT NULL,
+                attempt integer NOT NULL,
+                first_sequence bigint NOT NULL,
+                last_sequence bigint NOT NULL,
+                count integer NOT NULL,
+                status integer,
+                error text NOT NULL,
+                duration_ms double precision NOT NULL
+            )""",
+            "CREATE INDEX failures_tenant ON failures (tenant, id)",
+        ],
+    ),
+]
+
+
+async def schema_version(conn: asyncpg.Connection[asyncpg.Record]) -> int:
+    """The version the database has: 0 for a database webhookd never used."""
+    if not await conn.fetchval("SELECT to_regclass('webhookd_schema') IS NOT NULL"):
+        return 0
+    version: int = await conn.fetchval("SELECT coalesce(max(version), 0) FROM webhookd_schema")
+    return version
+
+
+def refuse_newer(version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"the database schema is version {version}, newer than this webhookd "
+            f"understands ({SCHEMA_VERSION}); run a newer webhookd"
+        )
+
+
+async def migrate(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Bring the schema to SCHEMA_VERSION, or raise SchemaTooNew having changed nothing."""
+    refuse_newer(await schema_version(conn))  # before the lock: nothing is written yet
+    # A session lock taken before the transaction, not a transaction lock inside it: a
+    # transaction that began before another process committed its migration would still
+    # find no webhookd_schema table in its catalog cache after waiting for the lock.
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        version = await schema_version(conn)  # again: another process may have migrated
+        refuse_newer(version)
+        if version == SCHEMA_VERSION:
+            return
+        async with conn.transaction():
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS webhookd_schema (
+                    version integer PRIMARY KEY,
+                    applied_at timestamptz NOT NULL DEFAULT now()
+                )"""
+            )
+            for target, statements in MIGRATIONS:
+                if target <= version:
+                    continue
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", target)
+    finally:
+        if not conn.is_closed():
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    log.info("schema_migrated", version=SCHEMA_VERSION, previous=version)
+
+
+async def load_records(conn: asyncpg.Connection[asyncpg.Record]) -> list[TenantRecord]:
+    records: dict[str, TenantRecord] = {}
+    for name, *values in await conn.fetch(
+        """SELECT tenant, last_sequence, acked_sequence, attempts, next_attempt_at,
+                  last_processed_at, paused FROM tenant_state ORDER BY tenant"""
+    ):
+        records[name] = TenantRecord(name, TenantRow(*values))
+    for name, *values in await conn.fetch(
+        """SELECT tenant, at, attempt, first_sequence, last_sequence, count, status, error,
+                  duration_ms FROM failures ORDER BY tenant, id DESC"""
+    ):
+        if name in records:
+            records[name].failures.append(Failure(*values))
+    for name, count in await conn.fetch("SELECT tenant, count(*) FROM parked GROUP BY tenant"):
+        if name in records:
+            records[name].parked = count
+    return list(records.values())

@@ -1,0 +1,396 @@
+"""The store's write operations on PostgreSQL, each a small class applied in a group commit.
+
+A caller's write becomes an `Op` with a future; the writer applies whatever ops have
+gathered in one transaction (`Tx`). The transaction first creates the state rows the group
+needs and locks them all in tenant order (`Tx.lock`): two transactions that touch the same
+tenants then always take them in the same order, and cannot deadlock. Ingest and
+acknowledgements are batched (`Tx.flush`), a statement each for the whole run of them, with
+arrays passed through `unnest` (bench/README-pg-drivers.md: as fast as COPY for these group
+sizes, in one round trip); the rarer controls run one by one, each after a flush, so each
+sees the writes before it.
+
+The database is the state's only copy: sequences are allocated by `UPDATE tenant_state SET
+last_sequence = last_sequence + n … RETURNING` inside the transaction, so a rolled-back
+group takes none. Parameters are positional (`$1`), as asyncpg has them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from webhookd.ids import generated_id, generated_sequence, id_tag
+from webhookd.records import Failure, IngestResult, NewWebhook, Webhook
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    Connection = asyncpg.Connection[asyncpg.Record]
+
+LOCK = """
+    WITH created AS (
+        INSERT INTO tenant_state (tenant) SELECT unnest($2::text[])
+        ON CONFLICT (tenant) DO NOTHING
+    )
+    SELECT tenant, last_sequence FROM tenant_state
+    WHERE tenant = ANY($1::text[]) ORDER BY tenant FOR NO KEY UPDATE"""
+
+# LATERAL: one primary-key lookup per id, never a join the planner could turn into a scan
+# of the table, which keeps every producer id ever given.
+KNOWN_IDS = """
+    SELECT u.tenant, u.id, w.sequence
+    FROM unnest($1::text[], $2::text[]) AS u (tenant, id)
+    CROSS JOIN LATERAL (
+        SELECT sequence FROM webhook_ids WHERE tenant = u.tenant AND id = u.id
+    ) AS w"""
+
+# `= ANY($1)` as well as the join: an index condition of its own, so the planner finds the
+# rows by key rather than joining with a scan of every tenant's row.
+ALLOCATE = """
+    UPDATE tenant_state AS s SET last_sequence = s.last_sequence + u.n
+    FROM unnest($1::text[], $2::bigint[]) AS u (tenant, n)
+    WHERE s.tenant = ANY($1::text[]) AND s.tenant = u.tenant
+    RETURNING s.tenant, s.last_sequence"""
+
+INSERT_WEBHOOKS = """
+    INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[],
+                         $5::float8[], $6::text[])"""
+
+INSERT_IDS = """
+    INSERT INTO webhook_ids (tenant, id, sequence)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"""
+
+# Per tenant, sent together (executemany: one round trip). Scalar parameters keep the plan
+# an index range scan from the queue's head (acked_sequence before the update: the
+# subquery reads the statement's snapshot) to `through`, whatever the table's size; an
+# `unnest` join here let the planner choose a scan of the whole table, or of each tenant's
+# whole queue.
+ACKNOWLEDGE = """
+    WITH gone AS (
+        DELETE FROM webhooks
+        WHERE tenant = $1 AND sequence <= $2
+          AND sequence > (SELECT acked_sequence FROM tenant_state WHERE tenant = $1)
+    )
+    UPDATE tenant_state SET acked_sequence = greatest(acked_sequence, $2), attempts = 0,
+        next_attempt_at = NULL, last_processed_at = $3
+    WHERE tenant = $1"""
+
+
+class Tx:
+    """One group commit in progress: the connection, the tenants' sequence counters as this
+    transaction has them, and the batched writes not yet sent."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.last: dict[str, int] = {}
+        self.enqueues: list[Enqueue] = []
+        self.acks: dict[str, tuple[int, float]] = {}
+
+    async def lock(self, ops: Sequence[Op]) -> None:
+        """Create the state rows this group needs, and lock every tenant it touches."""
+        touched = sorted({op.tenant for op in ops if op.tenant is not None})
+        create = sorted({op.tenant for op in ops if op.tenant is not None and op.creates_row})
+        if not touched:
+            return
+        rows = await self.conn.fetch(LOCK, touched, create)
+        self.last = dict.fromkeys(create, 0)  # rows created now: the query cannot see them
+        self.last.update((row["tenant"], row["last_sequence"]) for row in rows)
+
+    async def flush(self) -> None:
+        """Send the batched writes, so that the next statement sees their effect."""
+        if self.enqueues:
+            ops, self.enqueues = self.enqueues, []
+            await self._enqueue(ops)
+        if self.acks:
+            acks, self.acks = self.acks, {}
+            await self.conn.executemany(
+                ACKNOWLEDGE, [(tenant, through, at) for tenant, (through, at) in acks.items()]
+            )
+
+    async def _enqueue(self, ops: list[Enqueue]) -> None:
+        known = await self._known_ids(ops)
+        counts: dict[str, int] = {}
+        rows: list[tuple[str, int, str, str, float, str]] = []
+        ids: list[tuple[str, str, int]] = []
+        for op in ops:
+            op.plan(self.last, counts, known, rows, ids)
+        if not counts:
+            return  # duplicates only
+        allocated = await self.conn.fetch(ALLOCATE, list(counts), list(counts.values()))
+        for row in allocated:
+            tenant, last = row["tenant"], row["last_sequence"]
+            # The rows are locked (`lock`): nothing else moved the counter since.
+            if last != self.last[tenant] + counts[tenant]:
+                raise RuntimeError(f"the sequence counter of {tenant!r} moved under its lock")
+            self.last[tenant] = last
+        await self.conn.execute(INSERT_WEBHOOKS, *_columns(rows, 6))
+        if ids:
+            await self.conn.execute(INSERT_IDS, *_columns(ids, 3))
+
+    async def _known_ids(self, ops: Iterable[Enqueue]) -> dict[tuple[str, str], int]:
+        """The producer ids of these ops that their tenants were given before."""
+        wanted = {(op.tenant, item.id) for op in ops for item in op.items if item.id is not None}
+        if not wanted:
+            return {}
+        tenants, ids = zip(*wanted, strict=True)
+        found = await self.conn.fetch(KNOWN_IDS, list(tenants), list(ids))
+        return {(row["tenant"], row["id"]): row["sequence"] for row in found}
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as one list per column: what `unnest` takes."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
+
+
+class Op:
+    """A write waiting for the next group commit; `result` is set inside the transaction."""
+
+    batchable = False  # run by `Tx.flush` with others of its kind, rather than on its own
+    creates_row = True  # the tenant gets a state row if it has none
+
+    def __init__(self, tenant: str | None) -> None:
+        self.tenant = tenant
+        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.result: Any = None
+        self.queued: list[Webhook] = []  # what a committed op queued (announced after)
+
+    def defer(self, tx: Tx) -> None:
+        """A batchable op: hand it to the transaction's next flush."""
+        raise NotImplementedError
+
+    async def apply(self, tx: Tx) -> None:
+        """An unbatched op: run it now (the writes before it were flushed)."""
+        raise NotImplementedError
+
+
+class Enqueue(Op):
+    batchable = True
+
+    def __init__(self, tenant: str, items: Sequence[NewWebhook], accepted_at: float) -> None:
+        super().__init__(tenant)
+        self.tenant: str = tenant
+        self.items = items
+        self.accepted_at = accepted_at
+
+    def defer(self, tx: Tx) -> None:
+        tx.enqueues.append(self)
+
+    def plan(
+        self,
+        last: dict[str, int],
+        counts: dict[str, int],
+        known: dict[tuple[str, str], int],
+        rows: list[tuple[str, int, str, str, float, str]],
+        ids: list[tuple[str, str, int]],
+    ) -> None:
+        """Give each new item the tenant's next sequence (`last` plus what this flush has
+        given before, `counts`); an id seen before (`known`, which grows) is a duplicate."""
+        tenant = self.tenant
+        tag = id_tag(tenant)
+        results: list[IngestResult] = []
+        self.queued = []  # a transaction may be retried: start clean
+        for item in self.items:
+            given = last[tenant] + counts.get(tenant, 0)
+            if item.id is not None:
+                first = known.get((tenant, item.id))
+                if first is None:
+                    first = generated_sequence(tag, item.id)
+                    if first is not None and first > given:
+                        first = None  # never given out (the service refuses these)
+                if first is not None:
+                    results.append(IngestResult(item.id, first, "duplicate"))
+                    continue
+            sequence = given + 1
+            counts[tenant] = counts.get(tenant, 0) + 1
+            webhook_id = item.id if item.id is not None else generated_id(tag, sequence)
+            if item.id is not None:
+                known[(tenant, item.id)] = sequence
+                ids.append((tenant, item.id, sequence))
+            rows.append((tenant, sequence, webhook_id, item.event, self.accepted_at, item.data))
+            self.queued.append(
+                Webhook(sequence, webhook_id, item.event, self.accepted_at, item.data)
+            )
+            results.append(IngestResult(webhook_id, sequence, "queued"))
+        self.result = results
+
+
+class Acknowledge(Op):
+    batchable = True
+
+    def __init__(self, tenant: str, through: int, at: float) -> None:
+        super().__init__(tenant)
+        self.tenant: str = tenant
+        self.through, self.at = through, at
+
+    def defer(self, tx: Tx) -> None:
+        # Several for one tenant in a group: the furthest head, the latest time.
+        through, _ = tx.acks.get(self.tenant, (self.through, self.at))
+        tx.acks[self.tenant] = (max(through, self.through), self.at)
+
+
+class RecordFailure(Op):
+    def __init__(
+        self, tenant: str, failure: Failure, next_attempt_at: float | None, keep: int
+    ) -> None:
+        super().__init__(tenant)
+        self.failure, self.next_attempt_at, self.keep = failure, next_attempt_at, keep
+
+    async def apply(self, tx: Tx) -> None:
+        f = self.failure
+        await tx.conn.execute(
+            """WITH state AS (
+                   UPDATE tenant_state SET attempts = $2, next_attempt_at = $10
+                   WHERE tenant = $1
+               )
+               INSERT INTO failures (tenant, at, attempt, first_sequence, last_sequence,
+                   count, status, error, duration_ms)
+               VALUES ($1, $3, $2, $4, $5, $6, $7, $8, $9)""",
+            self.tenant,
+            f.attempt,
+            f.at,
+            f.first_sequence,
+            f.last_sequence,
+            f.count,
+            f.status,
+            f.error,
+            f.duration_ms,
+            self.next_attempt_at,
+        )
+        # Only the newest `keep` stay (none for 0, the new one included).
+        await tx.conn.execute(
+            """DELETE FROM failures WHERE tenant = $1 AND id <= (
+                   SELECT id FROM failures WHERE tenant = $1
+                   ORDER BY id DESC LIMIT 1 OFFSET $2)""",
+            self.tenant,
+            self.keep,
+        )
+
+
+class ClearFailures(Op):
+    creates_row = False
+
+    async def apply(self, tx: Tx) -> None:
+        status = await tx.conn.execute("DELETE FROM failures WHERE tenant = $1", self.tenant)
+        self.result = int(status.split()[-1])  # "DELETE 3"
+
+
+class SetPaused(Op):
+    def __init__(self, tenant: str, paused: bool) -> None:
+        super().__init__(tenant)
+        self.paused = paused
+
+    async def apply(self, tx: Tx) -> None:
+        await tx.conn.execute(
+            "UPDATE tenant_state SET paused = $2 WHERE tenant = $1", self.tenant, self.paused
+        )
+
+
+class Park(Op):
+    """Move the head webhook to `parked`; its sequence becomes a visible gap."""
+
+    def __init__(self, tenant: str, sequence: int, at: float) -> None:
+        super().__init__(tenant)
+        self.sequence, self.at = sequence, at
+
+    async def apply(self, tx: Tx) -> None:
+        # Only the head: the row right after acked_sequence (rows exist up to last_sequence).
+        found = await tx.conn.fetchrow(
+            """WITH head AS (
+                   DELETE FROM webhooks AS w USING tenant_state AS s
+                   WHERE s.tenant = $1::text AND s.acked_sequence + 1 = $2::bigint
+                     AND w.tenant = s.tenant AND w.sequence = $2::bigint
+                   RETURNING w.sequence, w.id, w.event, w.accepted_at, w.data
+               ),
+               kept AS (
+                   INSERT INTO parked (tenant, sequence, id, event, accepted_at, data, parked_at)
+                   SELECT $1::text, sequence, id, event, accepted_at, data, $3::float8 FROM head
+               ),
+               moved AS (
+                   UPDATE tenant_state SET acked_sequence = $2::bigint, attempts = 0,
+                       next_attempt_at = NULL
+                   WHERE tenant = $1::text AND EXISTS (SELECT FROM head)
+               )
+               SELECT sequence, id, event, accepted_at, data FROM head""",
+            self.tenant,
+            self.sequence,
+            self.at,
+        )
+        self.result = Webhook(*found) if found is not None else None
+
+
+class Requeue(Op):
+    """Put a parked webhook back at the tail: a new sequence, the same id and data."""
+
+    creates_row = False  # a tenant with parked webhooks has one
+
+    def __init__(self, tenant: str, webhook_id: str, at: float) -> None:
+        super().__init__(tenant)
+        self.tenant: str = tenant
+        self.webhook_id, self.at = webhook_id, at
+
+    async def apply(self, tx: Tx) -> None:
+        self.queued = []  # a transaction may be retried: start clean
+        found = await tx.conn.fetchrow(
+            """WITH taken AS (
+                   DELETE FROM parked WHERE (tenant, sequence) = (
+                       SELECT tenant, sequence FROM parked WHERE tenant = $1::text AND id = $2
+                       ORDER BY sequence LIMIT 1)
+                   RETURNING id, event, accepted_at, data
+               ),
+               allocated AS (
+                   UPDATE tenant_state SET last_sequence = last_sequence + 1
+                   WHERE tenant = $1::text AND EXISTS (SELECT FROM taken)
+                   RETURNING last_sequence
+               ),
+               queued AS (
+                   INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
+                   SELECT $1::text, a.last_sequence, t.id, t.event, t.accepted_at, t.data
+                   FROM taken AS t, allocated AS a
+               )
+               SELECT a.last_sequence, t.id, t.event, t.accepted_at, t.data
+               FROM taken AS t, allocated AS a""",
+            self.tenant,
+            self.webhook_id,
+        )
+        if found is None:
+            self.result = None
+            return
+        webhook = Webhook(*found)
+        tx.last[self.tenant] = webhook.sequence
+        self.queued = [webhook]
+        self.result = webhook
+
+
+class Discard(Op):
+    """Drop a tenant's queue, parked webhooks and failures (an operator's explicit choice)."""
+
+    async def apply(self, tx: Tx) -> None:
+        # The queue is contiguous: what waits is a subtraction. The sequence counter stays:
+        # sequences are never reused, not even after a discard.
+        self.result = await tx.conn.fetchval(
+            """WITH queue AS (DELETE FROM webhooks WHERE tenant = $1),
+                    kept AS (DELETE FROM parked WHERE tenant = $1),
+                    history AS (DELETE FROM failures WHERE tenant = $1),
+                    before AS (
+                        SELECT last_sequence - acked_sequence AS waiting
+                        FROM tenant_state WHERE tenant = $1
+                    )
+               UPDATE tenant_state SET acked_sequence = last_sequence, attempts = 0,
+                   next_attempt_at = NULL, paused = false
+               FROM before WHERE tenant = $1
+               RETURNING before.waiting""",
+            self.tenant,
+        )
+
+
+class Show(Op):
+    """One setting as the writer's session has it (for tests and `check`)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(None)
+        self.name = name
+
+    async def apply(self, tx: Tx) -> None:
+        self.result = await tx.conn.fetchval("SELECT current_setting($1)", self.name)

@@ -1,0 +1,361 @@
+"""The PostgreSQL engine against a real server: what only it has. Its session settings, its
+schema version and the migration lock, the instance lock that keeps a second daemon off the
+database, a failed statement that fails alone, and the server going away and coming back.
+
+The behaviour every engine shares is tests/test_store_contract.py, which runs on PostgreSQL
+too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import asyncpg
+import pytest
+from structlog.testing import capture_logs
+
+from tests.conftest import wait_for
+from tests.postgres import PostgresServer
+from tests.test_store_contract import AT, new, queued, sequences
+from webhookd.config import PostgresURL
+from webhookd.records import IngestResult, SchemaTooNew, StoreError, TenantRecord, Webhook
+from webhookd.store import make_store
+from webhookd.store.postgres import SCHEMA_VERSION, PostgresStore, engine
+from webhookd.store.postgres.connection import INSTANCE_LOCK
+from webhookd.store.postgres.schema import migrate
+from webhookd.store.sqlite import SqliteStore
+
+Records = dict[str, TenantRecord]
+OpenStore = Callable[..., Awaitable[tuple[PostgresStore, Records]]]
+
+
+@pytest.fixture
+def database(postgres_url: str) -> PostgresURL:
+    return PostgresURL(postgres_url)
+
+
+@pytest.fixture
+async def open_store(database: PostgresURL) -> AsyncIterator[OpenStore]:
+    """Open a PostgresStore on the test's database; every one opened is closed at teardown."""
+    opened: list[PostgresStore] = []
+
+    async def open_(
+        durability: Literal["full", "normal"] = "full",
+    ) -> tuple[PostgresStore, Records]:
+        store = PostgresStore(database, durability=durability)
+        opened.append(store)
+        records = await store.open()
+        return store, {record.name: record for record in records}
+
+    yield open_
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(open_store: OpenStore) -> PostgresStore:
+    store, records = await open_store()
+    assert records == {}
+    return store
+
+
+async def sql(database: PostgresURL, query: str, *args: Any) -> list[asyncpg.Record]:
+    """A query on a session of its own, as an operator's psql would run it."""
+    conn = await asyncpg.connect(database.url)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
+async def sessions(database: PostgresURL) -> list[str]:
+    """The roles of webhookd's sessions on the database: lock, writer, reader."""
+    rows = await sql(
+        database,
+        """SELECT application_name FROM pg_stat_activity
+           WHERE datname = current_database() AND application_name LIKE 'webhookd %'""",
+    )
+    return sorted(row["application_name"].split()[1] for row in rows)
+
+
+# -- opening -------------------------------------------------------------------------------------
+
+
+def test_make_store_picks_the_engine_for_the_database(
+    database: PostgresURL, tmp_path: Path
+) -> None:
+    assert isinstance(make_store(database, "normal"), PostgresStore)
+    assert isinstance(make_store(tmp_path / "webhookd.db"), SqliteStore)
+
+
+@pytest.mark.parametrize(("durability", "synchronous"), [("full", "on"), ("normal", "off")])
+async def test_durability_is_the_writers_synchronous_commit(
+    open_store: OpenStore,
+    database: PostgresURL,
+    durability: Literal["full", "normal"],
+    synchronous: str,
+) -> None:
+    store, _ = await open_store(durability)
+    assert await store.setting("synchronous_commit") == synchronous
+    await store.ping()  # the readers connect on demand
+    # One session holds the instance lock, one writes, the readers beside them.
+    assert await sessions(database) == ["lock", "reader", "writer"]
+    [reader] = await sql(
+        database,
+        """SELECT count(*) AS n FROM pg_locks
+           WHERE locktype = 'advisory' AND granted AND objid = $1::bigint::oid""",
+        INSTANCE_LOCK & 0xFFFFFFFF,
+    )
+    assert reader["n"] == 1
+
+
+async def test_the_schema_is_created_once_and_versioned(
+    store: PostgresStore, open_store: OpenStore, database: PostgresURL
+) -> None:
+    await store.enqueue("acme", [new()], AT)
+    await store.close()
+    store, records = await open_store()
+    rows = await sql(database, "SELECT version FROM webhookd_schema")
+    assert [row["version"] for row in rows] == [SCHEMA_VERSION]
+    tables = await sql(
+        database, "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+    )
+    assert [row["tablename"] for row in tables] == [
+        "failures",
+        "parked",
+        "tenant_state",
+        "webhook_ids",
+        "webhookd_schema",
+        "webhooks",
+    ]
+    assert records["acme"].row.last_sequence == 1
+    assert await queued(store, "acme") == [1]
+
+
+async def test_a_newer_schema_is_refused_and_left_untouched(
+    database: PostgresURL, open_store: OpenStore
+) -> None:
+    await sql(database, "CREATE TABLE from_the_future (x integer)")
+    await sql(database, "CREATE TABLE webhookd_schema (version integer PRIMARY KEY)")
+    await sql(database, f"INSERT INTO webhookd_schema VALUES ({SCHEMA_VERSION + 1})")
+    with pytest.raises(SchemaTooNew) as caught:
+        await open_store()
+    assert str(caught.value) == (
+        f"the database schema is version {SCHEMA_VERSION + 1}, newer than this webhookd "
+        f"understands ({SCHEMA_VERSION}); run a newer webhookd"
+    )
+    tables = await sql(database, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    assert sorted(row["tablename"] for row in tables) == ["from_the_future", "webhookd_schema"]
+    assert await sessions(database) == []  # and it let go of the database
+
+
+async def test_two_processes_migrating_at_once_migrate_once(database: PostgresURL) -> None:
+    """The migration lock: the second waits for the first, then finds the work done."""
+    conns = [await asyncpg.connect(database.url) for _ in range(3)]
+    try:
+        await asyncio.gather(*(migrate(conn) for conn in conns))
+    finally:
+        for conn in conns:
+            await conn.close()
+    rows = await sql(database, "SELECT version FROM webhookd_schema")
+    assert [row["version"] for row in rows] == [SCHEMA_VERSION]
+
+
+async def test_an_unreachable_server_is_a_one_sentence_error(
+    postgres_server: PostgresServer,
+) -> None:
+    url = postgres_server.database_url("postgres").replace(
+        f":{postgres_server.port}/", ":1/"
+    )  # nothing listens on port 1
+    store = make_store(PostgresURL(url))
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    assert str(caught.value) == (
+        f"cannot open the database {url} (connection refused); check that PostgreSQL runs "
+        "there and that database in [daemon] names it"
+    )
+    await store.close()
+
+
+async def test_a_missing_database_is_named(postgres_server: PostgresServer) -> None:
+    url = postgres_server.database_url("no_such_db")
+    store = make_store(PostgresURL(url))
+    with pytest.raises(StoreError, match=r'\(database "no_such_db" does not exist\); create'):
+        await store.open()
+    await store.close()
+
+
+# -- one daemon per database ---------------------------------------------------------------------
+
+
+async def test_a_second_store_on_the_database_is_refused_until_the_first_closes(
+    store: PostgresStore, open_store: OpenStore, database: PostgresURL
+) -> None:
+    with pytest.raises(StoreError) as caught:
+        await open_store()
+    message = str(caught.value)
+    assert message.startswith(
+        f"the database {database} is in use by another webhookd (webhookd lock "
+    )
+    assert " connected from 127.0.0.1, server pid " in message
+    assert message.endswith(
+        "; stop that one first, or give this one its own database in [daemon] (for now, one "
+        "webhookd runs on a PostgreSQL database at a time)"
+    )
+    assert await sessions(database) == ["lock", "writer"]  # the first one's
+
+    await store.enqueue("acme", [new()], AT)
+    await store.close()
+    _, records = await open_store()
+    assert records["acme"].row.last_sequence == 1
+
+
+# -- a failed statement --------------------------------------------------------------------------
+
+
+async def test_a_write_the_server_refuses_fails_alone_and_takes_nothing(
+    store: PostgresStore, open_store: OpenStore
+) -> None:
+    calls: list[tuple[str, list[Webhook]]] = []
+    store.on_enqueued = lambda tenant, webhooks: calls.append((tenant, list(webhooks)))
+    await store.enqueue("acme", [new("first")], AT)
+    calls.clear()
+    commits = store.commits
+
+    # PostgreSQL text cannot hold a NUL character: the server refuses that statement.
+    outcomes = await asyncio.gather(
+        store.enqueue("acme", [new("bad", '{"x": "\x00"}'), new()], AT),
+        store.enqueue("beta", [new("small")], AT),  # committed with it at first
+        store.acknowledge("acme", 1, AT + 1),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[0], StoreError)
+    assert str(outcomes[0]).startswith("database error: invalid byte sequence")
+    assert outcomes[1] == [IngestResult("small", 1, "queued")]
+    assert outcomes[2] is None
+    # The group failed, then each write ran on its own: two of them committed.
+    assert store.commits == commits + 2
+    assert calls == [("beta", [Webhook(1, "small", "CHECK_COMPLETED", AT, "{}")])]
+    assert await queued(store, "acme") == []
+
+    # Nothing of the refused write remains: no sequence taken, no id remembered.
+    assert await store.enqueue("acme", [new("bad")], AT) == [IngestResult("bad", 2, "queued")]
+    store, records = await reopen(store, open_store)
+    assert (records["acme"].row.last_sequence, records["acme"].row.acked_sequence) == (2, 1)
+
+
+async def reopen(store: PostgresStore, open_store: OpenStore) -> tuple[PostgresStore, Records]:
+    await store.close()
+    return await open_store(durability=store.durability)
+
+
+# -- the server going away -----------------------------------------------------------------------
+
+
+async def test_while_the_server_is_down_writes_fail_and_it_is_used_again_once_back(
+    store: PostgresStore, postgres_server: PostgresServer, database: PostgresURL
+) -> None:
+    assert sequences(await store.enqueue("acme", [new("a")], AT)) == [1]
+    with capture_logs() as logs:
+        await asyncio.to_thread(postgres_server.stop)
+        with pytest.raises(StoreError) as caught:
+            await store.enqueue("acme", [new("b")], AT)
+        assert str(caught.value).startswith(f"the database {database} is unreachable (")
+        assert str(caught.value).endswith("; webhookd reconnects by itself once it answers")
+        with pytest.raises(StoreError, match="is unreachable"):
+            await store.acknowledge("acme", 1, AT)
+        with pytest.raises(StoreError, match="is unreachable"):
+            await store.ping()
+        with pytest.raises(StoreError, match="is unreachable"):
+            await store.read_queue("acme", 0, 10)
+
+        await asyncio.to_thread(postgres_server.start)
+
+        async def written() -> bool:
+            try:
+                await store.enqueue("acme", [new("b")], AT)
+            except StoreError:
+                return False
+            return True
+
+        await wait_for(written, timeout=10, interval=0.1)
+    events = [entry["event"] for entry in logs if entry["event"].startswith("database_")]
+    assert events == ["database_unreachable", "database_reconnected"]
+    await store.ping()
+    # Nothing was lost, and the refused write took no sequence.
+    assert [(w.sequence, w.id) for w in await store.read_queue("acme", 0, 10)] == [
+        (1, "a"),
+        (2, "b"),
+    ]
+    assert await sessions(database) == ["lock", "reader", "writer"]
+
+
+async def test_a_session_ended_by_an_operator_is_replaced(
+    store: PostgresStore, database: PostgresURL
+) -> None:
+    await store.enqueue("acme", [new()], AT)
+    await sql(
+        database,
+        """SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+           WHERE application_name LIKE 'webhookd writer %'""",
+    )
+
+    async def written() -> bool:
+        try:
+            await store.enqueue("acme", [new()], AT)
+        except StoreError:
+            return False
+        return True
+
+    await wait_for(written, timeout=10, interval=0.05)
+    assert await queued(store, "acme") == [1, 2]  # and a reader connects
+    # The lock session went with the writer (the lock must be held to write), and is back.
+    assert await sessions(database) == ["lock", "reader", "writer"]
+
+
+async def test_a_database_taken_by_another_daemon_meanwhile_stops_this_store(
+    store: PostgresStore, database: PostgresURL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A longer first wait before reconnecting than the store's own: the other session
+    # surely takes the lock first, however loaded the machine.
+    monkeypatch.setattr(engine, "RECONNECT_FIRST_S", 1.0)
+    await store.enqueue("acme", [new()], AT)
+    other = await asyncpg.connect(database.url)
+    try:
+        with capture_logs() as logs:
+            # End this store's sessions and take the lock before it reconnects.
+            await other.execute(
+                """SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+                   WHERE application_name ~ '^webhookd (lock|writer) '"""
+            )
+            assert await other.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK)
+
+            async def stopped() -> str | None:
+                try:
+                    await store.ping()
+                except StoreError as exc:
+                    return str(exc) if "taken" in str(exc) else None
+                return None
+
+            message = await wait_for(stopped, timeout=10, interval=0.05)
+        assert message.startswith(
+            f"the database {database} was taken by another webhookd (a session connected "
+            "from 127.0.0.1, server pid "
+        )
+        assert message.endswith(
+            "while it was unreachable; this one stopped using it: stop one of the two (for "
+            "now, one webhookd runs on a PostgreSQL database at a time)"
+        )
+        assert [e["event"] for e in logs if e["event"].startswith("database_")] == [
+            "database_unreachable",
+            "database_taken",
+        ]
+        with pytest.raises(StoreError, match="was taken by another webhookd"):
+            await store.enqueue("acme", [new()], AT)
+        with pytest.raises(StoreError, match="was taken by another webhookd"):
+            await store.read_queue("acme", 0, 10)
+    finally:
+        await other.close()
