@@ -166,11 +166,12 @@ async def _copy(sqlite: sqlite3.Connection, target: PostgresURL) -> Copied:
         holder = await connection.take_lock(pg)
         if holder is not None:
             raise MigrateError(connection.in_use(target, holder))
+        version = await schema_version(pg)
         try:
-            refuse_newer(await schema_version(pg))
+            refuse_newer(version)
         except SchemaTooNew as exc:
             raise MigrateError(f"{target}: {exc}") from None
-        if await schema_version(pg) > 0:
+        if version > 0:
             for table in TABLES:
                 if await pg.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
                     raise MigrateError(
