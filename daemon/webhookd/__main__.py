@@ -1,4 +1,5 @@
-"""Command line: run, check, init, events, send, status, retry, refresh, tenant, receiver."""
+"""Command line: run, check, init, migrate, events, send, status, retry, refresh, tenant,
+receiver."""
 
 from __future__ import annotations
 
@@ -226,6 +227,77 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"error: {visible(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+# -- migrate -------------------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from webhookd import migrate
+
+    cfg = load_or_exit(args)
+    source = cfg.daemon.database
+    if isinstance(source, config.PostgresURL):
+        raise CliError(
+            f"{config_path(args)}: database in [daemon] is already PostgreSQL ({source}); "
+            "migrate copies from the SQLite file it names"
+        )
+    target = target_url(args)
+    logs.configure(cfg.daemon.log_format, "warning")  # the summary says what was done
+    try:
+        copied = asyncio.run(migrate.run(source, target))
+    except migrate.MigrateError as exc:
+        raise CliError(str(exc)) from None
+    print(f"copied {source} into {target}:")
+    for count, what in (
+        (copied.tenants, "tenant"),
+        (copied.queued, "queued webhook"),
+        (copied.parked, "parked webhook"),
+        (copied.ids, "producer id"),
+        (copied.failures, "recent failure"),
+    ):
+        print(f"  {views.counted(count, what)}")
+    if cfg.daemon.tenants_dir:
+        print(
+            f"tenants made through the API are files in {cfg.daemon.tenants_dir}: they are not "
+            "copied, they stay there and the daemon keeps reading them"
+        )
+    print(
+        f'next: set database = "{target}" in [daemon] of {config_path(args)} (the password '
+        "in database_password_file or $WEBHOOKD_DATABASE_PASSWORD), then start the daemon; "
+        f"{source} is left as it was"
+    )
+    return 0
+
+
+def target_url(args: argparse.Namespace) -> config.PostgresURL:
+    """--to as a PostgresURL, its password from the URL, --password-file or the variable."""
+    try:
+        url = config.postgres_url(args.to, Path.cwd())
+    except ValueError as exc:
+        raise CliError(f"--to: {exc}") from None
+    passwords: dict[str, str] = {}
+    if url.password.reveal():
+        passwords["the URL"] = url.password.reveal()
+    if args.password_file:
+        try:
+            text = Path(args.password_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"--password-file: cannot read {args.password_file}: {exc}") from None
+        text = text.removesuffix("\n").removesuffix("\r")
+        if not text or config.CONTROL_CHARACTERS.search(text):
+            raise CliError(
+                f"--password-file: {args.password_file} must hold the password on one line"
+            )
+        passwords["--password-file"] = text
+    if os.environ.get(config.DATABASE_PASSWORD_ENV):
+        passwords[f"${config.DATABASE_PASSWORD_ENV}"] = os.environ[config.DATABASE_PASSWORD_ENV]
+    if len(passwords) > 1:
+        raise CliError(
+            f"the password is given in {len(passwords)} places ({', '.join(passwords)}); keep one"
+        )
+    password = next(iter(passwords.values()), "")
+    return config.PostgresURL(url.url, config.Secret(password))
 
 
 # How `check` names where a tenant's secret comes from.
@@ -668,6 +740,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--discard", action="store_true", help="rm: drop webhooks still waiting"
     )
     tenant_cmd.set_defaults(func=cmd_tenant)
+
+    migrate_cmd = command("migrate", "copy the SQLite database into an empty PostgreSQL one")
+    migrate_cmd.add_argument(
+        "--to", required=True, metavar="URL", help="postgresql://USER@HOST:PORT/DBNAME"
+    )
+    migrate_cmd.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="the target's password (or the URL, or the variable WEBHOOKD_DATABASE_PASSWORD)",
+    )
+    migrate_cmd.set_defaults(func=cmd_migrate)
 
     recv = command("receiver", "a development endpoint that prints deliveries", with_config=False)
     recv.add_argument("--listen", default="127.0.0.1:9000", metavar="HOST:PORT")

@@ -1,0 +1,214 @@
+"""`webhookd migrate --to postgresql://…`: an SQLite database copied into an empty
+PostgreSQL one.
+
+The daemon must be stopped: the copy takes the SQLite store's own lock (the flock a running
+daemon holds, store/sqlite/lock.py), so it refuses while a daemon has the file, and no daemon
+can open it while the copy reads. The SQLite file is only read (`query_only`).
+
+The target gets its schema from the PostgreSQL engine's own migrations, and is refused if
+webhookd's tables there hold any row: the copy never merges. Tables of other applications in
+the same database are left alone. The instance lock is taken on the target too, so a daemon
+already running on it is refused.
+
+Everything is copied in one PostgreSQL transaction, with COPY: every tenant's state (last
+and acknowledged sequences, attempts, next attempt, last processed, paused), the live queue
+(only rows after the acknowledged sequence: rows acknowledged on a full disk may wait there
+for the sweep), producer ids, parked webhooks, and recent failures in their order (newest
+last, so their new ids keep "newest first").
+
+Tenants made through the API live as files in `tenants_dir`: they are not in the database,
+so they are not copied; they stay where they are, and the daemon on PostgreSQL reads them
+from the same folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from webhookd.config import PostgresURL
+from webhookd.records import SchemaTooNew, StoreError
+from webhookd.store.postgres import connection
+from webhookd.store.postgres.connection import CONNECT_ERRORS
+from webhookd.store.postgres.schema import migrate as migrate_schema
+from webhookd.store.postgres.schema import refuse_newer, schema_version
+from webhookd.store.sqlite.lock import DatabaseLock
+from webhookd.store.sqlite.schema import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
+from webhookd.store.sqlite.schema import refuse_newer as sqlite_refuse_newer
+
+# webhookd's tables, in the order they are copied.
+TABLES = ("tenant_state", "webhooks", "webhook_ids", "parked", "failures")
+
+
+class MigrateError(Exception):
+    """Why the copy was refused or failed, in one sentence for the operator."""
+
+
+@dataclass
+class Copied:
+    tenants: int = 0
+    queued: int = 0
+    ids: int = 0
+    parked: int = 0
+    failures: int = 0
+
+
+# What is read from SQLite, per table: the query, and the PostgreSQL columns it fills.
+QUERIES: dict[str, tuple[str, list[str]]] = {
+    "tenant_state": (
+        """SELECT tenant, last_sequence, acked_sequence, attempts, next_attempt_at,
+                  last_processed_at, paused FROM tenant_state ORDER BY tenant""",
+        [
+            "tenant",
+            "last_sequence",
+            "acked_sequence",
+            "attempts",
+            "next_attempt_at",
+            "last_processed_at",
+            "paused",
+        ],
+    ),
+    # The live queue only: sequence > acked_sequence.
+    "webhooks": (
+        """SELECT w.tenant, w.sequence, w.id, w.event, w.accepted_at, w.data
+           FROM webhooks AS w JOIN tenant_state AS t ON t.tenant = w.tenant
+           WHERE w.sequence > t.acked_sequence ORDER BY w.tenant, w.sequence""",
+        ["tenant", "sequence", "id", "event", "accepted_at", "data"],
+    ),
+    "webhook_ids": (
+        "SELECT tenant, id, sequence FROM webhook_ids WHERE sequence IS NOT NULL",
+        ["tenant", "id", "sequence"],
+    ),
+    "parked": (
+        """SELECT tenant, sequence, id, event, accepted_at, data, parked_at FROM parked
+           ORDER BY tenant, sequence""",
+        ["tenant", "sequence", "id", "event", "accepted_at", "data", "parked_at"],
+    ),
+    # Oldest first, so the identity column gives them ids in the same order.
+    "failures": (
+        """SELECT tenant, at, attempt, first_sequence, last_sequence, count, status, error,
+                  duration_ms FROM failures ORDER BY id""",
+        [
+            "tenant",
+            "at",
+            "attempt",
+            "first_sequence",
+            "last_sequence",
+            "count",
+            "status",
+            "error",
+            "duration_ms",
+        ],
+    ),
+}
+
+
+def open_sqlite(path: Path) -> tuple[sqlite3.Connection, DatabaseLock]:
+    """The SQLite database, locked against a daemon and opened for reading only."""
+    if not path.is_file():
+        raise MigrateError(
+            f"there is no SQLite database at {path} (database in [daemon] names it): "
+            "nothing to migrate"
+        )
+    lock = DatabaseLock(path)
+    try:
+        lock.acquire()
+    except StoreError:
+        try:
+            holder = lock.path.read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            holder = ""
+        raise MigrateError(
+            f"the database {path} is in use by a running webhookd (pid {holder or 'unknown'}); "
+            "stop the daemon first, then migrate"
+        ) from None
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA query_only = ON")
+        version = sqlite_refuse_newer(conn)
+        if version != SQLITE_SCHEMA_VERSION:
+            raise MigrateError(
+                f"{path} is not a webhookd database (schema version {version}); nothing to migrate"
+            )
+    except SchemaTooNew as exc:
+        lock.release()
+        raise MigrateError(str(exc)) from None
+    except sqlite3.Error as exc:
+        lock.release()
+        raise MigrateError(f"cannot read the database {path}: {exc}") from None
+    except BaseException:
+        lock.release()
+        raise
+    return conn, lock
+
+
+async def run(source: Path, target: PostgresURL) -> Copied:
+    """Copy `source` (an SQLite file) into `target` (an empty PostgreSQL database)."""
+    conn, lock = open_sqlite(source)
+    try:
+        return await _copy(conn, target)
+    finally:
+        conn.close()
+        lock.release()
+
+
+async def _copy(sqlite: sqlite3.Connection, target: PostgresURL) -> Copied:
+    try:
+        pg = await connection.connect(target, "migrate")
+    except CONNECT_ERRORS as exc:
+        raise MigrateError(connection.cannot_open(target, exc)) from None
+    try:
+        holder = await connection.take_lock(pg)
+        if holder is not None:
+            raise MigrateError(connection.in_use(target, holder))
+        version = await schema_version(pg)
+        try:
+            refuse_newer(version)
+        except SchemaTooNew as exc:
+            raise MigrateError(f"{target}: {exc}") from None
+        if version > 0:
+            for table in TABLES:
+                if await pg.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
+                    raise MigrateError(
+                        f"the database {target} already holds webhookd data (rows in "
+                        f"{table}); migrate copies into an empty database only"
+                    )
+        await migrate_schema(pg)
+        copied = Copied()
+        async with pg.transaction():
+            for table in TABLES:
+                query, columns = QUERIES[table]
+                records = _records(sqlite, table, query)
+                if records:
+                    await pg.copy_records_to_table(table, records=records, columns=columns)
+                setattr(copied, FIELDS[table], len(records))
+        return copied
+    except (asyncpg.PostgresError, *CONNECT_ERRORS) as exc:
+        raise MigrateError(
+            f"copying into {target} failed, nothing was copied ({connection.reason(exc)})"
+        ) from None
+    finally:
+        with contextlib.suppress(*CONNECT_ERRORS):
+            await pg.close(timeout=connection.CONNECT_TIMEOUT_S)
+        pg.terminate()  # a no-op once closed
+
+
+FIELDS = {
+    "tenant_state": "tenants",
+    "webhooks": "queued",
+    "webhook_ids": "ids",
+    "parked": "parked",
+    "failures": "failures",
+}
+
+
+def _records(sqlite: sqlite3.Connection, table: str, query: str) -> list[tuple[Any, ...]]:
+    rows = sqlite.execute(query).fetchall()
+    if table == "tenant_state":  # SQLite's 0/1 flag, PostgreSQL's boolean
+        return [(*row[:6], bool(row[6])) for row in rows]
+    return rows
