@@ -1,8 +1,13 @@
-"""`python -m bench [--only NAME[,NAME]] [--quick] [--profile]`: webhookd's benchmark.
+"""`python -m bench [--only NAME[,NAME]] [--quick] [--profile] [--engine E]`: webhookd's
+benchmark.
 
 The daemon and the receiver each run in their own process; this process is the producer.
 All three share the machine, so every figure is "on this box, with the load generator
 beside it". Results go to stdout (a table at the end) and bench/results/latest.json.
+
+With `--engine postgres` or `both`, the bench starts its own PostgreSQL server (Debian's
+binaries, tests/postgres.py, fsync on), measures its commit rates beside SQLite's, and runs
+the scenarios in POSTGRES_SCENARIOS again with each daemon on a fresh database there.
 """
 
 from __future__ import annotations
@@ -20,15 +25,25 @@ from typing import Any
 
 import uvloop
 
+from bench.ceilings import postgres_ceilings
 from bench.context import Context
 from bench.harness import ROOT, Daemon, Receiver, background_cpu, scratch_dir
 from bench.load import session
 from bench.report import Report
-from bench.scenarios import SCENARIOS
+from bench.scenarios import POSTGRES_SCENARIOS, SCENARIOS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Which scenarios' figures are ratios to which ceiling; --only adds the ceilings they need.
 NEEDS_CEILINGS = {"ingest", "drain", "e2e", "unbatched1", "unbatched1000", "latency"}
+# On PostgreSQL a figure's ceiling is PostgreSQL's (None: no such ceiling measured there).
+POSTGRES_CEILING = {
+    "sqlite_rows": "pg_rows",
+    "sqlite_commits": "pg_commits",
+    "commit_p50": None,
+    "commit_p99": None,
+}
+# One instance on PostgreSQL, on this 2-core box shared with the server (issue 9's targets).
+POSTGRES_TARGET = {"e2e_batched": (">=", 20000.0), "unbatched_1000": (">=", 3000.0)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,6 +85,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "'import gc; gc.set_threshold(50000)' (the daemon's code is unchanged)",
     )
     parser.add_argument(
+        "--engine",
+        choices=["sqlite", "postgres", "both"],
+        default=None,
+        help="the store the daemon runs on; both (the default when PostgreSQL's server "
+        "binaries are installed) runs the scenarios PostgreSQL supports on each, side by side",
+    )
+    parser.add_argument(
         "--output", type=Path, default=RESULTS / "latest.json", help="where to write the JSON"
     )
     args = parser.parse_args(argv)
@@ -83,7 +105,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     else:
         chosen = list(SCENARIOS)
     args.chosen = [name for name in SCENARIOS if name in chosen]  # always in run order
+    if args.engine is None:
+        args.engine = "both" if postgres_installed() else "sqlite"
+        if args.engine == "sqlite":
+            print(
+                "note: PostgreSQL's server binaries are not installed "
+                "(/usr/lib/postgresql/*/bin/initdb): SQLite only",
+                flush=True,
+            )
+    args.engines = ["sqlite", "postgres"] if args.engine == "both" else [args.engine]
     return args
+
+
+def postgres_installed() -> bool:
+    return any(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
 
 
 def meta(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,6 +156,7 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
         "quick": args.quick,
         "scenarios": args.chosen,
         "daemon_prelude": args.daemon_prelude,
+        "engines": args.engines,
     }
 
 
@@ -151,6 +187,15 @@ async def run(args: argparse.Namespace) -> Report:
         "daemon, receiver and producer share the machine",
         flush=True,
     )
+    postgres = None
+    if "postgres" in args.engines:
+        from tests.postgres import started_server
+
+        # PostgreSQL's default shared_buffers (the tests' server is smaller); fsync on.
+        postgres = await asyncio.to_thread(started_server, {"shared_buffers": "128MB"})
+        version = postgres.psql("SHOW server_version").strip()
+        report.meta["postgres"] = version
+        print(f"PostgreSQL {version} on 127.0.0.1:{postgres.port}, fsync on", flush=True)
     with scratch_dir("receiver") as workdir:
         receiver = Receiver(workdir)
         client = session(1200)
@@ -163,21 +208,54 @@ async def run(args: argparse.Namespace) -> Report:
                 results_dir=RESULTS,
                 profile=args.profile,
                 sustained_s=args.sustained_seconds,
+                postgres=postgres,
             )
             started = time.monotonic()
             for name in args.chosen:
-                title, scenario = SCENARIOS[name]
-                print(f"\n== {name}: {title}", flush=True)
-                quiet = await wait_quiet(args.quiet_wait)
-                report.details.setdefault(name, {})["background_cpu_before"] = quiet
-                began = time.monotonic()
-                await scenario(ctx)
-                report.details.setdefault(name, {})["wall_s"] = round(time.monotonic() - began, 1)
+                for engine in args.engines:
+                    if engine == "postgres" and name not in POSTGRES_SCENARIOS:
+                        continue
+                    await run_scenario(ctx, name, engine, args.quiet_wait)
             report.meta["wall_s"] = round(time.monotonic() - started, 1)
         finally:
             await client.close()
             receiver.stop()
+            if postgres is not None:
+                await asyncio.to_thread(postgres.remove)
     return report
+
+
+async def run_scenario(ctx: Context, name: str, engine: str, quiet_wait: float) -> None:
+    """One scenario on one engine; on PostgreSQL its figures and details are marked so."""
+    report = ctx.report
+    title, scenario = SCENARIOS[name]
+    on_postgres = engine == "postgres"
+    print(f"\n== {name}{' [postgresql]' if on_postgres else ''}: {title}", flush=True)
+    ctx.engine = engine
+    saved, first = report.details, len(report.figures)
+    if on_postgres:
+        report.details = {}
+    try:
+        quiet = await wait_quiet(quiet_wait)
+        report.details.setdefault(name, {})["background_cpu_before"] = quiet
+        began = time.monotonic()
+        if on_postgres and name == "ceilings":
+            await postgres_ceilings(ctx)
+        else:
+            await scenario(ctx)
+        report.details.setdefault(name, {})["wall_s"] = round(time.monotonic() - began, 1)
+    finally:
+        ctx.engine = "sqlite"
+        if on_postgres:
+            for key, value in report.details.items():
+                saved[f"{key} [postgresql]"] = value
+            report.details = saved
+    for figure in report.figures[first:]:
+        figure.engine = engine
+        if on_postgres:
+            figure.target = POSTGRES_TARGET.get(figure.key, figure.target)
+            figure.key += "_pg"
+            figure.ceiling = POSTGRES_CEILING.get(figure.ceiling or "", figure.ceiling)
 
 
 def main(argv: list[str] | None = None) -> int:

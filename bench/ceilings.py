@@ -35,6 +35,12 @@ def delivery_like_body(count: int) -> bytes:
 
 
 async def ceilings(ctx: Context) -> None:
+    await receiver_ceilings(ctx)
+    await sqlite_ceilings(ctx)
+
+
+async def receiver_ceilings(ctx: Context) -> None:
+    """The receiver under a bare http1 client: single objects and 100-item arrays."""
     duration = ctx.size(4.0, 1.5)
     headers = {"Authorization": "Bearer bench-secret"}
     for key, label, count, unit in (
@@ -60,6 +66,13 @@ async def ceilings(ctx: Context) -> None:
             f"  {label}: {result.items_per_s:,.0f} {unit} "
             f"(64 connections, bare http1 client; cpu {cpu})"
         )
+    await ctx.receiver.reset(ctx.client)
+
+
+async def sqlite_ceilings(ctx: Context) -> None:
+    """SQLite under a bare sqlite3 loop: 100-row transactions, and 1-row commits' rate and
+    durations."""
+    duration = ctx.size(4.0, 1.5)
     meter = ctx.cpu()
     with scratch_dir("sqlite") as directory:
         rows = await asyncio.to_thread(
@@ -92,3 +105,33 @@ async def ceilings(ctx: Context) -> None:
         f"each took p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {MS * durations[-1]:.2f} ms"
     )
     await ctx.receiver.reset(ctx.client)
+
+
+async def postgres_ceilings(ctx: Context) -> None:
+    """PostgreSQL's own commit rates on the run's server, with bench/pg_drivers.py's code:
+    1-row INSERT commits (1 connection and 8), and 100-row group commits as the engine makes
+    them (10 tenants' sequences allocated, then their rows and ids inserted from arrays)."""
+    from bench import pg_drivers
+
+    assert ctx.postgres is not None
+    if "receiver_requests" not in ctx.report.ceilings:  # --engine postgres: not measured yet
+        await receiver_ceilings(ctx)
+    server, driver = ctx.postgres, pg_drivers.Asyncpg()
+    duration = ctx.size(4.0, 1.5)
+    meter = ctx.cpu()
+    rows = await pg_drivers.ingest(server, driver, "unnest", duration)
+    one = await pg_drivers.commit1(server, driver, 1, duration)
+    eight = await pg_drivers.commit1(server, driver, 8, duration)
+    others = meter.stop()["others"]
+    for key, label, value, unit in (
+        ("pg_rows", "postgresql, 100-row transactions (unnest)", rows.rate, "rows/s"),
+        ("pg_commits", "postgresql, 1-row commits, 1 connection", one.rate, "commits/s"),
+        ("pg_commits8", "postgresql, 1-row commits, 8 connections", eight.rate, "commits/s"),
+    ):
+        ctx.report.ceilings[key] = Ceiling(key, label, value, unit, others)
+        ctx.say(f"  {label}: {value:,.0f} {unit}")
+    ctx.report.details["postgres_ceilings"] = {
+        "cpu_percent": meter.result,
+        "producer_cpu_us_per_row": rows.cpu_us,
+        "producer_cpu_us_per_commit": one.cpu_us,
+    }

@@ -10,14 +10,17 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 
-from bench.harness import CpuMeter, Daemon, Pid, Receiver, scratch_dir
+from bench.harness import CpuMeter, Daemon, Pid, ProcTree, Receiver, scratch_dir
 from bench.profile import Sampler, format_summary, summarise
 from bench.report import Report
+
+if TYPE_CHECKING:
+    from tests.postgres import PostgresServer
 
 MS = 1000.0
 
@@ -32,6 +35,10 @@ class Context:
     profile: str | None = None  # py-spy mode: "wall", "gil" or "native"
     sustained_s: float | None = None  # the sustained scenario's main phase, if not 60 s
     me: Pid = field(default_factory=lambda: Pid(os.getpid()))
+    # The store the next daemon uses: "sqlite" (a file in its folder) or "postgres" (a fresh
+    # database on `postgres`, the server this run started).
+    engine: str = "sqlite"
+    postgres: PostgresServer | None = None
 
     def size(self, full: Any, quick: Any) -> Any:
         return quick if self.quick else full
@@ -43,6 +50,8 @@ class Context:
         procs: dict[str, Pid] = {"receiver": self.receiver.proc, "producer": self.me}
         if daemon is not None:
             procs["daemon"] = daemon.proc
+        if self.engine == "postgres" and self.postgres is not None:
+            procs["postgres"] = ProcTree(postmaster_pid(self.postgres))
         return CpuMeter(procs).start()
 
     @contextlib.asynccontextmanager
@@ -63,15 +72,27 @@ class Context:
         scenario's failing endpoints: `delivery_failed`) are counted, not shown as problems.
         """
         await self.receiver.reset(self.client)
+        database: str | None = None
         with scratch_dir(name) as directory:
             if prepare is not None:
                 await prepare(directory)
-            daemon = await asyncio.to_thread(Daemon, directory, tenants, env, **config)
+            if self.engine == "postgres":
+                assert self.postgres is not None and prepare is None, "a SQLite-only scenario"
+                database = await asyncio.to_thread(self.postgres.create_database)
+                config["database"] = self.postgres.database_url(database)
+            try:
+                daemon = await asyncio.to_thread(Daemon, directory, tenants, env, **config)
+            except BaseException:
+                if database is not None:
+                    await asyncio.to_thread(self._drop, database)
+                raise
             try:
                 yield daemon
             finally:
                 problems = daemon.problems()
                 await asyncio.to_thread(daemon.stop)
+                if database is not None:
+                    await asyncio.to_thread(self._drop, database)
                 counted = expected_events(problems, expected)
                 problems = [line for line in problems if log_event(line) not in expected]
                 if counted:
@@ -85,6 +106,10 @@ class Context:
                     "count": len(problems),
                     "first": problems[:5],
                 }
+
+    def _drop(self, database: str) -> None:
+        assert self.postgres is not None
+        self.postgres.drop_database(database)
 
     @contextlib.asynccontextmanager
     async def sampled(self, name: str, daemon: Daemon) -> AsyncIterator[None]:
@@ -141,9 +166,14 @@ async def mean_attempt_ms(client: aiohttp.ClientSession, daemon: Daemon) -> floa
     return MS * values.get("sum", 0.0) / values["count"] if values.get("count") else 0.0
 
 
-def per_item_us(meter: CpuMeter, items: int) -> float | None:
-    """The daemon's CPU microseconds per item over the meter's window."""
-    seconds = meter.seconds.get("daemon")
+def postmaster_pid(server: PostgresServer) -> int:
+    """The server's main process, from the first line of its data folder's postmaster.pid."""
+    return int((server.data / "postmaster.pid").read_text().split()[0])
+
+
+def per_item_us(meter: CpuMeter, items: int, proc: str = "daemon") -> float | None:
+    """A process's (the daemon's) CPU microseconds per item over the meter's window."""
+    seconds = meter.seconds.get(proc)
     return None if seconds is None or not items else 1e6 * seconds / items
 
 

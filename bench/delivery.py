@@ -82,6 +82,7 @@ async def drain(
         "preload_per_s": loaded.items_per_s,
         "cpu_percent": cpu,
         "daemon_cpu_us_per_webhook": per_item_us(meter, delivered),
+        "postgres_cpu_us_per_webhook": per_item_us(meter, delivered, "postgres"),
         "daemon_system_cpu_share": system_share(meter),
     }
     ctx.report.details.setdefault(name, {}).update(result)
@@ -120,6 +121,7 @@ async def drain_batched(ctx: Context) -> None:
             f"backlog {result['backlog']:,}",
             result["cpu_percent"]["others"],
             result["daemon_cpu_us_per_webhook"],
+            db_cpu_us=result["postgres_cpu_us_per_webhook"],
         )
     )
 
@@ -145,6 +147,7 @@ async def unbatched_one(ctx: Context) -> None:
             f"backlog {result['backlog']:,}",
             result["cpu_percent"]["others"],
             result["daemon_cpu_us_per_webhook"],
+            db_cpu_us=result["postgres_cpu_us_per_webhook"],
         )
     )
 
@@ -170,6 +173,7 @@ async def unbatched_many(ctx: Context) -> None:
             f"backlog {result['backlog']:,}",
             result["cpu_percent"]["others"],
             result["daemon_cpu_us_per_webhook"],
+            db_cpu_us=result["postgres_cpu_us_per_webhook"],
         )
     )
 
@@ -221,6 +225,8 @@ async def e2e_batched(ctx: Context) -> None:
         "complete": final["total"] >= loaded.items,
         "disorder": final["disorder"],
         "cpu_percent": cpu,
+        "daemon_cpu_us_per_webhook": per_item_us(meter, loaded.items),
+        "postgres_cpu_us_per_webhook": per_item_us(meter, loaded.items, "postgres"),
     }
     ctx.report.details["e2e"] = {**ctx.report.details.get("e2e", {}), **result}
     ctx.report.figures.append(
@@ -234,6 +240,7 @@ async def e2e_batched(ctx: Context) -> None:
             f"ingest {loaded.items_per_s:,.0f}/s",
             cpu["others"],
             per_item_us(meter, loaded.items),  # each webhook is ingested and delivered
+            db_cpu_us=per_item_us(meter, loaded.items, "postgres"),
         )
     )
     ctx.say(

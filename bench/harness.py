@@ -106,6 +106,42 @@ class Proc(Pid):
             self.proc.wait(10)
 
 
+class ProcTree(Pid):
+    """A server and its children (PostgreSQL's postmaster and backends): their CPU time.
+
+    The parent's own time, the time of the children it has reaped (cutime and cstime: a
+    backend that has exited), and the time of the children alive now.
+    """
+
+    def cpu_times(self) -> tuple[float, float]:
+        user, system = self._stat(self.pid, children=True)
+        for child in self.children():
+            with contextlib.suppress(OSError, ValueError):  # it may exit meanwhile
+                child_user, child_system = self._stat(child, children=False)
+                user, system = user + child_user, system + child_system
+        return user, system
+
+    def children(self) -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                text = (entry / "stat").read_text()
+                if int(text[text.rindex(")") + 2 :].split()[1]) == self.pid:
+                    found.append(int(entry.name))
+        return found
+
+    @staticmethod
+    def _stat(pid: int, *, children: bool) -> tuple[float, float]:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        fields = [int(f) for f in text[text.rindex(")") + 2 :].split()[11:15]]
+        user, system = fields[0], fields[1]
+        if children:
+            user, system = user + fields[2], system + fields[3]
+        return user / CLOCK_TICKS, system / CLOCK_TICKS
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores have spent not idle since boot (from /proc/stat)."""
     with open("/proc/stat") as stat:
@@ -245,10 +281,12 @@ def write_config(
     *,
     durability: str = "full",
     delivery: dict[str, Any] | None = None,
+    database: str = "webhookd.db",
 ) -> Path:
+    """`database`: a SQLite file's path (relative to `directory`) or a postgresql:// URL."""
     raw: dict[str, Any] = {
         "daemon": {
-            "database": "webhookd.db",
+            "database": database,
             "listen": f"127.0.0.1:{port}",
             "log_level": "warning",
             "log_format": "json",

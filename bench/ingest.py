@@ -59,6 +59,7 @@ async def ingest(ctx: Context) -> None:
                     (">=", target),
                     background=cpu["others"],
                     cpu_us=per_item_us(meter, result.items),
+                    db_cpu_us=per_item_us(meter, result.items, "postgres"),
                 )
             )
             details[key] = {
@@ -68,6 +69,7 @@ async def ingest(ctx: Context) -> None:
                 "error_samples": result.error_samples,
                 "cpu_percent": cpu,
                 "daemon_cpu_us_per_event": per_item_us(meter, result.items),
+                "postgres_cpu_us_per_event": per_item_us(meter, result.items, "postgres"),
                 "daemon_system_cpu_share": system_share(meter),
             }
             ctx.say(

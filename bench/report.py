@@ -34,6 +34,9 @@ class Figure:
     # The daemon's CPU time per item (event or webhook): robust to a busy neighbour, where
     # throughput is not.
     cpu_us: float | None = None
+    # PostgreSQL's CPU time per item (the server's processes), when the engine is PostgreSQL.
+    db_cpu_us: float | None = None
+    engine: str = "sqlite"
 
     def meets(self) -> bool | None:
         if self.target is None:
@@ -74,12 +77,14 @@ class Report:
         rows: list[list[str]] = [
             [
                 "figure",
+                "engine",
                 "result",
                 "ceiling (floor for latency)",
                 "ratio",
                 "target",
                 "",
                 "daemon cpu",
+                "postgres cpu",
                 "other procs",
             ]
         ]
@@ -90,20 +95,22 @@ class Report:
             rows.append(
                 [
                     f.label,
+                    f.engine,
                     f"{number(f.value)} {f.unit}",
                     f"{ceiling.label} {number(ceiling.value)}" if ceiling else "",
                     f"{ratio:.2f}" if ratio is not None else "",
                     f"{f.target[0]} {number(f.target[1])}" if f.target else "",
                     "" if meets is None else ("meets" if meets else "MISSES"),
                     "" if f.cpu_us is None else f"{f.cpu_us:.0f} µs/item",
+                    "" if f.db_cpu_us is None else f"{f.db_cpu_us:.0f} µs/item",
                     "" if f.background is None else f"{f.background:.0f} % cpu",
                 ]
             )
-        rows.append([""] * 8)
+        rows.append([""] * len(rows[0]))
         for c in self.ceilings.values():
             background = "" if c.background is None else f"{c.background:.0f} % cpu"
             rows.append(
-                [f"ceiling: {c.label}", f"{number(c.value)} {c.unit}", *[""] * 5, background]
+                [f"ceiling: {c.label}", "", f"{number(c.value)} {c.unit}", *[""] * 6, background]
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = []

@@ -42,6 +42,7 @@ async def latency(ctx: Context) -> None:
         "ingest_round_trip_ms": {"p50": trip(0.5), "p99": trip(0.99), "max": trip(1.0)},
         "cpu_percent": cpu,
         "daemon_cpu_us_per_webhook": per_item_us(meter, stats["total"]),
+        "postgres_cpu_us_per_webhook": per_item_us(meter, stats["total"], "postgres"),
         "daemon_system_cpu_share": system_share(meter),
         "daemon_rss_mb": rss / 2**20,
     }
@@ -67,6 +68,7 @@ async def latency(ctx: Context) -> None:
             target=("<", 20.0),
             background=cpu["others"],
             cpu_us=per_item_us(meter, stats["total"]),
+            db_cpu_us=per_item_us(meter, stats["total"], "postgres"),
         )
     )
     ctx.say(
