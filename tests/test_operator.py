@@ -1836,3 +1836,20 @@ async def test_a_wrong_method_is_a_json_405_that_says_what_is_allowed(
     assert detail.startswith("DELETE is not allowed on /v1/tenants/acme/webhooks; use "), detail
     async with daemon.session.request("DELETE", daemon.base + "/v1/tenants/acme/webhooks") as r:
         assert "POST" in r.headers["Allow"]
+
+
+def test_a_command_whose_output_is_cut_short_stops_quietly(tmp_path: Path) -> None:
+    """`webhookd check | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    config = write_config(
+        tmp_path, {f"t{n}": tenant(f"https://hooks.example/{n}") for n in range(2000)}
+    )
+    done = subprocess.run(
+        f"{sys.executable} -m webhookd check -c {config} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.startswith(f"{config}: OK"), done.stdout
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
