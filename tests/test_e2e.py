@@ -560,6 +560,21 @@ async def test_cli_finds_its_config_and_reads_data_from_a_file(
     assert [r.json["data"] for r in receiver.at("/acme")] == [{"from": "a file", "n": [1, 2]}]
 
 
+async def test_cli_send_delivers_data_as_typed(
+    tmp_path: Path, receiver: Receiver, process_factory: ProcessFactory
+) -> None:
+    """`send --data` passes the text through: numbers and escapes arrive as typed."""
+    config = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    daemon = process_factory(config)
+    await start(daemon)
+    typed = '{"n": 1E2, "z": -0, "big": 12345678901234567890123, "s": "caf\\u00e9"}'
+    code, _out, err = await cli("send", "acme", EVENT, "--data", typed, "-c", str(config))
+    assert code == 0, err
+    await wait_for(lambda: receiver.at("/acme", ok_only=True))
+    body = receiver.at("/acme")[0].body
+    assert b'"data":{"n":1E2,"z":-0,"big":12345678901234567890123,"s":"caf\\u00e9"}' in body, body
+
+
 async def test_cli_mistakes_are_one_line_errors_not_tracebacks(tmp_path: Path) -> None:
     """A tenant name that cannot be one, or an unreadable --data file, is named in one line
     before anything is sent (no daemon needed)."""

@@ -378,7 +378,7 @@ def api_call(
         host = "127.0.0.1" if host != "::" else "::1"
     host = f"[{host}]" if ":" in host else host
     url = f"http://{host}:{cfg.listen_port}{path}"
-    data = None if body is None else json.dumps(body).encode()
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         request.add_header("Content-Type", "application/json")
@@ -449,14 +449,15 @@ def cmd_send(args: argparse.Namespace) -> int:
             )
             return 1
     try:
-        data = json.loads(raw)
+        json.loads(raw)
     except ValueError as exc:
         print(f"error: --data is not valid JSON: {exc}", file=sys.stderr)
         return 1
-    item: dict[str, Any] = {"event": args.event, "data": data}
-    if args.id:
-        item["id"] = args.id
-    answer = api_call(cfg, "POST", f"/v1/tenants/{args.tenant}/webhooks", item)
+    # The data goes as typed, not re-encoded: the daemon delivers it as written (`1E2`
+    # stays `1E2`), and so does this command.
+    head = {"event": args.event, **({"id": args.id} if args.id else {})}
+    body = json.dumps(head)[:-1] + ', "data": ' + raw.strip() + "}"
+    answer = api_call(cfg, "POST", f"/v1/tenants/{args.tenant}/webhooks", body.encode())
     for webhook in answer["webhooks"]:
         print(f"{webhook['status']}: id {visible(webhook['id'])} sequence {webhook['sequence']}")
     return 0
