@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -462,3 +463,21 @@ async def test_the_daemon_log_stays_json_lines_without_tracebacks_under_malforme
         assert "Traceback" not in line and 'File "' not in line, line
         assert MARKER not in line, line
         assert isinstance(event["event"], str)
+
+
+@pytest.mark.parametrize(("cap", "backlog"), [(300, 300), (50, 128)])
+async def test_the_listen_backlog_holds_a_burst_of_as_many_clients_as_are_allowed(
+    start_daemon: StartDaemon, receiver: Receiver, cap: int, backlog: int
+) -> None:
+    """The kernel queues this many connections while the loop is busy (at least 128,
+    the usual default); read back from the listening socket with `ss` (iproute2)."""
+    daemon = await start_daemon(
+        tenants={"t": tenant(receiver.url("/t"))}, daemon={"api_max_connections": cap}
+    )
+    shown = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port_of(daemon)}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert shown[0] == "LISTEN" and int(shown[2]) == backlog, shown
