@@ -1,6 +1,6 @@
 """The PostgreSQL engine against a real server: what only it has. Its session settings, its
-schema version and the migration lock, the instance lock that keeps a second daemon off the
-database, a failed statement that fails alone, and the server going away and coming back.
+schema version and the migration lock, two stores sharing one database, a failed statement
+that fails alone, and the server going away and coming back.
 
 The behaviour every engine shares is tests/test_store_contract.py, which runs on PostgreSQL
 too.
@@ -23,8 +23,7 @@ from tests.test_store_contract import AT, new, queued, sequences
 from webhookd.config import PostgresURL
 from webhookd.records import IngestResult, SchemaTooNew, StoreError, TenantRecord, Webhook
 from webhookd.store import make_store
-from webhookd.store.postgres import SCHEMA_VERSION, PostgresStore, engine
-from webhookd.store.postgres.connection import INSTANCE_LOCK
+from webhookd.store.postgres import SCHEMA_VERSION, PostgresStore
 from webhookd.store.postgres.schema import migrate
 from webhookd.store.sqlite import SqliteStore
 
@@ -72,7 +71,7 @@ async def sql(database: PostgresURL, query: str, *args: Any) -> list[asyncpg.Rec
 
 
 async def sessions(database: PostgresURL) -> list[str]:
-    """The roles of webhookd's sessions on the database: lock, writer, reader."""
+    """The roles of webhookd's sessions on the database: writer, reader, cluster."""
     rows = await sql(
         database,
         """SELECT application_name FROM pg_stat_activity
@@ -101,15 +100,8 @@ async def test_durability_is_the_writers_synchronous_commit(
     store, _ = await open_store(durability)
     assert await store.setting("synchronous_commit") == synchronous
     await store.ping()  # the readers connect on demand
-    # One session holds the instance lock, one writes, the readers beside them.
-    assert await sessions(database) == ["lock", "reader", "writer"]
-    [reader] = await sql(
-        database,
-        """SELECT count(*) AS n FROM pg_locks
-           WHERE locktype = 'advisory' AND granted AND objid = $1::bigint::oid""",
-        INSTANCE_LOCK & 0xFFFFFFFF,
-    )
-    assert reader["n"] == 1
+    # One session writes, the readers beside it (a daemon's cluster session joins later).
+    assert await sessions(database) == ["reader", "writer"]
 
 
 async def test_the_schema_is_created_once_and_versioned(
@@ -119,12 +111,15 @@ async def test_the_schema_is_created_once_and_versioned(
     await store.close()
     store, records = await open_store()
     rows = await sql(database, "SELECT version FROM webhookd_schema")
-    assert [row["version"] for row in rows] == [SCHEMA_VERSION]
+    assert [row["version"] for row in rows] == list(range(1, SCHEMA_VERSION + 1))
     tables = await sql(
         database, "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
     )
     assert [row["tablename"] for row in tables] == [
+        "api_tenants",
         "failures",
+        "instances",
+        "leases",
         "parked",
         "tenant_state",
         "webhook_ids",
@@ -161,7 +156,7 @@ async def test_two_processes_migrating_at_once_migrate_once(database: PostgresUR
         for conn in conns:
             await conn.close()
     rows = await sql(database, "SELECT version FROM webhookd_schema")
-    assert [row["version"] for row in rows] == [SCHEMA_VERSION]
+    assert [row["version"] for row in rows] == list(range(1, SCHEMA_VERSION + 1))
 
 
 async def test_an_unreachable_server_is_a_one_sentence_error(
@@ -188,29 +183,19 @@ async def test_a_missing_database_is_named(postgres_server: PostgresServer) -> N
     await store.close()
 
 
-# -- one daemon per database ---------------------------------------------------------------------
+# -- several stores on one database -------------------------------------------------------------
 
 
-async def test_a_second_store_on_the_database_is_refused_until_the_first_closes(
-    store: PostgresStore, open_store: OpenStore, database: PostgresURL
+async def test_two_stores_on_one_database_share_the_sequence_counters(
+    store: PostgresStore, open_store: OpenStore
 ) -> None:
-    with pytest.raises(StoreError) as caught:
-        await open_store()
-    message = str(caught.value)
-    assert message.startswith(
-        f"the database {database} is in use by another webhookd (webhookd lock "
+    other, _ = await open_store()
+    firsts = await asyncio.gather(
+        *(s.enqueue("acme", [new(), new()], AT) for s in [store, other] * 10)
     )
-    assert " connected from 127.0.0.1, server pid " in message
-    assert message.endswith(
-        "; stop that one first, or give this one its own database in [daemon] (for now, one "
-        "webhookd runs on a PostgreSQL database at a time)"
-    )
-    assert await sessions(database) == ["lock", "writer"]  # the first one's
-
-    await store.enqueue("acme", [new()], AT)
-    await store.close()
-    _, records = await open_store()
-    assert records["acme"].row.last_sequence == 1
+    sequences = sorted(r.sequence for results in firsts for r in results if r.sequence)
+    assert sequences == list(range(1, 41))  # no gaps, no repeats, whoever ingests
+    assert await queued(other, "acme") == list(range(1, 41))
 
 
 # -- a failed statement --------------------------------------------------------------------------
@@ -290,7 +275,7 @@ async def test_while_the_server_is_down_writes_fail_and_it_is_used_again_once_ba
         (1, "a"),
         (2, "b"),
     ]
-    assert await sessions(database) == ["lock", "reader", "writer"]
+    assert await sessions(database) == ["reader", "writer"]
 
 
 async def test_a_session_ended_by_an_operator_is_replaced(
@@ -312,50 +297,4 @@ async def test_a_session_ended_by_an_operator_is_replaced(
 
     await wait_for(written, timeout=10, interval=0.05)
     assert await queued(store, "acme") == [1, 2]  # and a reader connects
-    # The lock session went with the writer (the lock must be held to write), and is back.
-    assert await sessions(database) == ["lock", "reader", "writer"]
-
-
-async def test_a_database_taken_by_another_daemon_meanwhile_stops_this_store(
-    store: PostgresStore, database: PostgresURL, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A longer first wait before reconnecting than the store's own: the other session
-    # surely takes the lock first, however loaded the machine.
-    monkeypatch.setattr(engine, "RECONNECT_FIRST_S", 1.0)
-    await store.enqueue("acme", [new()], AT)
-    other = await asyncpg.connect(database.url)
-    try:
-        with capture_logs() as logs:
-            # End this store's sessions and take the lock before it reconnects.
-            await other.execute(
-                """SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
-                   WHERE application_name ~ '^webhookd (lock|writer) '"""
-            )
-            assert await other.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK)
-
-            async def stopped() -> str | None:
-                try:
-                    await store.ping()
-                except StoreError as exc:
-                    return str(exc) if "taken" in str(exc) else None
-                return None
-
-            message = await wait_for(stopped, timeout=10, interval=0.05)
-        assert message.startswith(
-            f"the database {database} was taken by another webhookd (a session connected "
-            "from 127.0.0.1, server pid "
-        )
-        assert message.endswith(
-            "while it was unreachable; this one stopped using it: stop one of the two (for "
-            "now, one webhookd runs on a PostgreSQL database at a time)"
-        )
-        assert [e["event"] for e in logs if e["event"].startswith("database_")] == [
-            "database_unreachable",
-            "database_taken",
-        ]
-        with pytest.raises(StoreError, match="was taken by another webhookd"):
-            await store.enqueue("acme", [new()], AT)
-        with pytest.raises(StoreError, match="was taken by another webhookd"):
-            await store.read_queue("acme", 0, 10)
-    finally:
-        await other.close()
+    assert await sessions(database) == ["reader", "writer"]

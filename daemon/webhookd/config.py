@@ -119,6 +119,8 @@ class DaemonConfig:
     api_idle_timeout: float = 15.0
     # Where the PostgreSQL password was read from (its permissions are `check`'s question).
     database_password_file: Path | None = None
+    # PostgreSQL with several instances: how long a tenant's lease lasts unrenewed.
+    lease_seconds: float = 10.0
 
     @property
     def listen(self) -> str:
@@ -579,6 +581,7 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         api_header_timeout=table.get("api_header_timeout", 10.0, _number(0.1, 3600)),
         api_idle_timeout=table.get("api_idle_timeout", 15.0, _number(0.1, 86400)),
         database_password_file=password_file,
+        lease_seconds=table.get("lease_seconds", 10.0, _number(2, 600)),
     )
     table.finish()
     return config

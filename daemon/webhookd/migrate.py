@@ -163,14 +163,18 @@ async def _copy(sqlite: sqlite3.Connection, target: PostgresURL) -> Copied:
     except CONNECT_ERRORS as exc:
         raise MigrateError(connection.cannot_open(target, exc)) from None
     try:
-        holder = await connection.take_lock(pg)
-        if holder is not None:
-            raise MigrateError(connection.in_use(target, holder))
         version = await schema_version(pg)
         try:
             refuse_newer(version)
         except SchemaTooNew as exc:
             raise MigrateError(f"{target}: {exc}") from None
+        if version > 1:
+            running = await pg.fetchval("SELECT string_agg(id, ', ') FROM instances")
+            if running:
+                raise MigrateError(
+                    f"the database {target} is in use by webhookd ({running}); migrate "
+                    "copies into an empty database only, with every webhookd stopped"
+                )
         if version > 0:
             for table in TABLES:
                 if await pg.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):

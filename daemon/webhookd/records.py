@@ -18,6 +18,12 @@ class StoreError(Exception):
         self.disk_full = disk_full
 
 
+class LeaseLost(StoreError):
+    """A delivery's outcome was refused: this instance no longer holds the tenant's lease
+    (another instance claimed it, with a newer fencing token). The tenant's worker stops;
+    the new owner delivers from the last outcome recorded."""
+
+
 class SchemaTooNew(StoreError):
     """The database was written by a newer webhookd; refusing beats corrupting it."""
 

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from webhookd import logs, policy
 from webhookd.config import TenantConfig
-from webhookd.records import Failure, StoreError, TenantRecord, TenantRow, Webhook
+from webhookd.records import Failure, LeaseLost, StoreError, TenantRecord, TenantRow, Webhook
 from webhookd.sender import Outcome
 from webhookd.store import Store
 
@@ -30,6 +30,8 @@ STORE_RETRY_S = 1.0
 STORE_RETRY_MAX_S = 30.0
 # Head rows kept in memory for an unbatched tenant (a batched one keeps two batches).
 UNBATCHED_BUFFER = 32
+# How often a worker whose lease is not known to be valid looks again (cluster.py renews).
+LEASE_WAIT_S = 0.25
 
 
 class Clock:
@@ -73,6 +75,7 @@ class TenantWorker:
         sender: DeliverySender,
         clock: Clock,
         on_attempt: AttemptHook | None = None,
+        may_send: Callable[[str], bool] | None = None,
     ) -> None:
         self.name = record.name
         self.config = config
@@ -84,6 +87,8 @@ class TenantWorker:
         self._sender = sender
         self._clock = clock
         self._on_attempt = on_attempt
+        # Several instances on one database: an attempt starts only under a valid lease.
+        self._may_send = may_send
         self.buffer: deque[Webhook] = deque()
         self.buffer_end = self.row.acked_sequence  # highest sequence read into the buffer
         self.retry_requested = False
@@ -160,6 +165,16 @@ class TenantWorker:
             taken = webhooks[:room]
             self.buffer.extend(taken)
             self.buffer_end = taken[-1].sequence
+        if self._changes_due(before):
+            self.wake.set()
+
+    def announced(self, last_sequence: int) -> None:
+        """Webhooks up to `last_sequence` were queued elsewhere (another instance): the
+        worker reads them from the database."""
+        if last_sequence <= self.row.last_sequence:
+            return
+        before = self.waiting
+        self.row.last_sequence = last_sequence
         if self._changes_due(before):
             self.wake.set()
 
@@ -289,6 +304,10 @@ class TenantWorker:
         if delay > 0:
             await self._clock.wait(self.wake, delay)
             return
+        if self._may_send is not None and not self._may_send(self.name):
+            # The lease is being renewed, or handed over: no attempt without it.
+            await self._clock.wait(self.wake, LEASE_WAIT_S)
+            return
         async with self._head_lock:
             if not self.stopping:
                 await self._attempt()
@@ -366,6 +385,9 @@ class TenantWorker:
                 # The rows stay until this commit: a crash before it re-sends, never loses.
                 await self._store.acknowledge(self.name, last, now)
                 break
+            except LeaseLost as exc:
+                self._lost(exc, first, last)
+                return
             except StoreError as exc:
                 # Retry the record, not the delivery: the endpoint already has these.
                 log.error(
@@ -425,6 +447,9 @@ class TenantWorker:
             await self._store.record_failure(
                 self.name, failure, now + delay, keep=options.recent_failures
             )
+        except LeaseLost as exc:
+            self._lost(exc, failure.first_sequence, failure.last_sequence)
+            return
         except StoreError as exc:
             log.error("failure_not_recorded", tenant=self.name, error=str(exc))
             delay = max(delay, STORE_RETRY_S)
@@ -442,6 +467,18 @@ class TenantWorker:
             duration_ms=outcome.duration_ms,
             attempt=attempts,
             delay_s=round(delay, 3),
+        )
+
+    def _lost(self, exc: LeaseLost, first: int, last: int) -> None:
+        """Another instance delivers this tenant now: its outcome goes unrecorded (the new
+        owner sends these again), and this worker stops."""
+        self.stopping = True
+        log.warning(
+            "lease_lost",
+            tenant=self.name,
+            first_sequence=first,
+            last_sequence=last,
+            detail=str(exc),
         )
 
     # -- waiting for the task ----------------------------------------------------------------

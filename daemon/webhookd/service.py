@@ -74,7 +74,10 @@ class Service:
         self.config = config
         self.clock = clock or Clock()
         daemon = config.daemon
-        self.store = make_store(daemon.database, daemon.durability)
+        self.store = make_store(daemon.database, daemon.durability, daemon.lease_seconds)
+        # Several instances on one database (PostgreSQL): a tenant is delivered here only
+        # while this instance holds its lease. None on SQLite: every tenant is delivered.
+        self.cluster = self.store.cluster
         self.sender = Sender(
             max_connections=daemon.max_connections,
             source_address=daemon.source_address,
@@ -88,6 +91,7 @@ class Service:
         self.started = asyncio.Event()  # set once serving (the API listens)
         self._abort = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[Any]] = set()
         # The api_token the file holds since a reload changed it; it applies at restart.
         self.token_at_restart: config_mod.Secret | None = None
 
@@ -104,6 +108,8 @@ class Service:
             # (orphaned); otherwise it stays dormant until it comes back.
             if record.row.last_sequence > record.row.acked_sequence or record.parked:
                 self._add_worker(self._dormant.pop(name), None)
+        if self.cluster is not None:
+            await self.cluster.start(self, list(self.config.tenants))
 
     def serving(self, listen: Sequence[str]) -> None:
         """The API listens on `listen`: accept ingest from now on, and say so."""
@@ -125,9 +131,11 @@ class Service:
             sender=self.sender,
             clock=self.clock,
             on_attempt=self.metrics.attempted,
+            may_send=self.cluster.holds if self.cluster is not None else None,
         )
         self.workers[record.name] = worker
-        worker.start()
+        if self.cluster is None:
+            worker.start()  # else once its lease is claimed (`gained`)
         return worker
 
     def _switch_tenants(self, tenants: Mapping[str, TenantConfig]) -> None:
@@ -153,6 +161,13 @@ class Service:
                 removed.append(name)
         if self.started.is_set() and (added or removed or changed):
             log.info("tenants_changed", added=added, removed=removed, changed=changed)
+        if self.cluster is not None and self.started.is_set() and added:
+            self._in_background(self.cluster.add_tenants(added))
+
+    def _in_background(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _use_tenants(self, tenants: Mapping[str, TenantConfig]) -> None:
         self.config = replace(self.config, tenants=dict(sorted(tenants.items())))
@@ -163,6 +178,46 @@ class Service:
         if worker is not None:
             worker.enqueued(webhooks)
 
+    # -- leases (several instances on one database) ------------------------------------------
+
+    async def gained(self, tenant: str) -> None:
+        """This instance now delivers `tenant`: from its state as stored now (the previous
+        owner's last outcome included), not as this instance last saw it."""
+        records = await self.store.load([tenant])
+        record = records[0] if records else TenantRecord(tenant, TenantRow())
+        old = self.workers.get(tenant)
+        if old is not None and old.task is not None:
+            old.stop()
+            old.task.cancel()
+            await old.join()
+        self._dormant.pop(tenant, None)
+        worker = self._add_worker(record, self.config.tenants.get(tenant))
+        worker.start()
+        log.info("lease_claimed", tenant=tenant, waiting=worker.waiting)
+
+    def lost(self, tenant: str, reason: str) -> None:
+        worker = self.workers.get(tenant)
+        if worker is not None and worker.task is not None:
+            worker.stop()
+            worker.task.cancel()  # its outcome could not be recorded: the new owner resends
+        log.warning("lease_lost", tenant=tenant, detail=reason)
+
+    async def release(self, tenant: str) -> None:
+        worker = self.workers.get(tenant)
+        if worker is not None and worker.task is not None:
+            worker.stop()  # the attempt in flight ends and is recorded
+            await worker.join()
+
+    def queued(self, tenant: str, last_sequence: int) -> None:
+        worker = self.workers.get(tenant)
+        if worker is not None and worker.task is not None:
+            worker.announced(last_sequence)
+
+    def waiting_for(self, tenant: str) -> int:
+        """How busy a tenant is, to hand the idle ones over first."""
+        worker = self.workers.get(tenant)
+        return 0 if worker is None else worker.waiting + (1 if worker.in_flight else 0)
+
     def abort(self) -> None:
         """A second stop signal: cancel in-flight attempts now (their webhooks stay queued)."""
         self._abort.set()
@@ -172,6 +227,8 @@ class Service:
         attempts finish and record their outcomes, for up to `shutdown_grace` or until
         `abort`; what is left is cancelled, its webhooks still queued. Idempotent."""
         self.accepting = False
+        if self.cluster is not None:
+            self.cluster.drain()  # claim nothing more; keep renewing while attempts end
         if not self.started.is_set():
             # Never served, or a start that failed part-way: nothing was in flight yet.
             # Whatever it began is ended, or its tasks would outlive the daemon.
@@ -205,6 +262,10 @@ class Service:
         """The last step: close the client, commit what is pending and close the database
         (its threads would otherwise keep the process from exiting). Idempotent."""
         await self.sender.close()
+        for task in list(self._background):
+            task.cancel()
+        if self.cluster is not None:
+            await self.cluster.leave()  # the others take these tenants over at once
         await self.store.close()
         if self.started.is_set():
             self.started.clear()

@@ -28,10 +28,12 @@ __all__ = ["Store", "make_store"]
 
 
 def make_store(
-    database: Path | PostgresURL, durability: Literal["full", "normal"] = "full"
+    database: Path | PostgresURL,
+    durability: Literal["full", "normal"] = "full",
+    lease_seconds: float = 10.0,
 ) -> Store:
     """The engine for `database` (unopened: `await store.open()`). Typed as `Store`, so the
     type checker holds each engine to the interface."""
     if isinstance(database, PostgresURL):
-        return PostgresStore(database, durability=durability)
+        return PostgresStore(database, durability=durability, lease_seconds=lease_seconds)
     return SqliteStore(database, durability=durability)

@@ -46,6 +46,65 @@ from webhookd.records import (
 OnEnqueued = Callable[[str, list[Webhook]], None]
 
 
+class Members(Protocol):
+    """What a cluster tells the service about the tenants this instance delivers."""
+
+    async def gained(self, tenant: str) -> None:
+        """This instance now holds `tenant`'s lease: read its state, start delivering."""
+        ...
+
+    def lost(self, tenant: str, reason: str) -> None:
+        """The lease is gone (taken by another instance, or not renewed in time): stop
+        delivering `tenant` at once. An attempt in flight may still end, but its outcome
+        cannot be recorded (LeaseLost): the new owner sends it again."""
+        ...
+
+    async def release(self, tenant: str) -> None:
+        """Hand `tenant` over (rebalancing, or stopping): start no new attempt, and return
+        once the attempt in flight, if any, has ended and its outcome is recorded."""
+        ...
+
+    def queued(self, tenant: str, last_sequence: int) -> None:
+        """Another instance (or a commit whose announcement was lost) queued webhooks for
+        `tenant`, up to `last_sequence`."""
+        ...
+
+
+class Cluster(Protocol):
+    """This instance among others sharing one database (PostgreSQL). Each tenant is
+    delivered by one instance at a time, which holds its lease: an owner, a fencing token
+    and an expiry renewed in the background. SQLite has no cluster (`Store.cluster` None):
+    its one process delivers every tenant."""
+
+    instance: str
+    """This instance's name, as status shows owners: host, process id and a random tag."""
+
+    def holds(self, tenant: str) -> bool:
+        """Whether this instance may start an attempt for `tenant` now: it holds the lease,
+        renewed recently enough that no other instance can have claimed it meanwhile, and
+        is not handing it over."""
+        ...
+
+    async def start(self, members: Members, tenants: Sequence[str]) -> None:
+        """Join: announce this instance, make sure `tenants` (the configured ones) have a
+        lease row, claim a fair share, and keep renewing and rebalancing in the background."""
+        ...
+
+    async def add_tenants(self, tenants: Sequence[str]) -> None:
+        """Tenants newly configured (reload, tenant API): give them lease rows, claim."""
+        ...
+
+    def drain(self) -> None:
+        """The service is stopping: claim nothing more, but keep renewing the leases held
+        while the attempts in flight end and are recorded."""
+        ...
+
+    async def leave(self) -> None:
+        """Hand every lease back at once (the service has drained) and say this instance
+        is gone, so that the others take its tenants over without waiting for expiry."""
+        ...
+
+
 class Store(Protocol):
     """A durable, per-tenant ordered queue with its delivery state. One per daemon."""
 
@@ -55,6 +114,12 @@ class Store(Protocol):
     the commit and before the write returns: a worker wakes before ingest answers. Never
     called for duplicates or other writes. An exception it raises is logged and swallowed:
     the rows are committed, and the tenant's worker reads them from the database."""
+
+    @property
+    def cluster(self) -> Cluster | None:
+        """This instance's membership on an engine that several instances can share
+        (PostgreSQL); None on SQLite, where the one process delivers every tenant."""
+        ...
 
     @property
     def disk_full(self) -> bool:
@@ -152,6 +217,12 @@ class Store(Protocol):
         ...
 
     # -- reads -------------------------------------------------------------------------------
+
+    async def load(self, tenants: Sequence[str] | None = None) -> list[TenantRecord]:
+        """The stored records (state row, failures newest first, parked count) of
+        `tenants`, or of every tenant (None), as `open` returns them. Tenants without a
+        state row are left out."""
+        ...
 
     async def read_queue(self, tenant: str, after: int, limit: int) -> list[Webhook]:
         """Up to `limit` queued webhooks of `tenant` with sequence > `after`, in sequence

@@ -1,16 +1,9 @@
-"""Connecting to PostgreSQL, the instance lock, and what an error means for the operator.
-
-One webhookd per database for now: the store holds `pg_try_advisory_lock(INSTANCE_LOCK)` on
-a connection of its own for as long as it is open, and refuses to open while another
-session holds it. PostgreSQL drops the lock with the session that took it, so a crashed
-daemon (or a restarted server) leaves no stale lock behind.
-"""
+"""Connecting to PostgreSQL, and what an error means for the operator."""
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -22,9 +15,6 @@ if TYPE_CHECKING:
 
 # Seconds a connection attempt may take: a server that does not answer is down.
 CONNECT_TIMEOUT_S = 10.0
-
-# The advisory lock key of "one webhookd per database": b"webhookd" as a bigint.
-INSTANCE_LOCK = int.from_bytes(b"webhookd", "big")
 
 # What connecting raises when the server cannot be reached, refuses the session or ends
 # it (a wrong password, a missing database, a server starting or stopping).
@@ -58,67 +48,6 @@ async def connect(
         password=database.password.reveal() or None,
         timeout=CONNECT_TIMEOUT_S,
         server_settings={"application_name": application_name(role), **(settings or {})},
-    )
-
-
-@dataclass(frozen=True)
-class Session:
-    """A server session, known by its backend pid and start time (pids are reused)."""
-
-    pid: int
-    started: object  # backend_start, compared only
-
-    @classmethod
-    async def of(cls, conn: Connection) -> Session:
-        row = await conn.fetchrow(
-            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-        )
-        assert row is not None
-        return cls(row["pid"], row["backend_start"])
-
-
-@dataclass(frozen=True)
-class Holder:
-    """The session that holds the instance lock, as the refusal names it."""
-
-    session: Session
-    application: str
-    client: str
-
-    def __str__(self) -> str:
-        # The address is empty for a local socket, or hidden from another role.
-        where = f" connected from {self.client}" if self.client else ""
-        pid = f", server pid {self.session.pid}" if self.session.pid else ""
-        return f"{self.application or 'a session'}{where}{pid}"
-
-
-async def take_lock(conn: Connection) -> Holder | None:
-    """Take the instance lock on `conn` for as long as its session lasts; None once taken,
-    else who holds it."""
-    for _ in range(3):  # a holder that lets go between the two queries: try again
-        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK):
-            return None
-        # A bigint advisory key shows in pg_locks as its high and low halves, objsubid 1.
-        row = await conn.fetchrow(
-            """SELECT a.pid, a.backend_start, a.application_name, host(a.client_addr) AS client
-               FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
-               WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                 AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid""",
-            INSTANCE_LOCK >> 32,
-            INSTANCE_LOCK & 0xFFFFFFFF,
-        )
-        if row is not None:
-            session = Session(row["pid"], row["backend_start"])
-            return Holder(session, row["application_name"] or "", row["client"] or "")
-    return Holder(Session(0, None), "", "")
-
-
-def in_use(database: PostgresURL, holder: Holder) -> str:
-    return (
-        f"the database {database} is in use by another webhookd ({holder}); stop that one "
-        "first, or give this one its own database in [daemon] (for now, one webhookd runs "
-        "on a PostgreSQL database at a time)"
     )
 
 

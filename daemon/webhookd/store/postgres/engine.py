@@ -11,13 +11,15 @@ moments of commits, never consistency).
 Reads (queue heads, parked lists, the health check) use a pool of a few read-only sessions
 beside the writer.
 
-One webhookd per database for now: the store holds the instance lock (connection.py) on a
-session of its own for as long as it is open.
+Several webhookd may share the database (cluster.py): any of them queues webhooks for any
+tenant, and the one holding a tenant's lease delivers it. The writes that record a
+delivery's outcome carry the lease's fencing token and are refused (`LeaseLost`) when
+another instance has claimed the tenant since. A commit that queues webhooks notifies the
+others (`NOTIFY webhookd_queued`), so the owner's worker wakes wherever ingest landed.
 
 The server may go away (restarted, stopped, unreachable). Writes then raise `StoreError`
-at once (ingest answers 503) and `ping` fails, while a task reconnects in the background:
-the lock session first, the lock taken again, then the writer. If another webhookd took the
-lock meanwhile, this store stops for good: every write and `ping` raise, saying why.
+at once (ingest answers 503) and `ping` fails, while a task reconnects the writer in the
+background.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from webhookd.config import PostgresURL
 from webhookd.records import (
     Failure,
     IngestResult,
+    LeaseLost,
     NewWebhook,
     ParkedWebhook,
     StoreError,
@@ -41,7 +44,8 @@ from webhookd.records import (
     Webhook,
 )
 from webhookd.store.postgres import connection
-from webhookd.store.postgres.connection import CONNECT_ERRORS, Holder, Session
+from webhookd.store.postgres.cluster import PgCluster
+from webhookd.store.postgres.connection import CONNECT_ERRORS
 from webhookd.store.postgres.schema import load_records, migrate
 from webhookd.store.postgres.writes import (
     Acknowledge,
@@ -70,20 +74,23 @@ RECONNECT_MAX_S = 2.0  # … this: a server back is in use again within about th
 
 
 class PostgresStore:
-    """The `Store` on PostgreSQL. One instance per daemon, and one daemon per database."""
+    """The `Store` on PostgreSQL. One per daemon; several daemons may share the database."""
 
     disk_full = False  # the server's disk is its own: a full one is a StoreError, not a mode
 
     def __init__(
-        self, database: PostgresURL, *, durability: Literal["full", "normal"] = "full"
+        self,
+        database: PostgresURL,
+        *,
+        durability: Literal["full", "normal"] = "full",
+        lease_seconds: float = 10.0,
     ) -> None:
         self.database = database
         self.durability = durability
         self.on_enqueued: OnEnqueued | None = None  # set by the service (see Store)
+        self.cluster: PgCluster | None = PgCluster(database, lease_seconds)
         self.commits = 0
         self._conn: Connection | None = None  # the writer's session
-        self._lock_conn: Connection | None = None  # the session holding the instance lock
-        self._lock_session: Session | None = None
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._pending: list[Op] = []
         self._wakeup = asyncio.Event()
@@ -91,17 +98,13 @@ class PostgresStore:
         self._reconnecting: asyncio.Task[None] | None = None
         self._closing = False
         self._down: StoreError | None = None  # set while the server is unreachable
-        self._lost: StoreError | None = None  # set for good: another webhookd has it
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> list[TenantRecord]:
-        """Connect, take the database for this daemon, create or migrate the schema; return
-        every known tenant's state."""
+        """Connect, create or migrate the schema; return every known tenant's state."""
         try:
-            holder = await self._connect()
-            if holder is not None:
-                raise StoreError(connection.in_use(self.database, holder))
+            await self._connect()
             assert self._conn is not None
             await migrate(self._conn)
             records = await load_records(self._conn)
@@ -126,30 +129,17 @@ class PostgresStore:
         self._writer = asyncio.create_task(self._write_loop(), name="webhookd-store-writer")
         return records
 
-    async def _connect(self) -> Holder | None:
-        """The lock session with the lock taken, then the writer session; or, leaving no
-        session open, whoever holds the lock."""
-        lock = await connection.connect(self.database, "lock")
-        try:
-            holder = await connection.take_lock(lock)
-            if holder is not None:
-                await lock.close(timeout=CLOSE_TIMEOUT_S)
-                return holder
-            session = await Session.of(lock)
-            synchronous = "on" if self.durability == "full" else "off"
-            writer = await connection.connect(
-                self.database, "writer", {"synchronous_commit": synchronous}
-            )
-        except BaseException:
-            lock.terminate()
-            raise
-        lock.add_termination_listener(self._terminated)
+    async def _connect(self) -> None:
+        """The writer's session, with the durability asked for."""
+        synchronous = "on" if self.durability == "full" else "off"
+        writer = await connection.connect(
+            self.database, "writer", {"synchronous_commit": synchronous}
+        )
         writer.add_termination_listener(self._terminated)
-        self._lock_conn, self._conn, self._lock_session = lock, writer, session
-        return None
+        self._conn = writer
 
     async def close(self) -> None:
-        """Commit what is pending, then close the sessions (the lock's last). Idempotent."""
+        """Commit what is pending, then close the sessions. Idempotent."""
         self._closing = True
         self._wakeup.set()
         if self._writer is not None:
@@ -163,31 +153,29 @@ class PostgresStore:
         await self._disconnect()
 
     async def _disconnect(self) -> None:
-        conns, self._conn, self._lock_conn = [self._conn, self._lock_conn], None, None
+        conn, self._conn = self._conn, None
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
             except (TimeoutError, *CONNECT_ERRORS):
                 pool.terminate()
-        for conn in conns:  # the lock's session last: the lock goes with it
-            if conn is not None:
-                with contextlib.suppress(*CONNECT_ERRORS):
-                    await conn.close(timeout=CLOSE_TIMEOUT_S)
-                conn.terminate()  # a no-op once closed
+        if conn is not None:
+            with contextlib.suppress(*CONNECT_ERRORS):
+                await conn.close(timeout=CLOSE_TIMEOUT_S)
+            conn.terminate()  # a no-op once closed
 
     # -- losing the server, and finding it again ---------------------------------------------
 
     def _terminated(self, conn: object) -> None:
         """A session ended without our closing it (the server stopped or restarted, the
         network broke, an operator terminated it)."""
-        if conn is self._conn or conn is self._lock_conn:
+        if conn is self._conn:
             self._lose(None)
 
     def _lose(self, exc: BaseException | None) -> None:
-        """The writer or the lock session is gone: stop writing, drop both (the lock may
-        be gone with its session), and reconnect in the background."""
-        if self._lost is not None or self._down is not None:
+        """The writer's session is gone: stop writing, and reconnect in the background."""
+        if self._down is not None:
             return
         self._down = StoreError(connection.unreachable(self.database, exc))
         log.error(
@@ -195,10 +183,9 @@ class PostgresStore:
             database=str(self.database),
             error=connection.reason(exc) if exc else connection.CLOSED,
         )
-        for conn in (self._conn, self._lock_conn):
-            if conn is not None:
-                conn.terminate()
-        self._conn = self._lock_conn = None
+        if self._conn is not None:
+            self._conn.terminate()
+        self._conn = None
         if not self._closing:
             self._reconnecting = asyncio.create_task(
                 self._reconnect(), name="webhookd-store-connect"
@@ -210,7 +197,7 @@ class PostgresStore:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
             try:
-                holder = await self._connect()
+                await self._connect()
             except CONNECT_ERRORS as exc:
                 self._down = StoreError(connection.unreachable(self.database, exc))
                 continue
@@ -218,19 +205,9 @@ class PostgresStore:
                 # A bug, not the server: say so, and keep trying rather than stay down.
                 log.exception("reconnect_crashed", database=str(self.database))
                 continue
-            if holder is None:
-                self._down = None
-                log.warning("database_reconnected", database=str(self.database))
-                self._wakeup.set()
-                return
-            if holder.session == self._lock_session:
-                continue  # our own old session, which the server has not noticed is gone
-            self._lost = StoreError(
-                f"the database {self.database} was taken by another webhookd ({holder}) "
-                "while it was unreachable; this one stopped using it: stop one of the two "
-                "(for now, one webhookd runs on a PostgreSQL database at a time)"
-            )
-            log.error("database_taken", database=str(self.database), holder=str(holder))
+            self._down = None
+            log.warning("database_reconnected", database=str(self.database))
+            self._wakeup.set()
             return
 
     # -- the group-commit writer -------------------------------------------------------------
@@ -238,6 +215,11 @@ class PostgresStore:
     async def _submit(self, op: Op) -> Any:
         if self._closing and self._writer is None:
             raise StoreError("the store is closed")
+        if op.fenced and self.cluster is not None and self.cluster.joined:
+            assert op.tenant is not None
+            op.fence = self.cluster.fence(op.tenant)
+            if op.fence is None:
+                raise LeaseLost(f"this instance does not hold the lease of {op.tenant}")
         self._pending.append(op)
         self._wakeup.set()
         return await op.future
@@ -266,7 +248,7 @@ class PostgresStore:
     async def _commit(self, ops: list[Op]) -> list[Any]:
         """Run `ops` as one transaction; the result list holds each op's result or error."""
         conn = self._conn
-        if conn is None or self._lost is not None:
+        if conn is None:
             return [self._unavailable()] * len(ops)
         try:
             return await self._transaction(conn, ops)
@@ -294,10 +276,8 @@ class PostgresStore:
             return self._refused(exc, [op])
 
     def _unavailable(self) -> StoreError:
-        """Why nothing can be written now: another webhookd took the database, the server
-        is unreachable, or the store is not open."""
-        if self._lost is not None:
-            return self._lost
+        """Why nothing can be written now: the server is unreachable, or the store is not
+        open."""
         if self._down is not None:
             return self._down
         if self._closing:
@@ -313,10 +293,14 @@ class PostgresStore:
         return StoreError(f"internal error: {type(exc).__name__}")
 
     async def _transaction(self, conn: Connection, ops: list[Op]) -> list[Any]:
-        """Run `ops` as one transaction. All or nothing."""
+        """Run `ops` as one transaction. All or nothing (an op refused for its lease is
+        not run, and its result is the refusal)."""
+        every = ops
         async with conn.transaction():
             tx = Tx(conn)
             await tx.lock(ops)
+            if self.cluster is not None and self.cluster.joined:
+                ops = await tx.check_fences(ops, self.cluster.instance)
             for op in ops:
                 if op.batchable:
                     op.defer(tx)
@@ -325,10 +309,12 @@ class PostgresStore:
                     await op.apply(tx)
             await tx.flush()
         self.commits += 1
-        return [op.result for op in ops]
+        return [op.result for op in every]
 
     def _settle(self, op: Op, result: Any) -> None:
         """Tell the op's caller how it went; announce what a committed op queued."""
+        if isinstance(result, LeaseLost) and self.cluster is not None and op.tenant:
+            self.cluster.refused(op.tenant, op.fence)
         if isinstance(result, StoreError):
             if not op.future.done():
                 op.future.set_exception(result)
@@ -386,12 +372,18 @@ class PostgresStore:
     # -- reads -------------------------------------------------------------------------------
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        if self._lost is not None:
-            raise self._lost
         if self._pool is None:
             raise StoreError("the store is not open")
         try:
             return await self._pool.fetch(sql, *args)
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
+
+    async def load(self, tenants: Sequence[str] | None = None) -> list[TenantRecord]:
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        try:
+            return await load_records(self._pool, None if tenants is None else list(tenants))
         except CONNECT_ERRORS as exc:
             raise StoreError(connection.unreachable(self.database, exc)) from None
 

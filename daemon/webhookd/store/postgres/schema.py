@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logs.get_logger("webhookd.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The advisory lock key (b"whkd-mig") held while migrating.
 MIGRATION_LOCK = int.from_bytes(b"whkd-mig", "big")
@@ -90,6 +90,43 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX failures_tenant ON failures (tenant, id)",
         ],
     ),
+    (
+        2,
+        [
+            # Several webhookd on one database (cluster.py). Each running process has a
+            # row here, its heartbeat renewed every tick; a row not renewed for a lease's
+            # length is a dead or cut-off instance.
+            """CREATE TABLE instances (
+                id text PRIMARY KEY,
+                host text NOT NULL,
+                pid integer NOT NULL,
+                api_url text NOT NULL DEFAULT '',
+                config_digest text NOT NULL DEFAULT '',
+                started_at timestamptz NOT NULL DEFAULT now(),
+                heartbeat_at timestamptz NOT NULL DEFAULT now()
+            )""",
+            # Who delivers each tenant: one row per tenant, claimed with a new fencing token
+            # (`fence`, +1 at every claim) and kept by renewing `expires_at`. Every write
+            # of a delivery's outcome carries the token it was claimed with, so a stale
+            # owner's write is refused. Kept apart from tenant_state: renewing a lease must
+            # not wait for the row locks of ingest.
+            """CREATE TABLE leases (
+                tenant text PRIMARY KEY,
+                owner text,
+                fence bigint NOT NULL DEFAULT 0,
+                expires_at timestamptz NOT NULL DEFAULT '-infinity'
+            )""",
+            "CREATE INDEX leases_owner ON leases (owner)",
+            "INSERT INTO leases (tenant) SELECT tenant FROM tenant_state",
+            # Tenants made through the tenant API, shared by every instance: the tenant's
+            # table as TOML, as a tenants_dir file holds it on SQLite.
+            """CREATE TABLE api_tenants (
+                tenant text PRIMARY KEY,
+                config text NOT NULL,
+                updated_at timestamptz NOT NULL DEFAULT now()
+            )""",
+        ],
+    ),
 ]
 
 
@@ -140,20 +177,31 @@ async def migrate(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     log.info("schema_migrated", version=SCHEMA_VERSION, previous=version)
 
 
-async def load_records(conn: asyncpg.Connection[asyncpg.Record]) -> list[TenantRecord]:
+async def load_records(
+    conn: asyncpg.Connection[asyncpg.Record] | asyncpg.Pool[asyncpg.Record],
+    tenants: list[str] | None = None,
+) -> list[TenantRecord]:
+    """Every tenant's record (`tenants` None), or these tenants' (those with a state row)."""
+    # Two forms rather than `$1 OR tenant = ANY($2)`: a prepared statement's generic plan
+    # would scan every tenant's rows for one tenant's record.
+    where, args = ("", []) if tenants is None else ("WHERE tenant = ANY($1::text[])", [tenants])
     records: dict[str, TenantRecord] = {}
     for name, *values in await conn.fetch(
-        """SELECT tenant, last_sequence, acked_sequence, attempts, next_attempt_at,
-                  last_processed_at, paused FROM tenant_state ORDER BY tenant"""
+        f"""SELECT tenant, last_sequence, acked_sequence, attempts, next_attempt_at,
+                   last_processed_at, paused FROM tenant_state {where} ORDER BY tenant""",
+        *args,
     ):
         records[name] = TenantRecord(name, TenantRow(*values))
     for name, *values in await conn.fetch(
-        """SELECT tenant, at, attempt, first_sequence, last_sequence, count, status, error,
-                  duration_ms FROM failures ORDER BY tenant, id DESC"""
+        f"""SELECT tenant, at, attempt, first_sequence, last_sequence, count, status, error,
+                   duration_ms FROM failures {where} ORDER BY tenant, id DESC""",
+        *args,
     ):
         if name in records:
             records[name].failures.append(Failure(*values))
-    for name, count in await conn.fetch("SELECT tenant, count(*) FROM parked GROUP BY tenant"):
+    for name, count in await conn.fetch(
+        f"SELECT tenant, count(*) FROM parked {where} GROUP BY tenant", *args
+    ):
         if name in records:
             records[name].parked = count
     return list(records.values())

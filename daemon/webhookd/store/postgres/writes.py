@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from webhookd.ids import generated_id, generated_sequence, id_tag
-from webhookd.records import Failure, IngestResult, NewWebhook, Webhook
+from webhookd.records import Failure, IngestResult, LeaseLost, NewWebhook, Webhook
 
 if TYPE_CHECKING:
     import asyncpg
@@ -47,11 +47,24 @@ KNOWN_IDS = """
 
 # `= ANY($1)` as well as the join: an index condition of its own, so the planner finds the
 # rows by key rather than joining with a scan of every tenant's row.
+# Each tenant's new counter is also announced to every instance (cluster.py), delivered
+# with the commit: the tenant's owner may be another process.
 ALLOCATE = """
-    UPDATE tenant_state AS s SET last_sequence = s.last_sequence + u.n
-    FROM unnest($1::text[], $2::bigint[]) AS u (tenant, n)
-    WHERE s.tenant = ANY($1::text[]) AND s.tenant = u.tenant
-    RETURNING s.tenant, s.last_sequence"""
+    WITH allocated AS (
+        UPDATE tenant_state AS s SET last_sequence = s.last_sequence + u.n
+        FROM unnest($1::text[], $2::bigint[]) AS u (tenant, n)
+        WHERE s.tenant = ANY($1::text[]) AND s.tenant = u.tenant
+        RETURNING s.tenant, s.last_sequence
+    )
+    SELECT tenant, last_sequence,
+           pg_notify('webhookd_queued', tenant || ' ' || last_sequence)::text AS told
+    FROM allocated"""
+
+# The leases of the tenants whose delivery outcomes this group records, held FOR SHARE to
+# the commit: a claim by another instance waits for it, and sees what it recorded.
+FENCES = """
+    SELECT tenant, owner, fence FROM leases
+    WHERE tenant = ANY($1::text[]) ORDER BY tenant FOR SHARE"""
 
 INSERT_WEBHOOKS = """
     INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
@@ -97,6 +110,26 @@ class Tx:
         rows = await self.conn.fetch(LOCK, touched, create)
         self.last = dict.fromkeys(create, 0)  # rows created now: the query cannot see them
         self.last.update((row["tenant"], row["last_sequence"]) for row in rows)
+
+    async def check_fences(self, ops: Sequence[Op], instance: str) -> list[Op]:
+        """The ops this instance may still run: an op that records a delivery's outcome
+        runs only if `instance` holds the tenant's lease with the token the op carries.
+        The others are refused with LeaseLost, and the rest of the group goes on."""
+        fenced = sorted({op.tenant for op in ops if op.fenced and op.tenant is not None})
+        if not fenced:
+            return list(ops)
+        rows = await self.conn.fetch(FENCES, fenced)
+        held = {row["tenant"]: row["fence"] for row in rows if row["owner"] == instance}
+        kept: list[Op] = []
+        for op in ops:
+            if op.fenced and (op.fence is None or held.get(op.tenant) != op.fence):
+                op.result = LeaseLost(
+                    f"the lease of {op.tenant} was claimed by another instance; this one "
+                    "stopped delivering it"
+                )
+            else:
+                kept.append(op)
+        return kept
 
     async def flush(self) -> None:
         """Send the batched writes, so that the next statement sees their effect."""
@@ -149,9 +182,11 @@ class Op:
 
     batchable = False  # run by `Tx.flush` with others of its kind, rather than on its own
     creates_row = True  # the tenant gets a state row if it has none
+    fenced = False  # records a delivery's outcome: only with the tenant's lease (cluster.py)
 
     def __init__(self, tenant: str | None) -> None:
         self.tenant = tenant
+        self.fence: int | None = None  # the lease's token when submitted (fenced ops)
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.result: Any = None
         self.queued: list[Webhook] = []  # what a committed op queued (announced after)
@@ -218,6 +253,7 @@ class Enqueue(Op):
 
 class Acknowledge(Op):
     batchable = True
+    fenced = True
 
     def __init__(self, tenant: str, through: int, at: float) -> None:
         super().__init__(tenant)
@@ -231,6 +267,8 @@ class Acknowledge(Op):
 
 
 class RecordFailure(Op):
+    fenced = True
+
     def __init__(
         self, tenant: str, failure: Failure, next_attempt_at: float | None, keep: int
     ) -> None:
@@ -289,6 +327,8 @@ class SetPaused(Op):
 
 class Park(Op):
     """Move the head webhook to `parked`; its sequence becomes a visible gap."""
+
+    fenced = True  # the head is the owner's: an attempt of it may be in flight there
 
     def __init__(self, tenant: str, sequence: int, at: float) -> None:
         super().__init__(tenant)
@@ -349,7 +389,8 @@ class Requeue(Op):
                    SELECT $1::text, a.last_sequence, t.id, t.event, t.accepted_at, t.data
                    FROM taken AS t, allocated AS a
                )
-               SELECT a.last_sequence, t.id, t.event, t.accepted_at, t.data
+               SELECT a.last_sequence, t.id, t.event, t.accepted_at, t.data,
+                      pg_notify('webhookd_queued', $1::text || ' ' || a.last_sequence)::text
                FROM taken AS t, allocated AS a""",
             self.tenant,
             self.webhook_id,
@@ -357,7 +398,7 @@ class Requeue(Op):
         if found is None:
             self.result = None
             return
-        webhook = Webhook(*found)
+        webhook = Webhook(*found[:5])
         tx.last[self.tenant] = webhook.sequence
         self.queued = [webhook]
         self.result = webhook

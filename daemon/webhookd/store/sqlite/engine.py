@@ -42,7 +42,7 @@ from webhookd.records import (
     TenantRow,
     Webhook,
 )
-from webhookd.store.protocol import OnEnqueued
+from webhookd.store.protocol import Cluster, OnEnqueued
 from webhookd.store.sqlite.lock import DatabaseLock
 from webhookd.store.sqlite.reserve import (
     WAL_FRAME_HEADER,
@@ -104,6 +104,7 @@ class SqliteStore:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self.on_enqueued: OnEnqueued | None = None  # set by the service (see Store)
+        self.cluster: Cluster | None = None  # one process delivers every tenant
         self.commits = 0
         self._lock = DatabaseLock(path)
         self._reserve: Reserve  # made at open, sized by the database's page size
@@ -482,6 +483,21 @@ class SqliteStore:
         if self._reader is None:
             raise StoreError("the store is not open")
         return self._reader
+
+    async def load(self, tenants: Sequence[str] | None = None) -> list[TenantRecord]:
+        """Stored records, read on the writer's thread: after every commit before it."""
+        loop = asyncio.get_running_loop()
+
+        def read() -> list[TenantRecord]:
+            if self._conn is None:
+                raise StoreError("the store is not open")
+            return load_records(self._conn)
+
+        records = await loop.run_in_executor(self._executor, read)
+        if tenants is None:
+            return records
+        wanted = set(tenants)
+        return [r for r in records if r.name in wanted]
 
     async def read_queue(self, tenant: str, after: int, limit: int) -> list[Webhook]:
         """Up to `limit` queued webhooks of `tenant` with sequence > `after`, in order."""

@@ -1,0 +1,417 @@
+"""Several webhookd on one PostgreSQL database: heartbeats, tenant leases, wake-ups.
+
+Any instance queues webhooks for any tenant (the sequence counter is a locked row, so
+sequences stay consecutive whoever ingests). Delivering is another matter: a tenant's
+order holds only if one instance at a time sends its head. So each tenant has a lease row
+(`leases`): an owner, a fencing token and an expiry.
+
+- **Claiming.** Every tick (a fifth of `lease_seconds`), each instance renews its own
+  leases and its heartbeat (`instances`), then counts the tenants and the live instances,
+  and claims expired or free leases (`FOR UPDATE SKIP LOCKED`) up to its fair share,
+  `ceil(tenants / instances)`, each claim bumping the token.
+- **Fencing.** Every write of a delivery's outcome (acknowledge, failure, park) carries the
+  token its instance claimed the tenant with, and the writer checks it against the lease
+  row, locked `FOR SHARE` in the same transaction: a claim waits for that commit, and a
+  write after a claim is refused (`LeaseLost`). An instance paused past its lease (SIGSTOP,
+  a frozen VM) cannot record anything when it wakes; it stops that tenant's worker.
+- **Knowing when not to send.** `holds` is false once a lease's renewal is older than the
+  lease: the renewal's request left this process before the server stamped the expiry, so
+  no other instance can have claimed it while `holds` is true, whatever the clocks say.
+- **Rebalancing.** An instance holding more than its share hands the extra tenants over:
+  their workers finish the attempt in flight, then the lease is freed and a NOTIFY tells
+  the others to claim at once. A SIGTERM hands every lease back the same way.
+- **Wake-ups.** A commit that queues webhooks sends `NOTIFY webhookd_queued` ('tenant
+  sequence') with it; the owner's worker reads them from the table. Each tick also reads
+  the owned tenants' counters, so a notification lost with a dropped session delays a
+  delivery by one tick at most.
+
+The cluster's statements run on a session of its own, beside the writer: renewing must not
+queue behind a group commit, and LISTEN needs a session that stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from webhookd import logs
+from webhookd.config import PostgresURL
+from webhookd.store.postgres import connection
+from webhookd.store.postgres.connection import CONNECT_ERRORS
+
+if TYPE_CHECKING:
+    from webhookd.store.postgres.connection import Connection
+    from webhookd.store.protocol import Members
+
+log = logs.get_logger("webhookd.cluster")
+
+QUEUED = "webhookd_queued"  # payload: "tenant last_sequence"
+CHANGED = "webhookd_cluster"  # payload: why ("free", "joined"); every instance ticks now
+TICKS_PER_LEASE = 3
+RECONNECT_S = 1.0
+# How many leases a handover may run at once: each waits for its attempt in flight.
+RELEASING_MAX = 50
+
+UPSERT_INSTANCE = """
+    INSERT INTO instances (id, host, pid, api_url, config_digest)
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), api_url = $4, config_digest = $5"""
+
+RENEW = """
+    UPDATE leases SET expires_at = now() + make_interval(secs => $2)
+    WHERE owner = $1 RETURNING tenant, fence"""
+
+SURVEY = """
+    SELECT (SELECT count(*) FROM leases) AS tenants,
+           (SELECT count(*) FROM instances
+            WHERE heartbeat_at > now() - make_interval(secs => $1)) AS live,
+           (SELECT count(*) FROM leases WHERE expires_at < now()) AS free,
+           (SELECT min(n) FROM (
+                SELECT count(l.tenant) AS n FROM instances AS i
+                LEFT JOIN leases AS l ON l.owner = i.id AND l.expires_at > now()
+                WHERE i.heartbeat_at > now() - make_interval(secs => $1)
+                GROUP BY i.id) AS held) AS fewest"""
+
+CLAIM = """
+    UPDATE leases AS l SET owner = $1, fence = l.fence + 1,
+        expires_at = now() + make_interval(secs => $2)
+    FROM (SELECT tenant FROM leases WHERE expires_at < now()
+          ORDER BY tenant LIMIT $3 FOR UPDATE SKIP LOCKED) AS free
+    WHERE l.tenant = free.tenant
+    RETURNING l.tenant, l.fence"""
+
+FREE = """
+    UPDATE leases SET owner = NULL, expires_at = '-infinity'
+    WHERE tenant = $1 AND owner = $2 AND fence = $3"""
+
+ADD_TENANTS = """
+    INSERT INTO leases (tenant) SELECT unnest($1::text[]) ON CONFLICT (tenant) DO NOTHING"""
+
+# Tenants queued by a process that never announced them (a database migrated from SQLite,
+# or a version before leases) get their row at start.
+ADD_STORED = """
+    INSERT INTO leases (tenant) SELECT tenant FROM tenant_state ON CONFLICT (tenant) DO NOTHING"""
+
+COUNTERS = "SELECT tenant, last_sequence FROM tenant_state WHERE tenant = ANY($1::text[])"
+
+FORGET_DEAD = """
+    DELETE FROM instances WHERE heartbeat_at < now() - make_interval(secs => $1)"""
+
+
+@dataclass
+class Lease:
+    fence: int
+    valid_until: float  # monotonic: the renewal's request time plus the lease
+    releasing: bool = False
+
+
+def instance_name() -> str:
+    """Host, process and a random tag (process ids are reused, across restarts too)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+class PgCluster:
+    """This instance's membership: its heartbeat, its leases, and the wake-ups it hears."""
+
+    def __init__(self, database: PostgresURL, lease_seconds: float) -> None:
+        self.database = database
+        self.lease_seconds = lease_seconds
+        self.instance = instance_name()
+        self.api_url = ""  # where the others reach this instance's API (set before start)
+        self.config_digest = ""  # the main file's tenants, as the others compare them
+        self.held: dict[str, Lease] = {}
+        self.joined = False  # between start and leave: the store fences outcomes then
+        self._members: Members | None = None
+        self._conn: Connection | None = None
+        self._loop: asyncio.Task[None] | None = None
+        self._nudge = asyncio.Event()
+        self._claiming = True
+        self._stopping = False
+        self._releasing: dict[str, asyncio.Task[None]] = {}
+        self._down = False  # said once per outage
+        self._lock = asyncio.Lock()  # one statement at a time on the session
+
+    @property
+    def tick_s(self) -> float:
+        return self.lease_seconds / TICKS_PER_LEASE
+
+    # -- what the service and the writer ask -------------------------------------------------
+
+    def holds(self, tenant: str) -> bool:
+        lease = self.held.get(tenant)
+        return lease is not None and not lease.releasing and time.monotonic() < lease.valid_until
+
+    def fence(self, tenant: str) -> int | None:
+        """The token this instance claimed `tenant` with, while it thinks it holds it (the
+        database has the last word: the writer checks the token against the row)."""
+        lease = self.held.get(tenant)
+        return lease.fence if lease is not None else None
+
+    def refused(self, tenant: str, fence: int | None) -> None:
+        """The database refused a write made with `fence`: the lease is another's."""
+        lease = self.held.get(tenant)
+        if lease is not None and lease.fence == fence:
+            del self.held[tenant]
+
+    # -- joining and leaving -----------------------------------------------------------------
+
+    async def start(self, members: Members, tenants: Sequence[str]) -> None:
+        """Join the cluster: raises `StoreError` (via CONNECT_ERRORS) if the database cannot
+        be reached now; the store was just opened, so it can."""
+        self._members = members
+        self.joined = True
+        async with self._lock:
+            conn = await self._session()
+            await conn.execute(ADD_STORED)
+            await conn.execute(ADD_TENANTS, list(tenants))
+        await self._tick()
+        async with self._lock:
+            await conn.execute("SELECT pg_notify($1, 'joined')", CHANGED)
+        self._loop = asyncio.create_task(self._run(), name="webhookd-cluster")
+
+    async def add_tenants(self, tenants: Sequence[str]) -> None:
+        if not tenants:
+            return
+        try:
+            async with self._lock:
+                conn = await self._session()
+                await conn.execute(ADD_TENANTS, list(tenants))
+        except CONNECT_ERRORS as exc:
+            # The next start adds them (ADD_STORED covers any that ingest meanwhile).
+            log.warning("lease_rows_not_added", error=connection.reason(exc))
+            return
+        self._nudge.set()
+
+    def drain(self) -> None:
+        """Claim nothing more (the service is stopping); leases held are still renewed, so
+        the attempts in flight can finish and be recorded."""
+        self._claiming = False
+
+    async def leave(self) -> None:
+        """Hand every lease back and remove this instance's row. Idempotent."""
+        self._claiming = False
+        # The loop ends between ticks: a tick cancelled mid-transaction would leave its
+        # session busy, and the leases it renewed locked until the server noticed.
+        self._stopping = True
+        self._nudge.set()
+        if self._loop is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._loop), self.lease_seconds)
+            except TimeoutError:
+                self._loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._loop
+            self._loop = None
+        releasing = list(self._releasing.values())
+        for task in releasing:
+            task.cancel()
+        await asyncio.gather(*releasing, return_exceptions=True)
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            try:
+                async with self._lock, conn.transaction():
+                    await conn.execute(
+                        "UPDATE leases SET owner = NULL, expires_at = '-infinity' WHERE owner = $1",
+                        self.instance,
+                    )
+                    await conn.execute("DELETE FROM instances WHERE id = $1", self.instance)
+                    await conn.execute("SELECT pg_notify($1, 'free')", CHANGED)
+                log.info("leases_released", tenants=len(self.held))
+            except CONNECT_ERRORS as exc:
+                # They expire instead, within lease_seconds.
+                log.warning("leases_not_released", error=connection.reason(exc))
+        self.held.clear()
+        self.joined = False
+        await self._close()
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(*CONNECT_ERRORS):
+                await conn.close(timeout=2.0)
+            conn.terminate()
+
+    # -- the session -------------------------------------------------------------------------
+
+    async def _session(self) -> Connection:
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            return conn
+        self._conn = None
+        # A statement stuck longer than a lease (a lock never granted, a server gone quiet)
+        # is cut, and the session replaced: renewing must not hang on it.
+        conn = await connection.connect(
+            self.database,
+            "cluster",
+            {"statement_timeout": str(int(self.lease_seconds * 1000))},
+        )
+        try:
+            await conn.add_listener(QUEUED, self._heard_queued)
+            await conn.add_listener(CHANGED, self._heard_changed)
+        except BaseException:
+            conn.terminate()
+            raise
+        self._conn = conn
+        return conn
+
+    def _heard_queued(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        tenant, _, last = str(payload).rpartition(" ")
+        if tenant in self.held and self._members is not None:
+            self._members.queued(tenant, int(last))
+
+    def _heard_changed(self, _conn: Any, _pid: int, _channel: str, _payload: object) -> None:
+        self._nudge.set()
+
+    # -- the tick ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._nudge.wait(), self.tick_s)
+            self._nudge.clear()
+            if self._stopping:
+                return
+            try:
+                await self._tick()
+            except CONNECT_ERRORS as exc:
+                if not self._down:
+                    log.error("cluster_unreachable", error=connection.reason(exc))
+                    self._down = True
+                await self._close()
+                await asyncio.sleep(RECONNECT_S)
+            except Exception:
+                log.exception("cluster_tick_crashed")
+                await asyncio.sleep(RECONNECT_S)
+
+    async def _tick(self) -> None:
+        async with self._lock:
+            await self._tick_locked()
+
+    async def _tick_locked(self) -> None:
+        members = self._members
+        assert members is not None
+        sent = time.monotonic()  # before the request: the server stamps expiry after
+        conn = await self._session()
+        async with conn.transaction():
+            await conn.execute(
+                UPSERT_INSTANCE,
+                self.instance,
+                socket.gethostname(),
+                os.getpid(),
+                self.api_url,
+                self.config_digest,
+            )
+            renewed = {
+                r["tenant"]: r["fence"]
+                for r in await conn.fetch(RENEW, self.instance, self.lease_seconds)
+            }
+        if self._down:
+            log.warning("cluster_reconnected")
+            self._down = False
+        for tenant, lease in list(self.held.items()):
+            if renewed.get(tenant) != lease.fence:
+                del self.held[tenant]
+                members.lost(tenant, "another instance claimed its lease")
+            else:
+                lease.valid_until = sent + self.lease_seconds
+        # Counters of the tenants held: what a lost notification did not say.
+        if self.held:
+            for row in await conn.fetch(COUNTERS, list(self.held)):
+                members.queued(row["tenant"], row["last_sequence"])
+        if not self._claiming:
+            return
+        survey = await conn.fetchrow(SURVEY, self.lease_seconds)
+        assert survey is not None
+        live = max(1, survey["live"])
+        share = math.ceil(survey["tenants"] / live)
+        owned = len(self.held) - len(self._releasing)
+        if owned < share and survey["free"]:
+            await self._claim(conn, share - owned, sent)
+        elif owned > share and not survey["free"] and (survey["fewest"] or 0) < share:
+            self._hand_over(owned - share)
+
+    async def _claim(self, conn: Connection, count: int, sent: float) -> None:
+        members = self._members
+        assert members is not None
+        claimed = await conn.fetch(CLAIM, self.instance, self.lease_seconds, count)
+        for row in claimed:
+            tenant, fence = row["tenant"], row["fence"]
+            self.held[tenant] = Lease(fence, sent + self.lease_seconds)
+            try:
+                await members.gained(tenant)
+            except Exception as exc:
+                # Its state could not be read: give it back for another try.
+                log.error("lease_not_taken", tenant=tenant, error=str(exc))
+                del self.held[tenant]
+                with contextlib.suppress(*CONNECT_ERRORS):
+                    await conn.execute(FREE, tenant, self.instance, fence)
+        if claimed:
+            log.info("leases_claimed", count=len(claimed), held=len(self.held))
+
+    def _hand_over(self, count: int) -> None:
+        """Start handing `count` tenants over, the ones with nothing waiting first."""
+        candidates = [t for t, lease in self.held.items() if not lease.releasing]
+        count = min(count, RELEASING_MAX - len(self._releasing), len(candidates))
+        for tenant in sorted(candidates, key=self._busy)[:count]:
+            self.held[tenant].releasing = True
+            self._releasing[tenant] = asyncio.create_task(
+                self._release(tenant), name=f"webhookd-release-{tenant}"
+            )
+
+    def _busy(self, tenant: str) -> Any:
+        members = self._members
+        waiting = getattr(members, "waiting_for", None)
+        return waiting(tenant) if waiting is not None else 0
+
+    async def _release(self, tenant: str) -> None:
+        members = self._members
+        assert members is not None
+        try:
+            await members.release(tenant)
+            lease = self.held.get(tenant)
+            if lease is None:
+                return  # lost meanwhile
+            async with self._lock:
+                conn = await self._session()
+                async with conn.transaction():
+                    await conn.execute(FREE, tenant, self.instance, lease.fence)
+                    await conn.execute("SELECT pg_notify($1, 'free')", CHANGED)
+            del self.held[tenant]
+            log.info("lease_handed_over", tenant=tenant)
+        except CONNECT_ERRORS as exc:
+            # Still ours in the database: keep delivering it.
+            log.warning("lease_not_handed_over", tenant=tenant, error=connection.reason(exc))
+            lease = self.held.get(tenant)
+            if lease is not None:
+                lease.releasing = False
+                with contextlib.suppress(Exception):
+                    await members.gained(tenant)
+        finally:
+            self._releasing.pop(tenant, None)
+
+    # -- what status shows -------------------------------------------------------------------
+
+    async def survey(self) -> dict[str, Any]:
+        """The live instances and who owns which tenant, read now from the database."""
+        async with self._lock:
+            conn = await self._session()
+            instances = await conn.fetch(
+                """SELECT id, host, pid, api_url, config_digest, started_at FROM instances
+                   WHERE heartbeat_at > now() - make_interval(secs => $1) ORDER BY id""",
+                self.lease_seconds,
+            )
+            owners = await conn.fetch(
+                "SELECT tenant, owner FROM leases WHERE expires_at > now() AND owner IS NOT NULL"
+            )
+        return {
+            "instances": [dict(r) for r in instances],
+            "owners": {r["tenant"]: r["owner"] for r in owners},
+        }
