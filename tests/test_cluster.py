@@ -165,3 +165,29 @@ async def test_a_stale_owner_cannot_record_and_stops_that_tenant(
     await a.ingest("acme", items("y", 1))
     await asyncio.sleep(LEASE_S)
     assert len(receiver.at("/acme")) == 1  # and nothing more sent from here
+
+
+async def test_a_wake_up_lost_with_its_session_is_caught_up_by_the_next_tick(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    owner = await start_instance(instance_config(path, postgres_url))
+    await wait_for(lambda: held(owner) == {"acme"}, timeout=5)
+    other = await start_instance(instance_config(path, postgres_url))
+    await other.ingest("acme", items("before", 1))
+    await wait_for(lambda: receiver.sequences("/acme") == [1], timeout=5)
+
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        # The owner's LISTEN session ends; what the other queues meanwhile is announced to
+        # no one. Ended before each ingest, so the session cannot be back in time.
+        for n in range(3):
+            await conn.execute(
+                """SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+                   WHERE application_name LIKE 'webhookd cluster %'"""
+            )
+            await other.ingest("acme", items(f"lost{n}", 1))
+    finally:
+        await conn.close()
+    # Within a tick or two (a third of the lease each), wherever the notification went.
+    await wait_for(lambda: receiver.sequences("/acme") == [1, 2, 3, 4], timeout=3 * LEASE_S)
