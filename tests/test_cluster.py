@@ -191,3 +191,18 @@ async def test_a_wake_up_lost_with_its_session_is_caught_up_by_the_next_tick(
         await conn.close()
     # Within a tick or two (a third of the lease each), wherever the notification went.
     await wait_for(lambda: receiver.sequences("/acme") == [1, 2, 3, 4], timeout=3 * LEASE_S)
+
+
+async def test_a_generated_id_given_by_one_instance_is_a_duplicate_through_another(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    a = await start_instance(instance_config(path, postgres_url))
+    b = await start_instance(instance_config(path, postgres_url))
+    for daemon in (a, b, a):  # b has seen none of a's sequences when a's id comes back
+        body = await daemon.ingest("acme", [{"event": EVENT, "data": {}}])
+    [given] = body["webhooks"]
+    [again] = (await b.ingest("acme", [{"event": EVENT, "id": given["id"], "data": {}}]))[
+        "webhooks"
+    ]
+    assert (again["status"], again["sequence"]) == ("duplicate", 3)

@@ -414,7 +414,7 @@ class Service:
             else:
                 answers.append({"id": item.id, "sequence": None, "status": "not_subscribed"})
         if queued:
-            self._check_reserved_ids(name, queued)
+            await self._check_reserved_ids(name, queued)
             try:
                 results = await self.store.enqueue(name, queued, self.clock.now())
             except StoreError as exc:
@@ -438,7 +438,7 @@ class Service:
             self.metrics.ingested(name, "not_subscribed", not_subscribed)
         return [a for a in answers if a is not None]
 
-    def _check_reserved_ids(self, name: str, queued: Sequence[NewWebhook]) -> None:
+    async def _check_reserved_ids(self, name: str, queued: Sequence[NewWebhook]) -> None:
         """A producer id in the form of this tenant's generated ids is one it was given (the
         store answers `duplicate`), or one that would collide with a later generated id."""
         tag = id_tag(name)
@@ -446,6 +446,13 @@ class Service:
         for item in queued:
             if item.id is not None:
                 first = generated_sequence(tag, item.id)
+                if first is not None and first > given and self.cluster is not None:
+                    # Other instances queue for this tenant too: the counter as stored.
+                    try:
+                        records = await self.store.load([name])
+                    except StoreError as exc:
+                        raise Unavailable(f"nothing was queued: {exc}") from None
+                    given = records[0].row.last_sequence if records else 0
                 if first is not None and first > given:
                     raise InvalidIngest(
                         f"id {item.id!r} has the form of the ids webhookd generates for "
