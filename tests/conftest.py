@@ -24,6 +24,9 @@ from aiohttp import web
 
 # The PostgreSQL fixtures, registered for every test file by importing them here.
 from tests.postgres import postgres_server, postgres_url  # noqa: F401
+
+# A deadline per test (tests/watchdog.py), registered here as a plugin hook.
+from tests.watchdog import pytest_runtest_protocol, tracked  # noqa: F401
 from webhookd import config as config_mod
 from webhookd import logs
 from webhookd.config import TenantConfig
@@ -150,7 +153,7 @@ def pytest_asyncio_loop_factories(
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """In-process tests run on uvloop, as `webhookd run` does: its transports differ from
     asyncio's (they are not asyncio.Transport subclasses, and report errors their own way)."""
-    return {"uvloop": uvloop.new_event_loop}
+    return {"uvloop": lambda: tracked(uvloop.new_event_loop)}
 
 
 @pytest.fixture
