@@ -94,6 +94,10 @@ class Service:
         self._background: set[asyncio.Task[Any]] = set()
         # The api_token the file holds since a reload changed it; it applies at restart.
         self.token_at_restart: config_mod.Secret | None = None
+        # PostgreSQL: the tenants made through the API, as stored (name -> TOML text), and
+        # as parsed against the running configuration (name -> (text, tenant)).
+        self._api_texts: dict[str, str] = {}
+        self._api_parsed: dict[str, tuple[str, TenantConfig]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -102,6 +106,10 @@ class Service:
         `serving`; a start that raises leaves what it began for `drain` and `close`."""
         self.store.on_enqueued = self._enqueued
         self._dormant = {r.name: r for r in await self.store.open()}
+        if self.cluster is not None:
+            # Tenants made through the API are the database's, shared by every instance.
+            self._api_texts = await self.cluster.api_tenants()
+            self.config = self._with_api_tenants(self.config)
         self._switch_tenants(self.config.tenants)
         for name, record in list(self._dormant.items()):
             # In the database but no longer configured: with webhooks kept, it is shown
@@ -172,6 +180,43 @@ class Service:
     def _use_tenants(self, tenants: Mapping[str, TenantConfig]) -> None:
         self.config = replace(self.config, tenants=dict(sorted(tenants.items())))
         self._switch_tenants(self.config.tenants)
+
+    def _with_api_tenants(self, config: Config) -> Config:
+        """`config`'s main-file tenants and the API tenants stored in the database, each
+        validated against `config` (as a tenants_dir file is at load). One that does not
+        validate here (a secret_env unset on this host) keeps its running version, if any."""
+        tenants = {name: t for name, t in config.tenants.items() if not t.from_api}
+        for name, text in self._api_texts.items():
+            if name in tenants:
+                log.error(
+                    "api_tenant_ignored",
+                    tenant=name,
+                    detail=f"also defined in {config.path}, which wins; remove one of them",
+                )
+                continue
+            parsed = self._api_parsed.get(name)
+            if parsed is None or parsed[0] != text:
+                try:
+                    tenant, _ = config_mod.parse_stored_tenant(name, text, config)
+                except ConfigError as exc:
+                    for error in exc.errors:
+                        log.error("api_tenant_invalid", tenant=name, error=error)
+                    running = self.config.tenants.get(name)
+                    if running is not None and running.from_api:
+                        tenants[name] = running
+                    continue
+                parsed = self._api_parsed[name] = (text, tenant)
+            tenants[name] = parsed[1]
+        for name in set(self._api_parsed) - set(self._api_texts):
+            del self._api_parsed[name]
+        return replace(config, tenants=dict(sorted(tenants.items())))
+
+    def api_tenants_changed(self, tenants: Mapping[str, str]) -> None:
+        """The API tenants in the database changed (through any instance): apply them."""
+        if tenants == self._api_texts:
+            return
+        self._api_texts = dict(tenants)
+        self._use_tenants(self._with_api_tenants(self.config).tenants)
 
     def _enqueued(self, tenant: str, webhooks: list[Webhook]) -> None:
         worker = self.workers.get(tenant)
@@ -292,6 +337,9 @@ class Service:
     def apply(self, new: Config) -> None:
         """Switch to `new`: start added tenants, orphan removed ones, reconfigure the rest."""
         old = self.config
+        if self.cluster is not None:
+            self._api_parsed.clear()  # validated again against the new file
+            new = self._with_api_tenants(new)
         restart_keys = [
             key
             for key in vars(new.daemon)
@@ -334,26 +382,41 @@ class Service:
             if existing is not None and not existing.from_api:
                 raise Conflict(f"tenant {name!r} is defined in {self.config.path}; change it there")
             directory = self.config.daemon.tenants_dir
-            if directory is None:
+            if directory is None and self.cluster is None:
                 raise Conflict("tenants_dir is not set in [daemon]; the tenant API needs it")
             if isinstance(raw, dict):
                 raw = _from_view(raw, existing, self.config.delivery)
+            # On PostgreSQL the tenant lives in the database, shared by every instance.
+            origin = config_mod.api_tenant_origin(name) if self.cluster is not None else None
             try:
                 tenant, warnings = config_mod.parse_api_tenant(
-                    name, raw, self.config, source=f"tenant {name}"
+                    name, raw, self.config, source=f"tenant {name}", origin=origin
                 )
             except ConfigError as exc:
                 raise InvalidTenant("; ".join(exc.errors)) from None
             table = config_mod.tenant_table(tenant, redact=False)
-            try:
-                await asyncio.to_thread(config_mod.write_tenant_file, directory, name, table)
-            except OSError as exc:
-                raise Unavailable(f"cannot write {directory}/{name}.toml: {exc.strerror}") from None
+            created = existing is None
+            if self.cluster is not None:
+                text = config_mod.tenant_toml(table)
+                try:
+                    created = await self.cluster.save_api_tenant(name, text)
+                except StoreError as exc:
+                    raise Unavailable(f"tenant {name} was not saved: {exc}") from None
+                self._api_texts[name] = text
+                self._api_parsed[name] = (text, tenant)
+            else:
+                assert directory is not None
+                try:
+                    await asyncio.to_thread(config_mod.write_tenant_file, directory, name, table)
+                except OSError as exc:
+                    raise Unavailable(
+                        f"cannot write {directory}/{name}.toml: {exc.strerror}"
+                    ) from None
             self.set_tenant(tenant)
             for warning in warnings:
                 log.warning("config_warning", warning=warning)
-            log.info("tenant_saved", tenant=name, created=existing is None)
-            return existing is None, tenant
+            log.info("tenant_saved", tenant=name, created=created)
+            return created, tenant
 
     async def delete_tenant(self, name: str, *, discard: bool) -> dict[str, Any]:
         """Remove an API tenant. Refused while webhooks wait, unless `discard`."""
@@ -364,14 +427,27 @@ class Service:
             if not existing.from_api:
                 raise Conflict(f"tenant {name!r} is defined in {self.config.path}; remove it there")
             worker = self.workers[name]
-            if worker.waiting and not discard:
-                many = f"{worker.waiting} webhooks are" if worker.waiting > 1 else "1 webhook is"
+            waiting = worker.waiting
+            if self.cluster is not None:
+                # Another instance may deliver it: its queue as stored, not as seen here.
+                records = await self._write(self.store.load([name]))
+                row = records[0].row if records else TenantRow()
+                waiting = row.last_sequence - row.acked_sequence
+            if waiting and not discard:
+                many = f"{waiting} webhooks are" if waiting > 1 else "1 webhook is"
                 raise QueueNotEmpty(
                     f"{many} waiting for {name}; let them deliver, "
                     "or DELETE with ?discard=true to drop them"
                 )
-            directory = existing.origin.parent
-            await asyncio.to_thread(config_mod.remove_tenant_file, directory, name)
+            if self.cluster is not None:
+                try:
+                    await self.cluster.delete_api_tenant(name)  # every instance stops it
+                except StoreError as exc:
+                    raise Unavailable(f"tenant {name} was not deleted: {exc}") from None
+                self._api_texts.pop(name, None)
+            else:
+                directory = existing.origin.parent
+                await asyncio.to_thread(config_mod.remove_tenant_file, directory, name)
             self.remove_tenant(name)  # no new attempt starts from here on
             dropped = await self._write(worker.discard()) if discard else 0
             log.warning("tenant_deleted", tenant=name, discarded=dropped)

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from webhookd import logs
 from webhookd.config import PostgresURL
+from webhookd.records import StoreError
 from webhookd.store.postgres import connection
 from webhookd.store.postgres.connection import CONNECT_ERRORS
 
@@ -102,6 +103,21 @@ ADD_STORED = """
 
 COUNTERS = "SELECT tenant, last_sequence FROM tenant_state WHERE tenant = ANY($1::text[])"
 
+# Tenants made through the tenant API, shared by every instance. A write sends
+# NOTIFY webhookd_cluster 'tenants' with its commit; every instance then reads them again.
+# The fingerprint, read every tick, catches a notification lost with a dropped session:
+# xmin changes with every version of a row, so any insert, update or delete changes it.
+API_TENANTS = "SELECT tenant, config FROM api_tenants ORDER BY tenant"
+API_TENANTS_FINGERPRINT = """
+    SELECT count(*)::text || ' ' || coalesce(
+        md5(string_agg(tenant || ' ' || xmin::text, ',' ORDER BY tenant)), '')
+    FROM api_tenants"""
+SAVE_API_TENANT = """
+    INSERT INTO api_tenants (tenant, config) VALUES ($1, $2)
+    ON CONFLICT (tenant) DO UPDATE SET config = $2, updated_at = now()
+    RETURNING (xmax = 0) AS created"""
+DELETE_API_TENANT = "DELETE FROM api_tenants WHERE tenant = $1 RETURNING tenant"
+
 FORGET_DEAD = """
     DELETE FROM instances WHERE heartbeat_at < now() - make_interval(secs => $1)"""
 
@@ -127,6 +143,7 @@ class PgCluster:
         self.instance = instance_name()
         self.api_url = ""  # where the others reach this instance's API (set before start)
         self.config_digest = ""  # the main file's tenants, as the others compare them
+        self._api_fingerprint: str | None = None  # of api_tenants, as last read
         self.held: dict[str, Lease] = {}
         self.joined = False  # between start and leave: the store fences outcomes then
         self._members: Members | None = None
@@ -189,6 +206,51 @@ class PgCluster:
             log.warning("lease_rows_not_added", error=connection.reason(exc))
             return
         self._nudge.set()
+
+    # -- tenants made through the API --------------------------------------------------------
+
+    async def api_tenants(self) -> dict[str, str]:
+        """Every API tenant's stored table (TOML text), read now. Raises StoreError."""
+        try:
+            async with self._lock:
+                conn = await self._session()
+                return await self._read_api_tenants(conn)
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
+
+    async def _read_api_tenants(self, conn: Connection) -> dict[str, str]:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            fingerprint = await conn.fetchval(API_TENANTS_FINGERPRINT)
+            rows = await conn.fetch(API_TENANTS)
+        self._api_fingerprint = fingerprint
+        return {r["tenant"]: r["config"] for r in rows}
+
+    async def save_api_tenant(self, tenant: str, text: str) -> bool:
+        """Store an API tenant's table and give it a lease row, in one transaction that
+        tells every instance; True if it was created. Raises StoreError (nothing stored)."""
+        try:
+            async with self._lock:
+                conn = await self._session()
+                async with conn.transaction():
+                    created: bool = await conn.fetchval(SAVE_API_TENANT, tenant, text)
+                    await conn.execute(ADD_TENANTS, [tenant])
+                    await conn.execute("SELECT pg_notify($1, 'tenants')", CHANGED)
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
+        return created
+
+    async def delete_api_tenant(self, tenant: str) -> bool:
+        """Remove an API tenant and tell every instance; False if there was none. Raises
+        StoreError (nothing removed)."""
+        try:
+            async with self._lock:
+                conn = await self._session()
+                async with conn.transaction():
+                    deleted = await conn.fetchval(DELETE_API_TENANT, tenant)
+                    await conn.execute("SELECT pg_notify($1, 'tenants')", CHANGED)
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
+        return deleted is not None
 
     def drain(self) -> None:
         """Claim nothing more (the service is stopping); leases held are still renewed, so
@@ -316,6 +378,7 @@ class PgCluster:
         if self._down:
             log.warning("cluster_reconnected")
             self._down = False
+        await self._check_api_tenants(conn)
         for tenant, lease in list(self.held.items()):
             if renewed.get(tenant) != lease.fence:
                 del self.held[tenant]
@@ -337,6 +400,15 @@ class PgCluster:
             await self._claim(conn, share - owned, sent)
         elif owned > share and not survey["free"] and (survey["fewest"] or 0) < share:
             self._hand_over(owned - share)
+
+    async def _check_api_tenants(self, conn: Connection) -> None:
+        """Read the API tenants again when they changed: a notification makes this tick
+        happen at once, and the fingerprint catches one that was lost."""
+        members = self._members
+        assert members is not None
+        fingerprint = await conn.fetchval(API_TENANTS_FINGERPRINT)
+        if fingerprint != self._api_fingerprint:
+            members.api_tenants_changed(await self._read_api_tenants(conn))
 
     async def _claim(self, conn: Connection, count: int, sent: float) -> None:
         members = self._members
