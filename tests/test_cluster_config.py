@@ -1,15 +1,18 @@
 """Configuration across several instances on one PostgreSQL database: tenants made through
 the tenant API live in the database (any instance writes them, every instance delivers and
-shows them, a restart reads them back, a lost notification is caught by the tick).
+shows them, a restart reads them back, a lost notification is caught by the tick), and the
+main file's tenants are compared through a published digest (`config_mismatch`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+from structlog.testing import capture_logs
 
 from tests import test_cluster
 from tests.conftest import Daemon, Receiver, tenant, wait_for, write_config
@@ -139,3 +142,97 @@ def held(daemon: Daemon) -> set[str]:
     cluster = daemon.service.cluster
     assert cluster is not None
     return {name for name in daemon.service.workers if cluster.holds(name)}
+
+
+async def test_instances_whose_main_files_differ_show_a_config_mismatch_until_reloaded(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    same = {"acme": tenant(receiver.url("/acme"), secret=SECRET)}
+    path_a = write_config(tmp_path / "a", same)
+    path_b = write_config(tmp_path / "b", {"acme": tenant(receiver.url("/other"), secret=SECRET)})
+    with capture_logs() as logs:
+        a = await start_instance(instance_config(path_a, postgres_url))
+        b = await start_instance(instance_config(path_b, postgres_url))
+        id_a, id_b = (instance_id(d) for d in (a, b))
+
+        async def mismatch(daemon: Daemon) -> Any:
+            status, body = await daemon.request("GET", "/v1/status")
+            assert status == 200, body
+            return body["totals"]["config_mismatch"]
+
+        await wait_for(lambda: mismatch(a), timeout=3 * LEASE_S)
+        await wait_for(lambda: mismatch(b), timeout=3 * LEASE_S)
+        assert await mismatch(a) == [id_b] and await mismatch(b) == [id_a]
+        status, text = await a.request("GET", "/v1/status?format=text")
+        assert (
+            status == 200 and f"config_mismatch: the main file's tenants differ on {id_b}" in text
+        )
+        said = [e for e in logs if e["event"] == "config_mismatch"]
+        assert {(e["instance"], tuple(e["instances"])) for e in said} == {
+            (id_a, (id_b,)),
+            (id_b, (id_a,)),
+        }
+        assert len(said) == 2  # once per change, not once per tick
+
+        # B's file made the same as A's, then reloaded (SIGHUP): cleared on both at once.
+        write_config(tmp_path / "b", same)
+        assert await b.service.reload()
+    # Captured again: a reload configures logging anew. The new digest is published at
+    # once and both compare again at once, well within a tick.
+    with capture_logs() as later:
+        await wait_for(lambda: not mismatch_of(a) and not mismatch_of(b), timeout=LEASE_S / 2)
+        assert await mismatch(a) == [] and await mismatch(b) == []
+        await wait_for(
+            lambda: len([e for e in later if e["event"] == "config_mismatch_cleared"]) == 2,
+            timeout=LEASE_S,
+        )
+    cleared = {e["instance"] for e in later if e["event"] == "config_mismatch_cleared"}
+    assert cleared == {id_a, id_b}
+    assert SECRET not in repr(logs) + repr(later)
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        digests = await conn.fetch("SELECT config_digest FROM instances")
+    finally:
+        await conn.close()
+    assert len({r["config_digest"] for r in digests}) == 1
+    assert SECRET not in repr(digests)
+
+
+def instance_id(daemon: Daemon) -> str:
+    cluster = daemon.service.cluster
+    assert cluster is not None
+    return cluster.instance
+
+
+def mismatch_of(daemon: Daemon) -> list[str]:
+    cluster = daemon.service.cluster
+    assert cluster is not None
+    return cluster.mismatch
+
+
+def test_the_digest_covers_what_delivers_and_reveals_no_secret(tmp_path: Path) -> None:
+    def digest(**overrides: Any) -> str:
+        table = tenant("https://hooks.example/a", **overrides)
+        if "secret_file" in table:
+            del table["secret"]
+        path = write_config(tmp_path, {"acme": table})
+        return config_mod.tenants_digest(config_mod.load(path))
+
+    base = digest(secret=SECRET)
+    assert SECRET not in base and len(base) == 64
+    assert digest(secret=SECRET) == base
+    assert digest(secret=SECRET + "x") != base
+    assert digest(secret=SECRET, timeout=3.0) != base
+    assert digest(secret=SECRET, events=["CHECK_COMPLETED"]) != base
+    # Where a secret is read from may differ per host; its value may not.
+    (tmp_path / "secret.txt").write_text(SECRET + "\n")
+    assert digest(secret_file="secret.txt") == base
+    # API tenants are shared through the database: not part of it.
+    loaded = config_mod.load(write_config(tmp_path, {"acme": tenant("https://hooks.example/a")}))
+    extra = dataclasses.replace(
+        loaded.tenants["acme"], name="api", from_api=True, origin=Path("api_tenants/api")
+    )
+    with_api = dataclasses.replace(loaded, tenants={**loaded.tenants, "api": extra})
+    assert config_mod.tenants_digest(with_api) == config_mod.tenants_digest(loaded)

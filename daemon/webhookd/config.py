@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ipaddress
 import json
 import math
@@ -1181,3 +1182,51 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The main file's tenants as one digest: several instances on one database compare theirs
+
+# Fixed and public: the digest must be the same on every instance for the same tenants. The
+# secrets enter it only through PBKDF2 over all of them at once, so the digest (in the
+# `instances` table, readable by whoever reads the database) gives no usable way to test a
+# guessed secret.
+DIGEST_SALT = b"webhookd tenants digest v1"
+DIGEST_ITERATIONS = 100_000
+
+
+def tenants_digest(config: Config) -> str:
+    """A digest of the main file's tenants as they deliver: endpoint, events (and what they
+    resolve to), flags, effective delivery settings and secrets. Left out: tenants made
+    through the API (shared through the database), where a secret is read from (a path or
+    variable may differ per host, its value may not) and `source_address` (an address of
+    the host). Hex SHA-256; takes about 0.1 s (run it in a thread)."""
+    public: list[dict[str, Any]] = []
+    secrets: list[list[str]] = []
+    for name, tenant in sorted(config.tenants.items()):
+        if tenant.from_api:
+            continue
+        public.append(
+            {
+                "tenant": name,
+                "endpoint": tenant.endpoint,
+                "events": list(tenant.events),
+                "subscribed": sorted(tenant.subscribed),
+                "enabled": tenant.enabled,
+                "batching": tenant.batching,
+                "authorization_header": tenant.authorization_header,
+                "delivery": {
+                    key: list(value) if isinstance(value, tuple) else value
+                    for key, value in vars(tenant.delivery).items()
+                },
+            }
+        )
+        secrets.append([name, tenant.secret.reveal(), tenant.signing_secret.reveal()])
+    canonical = json.dumps(public, sort_keys=True, separators=(",", ":")).encode()
+    sealed = hashlib.pbkdf2_hmac(
+        "sha256",
+        json.dumps(secrets, separators=(",", ":")).encode(),
+        DIGEST_SALT,
+        DIGEST_ITERATIONS,
+    )
+    return hashlib.sha256(canonical + b"\0" + sealed).hexdigest()

@@ -107,7 +107,10 @@ class Service:
         self.store.on_enqueued = self._enqueued
         self._dormant = {r.name: r for r in await self.store.open()}
         if self.cluster is not None:
-            # Tenants made through the API are the database's, shared by every instance.
+            # The main file's tenants are this instance's own (the others compare their
+            # digest with it); those made through the API are the database's.
+            digest = await asyncio.to_thread(config_mod.tenants_digest, self.config)
+            self.cluster.config_digest = digest
             self._api_texts = await self.cluster.api_tenants()
             self.config = self._with_api_tenants(self.config)
         self._switch_tenants(self.config.tenants)
@@ -332,6 +335,9 @@ class Service:
                     log.error("reload_rejected", error=error)
                 return False
             self.apply(new)
+            if self.cluster is not None:
+                digest = await asyncio.to_thread(config_mod.tenants_digest, new)
+                self.cluster.publish_digest(digest)
             return True
 
     def apply(self, new: Config) -> None:
@@ -554,7 +560,11 @@ class Service:
         return status.tenant(self.worker(name), self.clock.now())
 
     def status(self) -> dict[str, Any]:
-        return status.daemon(self.visible_workers(), self.clock.now(), self.store.disk_full)
+        shown = status.daemon(self.visible_workers(), self.clock.now(), self.store.disk_full)
+        if self.cluster is not None:
+            # The live instances whose main-file tenants differ from this one's.
+            shown["totals"]["config_mismatch"] = list(self.cluster.mismatch)
+        return shown
 
     def status_line(self) -> str:
         return status.line(self.visible_workers())

@@ -84,6 +84,17 @@ class Cluster(Protocol):
     instance: str
     """This instance's name, as status shows owners: host, process id and a random tag."""
 
+    config_digest: str
+    """A digest of this instance's main-file tenants, published for the others to compare
+    (`webhookd.config.tenants_digest`)."""
+
+    mismatch: list[str]
+    """The live instances whose published digest differs from this one's (last tick)."""
+
+    def publish_digest(self, digest: str) -> None:
+        """Publish a new digest now (after a reload), and have the others compare again."""
+        ...
+
     async def api_tenants(self) -> dict[str, str]:
         """The tenants made through the API, read now: name -> table as TOML text."""
         ...

@@ -118,6 +118,14 @@ SAVE_API_TENANT = """
     RETURNING (xmax = 0) AS created"""
 DELETE_API_TENANT = "DELETE FROM api_tenants WHERE tenant = $1 RETURNING tenant"
 
+# The other live instances whose main-file tenants differ from this one's (an instance
+# that publishes no digest, an older version, is left out).
+MISMATCHED = """
+    SELECT id FROM instances
+    WHERE heartbeat_at > now() - make_interval(secs => $1)
+      AND id <> $2 AND config_digest <> '' AND config_digest <> $3
+    ORDER BY id"""
+
 FORGET_DEAD = """
     DELETE FROM instances WHERE heartbeat_at < now() - make_interval(secs => $1)"""
 
@@ -143,6 +151,9 @@ class PgCluster:
         self.instance = instance_name()
         self.api_url = ""  # where the others reach this instance's API (set before start)
         self.config_digest = ""  # the main file's tenants, as the others compare them
+        # The live instances whose digest differs from this one's, as of the last tick.
+        self.mismatch: list[str] = []
+        self._published_digest = ""
         self._api_fingerprint: str | None = None  # of api_tenants, as last read
         self.held: dict[str, Lease] = {}
         self.joined = False  # between start and leave: the store fences outcomes then
@@ -205,6 +216,12 @@ class PgCluster:
             # The next start adds them (ADD_STORED covers any that ingest meanwhile).
             log.warning("lease_rows_not_added", error=connection.reason(exc))
             return
+        self._nudge.set()
+
+    def publish_digest(self, digest: str) -> None:
+        """A new digest of the main file's tenants (a reload): published at once, and the
+        others told to compare again."""
+        self.config_digest = digest
         self._nudge.set()
 
     # -- tenants made through the API --------------------------------------------------------
@@ -378,6 +395,7 @@ class PgCluster:
         if self._down:
             log.warning("cluster_reconnected")
             self._down = False
+        await self._compare_digests(conn)
         await self._check_api_tenants(conn)
         for tenant, lease in list(self.held.items()):
             if renewed.get(tenant) != lease.fence:
@@ -400,6 +418,32 @@ class PgCluster:
             await self._claim(conn, share - owned, sent)
         elif owned > share and not survey["free"] and (survey["fewest"] or 0) < share:
             self._hand_over(owned - share)
+
+    async def _compare_digests(self, conn: Connection) -> None:
+        """Tell the others about a new digest of the main file's tenants; compare theirs
+        with it, and say so when the set of those that differ changes."""
+        if self.config_digest != self._published_digest:
+            # The upsert before it is committed: the others compare with the new one now.
+            await conn.execute("SELECT pg_notify($1, 'config')", CHANGED)
+            self._published_digest = self.config_digest
+        if self.config_digest:
+            rows = await conn.fetch(
+                MISMATCHED, self.lease_seconds, self.instance, self.config_digest
+            )
+            mismatch = [r["id"] for r in rows]
+            if mismatch != self.mismatch:
+                if mismatch:
+                    log.warning(
+                        "config_mismatch",
+                        instance=self.instance,
+                        instances=mismatch,
+                        detail="the tenants of the main configuration file differ between "
+                        "these instances and this one; make the files the same and reload",
+                    )
+                else:
+                    # As loud as the mismatch: whoever saw one sees it end.
+                    log.warning("config_mismatch_cleared", instance=self.instance)
+                self.mismatch = mismatch
 
     async def _check_api_tenants(self, conn: Connection) -> None:
         """Read the API tenants again when they changed: a notification makes this tick
