@@ -24,6 +24,11 @@ order holds only if one instance at a time sends its head. So each tenant has a 
   sequence') with it; the owner's worker reads them from the table. Each tick also reads
   the owned tenants' counters, so a notification lost with a dropped session delays a
   delivery by one tick at most.
+- **Configuration.** Tenants made through the tenant API are rows of `api_tenants`; a write
+  sends NOTIFY webhookd_cluster 'tenants', and every instance reads them again (each tick
+  also checks a fingerprint of the table). Each instance publishes a digest of its main
+  file's tenants with its heartbeat, and each tick lists the live instances whose digest
+  differs (`mismatch`, logged as `config_mismatch` when it changes).
 
 The cluster's statements run on a session of its own, beside the writer: renewing must not
 queue behind a group commit, and LISTEN needs a session that stays.
