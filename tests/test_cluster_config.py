@@ -27,6 +27,12 @@ def configured(daemon: Daemon) -> set[str]:
     return set(daemon.service.config.tenants)
 
 
+async def unknown(daemon: Daemon, name: str) -> bool:
+    """The instance's status knows nothing of `name`."""
+    status, _ = await daemon.request("GET", f"/v1/tenants/{name}/status")
+    return status == 404 and name not in {t["tenant"] for t in daemon.service.status()["tenants"]}
+
+
 async def put(daemon: Daemon, name: str, body: dict[str, Any]) -> tuple[int, Any]:
     return await daemon.request("PUT", f"/v1/tenants/{name}", json=body)
 
@@ -66,21 +72,26 @@ async def test_an_api_tenant_made_through_one_instance_is_shared_by_every_instan
     status, body = await put(b, "main", tenant(receiver.url("/x")))
     assert (status, body["error"]) == (409, "conflict")
 
-    # Deleted through B while a webhook waits (undeliverable): refused, counted from the
-    # database whichever instance queued it; then discarded, and gone everywhere.
+    # Deleted through the instance that does not deliver it while a webhook waits
+    # (undeliverable): refused, counted from the database; then discarded, and gone
+    # everywhere, the owner's view of its queue included.
+    owner, other = (a, b) if "acme" in held(a) else (b, a)
     receiver.always("/acme2", 503)
-    await a.ingest("acme", items("w", 1))
+    await owner.ingest("acme", items("w", 1))
     await wait_for(lambda: len(receiver.at("/acme2")) >= 1, timeout=5)
-    status, body = await b.request("DELETE", "/v1/tenants/acme")
+    status, body = await other.request("DELETE", "/v1/tenants/acme")
     assert (status, body["error"]) == (409, "queue_not_empty"), body
     assert "1 webhook is waiting" in body["detail"]
-    status, body = await b.request("DELETE", "/v1/tenants/acme?discard=true")
+    status, body = await other.request("DELETE", "/v1/tenants/acme?discard=true")
     assert (status, body) == (200, {"tenant": "acme", "deleted": True, "discarded": 1})
-    await wait_for(lambda: "acme" not in configured(a), timeout=5)
+    await wait_for(lambda: "acme" not in configured(owner), timeout=5)
     sent = len(receiver.at("/acme2"))
     for daemon in (a, b):
         assert (await daemon.request("GET", "/v1/tenants/acme"))[0] == 404
         await daemon.ingest("acme", items("late", 1), expect=404)
+    # Nothing left of it in either status (not an orphan with what one instance last saw).
+    await wait_for(lambda: unknown(a, "acme"), timeout=5)
+    await wait_for(lambda: unknown(b, "acme"), timeout=5)
     await asyncio.sleep(1.0)
     assert len(receiver.at("/acme2")) == sent  # no attempt since, on any instance
 

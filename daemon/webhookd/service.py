@@ -174,6 +174,34 @@ class Service:
             log.info("tenants_changed", added=added, removed=removed, changed=changed)
         if self.cluster is not None and self.started.is_set() and added:
             self._in_background(self.cluster.add_tenants(added))
+        if self.cluster is not None and self.started.is_set() and removed:
+            self._in_background(self._as_stored(removed))
+
+    async def _as_stored(self, names: list[str]) -> None:
+        """Removed tenants, as stored: a worker's state is what this instance saw, and
+        another may have delivered the tenant since, or discarded its queue (a DELETE
+        through another instance). Read from the database, so that a tenant with nothing
+        left is no longer shown, rather than shown orphaned with what is gone."""
+        try:
+            records = {r.name: r for r in await self.store.load(names)}
+        except StoreError:
+            return  # shown as last seen; a restart reads it again
+        for name in names:
+            worker = self.workers.get(name)
+            if worker is None or worker.config is not None:
+                continue  # configured again meanwhile
+            record = records.get(name) or TenantRecord(name, TenantRow())
+            if worker.task is None:  # never delivered here
+                self._add_worker(record, None)
+            elif record.row.acked_sequence > worker.row.acked_sequence:
+                # Delivered here, but its queue was dropped elsewhere: as in `gained`.
+                worker.stop()
+                worker.task.cancel()
+                await worker.join()
+                if self.workers.get(name) is worker:
+                    fresh = self._add_worker(record, worker.config)
+                    if self.cluster is not None and self.cluster.holds(name):
+                        fresh.start()
 
     def _in_background(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -213,6 +241,11 @@ class Service:
         for name in set(self._api_parsed) - set(self._api_texts):
             del self._api_parsed[name]
         return replace(config, tenants=dict(sorted(tenants.items())))
+
+    def discarded(self, tenant: str) -> None:
+        worker = self.workers.get(tenant)
+        if worker is not None and worker.config is None:
+            self._in_background(self._as_stored([tenant]))
 
     def api_tenants_changed(self, tenants: Mapping[str, str]) -> None:
         """The API tenants in the database changed (through any instance): apply them."""
@@ -456,6 +489,8 @@ class Service:
                 await asyncio.to_thread(config_mod.remove_tenant_file, directory, name)
             self.remove_tenant(name)  # no new attempt starts from here on
             dropped = await self._write(worker.discard()) if discard else 0
+            if discard and self.cluster is not None:
+                await self.cluster.announce_discarded(name)
             log.warning("tenant_deleted", tenant=name, discarded=dropped)
             return {"tenant": name, "deleted": True, "discarded": dropped}
 

@@ -69,6 +69,10 @@ class Members(Protocol):
         `tenant`, up to `last_sequence`."""
         ...
 
+    def discarded(self, tenant: str) -> None:
+        """Another instance discarded the queue of `tenant`, removed from the tenant API."""
+        ...
+
     def api_tenants_changed(self, tenants: Mapping[str, str]) -> None:
         """The tenants made through the tenant API changed (on any instance): every one of
         them now, name -> its table as TOML text."""
@@ -106,6 +110,10 @@ class Cluster(Protocol):
 
     async def delete_api_tenant(self, tenant: str) -> bool:
         """Remove an API tenant and tell every instance; False if there was none."""
+        ...
+
+    async def announce_discarded(self, tenant: str) -> None:
+        """Tell the others that a removed tenant's queue was discarded (`Members.discarded`)."""
         ...
 
     def holds(self, tenant: str) -> bool:

@@ -274,6 +274,17 @@ class PgCluster:
             raise StoreError(connection.unreachable(self.database, exc)) from None
         return deleted is not None
 
+    async def announce_discarded(self, tenant: str) -> None:
+        """A removed tenant's queue was discarded here: the others read its state again
+        (status shows what they last saw of it otherwise). Best effort: a lost one leaves
+        a stale status until a restart, never a delivery."""
+        try:
+            async with self._lock:
+                conn = await self._session()
+                await conn.execute("SELECT pg_notify($1, $2)", CHANGED, f"discarded {tenant}")
+        except CONNECT_ERRORS as exc:
+            log.warning("discard_not_announced", tenant=tenant, error=connection.reason(exc))
+
     def drain(self) -> None:
         """Claim nothing more (the service is stopping); leases held are still renewed, so
         the attempts in flight can finish and be recorded."""
@@ -351,7 +362,12 @@ class PgCluster:
         if tenant in self.held and self._members is not None:
             self._members.queued(tenant, int(last))
 
-    def _heard_changed(self, _conn: Any, _pid: int, _channel: str, _payload: object) -> None:
+    def _heard_changed(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        reason, _, tenant = str(payload).partition(" ")
+        if reason == "discarded":
+            if self._members is not None:
+                self._members.discarded(tenant)
+            return
         self._nudge.set()
 
     # -- the tick ----------------------------------------------------------------------------
