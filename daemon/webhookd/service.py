@@ -174,14 +174,12 @@ class Service:
             log.info("tenants_changed", added=added, removed=removed, changed=changed)
         if self.cluster is not None and self.started.is_set() and added:
             self._in_background(self.cluster.add_tenants(added))
-        if self.cluster is not None and self.started.is_set() and removed:
-            self._in_background(self._as_stored(removed))
 
     async def _as_stored(self, names: list[str]) -> None:
-        """Removed tenants, as stored: a worker's state is what this instance saw, and
-        another may have delivered the tenant since, or discarded its queue (a DELETE
-        through another instance). Read from the database, so that a tenant with nothing
-        left is no longer shown, rather than shown orphaned with what is gone."""
+        """Removed tenants (PostgreSQL), as stored: a worker's state is what this instance
+        saw, and another may have delivered the tenant since, or discarded its queue (a
+        DELETE through another instance). Read from the database, so that a tenant with
+        nothing left is no longer shown, rather than shown orphaned with what is gone."""
         try:
             records = {r.name: r for r in await self.store.load(names)}
         except StoreError:
@@ -252,7 +250,11 @@ class Service:
         if tenants == self._api_texts:
             return
         self._api_texts = dict(tenants)
+        before = set(self.config.tenants)
         self._use_tenants(self._with_api_tenants(self.config).tenants)
+        removed = sorted(before - set(self.config.tenants))
+        if removed and self.started.is_set():
+            self._in_background(self._as_stored(removed))
 
     def _enqueued(self, tenant: str, webhooks: list[Webhook]) -> None:
         worker = self.workers.get(tenant)
@@ -404,6 +406,9 @@ class Service:
         )
         self.config = replace(new, daemon=daemon)
         self._switch_tenants(new.tenants)
+        removed = sorted(set(old.tenants) - set(new.tenants))
+        if self.cluster is not None and removed and self.started.is_set():
+            self._in_background(self._as_stored(removed))
         log.info("reloaded", tenants=len(new.tenants))
 
     def set_tenant(self, tenant: TenantConfig) -> None:
@@ -489,8 +494,10 @@ class Service:
                 await asyncio.to_thread(config_mod.remove_tenant_file, directory, name)
             self.remove_tenant(name)  # no new attempt starts from here on
             dropped = await self._write(worker.discard()) if discard else 0
-            if discard and self.cluster is not None:
-                await self.cluster.announce_discarded(name)
+            if self.cluster is not None:
+                await self._as_stored([name])
+                if discard:
+                    await self.cluster.announce_discarded(name)
             log.warning("tenant_deleted", tenant=name, discarded=dropped)
             return {"tenant": name, "deleted": True, "discarded": dropped}
 
