@@ -190,7 +190,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{config_path(args)}: {verdict}")
     print(f"  database    {database}")
     print(f"  listen      {d.listen} ({'token required' if d.api_token else 'no token'})")
-    print(f"  tenants_dir {d.tenants_dir or '-'}")
+    if isinstance(d.database, config.PostgresURL):
+        print("  tenants_dir - (on PostgreSQL, tenants made through the API are in the database)")
+    else:
+        print(f"  tenants_dir {d.tenants_dir or '-'}")
     if cfg.catalogue.custom:
         print(f"  custom events: {', '.join(cfg.catalogue.custom)}")
     print(f"  {views.counted(len(cfg.tenants), 'tenant')}")
