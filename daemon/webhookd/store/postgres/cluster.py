@@ -236,16 +236,17 @@ class PgCluster:
         try:
             async with self._lock:
                 conn = await self._session()
-                return await self._read_api_tenants(conn)
+                self._api_fingerprint, tenants = await self._read_api_tenants(conn)
+                return tenants
         except CONNECT_ERRORS as exc:
             raise StoreError(connection.unreachable(self.database, exc)) from None
 
-    async def _read_api_tenants(self, conn: Connection) -> dict[str, str]:
+    async def _read_api_tenants(self, conn: Connection) -> tuple[str, dict[str, str]]:
+        """The table's fingerprint, and its rows as of that fingerprint."""
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            fingerprint = await conn.fetchval(API_TENANTS_FINGERPRINT)
+            fingerprint: str = await conn.fetchval(API_TENANTS_FINGERPRINT)
             rows = await conn.fetch(API_TENANTS)
-        self._api_fingerprint = fingerprint
-        return {r["tenant"]: r["config"] for r in rows}
+        return fingerprint, {r["tenant"]: r["config"] for r in rows}
 
     async def save_api_tenant(self, tenant: str, text: str) -> bool:
         """Store an API tenant's table and give it a lease row, in one transaction that
@@ -473,7 +474,9 @@ class PgCluster:
         assert members is not None
         fingerprint = await conn.fetchval(API_TENANTS_FINGERPRINT)
         if fingerprint != self._api_fingerprint:
-            members.api_tenants_changed(await self._read_api_tenants(conn))
+            fingerprint, tenants = await self._read_api_tenants(conn)
+            members.api_tenants_changed(tenants)
+            self._api_fingerprint = fingerprint  # once applied: a failure tries again
 
     async def _claim(self, conn: Connection, count: int, sent: float) -> None:
         members = self._members
