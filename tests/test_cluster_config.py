@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 from structlog.testing import capture_logs
 
 from tests import test_cluster
-from tests.conftest import Daemon, Receiver, tenant, wait_for, write_config
+from tests.conftest import Daemon, Process, Receiver, tenant, wait_for, write_config
 from tests.test_cluster import LEASE_S, StartInstance, instance_config, items
 from webhookd import config as config_mod
 
@@ -247,3 +251,69 @@ def test_the_digest_covers_what_delivers_and_reveals_no_secret(tmp_path: Path) -
     )
     with_api = dataclasses.replace(loaded, tenants={**loaded.tenants, "api": extra})
     assert config_mod.tenants_digest(with_api) == config_mod.tenants_digest(loaded)
+
+
+async def test_daemons_on_one_database_compare_their_files_and_share_api_tenants(
+    tmp_path: Path,
+    receiver: Receiver,
+    postgres_url: str,
+    process_factory: Callable[..., Process],
+) -> None:
+    """As run: `webhookd run` twice, a real SIGHUP, logs as written."""
+    same = {"main": tenant(receiver.url("/main"), secret=SECRET)}
+    daemon = {"database": postgres_url, "lease_seconds": LEASE_S}
+    paths = []
+    for name, tenants in (("a", same), ("b", {"main": tenant(receiver.url("/other"))})):
+        (tmp_path / name).mkdir()
+        paths.append(write_config(tmp_path / name, tenants, daemon=daemon))
+    a, b = (process_factory(path) for path in paths)
+    a.start()
+    b.start()
+    async with aiohttp.ClientSession() as session:
+
+        async def get(process: Process, path: str) -> Any:
+            async with session.get(process.base + path) as response:
+                assert response.status == 200, await response.text()
+                return await response.json()
+
+        async def found(process: Process, path: str) -> bool:
+            async with session.get(process.base + path) as response:
+                return response.status == 200
+
+        async def mismatch(process: Process) -> list[str]:
+            totals = (await get(process, "/v1/status"))["totals"]
+            return totals["config_mismatch"]  # type: ignore[no-any-return]
+
+        await wait_for(lambda: mismatch(a), timeout=3 * LEASE_S)
+        await wait_for(lambda: mismatch(b), timeout=3 * LEASE_S)
+
+        # A tenant made through one is the other's too.
+        made = tenant(receiver.url("/acme"), secret=SECRET)
+        async with session.put(a.base + "/v1/tenants/acme", json=made) as response:
+            assert response.status == 201, await response.text()
+        await wait_for(lambda: found(b, "/v1/tenants/acme"), timeout=5)
+
+        # B's file made the same as A's (its own listen address kept), then SIGHUP.
+        listen = config_mod.load(paths[1]).daemon.listen
+        write_config(tmp_path / "b", same, daemon={**daemon, "listen": listen})
+        assert b.proc is not None
+        b.proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: not_(mismatch(a)), timeout=2 * LEASE_S)
+        await wait_for(lambda: not_(mismatch(b)), timeout=2 * LEASE_S)
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        ids = {r["pid"]: r["id"] for r in await conn.fetch("SELECT id, pid FROM instances")}
+    finally:
+        await conn.close()
+    assert a.terminate() == 0 and b.terminate() == 0
+    for process, other in ((a, b), (b, a)):
+        events = [json.loads(line) for line in process.log().splitlines() if line.startswith("{")]
+        said = [e for e in events if e["event"].startswith("config_mismatch")]
+        assert [e["event"] for e in said] == ["config_mismatch", "config_mismatch_cleared"], said
+        assert other.proc is not None
+        assert said[0]["instances"] == [ids[other.proc.pid]]
+        assert SECRET not in process.log()
+
+
+async def not_(value: Awaitable[Any]) -> bool:
+    return not await value
