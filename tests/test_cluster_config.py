@@ -126,6 +126,19 @@ async def test_api_tenants_survive_a_restart_of_every_instance(
     )
 
 
+async def test_tenant_files_left_in_tenants_dir_are_not_read_and_said_so(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    path = write_config(tmp_path, {})
+    config_mod.write_tenant_file(tmp_path / "tenants.d", "old", tenant(receiver.url("/old")))
+    with capture_logs() as logs:
+        a = await start_instance(instance_config(path, postgres_url))
+    assert configured(a) == set()
+    [said] = [e for e in logs if e["event"] == "tenants_dir_not_read"]
+    assert (said["tenants"], said["count"]) == (["old"], 1)
+    assert "webhookd migrate" in said["detail"]
+
+
 async def test_an_api_tenant_change_whose_notification_is_lost_is_caught_by_the_tick(
     tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
 ) -> None:

@@ -113,6 +113,7 @@ class Service:
             self.cluster.config_digest = digest
             self._api_texts = await self.cluster.api_tenants()
             self.config = self._with_api_tenants(self.config)
+            self._warn_unread_tenants_dir()
         self._switch_tenants(self.config.tenants)
         for name, record in list(self._dormant.items()):
             # In the database but no longer configured: with webhooks kept, it is shown
@@ -239,6 +240,29 @@ class Service:
         for name in set(self._api_parsed) - set(self._api_texts):
             del self._api_parsed[name]
         return replace(config, tenants=dict(sorted(tenants.items())))
+
+    def _warn_unread_tenants_dir(self) -> None:
+        """Tenant files left in tenants_dir (a move from SQLite without `migrate`) are not
+        read on PostgreSQL: say so rather than let those tenants vanish silently."""
+        directory = self.config.daemon.tenants_dir
+        if directory is None or not directory.is_dir():
+            return
+        main = self.config.path.resolve()
+        files = {
+            f.stem
+            for f in directory.glob("*.toml")
+            if not f.name.startswith(".") and f.resolve() != main
+        }
+        unread = sorted(files - set(self._api_texts))
+        if unread:
+            log.warning(
+                "tenants_dir_not_read",
+                folder=str(directory),
+                tenants=unread[:20],
+                count=len(unread),
+                detail="on PostgreSQL, tenants made through the API live in the database; "
+                "`webhookd migrate` copies them there from SQLite",
+            )
 
     def discarded(self, tenant: str) -> None:
         worker = self.workers.get(tenant)
