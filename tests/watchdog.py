@@ -13,6 +13,7 @@ thread method ends the whole run at the first hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import os
 import sys
@@ -27,6 +28,7 @@ HARD_DEADLINE_S = TEST_DEADLINE_S + 120
 RECANCEL_EVERY_S = 20.0
 
 _loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+_config: list[pytest.Config] = []
 
 
 def tracked(factory: Callable[[], asyncio.AbstractEventLoop]) -> asyncio.AbstractEventLoop:
@@ -43,6 +45,7 @@ def _cancel_everything(loop: asyncio.AbstractEventLoop, name: str) -> None:
     for task in pending:
         task.print_stack(limit=12, file=sys.stderr)
         task.cancel()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
 class _Deadline:
@@ -62,11 +65,18 @@ class _Deadline:
             if self.done.wait(RECANCEL_EVERY_S):
                 return
             waited += RECANCEL_EVERY_S
-        print(f"\n+++ watchdog: {self.name} still running after {HARD_DEADLINE_S:.0f} s; "
-              "every thread's stack, then exit +++", file=sys.stderr)  # fmt: skip
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        sys.stderr.flush()
-        os._exit(1)
+        # What pytest captured so far would be lost with the process: say it uncaptured.
+        capture = _config[0].pluginmanager.getplugin("capturemanager") if _config else None
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            print(f"\n+++ watchdog: {self.name} still running after {HARD_DEADLINE_S:.0f} s; "
+                  "every thread's stack, then exit +++", file=sys.stderr)  # fmt: skip
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            sys.stderr.flush()
+            os._exit(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _config.append(config)
 
 
 @pytest.hookimpl(hookwrapper=True)

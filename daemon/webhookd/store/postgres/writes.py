@@ -1,9 +1,10 @@
 """The store's write operations on PostgreSQL, each a small class applied in a group commit.
 
 A caller's write becomes an `Op` with a future; the writer applies whatever ops have
-gathered in one transaction (`Tx`). The transaction first creates the state rows the group
-needs and locks them all in tenant order (`Tx.lock`): two transactions that touch the same
-tenants then always take them in the same order, and cannot deadlock. Ingest and
+gathered in one transaction (`Tx`). The transaction first locks the state rows of every
+tenant the group touches, in tenant order (`Tx.lock`): two transactions that touch the same
+tenants then take them in the same order, and do not deadlock (but for a tenant's first
+webhook, below). Ingest and
 acknowledgements are batched (`Tx.flush`), a statement each for the whole run of them, with
 arrays passed through `unnest` (bench/README-pg-drivers.md: as fast as COPY for these group
 sizes, in one round trip); the rarer controls run one by one, each after a flush, so each
@@ -29,12 +30,16 @@ if TYPE_CHECKING:
     Connection = asyncpg.Connection[asyncpg.Record]
 
 LOCK = """
-    WITH created AS (
-        INSERT INTO tenant_state (tenant) SELECT unnest($2::text[])
-        ON CONFLICT (tenant) DO NOTHING
-    )
     SELECT tenant, last_sequence FROM tenant_state
     WHERE tenant = ANY($1::text[]) ORDER BY tenant FOR NO KEY UPDATE"""
+
+# The rows a group needs and did not find. A concurrent transaction may be creating the
+# same ones: ON CONFLICT waits for it to end, so once this statement returns every row
+# exists, and the next statement's snapshot sees the ones others made (a statement cannot
+# see rows committed after it began, which is why creating and locking are two).
+CREATE = """
+    INSERT INTO tenant_state (tenant) SELECT unnest($1::text[])
+    ON CONFLICT (tenant) DO NOTHING"""
 
 # LATERAL: one primary-key lookup per id, never a join the planner could turn into a scan
 # of the table, which keeps every producer id ever given.
@@ -102,14 +107,28 @@ class Tx:
         self.acks: dict[str, tuple[int, float]] = {}
 
     async def lock(self, ops: Sequence[Op]) -> None:
-        """Create the state rows this group needs, and lock every tenant it touches."""
+        """Create the state rows this group needs, and lock every tenant it touches.
+
+        Rows that exist are locked in tenant order. The missing ones are then made and locked
+        (a tenant's first webhook): out of order with the others, once per tenant, so a
+        deadlock is possible then; the server detects it, and the writer retries the group
+        op by op."""
         touched = sorted({op.tenant for op in ops if op.tenant is not None})
-        create = sorted({op.tenant for op in ops if op.tenant is not None and op.creates_row})
         if not touched:
             return
-        rows = await self.conn.fetch(LOCK, touched, create)
-        self.last = dict.fromkeys(create, 0)  # rows created now: the query cannot see them
-        self.last.update((row["tenant"], row["last_sequence"]) for row in rows)
+        rows = await self.conn.fetch(LOCK, touched)
+        self.last = {row["tenant"]: row["last_sequence"] for row in rows}
+        create = sorted(
+            {
+                op.tenant
+                for op in ops
+                if op.creates_row and op.tenant is not None and op.tenant not in self.last
+            }
+        )
+        if create:
+            await self.conn.execute(CREATE, create)
+            rows = await self.conn.fetch(LOCK, create)
+            self.last.update((row["tenant"], row["last_sequence"]) for row in rows)
 
     async def check_fences(self, ops: Sequence[Op], instance: str) -> list[Op]:
         """The ops this instance may still run: an op that records a delivery's outcome
