@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from tests import test_cluster
 from tests.conftest import Daemon, Process, Receiver, tenant, wait_for, write_config
+from tests.postgres import PostgresServer
 from tests.test_cluster import LEASE_S, StartInstance, instance_config, items
 from webhookd import config as config_mod
 
@@ -137,6 +138,32 @@ async def test_tenant_files_left_in_tenants_dir_are_not_read_and_said_so(
     [said] = [e for e in logs if e["event"] == "tenants_dir_not_read"]
     assert (said["tenants"], said["count"]) == (["old"], 1)
     assert "webhookd migrate" in said["detail"]
+
+
+async def test_a_tenant_api_write_while_the_database_is_down_is_503_and_changes_nothing(
+    tmp_path: Path,
+    receiver: Receiver,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    start_instance: StartInstance,
+) -> None:
+    path = write_config(tmp_path, {})
+    a = await start_instance(instance_config(path, postgres_url))
+    assert (await put(a, "acme", tenant(receiver.url("/acme"), secret=SECRET)))[0] == 201
+
+    await asyncio.to_thread(postgres_server.stop)
+    with capture_logs() as logs:
+        status, body = await put(a, "globex", tenant(receiver.url("/g"), secret=SECRET))
+        assert (status, body["error"]) == (503, "unavailable"), body
+        assert body["detail"].startswith("tenant globex was not saved: the database ")
+        status, body = await a.request("DELETE", "/v1/tenants/acme")
+        assert (status, body["error"]) == (503, "unavailable"), body
+    assert configured(a) == {"acme"}  # as stored: neither applied
+    assert SECRET not in repr(logs) + repr(body)
+
+    await asyncio.to_thread(postgres_server.start)
+    assert (await put(a, "globex", tenant(receiver.url("/g"), secret=SECRET)))[0] == 201
+    assert configured(a) == {"acme", "globex"}
 
 
 async def test_an_api_tenant_change_whose_notification_is_lost_is_caught_by_the_tick(
