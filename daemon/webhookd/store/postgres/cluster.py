@@ -60,7 +60,9 @@ if TYPE_CHECKING:
 log = logs.get_logger("webhookd.cluster")
 
 QUEUED = "webhookd_queued"  # payload: "tenant last_sequence"
-CHANGED = "webhookd_cluster"  # payload: why ("free", "joined"); every instance ticks now
+# Payload: why ("free", "joined", "tenants", "config"): every instance ticks now; but
+# "discarded TENANT" only has the others read that removed tenant's state again.
+CHANGED = "webhookd_cluster"
 TICKS_PER_LEASE = 3
 RECONNECT_S = 1.0
 # How many leases a handover may run at once: each waits for its attempt in flight.
