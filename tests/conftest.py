@@ -26,7 +26,12 @@ from aiohttp import web
 from tests.postgres import postgres_server, postgres_url  # noqa: F401
 
 # A deadline per test (tests/watchdog.py), registered here as a plugin hook.
-from tests.watchdog import pytest_configure, pytest_runtest_protocol, tracked  # noqa: F401
+from tests.watchdog import (  # noqa: F401
+    pytest_configure,
+    pytest_runtest_logreport,
+    pytest_runtest_protocol,
+    tracked,
+)
 from webhookd import config as config_mod
 from webhookd import logs
 from webhookd.config import TenantConfig

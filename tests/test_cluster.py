@@ -127,6 +127,21 @@ async def test_a_stopped_instance_hands_its_tenants_over_at_once(
     await wait_for(lambda: all(receiver.sequences(f"/{n}") == [1, 2] for n in gone), timeout=5)
 
 
+async def test_a_lease_claimed_while_the_instance_stops_starts_no_delivery(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    # A tick's claim can end after the stop began (the claim was sent before): a worker
+    # started then was never stopped, and the stop waited for it forever.
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    a = await start_instance(instance_config(path, postgres_url))
+    await wait_for(lambda: held(a) == {"acme"}, timeout=5)
+    await a.service.drain()
+    await a.service.gained("acme")
+    worker = a.service.workers["acme"]
+    assert worker.task is None or worker.task.done()  # the drained one, not a new one
+    await asyncio.wait_for(a.server.stop(), timeout=10)
+
+
 async def test_a_stale_owner_cannot_record_and_stops_that_tenant(
     tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
 ) -> None:

@@ -29,6 +29,7 @@ RECANCEL_EVERY_S = 20.0
 
 _loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 _config: list[pytest.Config] = []
+_failed: list[str] = []  # reports of the run's failures so far, said before a hard exit
 
 
 def tracked(factory: Callable[[], asyncio.AbstractEventLoop]) -> asyncio.AbstractEventLoop:
@@ -38,14 +39,22 @@ def tracked(factory: Callable[[], asyncio.AbstractEventLoop]) -> asyncio.Abstrac
     return loop
 
 
+def _uncaptured() -> contextlib.AbstractContextManager[None]:
+    """Output straight to the terminal (or CI's log), past pytest's capture."""
+    capture = _config[0].pluginmanager.getplugin("capturemanager") if _config else None
+    return capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+
+
 def _cancel_everything(loop: asyncio.AbstractEventLoop, name: str) -> None:
     pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
-    print(f"\n+++ watchdog: {name} passed {TEST_DEADLINE_S:.0f} s; "
-          f"cancelling {len(pending)} tasks +++", file=sys.stderr)  # fmt: skip
+    with _uncaptured():
+        print(f"\n+++ watchdog: {name} passed {TEST_DEADLINE_S:.0f} s; "
+              f"cancelling {len(pending)} tasks +++", file=sys.stderr)  # fmt: skip
+        for task in pending:
+            task.print_stack(limit=12, file=sys.stderr)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     for task in pending:
-        task.print_stack(limit=12, file=sys.stderr)
         task.cancel()
-    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
 class _Deadline:
@@ -66,17 +75,24 @@ class _Deadline:
                 return
             waited += RECANCEL_EVERY_S
         # What pytest captured so far would be lost with the process: say it uncaptured.
-        capture = _config[0].pluginmanager.getplugin("capturemanager") if _config else None
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        with _uncaptured():
             print(f"\n+++ watchdog: {self.name} still running after {HARD_DEADLINE_S:.0f} s; "
                   "every thread's stack, then exit +++", file=sys.stderr)  # fmt: skip
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            for failure in _failed:
+                print(failure, file=sys.stderr)
             sys.stderr.flush()
             os._exit(1)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     _config.append(config)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        _failed.append(f"\n+++ failed before: {report.nodeid} ({report.when}) +++\n"
+                       f"{report.longreprtext}\n{report.capstdout[-4000:]}")  # fmt: skip
 
 
 @pytest.hookimpl(hookwrapper=True)

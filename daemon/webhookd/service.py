@@ -88,6 +88,7 @@ class Service:
         self.workers: dict[str, TenantWorker] = {}
         self._dormant: dict[str, TenantRecord] = {}
         self.accepting = False
+        self.draining = False  # stopping: no worker starts any more (drain waits for them)
         self.started = asyncio.Event()  # set once serving (the API listens)
         self._abort = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -289,7 +290,10 @@ class Service:
 
     async def gained(self, tenant: str) -> None:
         """This instance now delivers `tenant`: from its state as stored now (the previous
-        owner's last outcome included), not as this instance last saw it."""
+        owner's last outcome included), not as this instance last saw it.
+
+        Not once the instance stops: a tick's claim may end after the stop began, and a
+        worker started then would never be stopped (the lease goes back at `close`)."""
         records = await self.store.load([tenant])
         record = records[0] if records else TenantRecord(tenant, TenantRow())
         old = self.workers.get(tenant)
@@ -297,6 +301,8 @@ class Service:
             old.stop()
             old.task.cancel()
             await old.join()
+        if self.draining:  # began while this read the state
+            return
         self._dormant.pop(tenant, None)
         worker = self._add_worker(record, self.config.tenants.get(tenant))
         worker.start()
@@ -334,6 +340,7 @@ class Service:
         attempts finish and record their outcomes, for up to `shutdown_grace` or until
         `abort`; what is left is cancelled, its webhooks still queued. Idempotent."""
         self.accepting = False
+        self.draining = True
         if self.cluster is not None:
             self.cluster.drain()  # claim nothing more; keep renewing while attempts end
         if not self.started.is_set():
