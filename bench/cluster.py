@@ -180,16 +180,17 @@ async def two_e2e(ctx: Context) -> None:
         # Round robin over tenant × instance: each tenant is ingested through both.
         urls = [d.ingest_url(n) for n in names for d in group.daemons]
         meter = group.cpu()
-        started = time.time()
-        loaded = await load.closed_loop(
-            urls,
-            load.array_body(100),
-            items_per_request=100,
-            concurrency=8,
-            ok_status=202,
-            duration=duration,
-        )
-        ended = time.time()
+        async with ctx.sampled(name, group.daemons[0]):
+            started = time.time()
+            loaded = await load.closed_loop(
+                urls,
+                load.array_body(100),
+                items_per_request=100,
+                concurrency=8,
+                ok_status=202,
+                duration=duration,
+            )
+            ended = time.time()
         at_end = await ctx.receiver.stats(ctx.client)
         cpu = meter.stop()
         final = await ctx.receiver.wait_total(ctx.client, loaded.items, 60.0)
@@ -322,7 +323,8 @@ async def cross_latency(ctx: Context) -> None:
         # Every webhook goes in through the instance that does not deliver it.
         urls = [(b if owners[n] is a else a).ingest_url(n) for n in names]
         meter = group.cpu()
-        sent = await load.paced(lambda k: urls[k % len(urls)], rate=per_s, duration=duration)
+        async with ctx.sampled(name, a):  # --profile: the first instance (half the owners)
+            sent = await load.paced(lambda k: urls[k % len(urls)], rate=per_s, duration=duration)
         stats = await ctx.receiver.wait_total(ctx.client, sent.sent - sent.errors, 15.0)
         cpu = meter.stop()
         arrivals = dict((await ctx.receiver.stats(ctx.client, arrivals=True))["arrivals"])
