@@ -7,7 +7,9 @@ beside it". Results go to stdout (a table at the end) and bench/results/latest.j
 
 With `--engine postgres` or `both`, the bench starts its own PostgreSQL server (Debian's
 binaries, tests/postgres.py, fsync on), measures its commit rates beside SQLite's, and runs
-the scenarios in POSTGRES_SCENARIOS again with each daemon on a fresh database there.
+the scenarios in POSTGRES_SCENARIOS again with each daemon on a fresh database there, and
+those in POSTGRES_ONLY (two instances on one database: throughput and CPU per webhook,
+wake-ups across instances, failover after kill -9).
 """
 
 from __future__ import annotations
@@ -30,11 +32,19 @@ from bench.context import Context
 from bench.harness import ROOT, Daemon, Receiver, background_cpu, scratch_dir
 from bench.load import session
 from bench.report import Report
-from bench.scenarios import POSTGRES_SCENARIOS, SCENARIOS
+from bench.scenarios import POSTGRES_ONLY, POSTGRES_SCENARIOS, SCENARIOS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Which scenarios' figures are ratios to which ceiling; --only adds the ceilings they need.
-NEEDS_CEILINGS = {"ingest", "drain", "e2e", "unbatched1", "unbatched1000", "latency"}
+NEEDS_CEILINGS = {
+    "ingest",
+    "drain",
+    "e2e",
+    "unbatched1",
+    "unbatched1000",
+    "latency",
+    "cluster",
+}
 # On PostgreSQL a figure's ceiling is PostgreSQL's (None: no such ceiling measured there).
 POSTGRES_CEILING = {
     "sqlite_rows": "pg_rows",
@@ -212,8 +222,13 @@ async def run(args: argparse.Namespace) -> Report:
             )
             started = time.monotonic()
             for name in args.chosen:
+                if name in POSTGRES_ONLY and "postgres" not in args.engines:
+                    print(f"\n== {name}: skipped (PostgreSQL only)", flush=True)
+                    continue
                 for engine in args.engines:
-                    if engine == "postgres" and name not in POSTGRES_SCENARIOS:
+                    if engine == "postgres" and name not in POSTGRES_SCENARIOS | POSTGRES_ONLY:
+                        continue
+                    if engine == "sqlite" and name in POSTGRES_ONLY:
                         continue
                     await run_scenario(ctx, name, engine, args.quiet_wait)
             report.meta["wall_s"] = round(time.monotonic() - started, 1)

@@ -106,6 +106,25 @@ class Proc(Pid):
             self.proc.wait(10)
 
 
+class Group(Pid):
+    """Several processes (the instances of a cluster) as one: their CPU time summed."""
+
+    def __init__(self, members: Iterable[Pid]) -> None:
+        self.members = list(members)
+        super().__init__(self.members[0].pid)
+
+    def cpu_times(self) -> tuple[float, float]:
+        user = system = 0.0
+        for member in self.members:
+            with contextlib.suppress(OSError, ValueError):  # one killed meanwhile
+                member_user, member_system = member.cpu_times()
+                user, system = user + member_user, system + member_system
+        return user, system
+
+    def rss_bytes(self) -> int:
+        return sum(member.rss_bytes() for member in self.members)
+
+
 class ProcTree(Pid):
     """A server and its children (PostgreSQL's postmaster and backends): their CPU time.
 
@@ -223,9 +242,13 @@ class Receiver:
         *,
         groups: bool = False,
         latency: bool = True,
+        arrivals: bool = False,
     ) -> dict[str, Any]:
-        """GET /stats; `latency=False` skips sorting every latency sample (for polling)."""
+        """GET /stats; `latency=False` skips sorting every latency sample (for polling),
+        `arrivals=True` adds the first arrival of each paced request ([k, time] pairs)."""
         query = {"paths": "1" if paths else "0", "groups": "1" if groups else "0"}
+        if arrivals:
+            query["arrivals"] = "1"
         if not latency:
             query["latency"] = "0"
         async with session.get(self.base + "/stats", params=query) as response:
@@ -282,8 +305,10 @@ def write_config(
     durability: str = "full",
     delivery: dict[str, Any] | None = None,
     database: str = "webhookd.db",
+    lease_seconds: float | None = None,
 ) -> Path:
-    """`database`: a SQLite file's path (relative to `directory`) or a postgresql:// URL."""
+    """`database`: a SQLite file's path (relative to `directory`) or a postgresql:// URL;
+    `lease_seconds`: the cluster's lease (PostgreSQL), when not the default."""
     raw: dict[str, Any] = {
         "daemon": {
             "database": database,
@@ -299,6 +324,8 @@ def write_config(
         "delivery": {"retry_base": 1.0, **(delivery or {})},
         "tenants": tenants,
     }
+    if lease_seconds is not None:
+        raw["daemon"]["lease_seconds"] = lease_seconds
     path = directory / "config.toml"
     path.write_text(tomli_w.dumps(raw))
     return path

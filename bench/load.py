@@ -140,6 +140,9 @@ class PacedResult:
     elapsed: float
     round_trips: list[float]
     behind_max: float  # how late the producer ever was against its schedule, seconds
+    # time.time() of each request `k`'s sending and of its 202 (acknowledged ones only)
+    sent_at: dict[int, float] = field(default_factory=dict)
+    acked_at: dict[int, float] = field(default_factory=dict)
 
 
 async def paced(
@@ -154,6 +157,8 @@ async def paced(
     """
     total = int(rate * duration)
     round_trips: list[float] = []
+    sent_at: dict[int, float] = {}
+    acked_at: dict[int, float] = {}
     errors = 0
     behind_max = 0.0
     tasks: set[asyncio.Task[None]] = set()
@@ -161,7 +166,7 @@ async def paced(
 
     async def one(k: int) -> None:
         nonlocal errors
-        sent = time.time()
+        sent = sent_at[k] = time.time()
         body = orjson.dumps({"event": EVENT, "data": {"t": sent, "k": k}})
         target = http1.parse_target(url_for(k))
         try:
@@ -171,7 +176,8 @@ async def paced(
         except (http1.HTTPError, OSError, TimeoutError):
             ok = False
         if ok:
-            round_trips.append(time.time() - sent)
+            acked = acked_at[k] = time.time()
+            round_trips.append(acked - sent)
         else:
             errors += 1
 
@@ -189,4 +195,5 @@ async def paced(
     if tasks:
         await asyncio.gather(*tasks)
     client.close()
-    return PacedResult(total, errors, time.perf_counter() - started, round_trips, behind_max)
+    elapsed = time.perf_counter() - started
+    return PacedResult(total, errors, elapsed, round_trips, behind_max, sent_at, acked_at)

@@ -5,7 +5,9 @@ a real receiver would) to check that every path's sequences only go up (a resend
 reorder shows as `disorder`) and, for webhooks whose `data` carries `t` (the producer's
 `time.time()` at send), records the ingest-to-arrival latency on the same clock, overall
 and per group: a path without its last segment (`/ok/batched/t0001` is in `/ok/batched`),
-followed by `@<p>` when `data` carries a phase tag `p` (`/ok/batched@main`).
+followed by `@<p>` when `data` carries a phase tag `p` (`/ok/batched@main`). For webhooks
+whose `data` carries `k` (the paced producer's request number), the first arrival of each
+`k` is kept, so the producer can match it with its own stamps (acknowledged at, sent at).
 
 Two path prefixes misbehave on purpose: under `/fail/` every POST answers `fail_status`
 (503 unless changed) and is not counted as received; under `/slow/` the answer comes
@@ -13,8 +15,9 @@ Two path prefixes misbehave on purpose: under `/fail/` every POST answers `fail_
 with `{"fail_status": 200, "slow_s": 0}` changes both, so a run can heal its endpoints.
 
 GET /stats reports (`?paths=1` adds per-path counts and last sequences, `?groups=1` the
-per-group latencies, `?latency=0` skips the sort); POST /reset clears everything and
-restores the default behaviour. All are cheap next to the traffic being counted.
+per-group latencies, `?arrivals=1` the arrival stamps by `k`, `?latency=0` skips the
+sort); POST /reset clears everything and restores the default behaviour. All are cheap
+next to the traffic being counted.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Tally:
         self.per_path: dict[str, int] = {}
         self.last_sequence: dict[str, int] = {}
         self.latencies: dict[str, list[float]] = {}  # per group
+        self.arrivals: dict[int, float] = {}  # first arrival of each paced request `k`
         self.fail_status = DEFAULT_FAIL_STATUS
         self.slow_s = DEFAULT_SLOW_S
 
@@ -69,6 +73,9 @@ class Tally:
                 phase = data.get("p")
                 key = group if phase is None else f"{group}@{phase}"
                 self.latencies.setdefault(key, []).append(now - sent)
+                k = data.get("k")
+                if k is not None:
+                    self.arrivals.setdefault(k, now)
         self.last_sequence[path] = last
         self.per_path[path] = self.per_path.get(path, 0) + len(items)
         self.total += len(items)
@@ -77,7 +84,9 @@ class Tally:
             self.first_at = now
         self.last_at = now
 
-    def stats(self, *, with_paths: bool, with_groups: bool, with_latency: bool) -> dict[str, Any]:
+    def stats(
+        self, *, with_paths: bool, with_groups: bool, with_latency: bool, with_arrivals: bool
+    ) -> dict[str, Any]:
         result: dict[str, Any] = {
             "total": self.total,
             "requests": self.requests,
@@ -96,6 +105,8 @@ class Tally:
             result["latency_groups"] = {
                 group: percentiles(samples) for group, samples in self.latencies.items()
             }
+        if with_arrivals:
+            result["arrivals"] = list(self.arrivals.items())
         if with_paths:
             result["per_path"] = self.per_path
             result["last_sequence"] = self.last_sequence
@@ -143,6 +154,7 @@ async def stats(request: web.Request) -> web.Response:
         with_paths=query.get("paths") == "1",
         with_groups=query.get("groups") == "1",
         with_latency=query.get("latency") != "0",
+        with_arrivals=query.get("arrivals") == "1",
     )
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 

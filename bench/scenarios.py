@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from bench.backlog import backlog
 from bench.ceilings import ceilings
+from bench.cluster import cluster_throughput, cross_latency, failover
 from bench.context import Context
 from bench.delivery import drain_batched, e2e_batched, unbatched_many, unbatched_one
 from bench.ingest import ingest
@@ -23,6 +24,12 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "unbatched1": ("(b) unbatched drain, 1 tenant", unbatched_one),
     "unbatched1000": ("(b) unbatched drain, 1000 tenants", unbatched_many),
     "latency": ("(c) unbatched ingest→delivery latency at 500/s, 50 tenants", latency),
+    "cluster": (
+        "two instances on one PostgreSQL: batched end to end, unbatched over 1000 tenants",
+        cluster_throughput,
+    ),
+    "crosslatency": ("two instances: latency at 500/s, ingested on the non-owner", cross_latency),
+    "failover": ("two instances: kill -9 of an owner, until its tenants deliver again", failover),
     "idle": ("(e) idle tenants", idle),
     "backlog": ("large backlogs: 1,000,000 queued across 1,000 tenants", backlog),
     "sustained": ("sustained load: 5,000 events/s for 60 s, 10 % failing, 5 % slow", sustained),
@@ -34,3 +41,6 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
 POSTGRES_SCENARIOS = frozenset(
     {"ceilings", "ingest", "drain", "e2e", "unbatched1", "unbatched1000", "latency"}
 )
+
+# Several instances on one database: PostgreSQL only (skipped when only SQLite runs).
+POSTGRES_ONLY = frozenset({"cluster", "crosslatency", "failover"})

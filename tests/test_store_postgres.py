@@ -221,6 +221,34 @@ async def test_two_stores_creating_the_same_new_tenants_at_once_both_succeed(
             assert await queued(store, t) == list(range(1, 9))
 
 
+async def test_a_tenant_created_by_another_instance_meanwhile_keeps_its_counter(
+    store: PostgresStore, database: PostgresURL
+) -> None:
+    """Two instances ingest a tenant's first webhooks at once: this store's group waits for
+    the row the other one is creating, then continues from the counter it committed."""
+    other = await asyncpg.connect(database.url)
+    try:
+        creating = other.transaction()
+        await creating.start()
+        await other.execute("INSERT INTO tenant_state (tenant, last_sequence) VALUES ('acme', 2)")
+        ingest = asyncio.create_task(store.enqueue("acme", [new()], AT))
+
+        async def waiting_on_the_row() -> bool:
+            rows = await sql(
+                database,
+                """SELECT 1 FROM pg_stat_activity
+                   WHERE application_name LIKE 'webhookd writer %' AND wait_event_type = 'Lock'""",
+            )
+            return bool(rows)
+
+        await wait_for(waiting_on_the_row)
+        await creating.commit()
+        assert sequences(await ingest) == [3]
+    finally:
+        await other.close()
+    assert await queued(store, "acme") == [3]
+
+
 # -- a failed statement --------------------------------------------------------------------------
 
 

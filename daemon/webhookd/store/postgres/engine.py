@@ -115,6 +115,7 @@ class PostgresStore:
                 # the server is away, warning at each attempt; the writer already says so.
                 min_size=0,
                 max_size=READERS,
+                reset=_keep_session,
                 timeout=connection.CONNECT_TIMEOUT_S,
                 server_settings={
                     "application_name": connection.application_name("reader"),
@@ -411,6 +412,15 @@ class PostgresStore:
         if self._conn is None:
             raise self._unavailable()
         await self._fetch("SELECT 1")
+
+
+async def _keep_session(_conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """What a reader's session needs when it goes back to the pool: nothing. Reads set
+    nothing, listen to nothing and keep no lock or cursor (asyncpg still rolls back a
+    transaction left open). asyncpg's default reset sends `SELECT pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL` after every read, a second round trip that doubled
+    a queue-head read's cost: 161 against 88 µs of client CPU, 113 against 47 µs of the
+    server's, measured with the reads a worker makes."""
 
 
 def _session_ended(conn: Connection, exc: Exception) -> bool:
