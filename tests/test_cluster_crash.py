@@ -106,7 +106,12 @@ def cluster(
     killed at teardown (SIGKILL ends a frozen one too)."""
     made: list[Instance] = []
 
-    def make(tables: dict[str, dict[str, Any]], count: int = 3, **daemon: Any) -> list[Instance]:
+    def make(
+        tables: dict[str, dict[str, Any]],
+        count: int = 3,
+        env: Callable[[int], dict[str, str]] | None = None,
+        **daemon: Any,
+    ) -> list[Instance]:
         instances = []
         for n in range(count):
             directory = tmp_path / f"instance{len(made) + n}"
@@ -122,7 +127,7 @@ def cluster(
                     **daemon,
                 },
             )
-            instances.append(Instance(path))
+            instances.append(Instance(path, env(n) if env is not None else None))
         made.extend(instances)
         return instances
 
