@@ -27,6 +27,8 @@ from webhookd.store import make_store
 
 log = logs.get_logger("webhookd.service")
 
+HEALTH_TIMEOUT_S = 2.0  # a database slower than this to answer a ping is unhealthy
+
 
 class ServiceError(Exception):
     """An error an API caller sees as `{"error": code, "detail": message}` with `status`."""
@@ -92,6 +94,7 @@ class Service:
         self._abort = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
+        self.problem: str | None = None  # what the last health check found wrong
         # The api_token the file holds since a reload changed it; it applies at restart.
         self.token_at_restart: config_mod.Secret | None = None
 
@@ -481,7 +484,8 @@ class Service:
         return status.daemon(self.visible_workers(), self.clock.now(), self.store.disk_full)
 
     def status_line(self) -> str:
-        return status.line(self.visible_workers())
+        line = status.line(self.visible_workers())
+        return f"{line}; {self.problem}" if self.problem else line
 
     # -- control -----------------------------------------------------------------------------
 
@@ -560,12 +564,32 @@ class Service:
         except StoreError as exc:
             raise Unavailable(str(exc)) from None
 
-    async def healthy(self) -> bool:
+    async def health(self) -> str | None:
+        """None while the database answers (and, on PostgreSQL, the leases are renewed);
+        else what is wrong, in a sentence: /healthz's detail, and STATUS= until the next
+        check."""
         try:
-            await asyncio.wait_for(self.store.ping(), 2.0)
-        except Exception:  # any failure to answer is "unhealthy", whatever its kind
-            return False
-        return True
+            await asyncio.wait_for(self.store.ping(), HEALTH_TIMEOUT_S)
+        except TimeoutError:
+            problem: str | None = f"the database does not answer within {HEALTH_TIMEOUT_S:g} s"
+        except StoreError as exc:
+            problem = str(exc)
+        except Exception as exc:  # any failure to answer is "unhealthy", whatever its kind
+            problem = f"the database check failed ({logs.one_line(exc)})"
+        else:
+            problem = self.cluster.unreachable if self.cluster is not None else None
+        self.problem = problem
+        return problem
+
+    async def healthy(self) -> bool:
+        return await self.health() is None
+
+    async def alive(self) -> bool:
+        """Whether the systemd watchdog is fed: while the event loop and the database
+        answer. On PostgreSQL, also while the database is away: the daemon waits for it by
+        itself (ingest answers 503, deliveries pause), and a restart could not bring it
+        back, only fail to start; STATUS= says what is wrong meanwhile."""
+        return await self.health() is None or self.cluster is not None
 
 
 MASK = "***"  # how GET shows a secret

@@ -5,7 +5,7 @@ sequences stay consecutive whoever ingests). Delivering is another matter: a ten
 order holds only if one instance at a time sends its head. So each tenant has a lease row
 (`leases`): an owner, a fencing token and an expiry.
 
-- **Claiming.** Every tick (a fifth of `lease_seconds`), each instance renews its own
+- **Claiming.** Every tick (a third of `lease_seconds`), each instance renews its own
   leases and its heartbeat (`instances`), then counts the tenants and the live instances,
   and claims expired or free leases (`FOR UPDATE SKIP LOCKED`) up to its fair share,
   `ceil(tenants / instances)`, each claim bumping the token.
@@ -136,7 +136,7 @@ class PgCluster:
         self._claiming = True
         self._stopping = False
         self._releasing: dict[str, asyncio.Task[None]] = {}
-        self._down = False  # said once per outage
+        self.unreachable: str | None = None  # set while ticks fail to reach the database
         self._lock = asyncio.Lock()  # one statement at a time on the session
 
     @property
@@ -282,9 +282,9 @@ class PgCluster:
             try:
                 await self._tick()
             except CONNECT_ERRORS as exc:
-                if not self._down:
+                if self.unreachable is None:  # said once per outage
                     log.error("cluster_unreachable", error=connection.reason(exc))
-                    self._down = True
+                self.unreachable = connection.unreachable(self.database, exc)
                 await self._close()
                 await asyncio.sleep(RECONNECT_S)
             except Exception:
@@ -313,9 +313,9 @@ class PgCluster:
                 r["tenant"]: r["fence"]
                 for r in await conn.fetch(RENEW, self.instance, self.lease_seconds)
             }
-        if self._down:
+        if self.unreachable is not None:
             log.warning("cluster_reconnected")
-            self._down = False
+            self.unreachable = None
         for tenant, lease in list(self.held.items()):
             if renewed.get(tenant) != lease.fence:
                 del self.held[tenant]
