@@ -315,3 +315,77 @@ async def test_a_postgres_restart_pauses_and_resumes_every_instance_with_health_
         last = [m for m in notify.since(up) if "STATUS" in m][-1]
         assert "database" not in last["STATUS"], last
     print(json.dumps({n: receiver.sequences(f"/{n}", ok_only=False) for n in names}))
+
+
+# -- a frozen instance in the middle of a transaction --------------------------------------------
+
+
+async def session_state(url: str, role: str, pid: int) -> str | None:
+    """The state of an instance's session (`writer`, `cluster`) as the server sees it."""
+    conn = await asyncpg.connect(url)
+    try:
+        state: str | None = await conn.fetchval(
+            "SELECT state FROM pg_stat_activity WHERE application_name LIKE $1",
+            f"webhookd {role} % pid {pid}",
+        )
+        return state
+    finally:
+        await conn.close()
+
+
+async def test_an_instance_frozen_inside_a_transaction_holds_up_the_others_no_longer_than_a_lease(
+    receiver: Receiver,
+    postgres_url: str,
+    cluster: MakeCluster,
+    session: aiohttp.ClientSession,
+) -> None:
+    """SIGSTOP may catch a writer between two statements of a group commit: its locks on the
+    tenants' counters (and leases) stay with the frozen session. The server ends such a
+    session after lease_seconds idle in its transaction, so ingest through the others goes
+    on; the frozen instance's group is rolled back, and it reconnects when it wakes."""
+    a, b = cluster({"acme": tenant(receiver.url("/acme"))}, 2)
+    await start_all([a, b])
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        while not stop.is_set():
+            try:
+                await ingest(session, a, "acme", items("load", 20))
+            except (aiohttp.ClientError, TimeoutError):
+                await asyncio.sleep(0.05)
+
+    producing = [asyncio.create_task(produce()) for _ in range(4)]
+    caught = False
+    try:
+        for _ in range(100):  # until a freeze lands between two statements of a commit
+            await asyncio.sleep(0.05)
+            a.signal(signal.SIGSTOP)
+            await asyncio.sleep(0.05)
+            if await session_state(postgres_url, "writer", a.pid) == "idle in transaction":
+                caught = True
+                break
+            a.signal(signal.SIGCONT)
+        assert caught, "no freeze landed inside a transaction"
+        stop.set()
+        frozen = time.monotonic()
+        status, body = await asyncio.wait_for(ingest(session, b, "acme", items("b", 1)), 15)
+        took = time.monotonic() - frozen
+        print(f"ingest through the other instance waited {took:.2f} s (lease {LEASE_S} s)")
+        assert status == 202, body
+        assert took < 2 * LEASE_S
+    finally:
+        stop.set()
+        a.signal(signal.SIGCONT)
+        for task in producing:
+            task.cancel()
+        await asyncio.gather(*producing, return_exceptions=True)
+
+    async def accepted() -> bool:
+        try:
+            status, _ = await ingest(session, a, "acme", items("again", 1))
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+        return status == 202
+
+    await wait_for(accepted, timeout=10, interval=0.2)  # the woken instance reconnected
+    assert a.proc is not None and a.proc.poll() is None
