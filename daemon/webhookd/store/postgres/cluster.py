@@ -247,11 +247,14 @@ class PgCluster:
             return conn
         self._conn = None
         # A statement stuck longer than a lease (a lock never granted, a server gone quiet)
-        # is cut, and the session replaced: renewing must not hang on it.
+        # is cut, and the session replaced: renewing must not hang on it. A process frozen
+        # inside a tick's transaction has its session ended after a lease, so the leases it
+        # locked can be claimed by the others.
+        lease_ms = str(int(self.lease_seconds * 1000))
         conn = await connection.connect(
             self.database,
             "cluster",
-            {"statement_timeout": str(int(self.lease_seconds * 1000))},
+            {"statement_timeout": lease_ms, "idle_in_transaction_session_timeout": lease_ms},
         )
         try:
             await conn.add_listener(QUEUED, self._heard_queued)
