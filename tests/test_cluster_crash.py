@@ -1,6 +1,7 @@
 """A seeded crash oracle: three `webhookd run` processes on one PostgreSQL database, ingest
 spread over them, while at random moments one of them is killed (kill -9, then started
-again) or frozen past its lease (SIGSTOP, then SIGCONT).
+again) or frozen past its lease (SIGSTOP, then SIGCONT), or the PostgreSQL server is
+restarted under them.
 
 The seed is printed; WEBHOOKD_CRASH_SEED=<seed> replays the run's choices (not the
 machine's timing). WEBHOOKD_CRASH_SECONDS runs longer (`make fuzz`: several minutes).
@@ -9,8 +10,8 @@ What the oracle checks, from what the producers were answered, what the receiver
 request noted as it arrives, before it is answered) and the instances' own logs:
 
 1. Every webhook whose ingest was acknowledged (202) arrived, with the id, sequence and data
-   it was given. No ingest got another answer: a killed or frozen instance gives none, and
-   that is no acknowledgement.
+   it was given. No ingest got another answer than 202, none (a killed or frozen
+   instance), or 503 `unavailable` while the database was away: no acknowledgement.
 2. Per tenant, first deliveries run 1..N in arrival order: no gap, nothing out of order.
 3. Re-sends are only of requests in flight at a lease loss. A request is a re-send when it
    holds a sequence that had arrived before. Only a *forced* claim may cause one: a
@@ -47,6 +48,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Process, Receiver, tenant, wait_for, write_config
+from tests.postgres import PostgresServer
 
 EVENT = "CHECK_COMPLETED"
 LEASE_S = 2.0
@@ -207,6 +209,8 @@ class Producers:
     acked: list[Acked] = field(default_factory=list)
     unanswered: int = 0
     unexpected: list[tuple[str, int, Any]] = field(default_factory=list)
+    # A 503 "unavailable": (instance, when, detail).
+    refused: list[tuple[str, float, str]] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -233,6 +237,9 @@ class Producers:
                 self.unanswered += 1
                 await asyncio.sleep(0.05)
                 continue
+            if status == 503 and body.get("error") == "unavailable":
+                self.refused.append((instance.base, time.monotonic(), body.get("detail")))
+                continue
             if status != 202:
                 self.unexpected.append((instance.base, status, body))
                 continue
@@ -249,27 +256,69 @@ class Producers:
 # -- faults --------------------------------------------------------------------------------------
 
 
+@dataclass
+class Faults:
+    """What was done, for the failure message, and when the database was away."""
+
+    log: list[str] = field(default_factory=list)
+    # (instance's API, or "" for the database: every instance; start, end), monotonic.
+    outages: list[tuple[str, float, float]] = field(default_factory=list)
+
+    def note(self, what: str) -> None:
+        self.log.append(f"{time.time():.3f} {what}")
+
+    def excuse(self, base: str, at: float) -> bool:
+        """Whether a 503 from `base` at `at` came from the database being away, or from
+        its own freeze: the server ended its session, idle inside a transaction (its group
+        commit rolled back, the ingests in it refused). Reconnecting after either takes a
+        few seconds more."""
+        return any(
+            who in ("", base) and start <= at <= end + RECONNECT_S
+            for who, start, end in self.outages
+        )
+
+
+RECONNECT_S = 5.0  # the writer reconnects within 2 s of the server's return (engine.py)
+
+
 async def inject_faults(
-    instances: list[Instance], rng: random.Random, seconds: float, log: list[str]
+    instances: list[Instance],
+    server: PostgresServer,
+    rng: random.Random,
+    seconds: float,
+    faults: Faults,
 ) -> None:
-    """One fault after another, at random moments, on a random instance."""
+    """One fault after another, at random moments: an instance killed or frozen, or now
+    and then the database server restarted (fast, or immediate as after a crash)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         await asyncio.sleep(rng.uniform(0.5, 2.5))
         victim = rng.randrange(len(instances))
         instance = instances[victim]
-        if rng.random() < 0.5:
+        dice = rng.random()
+        if dice < 0.15:
+            mode = rng.choice(("fast", "immediate"))
+            started = time.monotonic()
+            await asyncio.to_thread(server.stop, mode)
+            faults.note(f"PostgreSQL stopped ({mode})")
+            await asyncio.sleep(rng.uniform(0.2, 1.5 * LEASE_S))
+            await asyncio.to_thread(server.start)
+            faults.outages.append(("", started, time.monotonic()))
+            faults.note("PostgreSQL started")
+        elif dice < 0.55:
             instance.kill9()
-            log.append(f"{time.time():.3f} kill -9 instance{victim}")
+            faults.note(f"kill -9 instance{victim}")
             await asyncio.sleep(rng.uniform(0.0, LEASE_S))
             await asyncio.to_thread(instance.start, 30.0)
-            log.append(f"{time.time():.3f} instance{victim} started again")
+            faults.note(f"instance{victim} started again")
         else:
             instance.signal(signal.SIGSTOP)
-            log.append(f"{time.time():.3f} SIGSTOP instance{victim}")
+            started = time.monotonic()
+            faults.note(f"SIGSTOP instance{victim}")
             await asyncio.sleep(LEASE_S + rng.uniform(0.3, 1.5))
             instance.signal(signal.SIGCONT)
-            log.append(f"{time.time():.3f} SIGCONT instance{victim}")
+            faults.outages.append((instance.base, started, time.monotonic()))
+            faults.note(f"SIGCONT instance{victim}")
 
 
 # -- the oracle ----------------------------------------------------------------------------------
@@ -377,6 +426,7 @@ def check_tenant(
 
 async def test_kill9_and_freezes_of_instances_lose_nothing_keep_order_and_resend_only_in_flight(
     receiver: Receiver,
+    postgres_server: PostgresServer,
     postgres_url: str,
     cluster: Callable[..., list[Instance]],
     session: aiohttp.ClientSession,
@@ -391,9 +441,9 @@ async def test_kill9_and_freezes_of_instances_lose_nothing_keep_order_and_resend
 
     producers = Producers(session, instances, random.Random(rng.random()))
     producing = [asyncio.create_task(producers.run()) for _ in range(4)]
-    faults: list[str] = []
+    faults = Faults()
     try:
-        await inject_faults(instances, random.Random(rng.random()), RUN_S, faults)
+        await inject_faults(instances, postgres_server, random.Random(rng.random()), RUN_S, faults)
     finally:
         producers.stop.set()
         await asyncio.gather(*producing)
@@ -406,12 +456,15 @@ async def test_kill9_and_freezes_of_instances_lose_nothing_keep_order_and_resend
         return delivered and await waiting_in_database(postgres_url) == 0
 
     logs = "\n".join(f"--- instance{n}:\n{i.log()[-2000:]}" for n, i in enumerate(instances))
-    context = f"seed {SEED}; faults: {faults}"
+    context = f"seed {SEED}; faults: {faults.log}"
     try:
         await wait_for(drained, timeout=30, interval=0.2)
     except AssertionError:
         raise AssertionError(f"not drained within 30 s; {context}\n{logs}") from None
     assert producers.unexpected == [], f"{producers.unexpected[:5]}; {context}"
+    # 503 only while the database was away, or from a frozen instance.
+    refused = [r for r in producers.refused if not faults.excuse(r[0], r[1])]
+    assert refused == [], f"ingests refused with no outage to explain it: {refused}; {context}"
     assert len(producers.acked) > 300, f"too little ingested to mean anything; {context}"
 
     claims = forced_claims(instances)
@@ -421,5 +474,5 @@ async def test_kill9_and_freezes_of_instances_lose_nothing_keep_order_and_resend
         print(check_tenant(name, arrivals[name], acked, claims[name], context))
     print(
         f"{len(producers.acked)} acknowledged, {producers.unanswered} ingest requests "
-        f"unanswered; faults: {faults}"
+        f"unanswered, {len(producers.refused)} refused (503); faults: {faults.log}"
     )
