@@ -21,10 +21,12 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from tests.conftest import Daemon, Receiver, free_port, tenant, wait_for, write_config
+from tests.postgres import PostgresServer
 from webhookd import config as config_mod
 from webhookd.config import Config, PostgresURL
 from webhookd.serve import Server
 from webhookd.service import Service
+from webhookd.store.postgres.cluster import PgCluster
 
 EVENT = "CHECK_COMPLETED"
 LEASE_S = 2.0
@@ -206,3 +208,60 @@ async def test_a_generated_id_given_by_one_instance_is_a_duplicate_through_anoth
         "webhooks"
     ]
     assert (again["status"], again["sequence"]) == ("duplicate", 3)
+
+
+async def test_a_hand_over_cut_short_by_a_database_outage_leaves_no_tenant_undelivered(
+    tmp_path: Path,
+    receiver: Receiver,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    start_instance: StartInstance,
+) -> None:
+    """The instance handing a tenant over waits for its attempt in flight; the database goes
+    away meanwhile, so the lease can be neither freed nor the tenant's state read again.
+    The tenant must not stay with an instance that no longer delivers it."""
+    lease = 4.0  # longer than the outage: only a lease given up can move the tenant
+    names = ["t0", "t1"]
+    path = write_config(tmp_path, {n: tenant(receiver.url(f"/{n}")) for n in names})
+    a = await start_instance(instance_config(path, postgres_url, lease_seconds=lease))
+    await wait_for(lambda: held(a) == set(names), timeout=5)
+    arrived = {n: asyncio.Event() for n in names}
+    answer = asyncio.Event()
+
+    def slow(name: str) -> Any:
+        async def behaviour(request: web.Request) -> web.Response:
+            arrived[name].set()
+            await answer.wait()
+            return web.Response(text="ok")
+
+        return behaviour
+
+    for name in names:  # an attempt in flight for each tenant
+        receiver.script(f"/{name}", slow(name))
+        await a.ingest(name, items(name, 1))
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in arrived.values())), 5)
+
+    pg = a.service.cluster
+    assert isinstance(pg, PgCluster)
+    with capture_logs() as logs:
+        b = await start_instance(instance_config(path, postgres_url, lease_seconds=lease))
+        await wait_for(lambda: any(v.releasing for v in pg.held.values()), timeout=lease)
+        await asyncio.to_thread(postgres_server.stop)
+        answer.set()  # the attempts end; the hand-over then finds the database away
+        await wait_for(
+            lambda: any(e["event"] == "lease_not_handed_over" for e in logs), timeout=lease
+        )
+        await asyncio.to_thread(postgres_server.start)
+
+    async def accepted(name: str) -> bool:
+        status, _ = await b.request(
+            "POST", f"/v1/tenants/{name}/webhooks", json=items(f"{name}-after", 1)
+        )
+        return status == 202
+
+    for name in names:
+        await wait_for(lambda n=name: accepted(n), timeout=10, interval=0.2)  # type: ignore[misc]
+    # Every tenant delivered again, whoever owns it now: the one in flight, then the new one.
+    await wait_for(
+        lambda: all(receiver.sequences(f"/{n}")[-1:] == [2] for n in names), timeout=3 * lease
+    )
