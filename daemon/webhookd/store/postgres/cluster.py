@@ -65,9 +65,11 @@ UPSERT_INSTANCE = """
     VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), api_url = $4, config_digest = $5"""
 
+# Only the leases this instance delivers (`held`): one it could not take up again (its
+# state unreadable) lapses, and is claimed afresh, by any instance.
 RENEW = """
     UPDATE leases SET expires_at = now() + make_interval(secs => $2)
-    WHERE owner = $1 RETURNING tenant, fence"""
+    WHERE owner = $1 AND tenant = ANY($3::text[]) RETURNING tenant, fence"""
 
 SURVEY = """
     SELECT (SELECT count(*) FROM leases) AS tenants,
@@ -314,7 +316,7 @@ class PgCluster:
             )
             renewed = {
                 r["tenant"]: r["fence"]
-                for r in await conn.fetch(RENEW, self.instance, self.lease_seconds)
+                for r in await conn.fetch(RENEW, self.instance, self.lease_seconds, list(self.held))
             }
         if self.unreachable is not None:
             log.warning("cluster_reconnected")
@@ -390,13 +392,19 @@ class PgCluster:
             del self.held[tenant]
             log.info("lease_handed_over", tenant=tenant)
         except CONNECT_ERRORS as exc:
-            # Still ours in the database: keep delivering it.
+            # Still ours in the database: keep delivering it, from its state as stored.
             log.warning("lease_not_handed_over", tenant=tenant, error=connection.reason(exc))
             lease = self.held.get(tenant)
             if lease is not None:
                 lease.releasing = False
-                with contextlib.suppress(Exception):
+                try:
                     await members.gained(tenant)
+                except Exception as error:
+                    # Its state cannot be read either (the database is away): its worker
+                    # has stopped, so give the lease up; it lapses, not renewed, and is
+                    # claimed again once it has expired.
+                    log.error("lease_not_taken", tenant=tenant, error=str(error))
+                    self.held.pop(tenant, None)
         finally:
             self._releasing.pop(tenant, None)
 
