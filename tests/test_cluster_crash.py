@@ -239,6 +239,7 @@ class Producers:
                 continue
             if status == 503 and body.get("error") == "unavailable":
                 self.refused.append((instance.base, time.monotonic(), body.get("detail")))
+                await asyncio.sleep(0.05)
                 continue
             if status != 202:
                 self.unexpected.append((instance.base, status, body))
