@@ -265,3 +265,38 @@ async def test_a_hand_over_cut_short_by_a_database_outage_leaves_no_tenant_undel
     await wait_for(
         lambda: all(receiver.sequences(f"/{n}")[-1:] == [2] for n in names), timeout=3 * lease
     )
+
+
+async def test_healthz_says_so_while_the_leases_cannot_be_renewed(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    """The writer and the readers answer, but the lease session's ticks fail (here: its
+    heartbeat waits for a lock past its statement timeout): this instance delivers nothing
+    meanwhile, and /healthz must not say all is well."""
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    a = await start_instance(instance_config(path, postgres_url))
+    await wait_for(lambda: held(a) == {"acme"}, timeout=5)
+    status, body = await a.request("GET", "/healthz")
+    assert (status, body) == (200, {"status": "ok"})
+
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT * FROM instances FOR UPDATE")
+
+            async def unhealthy() -> Any:
+                status, body = await a.request("GET", "/healthz")
+                return body if status == 503 else None
+
+            body = await wait_for(unhealthy, timeout=4 * LEASE_S, interval=0.1)
+        assert body["error"] == "unhealthy"
+        assert body["detail"].startswith("the database "), body
+        assert "statement timeout" in body["detail"], body
+    finally:
+        await conn.close()
+
+    async def healthy() -> bool:
+        status, _ = await a.request("GET", "/healthz")
+        return status == 200
+
+    await wait_for(healthy, timeout=4 * LEASE_S, interval=0.1)
