@@ -320,15 +320,17 @@ async def test_a_postgres_restart_pauses_and_resumes_every_instance_with_health_
 # -- a frozen instance in the middle of a transaction --------------------------------------------
 
 
-async def session_state(url: str, role: str, pid: int) -> str | None:
-    """The state of an instance's session (`writer`, `cluster`) as the server sees it."""
+async def holding_locks_idle(url: str, role: str, pid: int) -> bool:
+    """Whether an instance's session (`writer`, `cluster`) is idle inside a transaction
+    that has written or locked rows already (it has a transaction id)."""
     conn = await asyncpg.connect(url)
     try:
-        state: str | None = await conn.fetchval(
-            "SELECT state FROM pg_stat_activity WHERE application_name LIKE $1",
+        found: bool = await conn.fetchval(
+            """SELECT EXISTS (SELECT FROM pg_stat_activity WHERE application_name LIKE $1
+                              AND state = 'idle in transaction' AND backend_xid IS NOT NULL)""",
             f"webhookd {role} % pid {pid}",
         )
-        return state
+        return found
     finally:
         await conn.close()
 
@@ -357,11 +359,11 @@ async def test_an_instance_frozen_inside_a_transaction_holds_up_the_others_no_lo
     producing = [asyncio.create_task(produce()) for _ in range(4)]
     caught = False
     try:
-        for _ in range(100):  # until a freeze lands between two statements of a commit
+        for _ in range(200):  # until a freeze lands between two statements of a commit
             await asyncio.sleep(0.05)
             a.signal(signal.SIGSTOP)
             await asyncio.sleep(0.05)
-            if await session_state(postgres_url, "writer", a.pid) == "idle in transaction":
+            if await holding_locks_idle(postgres_url, "writer", a.pid):
                 caught = True
                 break
             a.signal(signal.SIGCONT)
