@@ -300,3 +300,60 @@ async def test_healthz_says_so_while_the_leases_cannot_be_renewed(
         return status == 200
 
     await wait_for(healthy, timeout=4 * LEASE_S, interval=0.1)
+
+
+async def test_a_hand_over_records_the_attempt_in_flight_even_if_the_writer_reconnects_meanwhile(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    """A hand-over is not a lease lost: the attempt in flight ends and its outcome is
+    recorded before the lease is freed, so the new owner does not send it again. Here
+    the writer's session ends just as the attempt's 200 comes back: the record must wait
+    for the writer to reconnect, not be dropped because the worker is stopping."""
+    names = ["t0", "t1"]
+    path = write_config(tmp_path, {n: tenant(receiver.url(f"/{n}")) for n in names})
+    a = await start_instance(instance_config(path, postgres_url))
+    await wait_for(lambda: held(a) == set(names), timeout=5)
+    arrived = {n: asyncio.Event() for n in names}
+    answer = asyncio.Event()
+
+    def slow(name: str) -> Any:
+        async def behaviour(request: web.Request) -> web.Response:
+            arrived[name].set()
+            await answer.wait()
+            return web.Response(text="ok")
+
+        return behaviour
+
+    for name in names:  # an attempt in flight for each tenant
+        receiver.script(f"/{name}", slow(name))
+        await a.ingest(name, items(name, 1))
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in arrived.values())), 5)
+
+    pg = a.service.cluster
+    assert isinstance(pg, PgCluster)
+    b = await start_instance(instance_config(path, postgres_url))
+    await wait_for(lambda: any(v.releasing for v in pg.held.values()), timeout=2 * LEASE_S)
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(
+            """SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+               WHERE application_name LIKE 'webhookd writer %'"""
+        )
+    finally:
+        await conn.close()
+    answer.set()
+    await wait_for(lambda: held(a) | held(b) == set(names) and len(held(b)) == 1, timeout=10)
+
+    async def accepted(name: str) -> bool:
+        status, _ = await b.request(
+            "POST", f"/v1/tenants/{name}/webhooks", json=items(f"{name}-after", 1)
+        )
+        return status == 202
+
+    for name in names:  # the instances' writers reconnect (both ended: one process here)
+        await wait_for(lambda n=name: accepted(n), timeout=10, interval=0.1)  # type: ignore[misc]
+    await wait_for(
+        lambda: all(receiver.sequences(f"/{n}")[-1:] == [2] for n in names), timeout=4 * LEASE_S
+    )
+    for name in names:
+        assert receiver.sequences(f"/{name}", ok_only=False) == [1, 2], name  # none sent twice
