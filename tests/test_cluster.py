@@ -357,3 +357,23 @@ async def test_a_hand_over_records_the_attempt_in_flight_even_if_the_writer_reco
     )
     for name in names:
         assert receiver.sequences(f"/{name}", ok_only=False) == [1, 2], name  # none sent twice
+
+
+async def test_a_lease_claimed_while_the_instance_stops_starts_no_worker_it_would_not_stop(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    """A tick may be claiming leases (another instance just left) when this one begins to
+    stop: a tenant gained after the drain has begun must not get a worker the drain never
+    stops (the stop then waited for it forever); its lease goes back instead."""
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    a = await start_instance(instance_config(path, postgres_url))
+    await wait_for(lambda: held(a) == {"acme"}, timeout=5)
+    service = a.service
+    draining = asyncio.create_task(service.drain())
+    await asyncio.sleep(0)  # the drain has begun
+    with pytest.raises(Exception, match="stopping"):
+        await service.gained("acme")
+    await draining
+    worker = service.workers["acme"]
+    assert worker.task is None or worker.task.done()
+    await asyncio.wait_for(a.server.stop(), 10)
