@@ -90,6 +90,7 @@ class Service:
         self.workers: dict[str, TenantWorker] = {}
         self._dormant: dict[str, TenantRecord] = {}
         self.accepting = False
+        self._draining = False  # from the first step of a stop on
         self.started = asyncio.Event()  # set once serving (the API listens)
         self._abort = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -187,6 +188,10 @@ class Service:
         """This instance now delivers `tenant`: from its state as stored now (the previous
         owner's last outcome included), not as this instance last saw it."""
         records = await self.store.load([tenant])
+        if self._draining:
+            # A claim that crossed the start of a stop: a worker started now would be one
+            # the drain never stops. The cluster gives the lease back.
+            raise Unavailable(f"webhookd is stopping; {tenant} is not taken up")
         record = records[0] if records else TenantRecord(tenant, TenantRow())
         old = self.workers.get(tenant)
         if old is not None and old.task is not None:
@@ -230,6 +235,7 @@ class Service:
         attempts finish and record their outcomes, for up to `shutdown_grace` or until
         `abort`; what is left is cancelled, its webhooks still queued. Idempotent."""
         self.accepting = False
+        self._draining = True
         if self.cluster is not None:
             self.cluster.drain()  # claim nothing more; keep renewing while attempts end
         if not self.started.is_set():
