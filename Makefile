@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q
+
+# The cluster crash oracle for minutes rather than seconds (a new seed each run; replay
+# one with WEBHOOKD_CRASH_SEED=<seed>).
+fuzz: $(STAMP)
+	WEBHOOKD_CRASH_SECONDS=$${WEBHOOKD_CRASH_SECONDS:-300} WEBHOOKD_TEST_DEADLINE_S=900 \
+		$(BIN)/pytest -q -s -p no:cacheprovider tests/test_cluster_crash.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)

@@ -21,10 +21,12 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from tests.conftest import Daemon, Receiver, free_port, tenant, wait_for, write_config
+from tests.postgres import PostgresServer
 from webhookd import config as config_mod
 from webhookd.config import Config, PostgresURL
 from webhookd.serve import Server
 from webhookd.service import Service
+from webhookd.store.postgres.cluster import PgCluster
 
 EVENT = "CHECK_COMPLETED"
 LEASE_S = 2.0
@@ -127,21 +129,6 @@ async def test_a_stopped_instance_hands_its_tenants_over_at_once(
     await wait_for(lambda: all(receiver.sequences(f"/{n}") == [1, 2] for n in gone), timeout=5)
 
 
-async def test_a_lease_claimed_while_the_instance_stops_starts_no_delivery(
-    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
-) -> None:
-    # A tick's claim can end after the stop began (the claim was sent before): a worker
-    # started then was never stopped, and the stop waited for it forever.
-    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
-    a = await start_instance(instance_config(path, postgres_url))
-    await wait_for(lambda: held(a) == {"acme"}, timeout=5)
-    await a.service.drain()
-    await a.service.gained("acme")
-    worker = a.service.workers["acme"]
-    assert worker.task is None or worker.task.done()  # the drained one, not a new one
-    await asyncio.wait_for(a.server.stop(), timeout=10)
-
-
 async def test_a_stale_owner_cannot_record_and_stops_that_tenant(
     tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
 ) -> None:
@@ -221,3 +208,171 @@ async def test_a_generated_id_given_by_one_instance_is_a_duplicate_through_anoth
         "webhooks"
     ]
     assert (again["status"], again["sequence"]) == ("duplicate", 3)
+
+
+async def test_a_hand_over_cut_short_by_a_database_outage_leaves_no_tenant_undelivered(
+    tmp_path: Path,
+    receiver: Receiver,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    start_instance: StartInstance,
+) -> None:
+    """The instance handing a tenant over waits for its attempt in flight; the database goes
+    away meanwhile, so the lease can be neither freed nor the tenant's state read again.
+    The tenant must not stay with an instance that no longer delivers it."""
+    lease = 4.0  # longer than the outage: only a lease given up can move the tenant
+    names = ["t0", "t1"]
+    path = write_config(tmp_path, {n: tenant(receiver.url(f"/{n}")) for n in names})
+    a = await start_instance(instance_config(path, postgres_url, lease_seconds=lease))
+    await wait_for(lambda: held(a) == set(names), timeout=5)
+    arrived = {n: asyncio.Event() for n in names}
+    answer = asyncio.Event()
+
+    def slow(name: str) -> Any:
+        async def behaviour(request: web.Request) -> web.Response:
+            arrived[name].set()
+            await answer.wait()
+            return web.Response(text="ok")
+
+        return behaviour
+
+    for name in names:  # an attempt in flight for each tenant
+        receiver.script(f"/{name}", slow(name))
+        await a.ingest(name, items(name, 1))
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in arrived.values())), 5)
+
+    pg = a.service.cluster
+    assert isinstance(pg, PgCluster)
+    with capture_logs() as logs:
+        b = await start_instance(instance_config(path, postgres_url, lease_seconds=lease))
+        await wait_for(lambda: any(v.releasing for v in pg.held.values()), timeout=lease)
+        await asyncio.to_thread(postgres_server.stop)
+        answer.set()  # the attempts end; the hand-over then finds the database away
+        met = ("lease_not_handed_over", "delivery_not_recorded")
+        await wait_for(lambda: any(e["event"] in met for e in logs), timeout=lease)
+        await asyncio.to_thread(postgres_server.start)
+
+    async def accepted(name: str) -> bool:
+        status, _ = await b.request(
+            "POST", f"/v1/tenants/{name}/webhooks", json=items(f"{name}-after", 1)
+        )
+        return status == 202
+
+    for name in names:
+        await wait_for(lambda n=name: accepted(n), timeout=10, interval=0.2)  # type: ignore[misc]
+    # Every tenant delivered again, whoever owns it now: the one in flight, then the new one.
+    await wait_for(
+        lambda: all(receiver.sequences(f"/{n}")[-1:] == [2] for n in names), timeout=3 * lease
+    )
+
+
+async def test_healthz_says_so_while_the_leases_cannot_be_renewed(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    """The writer and the readers answer, but the lease session's ticks fail (here: its
+    heartbeat waits for a lock past its statement timeout): this instance delivers nothing
+    meanwhile, and /healthz must not say all is well."""
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    a = await start_instance(instance_config(path, postgres_url))
+    await wait_for(lambda: held(a) == {"acme"}, timeout=5)
+    status, body = await a.request("GET", "/healthz")
+    assert (status, body) == (200, {"status": "ok"})
+
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT * FROM instances FOR UPDATE")
+
+            async def unhealthy() -> Any:
+                status, body = await a.request("GET", "/healthz")
+                return body if status == 503 else None
+
+            body = await wait_for(unhealthy, timeout=4 * LEASE_S, interval=0.1)
+        assert body["error"] == "unhealthy"
+        assert body["detail"].startswith("the database "), body
+        assert "statement timeout" in body["detail"], body
+    finally:
+        await conn.close()
+
+    async def healthy() -> bool:
+        status, _ = await a.request("GET", "/healthz")
+        return status == 200
+
+    await wait_for(healthy, timeout=4 * LEASE_S, interval=0.1)
+
+
+async def test_a_hand_over_records_the_attempt_in_flight_even_if_the_writer_reconnects_meanwhile(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    """A hand-over is not a lease lost: the attempt in flight ends and its outcome is
+    recorded before the lease is freed, so the new owner does not send it again. Here
+    the writer's session ends just as the attempt's 200 comes back: the record must wait
+    for the writer to reconnect, not be dropped because the worker is stopping."""
+    names = ["t0", "t1"]
+    path = write_config(tmp_path, {n: tenant(receiver.url(f"/{n}")) for n in names})
+    a = await start_instance(instance_config(path, postgres_url))
+    await wait_for(lambda: held(a) == set(names), timeout=5)
+    arrived = {n: asyncio.Event() for n in names}
+    answer = asyncio.Event()
+
+    def slow(name: str) -> Any:
+        async def behaviour(request: web.Request) -> web.Response:
+            arrived[name].set()
+            await answer.wait()
+            return web.Response(text="ok")
+
+        return behaviour
+
+    for name in names:  # an attempt in flight for each tenant
+        receiver.script(f"/{name}", slow(name))
+        await a.ingest(name, items(name, 1))
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in arrived.values())), 5)
+
+    pg = a.service.cluster
+    assert isinstance(pg, PgCluster)
+    b = await start_instance(instance_config(path, postgres_url))
+    await wait_for(lambda: any(v.releasing for v in pg.held.values()), timeout=2 * LEASE_S)
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(
+            """SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+               WHERE application_name LIKE 'webhookd writer %'"""
+        )
+    finally:
+        await conn.close()
+    answer.set()
+    await wait_for(lambda: held(a) | held(b) == set(names) and len(held(b)) == 1, timeout=10)
+
+    async def accepted(name: str) -> bool:
+        status, _ = await b.request(
+            "POST", f"/v1/tenants/{name}/webhooks", json=items(f"{name}-after", 1)
+        )
+        return status == 202
+
+    for name in names:  # the instances' writers reconnect (both ended: one process here)
+        await wait_for(lambda n=name: accepted(n), timeout=10, interval=0.1)  # type: ignore[misc]
+    await wait_for(
+        lambda: all(receiver.sequences(f"/{n}")[-1:] == [2] for n in names), timeout=4 * LEASE_S
+    )
+    for name in names:
+        assert receiver.sequences(f"/{name}", ok_only=False) == [1, 2], name  # none sent twice
+
+
+async def test_a_lease_claimed_while_the_instance_stops_starts_no_worker_it_would_not_stop(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    """A tick may be claiming leases (another instance just left) when this one begins to
+    stop: a tenant gained after the drain has begun must not get a worker the drain never
+    stops (the stop then waited for it forever); its lease goes back instead."""
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    a = await start_instance(instance_config(path, postgres_url))
+    await wait_for(lambda: held(a) == {"acme"}, timeout=5)
+    service = a.service
+    draining = asyncio.create_task(service.drain())
+    await asyncio.sleep(0)  # the drain has begun
+    with pytest.raises(Exception, match="stopping"):
+        await service.gained("acme")
+    await draining
+    worker = service.workers["acme"]
+    assert worker.task is None or worker.task.done()
+    await asyncio.wait_for(a.server.stop(), 10)

@@ -221,32 +221,41 @@ async def test_two_stores_creating_the_same_new_tenants_at_once_both_succeed(
             assert await queued(store, t) == list(range(1, 9))
 
 
-async def test_a_tenant_created_by_another_instance_meanwhile_keeps_its_counter(
+async def test_a_tenants_first_ingest_on_two_instances_at_once_is_queued_by_both(
     store: PostgresStore, database: PostgresURL
 ) -> None:
-    """Two instances ingest a tenant's first webhooks at once: this store's group waits for
-    the row the other one is creating, then continues from the counter it committed."""
+    """Another instance creates the tenant's row while this one waits to create it too: this
+    one's insert then finds the row, which its statement's snapshot predates. It must still
+    lock and read it (the counter is 1 by then), not take the counter for 0 and refuse."""
     other = await asyncpg.connect(database.url)
     try:
-        creating = other.transaction()
-        await creating.start()
-        await other.execute("INSERT INTO tenant_state (tenant, last_sequence) VALUES ('acme', 2)")
-        ingest = asyncio.create_task(store.enqueue("acme", [new()], AT))
+        # The other instance's first ingest for acme, open until this one waits behind it.
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("INSERT INTO tenant_state (tenant, last_sequence) VALUES ('acme', 1)")
+        await other.execute(
+            """INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
+               VALUES ('acme', 1, 'theirs', 'CHECK_COMPLETED', 0, '{}')"""
+        )
+        ours = asyncio.create_task(store.enqueue("acme", [new("ours")], AT))
 
-        async def waiting_on_the_row() -> bool:
+        async def waiting() -> bool:
             rows = await sql(
                 database,
-                """SELECT 1 FROM pg_stat_activity
-                   WHERE application_name LIKE 'webhookd writer %' AND wait_event_type = 'Lock'""",
+                """SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                   AND application_name LIKE 'webhookd writer %'""",
             )
             return bool(rows)
 
-        await wait_for(waiting_on_the_row)
-        await creating.commit()
-        assert sequences(await ingest) == [3]
+        await wait_for(waiting, timeout=10, interval=0.02)
+        await transaction.commit()
+        assert await asyncio.wait_for(ours, 10) == [IngestResult("ours", 2, "queued")]
     finally:
         await other.close()
-    assert await queued(store, "acme") == [3]
+    assert [(w.sequence, w.id) for w in await store.read_queue("acme", 0, 10)] == [
+        (1, "theirs"),
+        (2, "ours"),
+    ]
 
 
 # -- a failed statement --------------------------------------------------------------------------

@@ -295,9 +295,10 @@ async def peek(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    if await request.app[SERVICE].healthy():
+    problem = await request.app[SERVICE].health()
+    if problem is None:
         return json_response({"status": "ok"})
-    return error_response(503, "unhealthy", "the database does not answer")
+    return error_response(503, "unhealthy", problem)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -389,7 +389,10 @@ class TenantWorker:
                 self._lost(exc, first, last)
                 return
             except StoreError as exc:
-                # Retry the record, not the delivery: the endpoint already has these.
+                # Retry the record, not the delivery: the endpoint already has these. Also
+                # while stopping: a hand-over frees the lease only after this record (else
+                # the next owner sends these again), and a stop waits for it up to
+                # shutdown_grace, then cancels this task (they stay queued, sent again).
                 log.error(
                     "delivery_not_recorded",
                     tenant=self.name,
@@ -398,8 +401,6 @@ class TenantWorker:
                     error=str(exc),
                     retry_s=pause,
                 )
-                if self.stopping:
-                    return  # still queued: sent again after the restart
                 self.wake.clear()
                 await self._clock.wait(self.wake, pause)
                 pause = min(pause * 2, STORE_RETRY_MAX_S)

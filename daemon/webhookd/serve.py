@@ -120,7 +120,7 @@ class Server:
         gc.freeze()
         notifier = systemd.Notifier.from_environment()
         notifier.ready(service.status_line())
-        tasks = [asyncio.create_task(notifier.watchdog_loop(service.status_line, service.healthy))]
+        tasks = [asyncio.create_task(notifier.watchdog_loop(service.status_line, service.alive))]
         if reload is not None:
             tasks.append(asyncio.create_task(_reload_loop(service, reload, notifier)))
         if ready is not None:

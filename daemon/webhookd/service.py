@@ -27,6 +27,8 @@ from webhookd.store import make_store
 
 log = logs.get_logger("webhookd.service")
 
+HEALTH_TIMEOUT_S = 2.0  # a database slower than this to answer a ping is unhealthy
+
 
 class ServiceError(Exception):
     """An error an API caller sees as `{"error": code, "detail": message}` with `status`."""
@@ -88,11 +90,12 @@ class Service:
         self.workers: dict[str, TenantWorker] = {}
         self._dormant: dict[str, TenantRecord] = {}
         self.accepting = False
-        self.draining = False  # stopping: no worker starts any more (drain waits for them)
+        self._draining = False  # from the first step of a stop on
         self.started = asyncio.Event()  # set once serving (the API listens)
         self._abort = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
+        self.problem: str | None = None  # what the last health check found wrong
         # The api_token the file holds since a reload changed it; it applies at restart.
         self.token_at_restart: config_mod.Secret | None = None
         # PostgreSQL: the tenants made through the API, as stored (name -> TOML text), and
@@ -290,10 +293,7 @@ class Service:
 
     async def gained(self, tenant: str) -> None:
         """This instance now delivers `tenant`: from its state as stored now (the previous
-        owner's last outcome included), not as this instance last saw it.
-
-        Not once the instance stops: a tick's claim may end after the stop began, and a
-        worker started then would never be stopped (the lease goes back at `close`)."""
+        owner's last outcome included), not as this instance last saw it."""
         records = await self.store.load([tenant])
         record = records[0] if records else TenantRecord(tenant, TenantRow())
         old = self.workers.get(tenant)
@@ -301,8 +301,10 @@ class Service:
             old.stop()
             old.task.cancel()
             await old.join()
-        if self.draining:  # began while this read the state
-            return
+        if self._draining:
+            # A claim that crossed the start of a stop: a worker started now would be one
+            # the drain never stops. The cluster gives the lease back.
+            raise Unavailable(f"webhookd is stopping; {tenant} is not taken up")
         self._dormant.pop(tenant, None)
         worker = self._add_worker(record, self.config.tenants.get(tenant))
         worker.start()
@@ -340,7 +342,7 @@ class Service:
         attempts finish and record their outcomes, for up to `shutdown_grace` or until
         `abort`; what is left is cancelled, its webhooks still queued. Idempotent."""
         self.accepting = False
-        self.draining = True
+        self._draining = True
         if self.cluster is not None:
             self.cluster.drain()  # claim nothing more; keep renewing while attempts end
         if not self.started.is_set():
@@ -640,7 +642,8 @@ class Service:
         return shown
 
     def status_line(self) -> str:
-        return status.line(self.visible_workers())
+        line = status.line(self.visible_workers())
+        return f"{line}; {self.problem}" if self.problem else line
 
     # -- control -----------------------------------------------------------------------------
 
@@ -719,12 +722,32 @@ class Service:
         except StoreError as exc:
             raise Unavailable(str(exc)) from None
 
-    async def healthy(self) -> bool:
+    async def health(self) -> str | None:
+        """None while the database answers (and, on PostgreSQL, the leases are renewed);
+        else what is wrong, in a sentence: /healthz's detail, and STATUS= until the next
+        check."""
         try:
-            await asyncio.wait_for(self.store.ping(), 2.0)
-        except Exception:  # any failure to answer is "unhealthy", whatever its kind
-            return False
-        return True
+            await asyncio.wait_for(self.store.ping(), HEALTH_TIMEOUT_S)
+        except TimeoutError:
+            problem: str | None = f"the database does not answer within {HEALTH_TIMEOUT_S:g} s"
+        except StoreError as exc:
+            problem = str(exc)
+        except Exception as exc:  # any failure to answer is "unhealthy", whatever its kind
+            problem = f"the database check failed ({logs.one_line(exc)})"
+        else:
+            problem = self.cluster.unreachable if self.cluster is not None else None
+        self.problem = problem
+        return problem
+
+    async def healthy(self) -> bool:
+        return await self.health() is None
+
+    async def alive(self) -> bool:
+        """Whether the systemd watchdog is fed: while the event loop and the database
+        answer. On PostgreSQL, also while the database is away: the daemon waits for it by
+        itself (ingest answers 503, deliveries pause), and a restart could not bring it
+        back, only fail to start; STATUS= says what is wrong meanwhile."""
+        return await self.health() is None or self.cluster is not None
 
 
 MASK = "***"  # how GET shows a secret

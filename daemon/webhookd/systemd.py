@@ -63,7 +63,8 @@ class Notifier:
         healthy: Callable[[], Awaitable[bool]] | None = None,
         status_every: float = 10.0,
     ) -> None:
-        """Ping the watchdog at half its period while the loop (and database) answer.
+        """Ping the watchdog at half its period while `healthy` says so (see
+        Service.alive), with the STATUS= line as the check left it.
 
         Running on the event loop is the point: a blocked loop sends nothing, and systemd
         restarts us. Without a watchdog, only the STATUS= line is refreshed.
@@ -73,7 +74,8 @@ class Notifier:
         interval = self.watchdog_usec / 2e6 if self.watchdog_usec else status_every
         while True:
             await asyncio.sleep(interval)
+            fed = healthy is None or await healthy()  # first: the status line tells of it
             fields = [f"STATUS={status()}"]
-            if self.watchdog_usec and (healthy is None or await healthy()):
+            if self.watchdog_usec and fed:
                 fields.insert(0, "WATCHDOG=1")
             self.notify(*fields)

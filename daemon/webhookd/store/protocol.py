@@ -116,6 +116,10 @@ class Cluster(Protocol):
         """Tell the others that a removed tenant's queue was discarded (`Members.discarded`)."""
         ...
 
+    unreachable: str | None
+    """Why the leases cannot be renewed now (the database is away), in a sentence; None
+    while they can. The leases held lapse meanwhile, and come back once it answers."""
+
     def holds(self, tenant: str) -> bool:
         """Whether this instance may start an attempt for `tenant` now: it holds the lease,
         renewed recently enough that no other instance can have claimed it meanwhile, and

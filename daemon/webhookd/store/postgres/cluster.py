@@ -5,7 +5,7 @@ sequences stay consecutive whoever ingests). Delivering is another matter: a ten
 order holds only if one instance at a time sends its head. So each tenant has a lease row
 (`leases`): an owner, a fencing token and an expiry.
 
-- **Claiming.** Every tick (a fifth of `lease_seconds`), each instance renews its own
+- **Claiming.** Every tick (a third of `lease_seconds`), each instance renews its own
   leases and its heartbeat (`instances`), then counts the tenants and the live instances,
   and claims expired or free leases (`FOR UPDATE SKIP LOCKED`) up to its fair share,
   `ceil(tenants / instances)`, each claim bumping the token.
@@ -73,9 +73,11 @@ UPSERT_INSTANCE = """
     VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), api_url = $4, config_digest = $5"""
 
+# Only the leases this instance delivers (`held`): one it could not take up again (its
+# state unreadable) lapses, and is claimed afresh, by any instance.
 RENEW = """
     UPDATE leases SET expires_at = now() + make_interval(secs => $2)
-    WHERE owner = $1 RETURNING tenant, fence"""
+    WHERE owner = $1 AND tenant = ANY($3::text[]) RETURNING tenant, fence"""
 
 SURVEY = """
     SELECT (SELECT count(*) FROM leases) AS tenants,
@@ -171,7 +173,7 @@ class PgCluster:
         self._claiming = True
         self._stopping = False
         self._releasing: dict[str, asyncio.Task[None]] = {}
-        self._down = False  # said once per outage
+        self.unreachable: str | None = None  # set while ticks fail to reach the database
         self._lock = asyncio.Lock()  # one statement at a time on the session
 
     @property
@@ -345,11 +347,14 @@ class PgCluster:
             return conn
         self._conn = None
         # A statement stuck longer than a lease (a lock never granted, a server gone quiet)
-        # is cut, and the session replaced: renewing must not hang on it.
+        # is cut, and the session replaced: renewing must not hang on it. A process frozen
+        # inside a tick's transaction has its session ended after a lease, so the leases it
+        # locked can be claimed by the others.
+        lease_ms = str(int(self.lease_seconds * 1000))
         conn = await connection.connect(
             self.database,
             "cluster",
-            {"statement_timeout": str(int(self.lease_seconds * 1000))},
+            {"statement_timeout": lease_ms, "idle_in_transaction_session_timeout": lease_ms},
         )
         try:
             await conn.add_listener(QUEUED, self._heard_queued)
@@ -385,9 +390,9 @@ class PgCluster:
             try:
                 await self._tick()
             except CONNECT_ERRORS as exc:
-                if not self._down:
+                if self.unreachable is None:  # said once per outage
                     log.error("cluster_unreachable", error=connection.reason(exc))
-                    self._down = True
+                self.unreachable = connection.unreachable(self.database, exc)
                 await self._close()
                 await asyncio.sleep(RECONNECT_S)
             except Exception:
@@ -414,11 +419,11 @@ class PgCluster:
             )
             renewed = {
                 r["tenant"]: r["fence"]
-                for r in await conn.fetch(RENEW, self.instance, self.lease_seconds)
+                for r in await conn.fetch(RENEW, self.instance, self.lease_seconds, list(self.held))
             }
-        if self._down:
+        if self.unreachable is not None:
             log.warning("cluster_reconnected")
-            self._down = False
+            self.unreachable = None
         await self._compare_digests(conn)
         await self._check_api_tenants(conn)
         for tenant, lease in list(self.held.items()):
@@ -529,13 +534,19 @@ class PgCluster:
             del self.held[tenant]
             log.info("lease_handed_over", tenant=tenant)
         except CONNECT_ERRORS as exc:
-            # Still ours in the database: keep delivering it.
+            # Still ours in the database: keep delivering it, from its state as stored.
             log.warning("lease_not_handed_over", tenant=tenant, error=connection.reason(exc))
             lease = self.held.get(tenant)
             if lease is not None:
                 lease.releasing = False
-                with contextlib.suppress(Exception):
+                try:
                     await members.gained(tenant)
+                except Exception as error:
+                    # Its state cannot be read either (the database is away): its worker
+                    # has stopped, so give the lease up; it lapses, not renewed, and is
+                    # claimed again once it has expired.
+                    log.error("lease_not_taken", tenant=tenant, error=str(error))
+                    self.held.pop(tenant, None)
         finally:
             self._releasing.pop(tenant, None)
 

@@ -88,6 +88,7 @@ class PostgresStore:
         self.database = database
         self.durability = durability
         self.on_enqueued: OnEnqueued | None = None  # set by the service (see Store)
+        self.lease_seconds = lease_seconds
         self.cluster: PgCluster | None = PgCluster(database, lease_seconds)
         self.commits = 0
         self._conn: Connection | None = None  # the writer's session
@@ -131,10 +132,21 @@ class PostgresStore:
         return records
 
     async def _connect(self) -> None:
-        """The writer's session, with the durability asked for."""
+        """The writer's session, with the durability asked for.
+
+        A process frozen between two statements of a commit (SIGSTOP, a suspended VM, a cut
+        network) would keep its locks on the tenants' counters and leases, and hold up
+        ingest and claims on every other instance for as long: the server ends a session
+        idle in its transaction for lease_seconds (its leases are lost by then anyway), and
+        the transaction is rolled back."""
         synchronous = "on" if self.durability == "full" else "off"
         writer = await connection.connect(
-            self.database, "writer", {"synchronous_commit": synchronous}
+            self.database,
+            "writer",
+            {
+                "synchronous_commit": synchronous,
+                "idle_in_transaction_session_timeout": str(int(self.lease_seconds * 1000)),
+            },
         )
         writer.add_termination_listener(self._terminated)
         self._conn = writer
