@@ -72,6 +72,12 @@ def held(daemon: Daemon) -> set[str]:
     return {name for name in daemon.service.workers if cluster.holds(name)}
 
 
+def instance(daemon: Daemon) -> str:
+    cluster = daemon.service.cluster
+    assert cluster is not None
+    return cluster.instance
+
+
 def items(prefix: str, count: int) -> list[dict[str, Any]]:
     return [{"event": EVENT, "id": f"{prefix}-{n}", "data": {"n": n}} for n in range(count)]
 
@@ -206,3 +212,22 @@ async def test_a_generated_id_given_by_one_instance_is_a_duplicate_through_anoth
         "webhooks"
     ]
     assert (again["status"], again["sequence"]) == ("duplicate", 3)
+
+
+async def test_each_instance_publishes_where_its_api_is_reached(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    a = await start_instance(instance_config(path, postgres_url))
+    b = await start_instance(
+        instance_config(path, postgres_url, advertise_url="http://node-b.internal:9999")
+    )
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        rows = await conn.fetch("SELECT id, api_url FROM instances")
+    finally:
+        await conn.close()
+    assert {r["id"]: r["api_url"] for r in rows} == {
+        instance(a): a.base,
+        instance(b): "http://node-b.internal:9999",
+    }

@@ -109,6 +109,9 @@ class Service:
             if record.row.last_sequence > record.row.acked_sequence or record.parked:
                 self._add_worker(self._dormant.pop(name), None)
         if self.cluster is not None:
+            # Published in `instances` from the first heartbeat: where controls for the
+            # tenants this instance holds are sent by the others.
+            self.cluster.api_url = self.config.daemon.api_url
             await self.cluster.start(self, list(self.config.tenants))
 
     def serving(self, listen: Sequence[str]) -> None:

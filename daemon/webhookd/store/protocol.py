@@ -79,6 +79,10 @@ class Cluster(Protocol):
     instance: str
     """This instance's name, as status shows owners: host, process id and a random tag."""
 
+    api_url: str
+    """Where the other instances reach this instance's API (`[daemon] advertise_url`, or
+    derived from `listen`); published with each heartbeat. Set before `start`."""
+
     def holds(self, tenant: str) -> bool:
         """Whether this instance may start an attempt for `tenant` now: it holds the lease,
         renewed recently enough that no other instance can have claimed it meanwhile, and
