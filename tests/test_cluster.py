@@ -231,3 +231,174 @@ async def test_each_instance_publishes_where_its_api_is_reached(
         instance(a): a.base,
         instance(b): "http://node-b.internal:9999",
     }
+
+
+# -- control from any instance -------------------------------------------------------------
+
+
+async def two_instances(
+    tmp_path: Path,
+    receiver: Receiver,
+    postgres_url: str,
+    start_instance: StartInstance,
+    *,
+    tenants: int = 2,
+    **overrides: Any,
+) -> tuple[Daemon, Daemon, str]:
+    """Instances A and B sharing the tenants t0…; and a tenant A holds (B does not)."""
+    names = [f"t{n}" for n in range(tenants)]
+    path = write_config(
+        tmp_path, {name: tenant(receiver.url(f"/{name}"), **overrides) for name in names}
+    )
+    a = await start_instance(instance_config(path, postgres_url))
+    b = await start_instance(instance_config(path, postgres_url))
+    share = tenants // 2
+    await wait_for(lambda: len(held(a)) == share and len(held(b)) == share, timeout=4 * LEASE_S)
+    return a, b, sorted(held(a))[0]
+
+
+async def test_pause_and_resume_through_another_instance_act_on_the_owner(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    a, b, name = await two_instances(tmp_path, receiver, postgres_url, start_instance)
+
+    status, body = await b.request("POST", f"/v1/tenants/{name}/pause")
+    assert (status, body["paused"], body["queue"]) == (200, True, "paused")
+    assert a.service.workers[name].row.paused  # the owner's worker, not B's copy
+    await b.ingest(name, items("p", 2))
+    await asyncio.sleep(LEASE_S / 2)
+    assert receiver.at(f"/{name}") == []  # A holds it, paused
+
+    status, body = await b.request("POST", f"/v1/tenants/{name}/resume")
+    assert (status, body["paused"]) == (200, False)
+    await wait_for(lambda: receiver.sequences(f"/{name}") == [1, 2], timeout=5)
+    assert held(a) >= {name}  # delivered by its owner all along
+
+
+async def test_retry_and_refresh_through_another_instance_act_on_the_owner(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    # A backoff of a minute: only a retry makes the next attempt in time.
+    a, b, name = await two_instances(
+        tmp_path, receiver, postgres_url, start_instance, retry_base=60.0
+    )
+    receiver.script(f"/{name}", 503)
+    await b.ingest(name, items("r", 1))
+    await wait_for(lambda: a.service.workers[name].queue_state == "stalled", timeout=5)
+
+    status, body = await b.request("POST", f"/v1/tenants/{name}/retry")
+    assert (status, body["retrying"], body["queue"]) == (200, True, "waiting")
+    await wait_for(lambda: receiver.sequences(f"/{name}") == [1], timeout=5)
+
+    assert len(a.service.workers[name].failures) == 1
+    status, body = await b.request("POST", f"/v1/tenants/{name}/refresh")
+    assert (status, body) == (200, {"tenant": name, "cleared": 1})
+    assert len(a.service.workers[name].failures) == 0
+
+
+async def test_skip_peek_parked_and_requeue_through_another_instance(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    a, b, name = await two_instances(
+        tmp_path, receiver, postgres_url, start_instance, retry_base=60.0
+    )
+    receiver.script(f"/{name}", 500)
+    await b.ingest(name, items("s", 2))
+    await wait_for(lambda: a.service.workers[name].queue_state == "stalled", timeout=5)
+
+    # Reads come from the database, on any instance.
+    status, body = await b.request("GET", f"/v1/tenants/{name}/webhooks?limit=5")
+    assert (status, [w["sequence"] for w in body["webhooks"]]) == (200, [1, 2])
+
+    status, body = await b.request("POST", f"/v1/tenants/{name}/skip")
+    assert (status, body["parked"]) == (200, {"id": "s-0", "sequence": 1})
+    await wait_for(lambda: receiver.sequences(f"/{name}") == [2], timeout=5)  # A went on
+
+    status, body = await b.request("GET", f"/v1/tenants/{name}/parked")
+    assert (status, [w["id"] for w in body["parked"]]) == (200, ["s-0"])
+    status, body = await b.request("POST", f"/v1/tenants/{name}/parked/s-0/requeue")
+    assert (status, body) == (200, {"tenant": name, "id": "s-0", "sequence": 3})
+    await wait_for(lambda: receiver.sequences(f"/{name}") == [2, 3], timeout=5)
+    assert a.service.workers[name].parked == 0
+
+
+async def test_a_forwarded_control_is_never_forwarded_again(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    a, b, name = await two_instances(tmp_path, receiver, postgres_url, start_instance)
+    marked = {"X-Webhookd-Forwarded-By": "elsewhere"}
+
+    # At a non-owner (the lease moved while the call was on its way): said, not passed on.
+    status, body = await b.request("POST", f"/v1/tenants/{name}/pause", headers=marked)
+    assert (status, body["error"]) == (503, "owner_changed")
+    assert instance(a) in body["detail"]
+    assert not a.service.workers[name].row.paused
+
+    # At the owner: done there.
+    status, body = await a.request("POST", f"/v1/tenants/{name}/pause", headers=marked)
+    assert (status, body["paused"]) == (200, True)
+
+
+async def test_an_owner_whose_api_does_not_answer_is_503_owner_unreachable(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    # The owner's lease is live, but nothing answers where it says its API is.
+    silent = f"http://127.0.0.1:{free_port()}"
+    a = await start_instance(instance_config(path, postgres_url, advertise_url=silent))
+    await wait_for(lambda: held(a) == {"acme"}, timeout=5)
+    b = await start_instance(instance_config(path, postgres_url))
+
+    for control in ("pause", "retry", "skip"):
+        status, body = await b.request("POST", f"/v1/tenants/acme/{control}")
+        assert (status, body["error"]) == (503, "owner_unreachable")
+        assert instance(a) in body["detail"] and silent in body["detail"]
+    assert not a.service.workers["acme"].row.paused
+
+
+async def test_a_control_for_a_tenant_no_one_holds_claims_it_here(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    names = ["t0", "t1", "t2"]
+    path = write_config(tmp_path, {name: tenant(receiver.url(f"/{name}")) for name in names})
+    a = await start_instance(instance_config(path, postgres_url, lease_seconds=60.0))
+    await wait_for(lambda: held(a) == set(names), timeout=5)
+    # A third instance that never claims: the fair share is one each, so one tenant is
+    # left without an owner once A has handed two over and B taken its one.
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(
+            "INSERT INTO instances (id, host, pid, heartbeat_at) "
+            "VALUES ('ghost', 'nowhere', 1, now() + interval '1 hour')"
+        )
+        b = await start_instance(instance_config(path, postgres_url, lease_seconds=60.0))
+        await wait_for(lambda: len(held(a)) == 1 and len(held(b)) == 1, timeout=10)
+        [free] = set(names) - held(a) - held(b)
+        assert await conn.fetchval("SELECT owner FROM leases WHERE tenant = $1", free) is None
+
+        status, body = await b.request("POST", f"/v1/tenants/{free}/pause")
+        assert (status, body["paused"]) == (200, True)
+        assert free in held(b)
+        assert await conn.fetchval("SELECT owner FROM leases WHERE tenant = $1", free) == (
+            instance(b)
+        )
+        assert await conn.fetchval("SELECT paused FROM tenant_state WHERE tenant = $1", free)
+    finally:
+        await conn.close()
+
+
+async def test_retry_all_through_one_instance_retries_every_instances_tenants(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    a, b, _ = await two_instances(tmp_path, receiver, postgres_url, start_instance, retry_base=60.0)
+    for name in ("t0", "t1"):
+        receiver.script(f"/{name}", 503)
+        await a.ingest(name, items(name, 1))
+
+    def stalled() -> bool:
+        return all(d.service.workers[n].queue_state == "stalled" for d in (a, b) for n in held(d))
+
+    await wait_for(stalled, timeout=5)
+    status, body = await b.request("POST", "/v1/retry")
+    assert (status, body) == (200, {"retrying": ["t0", "t1"], "count": 2, "unreachable": []})
+    await wait_for(lambda: receiver.sequences("/t0") == receiver.sequences("/t1") == [1], 5)

@@ -20,7 +20,7 @@ from webhookd.config import Config, ConfigError, TenantConfig
 from webhookd.ids import generated_sequence, id_tag
 from webhookd.ingest import IngestItem
 from webhookd.metrics import Metrics
-from webhookd.records import NewWebhook, StoreError, TenantRecord, TenantRow, Webhook
+from webhookd.records import NewWebhook, Owner, StoreError, TenantRecord, TenantRow, Webhook
 from webhookd.scheduler import Clock, InFlight, TenantWorker
 from webhookd.sender import Sender
 from webhookd.store import make_store
@@ -59,6 +59,13 @@ class UnknownEventType(ServiceError):
 
 class Unavailable(ServiceError):
     status, code = 503, "unavailable"
+
+
+class OwnerChanged(ServiceError):
+    """A control forwarded here by another instance, for a tenant this one does not hold
+    (the lease moved meanwhile): not forwarded again, so that no request goes round."""
+
+    status, code = 503, "owner_changed"
 
 
 class InvalidIngest(ServiceError):
@@ -486,6 +493,58 @@ class Service:
     def status_line(self) -> str:
         return status.line(self.visible_workers())
 
+    # -- where a control runs (several instances on one database) ---------------------------
+
+    async def placement(self, name: str, *, forwarded: bool = False) -> Owner | None:
+        """Where a control call for tenant `name` must run: None here, else the instance
+        holding its lease (the API forwards the call there).
+
+        A control acts on the worker that delivers the tenant: only there are its head, the
+        attempt in flight and its backoff known, and only there is a skip fenced. A tenant no
+        live instance holds (its owner just died, or it was just added) is claimed here on
+        demand, rather than changed in the database behind the next owner's back: its worker
+        then starts from the stored state, and the control acts on it as on any other. A
+        call `forwarded` by another instance is never forwarded again.
+        """
+        self.worker(name)  # 404 for an unknown tenant, before asking anyone
+        cluster = self.cluster
+        if cluster is None or cluster.holds(name):
+            return None
+        for _ in range(3):  # a lease changing hands while we look: look again
+            try:
+                owner = await cluster.owner(name)
+                if owner is None and await cluster.claim(name):
+                    return None
+            except StoreError as exc:
+                raise Unavailable(str(exc)) from None
+            if owner is None:
+                if not self.accepting:
+                    raise Unavailable("webhookd is shutting down; send again shortly")
+                continue
+            if owner.instance == cluster.instance:
+                return None  # held here (between renewals, or being handed over)
+            if forwarded:
+                raise OwnerChanged(
+                    f"this instance no longer holds {name}'s lease (now {owner.instance}); "
+                    "send again"
+                )
+            return owner
+        raise Unavailable(f"{name}'s lease is changing hands; send again shortly")
+
+    async def other_instances(self) -> list[Owner]:
+        """The other live instances and where their APIs are (none on SQLite)."""
+        if self.cluster is None:
+            return []
+        try:
+            survey = await self.cluster.survey()
+        except StoreError as exc:
+            raise Unavailable(str(exc)) from None
+        return [
+            Owner(i["id"], i["api_url"])
+            for i in survey["instances"]
+            if i["id"] != self.cluster.instance
+        ]
+
     # -- control -----------------------------------------------------------------------------
 
     def retry(self, name: str) -> dict[str, Any]:
@@ -501,10 +560,14 @@ class Service:
         }
 
     def retry_all(self) -> dict[str, Any]:
+        # With several instances, those held here (the API asks the others for theirs).
         retried = [
             w.name
             for w in self.visible_workers()
-            if w.waiting and w.queue_state in ("waiting", "stalled") and w.request_retry()
+            if (self.cluster is None or self.cluster.holds(w.name))
+            and w.waiting
+            and w.queue_state in ("waiting", "stalled")
+            and w.request_retry()
         ]
         return {"retrying": retried, "count": len(retried)}
 
@@ -550,7 +613,15 @@ class Service:
 
     async def peek(self, name: str, limit: int) -> list[dict[str, Any]]:
         worker = self.worker(name)
-        rows = await self.store.read_queue(name, worker.row.acked_sequence, limit)
+        head = worker.row.acked_sequence
+        try:
+            if self.cluster is not None and not self.cluster.holds(name):
+                # Delivered by another instance: where its queue starts is the database's.
+                records = await self.store.load([name])
+                head = records[0].row.acked_sequence if records else 0
+            rows = await self.store.read_queue(name, head, limit)
+        except StoreError as exc:
+            raise Unavailable(str(exc)) from None
         return [status.webhook(w) for w in rows]
 
     async def discard(self, name: str) -> int:

@@ -31,12 +31,13 @@ The guarantees every method keeps:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from webhookd.records import (
     Failure,
     IngestResult,
     NewWebhook,
+    Owner,
     ParkedWebhook,
     TenantRecord,
     Webhook,
@@ -87,6 +88,23 @@ class Cluster(Protocol):
         """Whether this instance may start an attempt for `tenant` now: it holds the lease,
         renewed recently enough that no other instance can have claimed it meanwhile, and
         is not handing it over."""
+        ...
+
+    async def owner(self, tenant: str) -> Owner | None:
+        """The instance holding `tenant`'s lease now, as the database has it (None: no live
+        instance holds it). Raises `StoreError` when the database cannot be asked."""
+        ...
+
+    async def claim(self, tenant: str) -> bool:
+        """Take `tenant`'s lease now, when no live instance holds it (a control call for a
+        tenant between owners); its worker starts as for a lease claimed by a tick. False
+        when another instance holds it or this one is stopping."""
+        ...
+
+    async def survey(self) -> dict[str, Any]:
+        """The live instances (`id`, `host`, `pid`, `api_url`, `heartbeat_age_s`, `tenants`
+        held) and each tenant's owner, read now: `{"instances": [...], "owners": {...}}`.
+        Raises `StoreError` when the database cannot be asked."""
         ...
 
     async def start(self, members: Members, tenants: Sequence[str]) -> None:
