@@ -402,3 +402,54 @@ async def test_retry_all_through_one_instance_retries_every_instances_tenants(
     status, body = await b.request("POST", "/v1/retry")
     assert (status, body) == (200, {"retrying": ["t0", "t1"], "count": 2, "unreachable": []})
     await wait_for(lambda: receiver.sequences("/t0") == receiver.sequences("/t1") == [1], 5)
+
+
+# -- status and metrics from any instance --------------------------------------------------
+
+
+async def test_status_through_either_instance_shows_the_same_owners_and_instances(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    a, b, name = await two_instances(
+        tmp_path, receiver, postgres_url, start_instance, tenants=4, retry_base=60.0
+    )
+    [other] = sorted(held(a) - {name})
+    # Ingested through B for tenants A delivers: B's own copy of them would say these
+    # still wait (it never sees A's acknowledgements).
+    await b.ingest(other, items("ok", 3))
+    await wait_for(lambda: receiver.sequences(f"/{other}") == [1, 2, 3], timeout=5)
+    receiver.script(f"/{name}", 503)
+    await b.ingest(name, items("stuck", 2))
+    await wait_for(lambda: a.service.workers[name].queue_state == "stalled", timeout=5)
+
+    views = []
+    for daemon in (a, b):
+        status, body = await daemon.request("GET", "/v1/status")
+        assert status == 200, body
+        views.append(body)
+    for view in views:
+        owners = {t["tenant"]: t["owner"] for t in view["tenants"]}
+        assert owners == {n: instance(a) for n in held(a)} | {n: instance(b) for n in held(b)}
+        instances = [(i["id"], i["api_url"], i["tenants"]) for i in view["totals"]["instances"]]
+        assert instances == sorted([(instance(a), a.base, 2), (instance(b), b.base, 2)])
+        tenants = {t["tenant"]: t for t in view["tenants"]}
+        assert tenants[other]["waiting"] == 0
+        assert tenants[other]["last_processed_at"] is not None
+        stuck = tenants[name]
+        assert (stuck["queue"], stuck["waiting"], stuck["attempts"]) == ("stalled", 2, 1)
+        assert stuck["oldest_waiting_at"] is not None
+        assert [f["status"] for f in stuck["recent_failures"]] == [503]
+        assert view["totals"]["waiting"] == 2
+
+    status, one = await b.request("GET", f"/v1/tenants/{name}/status")
+    assert (status, one["owner"], one["queue"], one["waiting"]) == (
+        200,
+        instance(a),
+        "stalled",
+        2,
+    )
+    status, text = await b.request("GET", "/v1/status?format=text")
+    assert status == 200
+    assert "OWNER" in text and "INSTANCE" in text and a.base in text and b.base in text
+    status, text = await b.request("GET", f"/v1/tenants/{name}/status?format=text")
+    assert status == 200 and instance(a) in text

@@ -265,14 +265,14 @@ def wants_text(request: web.Request) -> bool:
 
 
 async def status_all(request: web.Request) -> web.Response:
-    status = request.app[SERVICE].status()
+    status = await request.app[SERVICE].status_view()
     if wants_text(request):
         return web.Response(text=views.status_table(status))
     return json_response(status, pretty=True)
 
 
 async def status_one(request: web.Request) -> web.Response:
-    status = request.app[SERVICE].tenant_status(tenant_name(request))
+    status = await request.app[SERVICE].tenant_status_view(tenant_name(request))
     if wants_text(request):
         return web.Response(text=views.tenant_text(status))
     return json_response(status, pretty=True)

@@ -490,6 +490,78 @@ class Service:
     def status(self) -> dict[str, Any]:
         return status.daemon(self.visible_workers(), self.clock.now(), self.store.disk_full)
 
+    async def status_view(self) -> dict[str, Any]:
+        """`status()` as the API shows it. With several instances on one database, each
+        tenant also shows its `owner`, and the totals the live `instances`: a tenant held
+        here shows this instance's workers (in memory, current); one held elsewhere, or by
+        no one, its state as stored now (a few queries for all of them, no call to other
+        instances), never this instance's stale copy."""
+        cluster = self.cluster
+        if cluster is None:
+            return self.status()
+        try:
+            survey = await cluster.survey()
+            owners: dict[str, str] = survey["owners"]
+            workers = self.visible_workers()
+            elsewhere = [w.name for w in workers if owners.get(w.name) != cluster.instance]
+            observed = await self._observed(elsewhere)
+        except StoreError as exc:
+            raise Unavailable(str(exc)) from None
+        shown = [observed.get(w.name, w) for w in workers]
+        result = status.daemon(shown, self.clock.now(), self.store.disk_full)
+        for one in result["tenants"]:
+            one["owner"] = owners.get(one["tenant"])
+        result["totals"]["instances"] = [
+            {
+                "id": i["id"],
+                "host": i["host"],
+                "api_url": i["api_url"],
+                "heartbeat_age_s": i["heartbeat_age_s"],
+                "tenants": i["tenants"],
+            }
+            for i in survey["instances"]
+        ]
+        return result
+
+    async def tenant_status_view(self, name: str) -> dict[str, Any]:
+        """`tenant_status()` as the API shows it; with several instances, as `status_view`
+        shows one tenant (with its `owner`)."""
+        cluster = self.cluster
+        if cluster is None:
+            return self.tenant_status(name)
+        worker = self.worker(name)
+        try:
+            owner = await cluster.owner(name)
+            if owner is None or owner.instance != cluster.instance:
+                worker = (await self._observed([name]))[name]
+        except StoreError as exc:
+            raise Unavailable(str(exc)) from None
+        return {
+            **status.tenant(worker, self.clock.now()),
+            "owner": None if owner is None else owner.instance,
+        }
+
+    async def _observed(self, names: Sequence[str]) -> dict[str, TenantWorker]:
+        """Tenants held by another instance (or by none), as the database has them now:
+        workers that are never started, for status to read."""
+        if not names:
+            return {}
+        assert self.cluster is not None
+        records = {r.name: r for r in await self.store.load(names)}
+        heads = await self.cluster.heads(names)
+        observed: dict[str, TenantWorker] = {}
+        for name in names:
+            record = records.get(name) or TenantRecord(name, TenantRow())
+            observed[name] = Observed(
+                record,
+                self.config.tenants.get(name),
+                heads.get(name),
+                store=self.store,
+                sender=self.sender,
+                clock=self.clock,
+            )
+        return observed
+
     def status_line(self) -> str:
         return status.line(self.visible_workers())
 
@@ -640,6 +712,21 @@ class Service:
         except Exception:  # any failure to answer is "unhealthy", whatever its kind
             return False
         return True
+
+
+class Observed(TenantWorker):
+    """A tenant another instance delivers, as stored: what its status shows from here. Its
+    head is not read into memory, so how long it has waited comes with it."""
+
+    def __init__(
+        self, record: TenantRecord, config: TenantConfig | None, head_at: float | None, **kw: Any
+    ) -> None:
+        super().__init__(record, config, **kw)
+        self.head_at = head_at
+
+    @property
+    def oldest_waiting_at(self) -> float | None:
+        return self.head_at if self.waiting else None
 
 
 MASK = "***"  # how GET shows a secret

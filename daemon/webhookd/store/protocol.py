@@ -107,6 +107,11 @@ class Cluster(Protocol):
         Raises `StoreError` when the database cannot be asked."""
         ...
 
+    async def heads(self, tenants: Sequence[str]) -> dict[str, float]:
+        """When the head webhook of each of `tenants` that has one waiting was accepted,
+        read now (status of tenants held elsewhere). Raises `StoreError`."""
+        ...
+
     async def start(self, members: Members, tenants: Sequence[str]) -> None:
         """Join: announce this instance, make sure `tenants` (the configured ones) have a
         lease row, claim a fair share, and keep renewing and rebalancing in the background."""

@@ -124,6 +124,12 @@ SURVEY_INSTANCES = """
     FROM instances AS i
     WHERE i.heartbeat_at > now() - make_interval(secs => $1) ORDER BY i.id"""
 
+# The accepted_at of each tenant's head webhook: how long the oldest has waited.
+HEADS = """
+    SELECT s.tenant, w.accepted_at FROM tenant_state AS s
+    JOIN webhooks AS w ON w.tenant = s.tenant AND w.sequence = s.acked_sequence + 1
+    WHERE s.tenant = ANY($1::text[])"""
+
 SURVEY_OWNERS = "SELECT tenant, owner FROM leases WHERE expires_at > now() AND owner IS NOT NULL"
 
 FORGET_DEAD = """
@@ -463,6 +469,16 @@ class PgCluster:
             self._releasing.pop(tenant, None)
 
     # -- what status shows -------------------------------------------------------------------
+
+    async def heads(self, tenants: Sequence[str]) -> dict[str, float]:
+        """When each of `tenants`' head webhook was accepted (those with one waiting)."""
+        try:
+            async with self._lock:
+                conn = await self._session()
+                rows = await conn.fetch(HEADS, list(tenants))
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
+        return {r["tenant"]: r["accepted_at"] for r in rows}
 
     async def survey(self) -> dict[str, Any]:
         """The live instances and who owns which tenant, read now from the database:
