@@ -18,6 +18,7 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from tests.conftest import Daemon, Receiver, free_port, tenant, wait_for, write_config
@@ -453,3 +454,53 @@ async def test_status_through_either_instance_shows_the_same_owners_and_instance
     assert "OWNER" in text and "INSTANCE" in text and a.base in text and b.base in text
     status, text = await b.request("GET", f"/v1/tenants/{name}/status?format=text")
     assert status == 200 and instance(a) in text
+
+
+def scraped(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Prometheus text as {sample name: {labels: value}}."""
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[labels] = sample.value
+    return samples
+
+
+async def test_metrics_are_per_instance_and_sum_without_double_counting(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    a, b, _ = await two_instances(
+        tmp_path, receiver, postgres_url, start_instance, tenants=4, retry_base=60.0
+    )
+    for n in range(4):
+        receiver.always(f"/t{n}", 503)
+        await (a if n % 2 else b).ingest(f"t{n}", items(f"m{n}", n + 1))  # 10 in all
+
+    def stalled() -> bool:
+        return all(d.service.workers[n].queue_state == "stalled" for d in (a, b) for n in held(d))
+
+    await wait_for(stalled, timeout=5)
+    await wait_for(lambda: a.service.cluster and a.service.cluster.live_instances == 2, 5)
+    await wait_for(lambda: b.service.cluster and b.service.cluster.live_instances == 2, 5)
+    metrics = []
+    for daemon in (a, b):
+        status, text = await daemon.request("GET", "/metrics")
+        assert status == 200
+        metrics.append(scraped(text))
+
+    depths = [m["webhookd_queue_depth"] for m in metrics]
+    # Each tenant on exactly one instance, its own; summed, the real total.
+    assert [{dict(k)["tenant"] for k in d} for d in depths] == [held(a), held(b)]
+    assert sum(v for d in depths for v in d.values()) == 10
+    assert sum(m["webhookd_tenants_stalled"][()] for m in metrics) == 4
+    assert [m["webhookd_leases"][()] for m in metrics] == [2, 2]
+    assert [m["webhookd_cluster_instances"][()] for m in metrics] == [2, 2]
+    changes = [
+        {dict(k)["change"]: v for k, v in m["webhookd_lease_changes_total"].items()}
+        for m in metrics
+    ]
+    # A claimed all four alone, then handed two over to B when it joined.
+    assert changes == [
+        {"gained": 4, "lost": 0, "released": 2},
+        {"gained": 2, "lost": 0, "released": 0},
+    ]

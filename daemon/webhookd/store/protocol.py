@@ -84,6 +84,13 @@ class Cluster(Protocol):
     """Where the other instances reach this instance's API (`[daemon] advertise_url`, or
     derived from `listen`); published with each heartbeat. Set before `start`."""
 
+    live_instances: int
+    """Live instances (this one included) as the last tick counted them (the metrics)."""
+
+    lease_changes: dict[str, int]
+    """Leases `gained`, `lost` (claimed by another, or not renewed in time) and `released`
+    (handed over, or back at stop) since start (the metrics)."""
+
     def holds(self, tenant: str) -> bool:
         """Whether this instance may start an attempt for `tenant` now: it holds the lease,
         renewed recently enough that no other instance can have claimed it meanwhile, and

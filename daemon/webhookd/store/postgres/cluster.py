@@ -158,6 +158,9 @@ class PgCluster:
         self.api_url = ""  # where the others reach this instance's API (set before start)
         self.config_digest = ""  # the main file's tenants, as the others compare them
         self.held: dict[str, Lease] = {}
+        # For the metrics: live instances as the last tick counted them, and lease changes.
+        self.live_instances = 0
+        self.lease_changes = {"gained": 0, "lost": 0, "released": 0}
         self.joined = False  # between start and leave: the store fences outcomes then
         self._members: Members | None = None
         self._conn: Connection | None = None
@@ -223,6 +226,7 @@ class PgCluster:
                 with contextlib.suppress(*CONNECT_ERRORS):
                     await conn.execute(FREE, tenant, self.instance, fence)
                 return False
+        self.lease_changes["gained"] += 1
         log.info("lease_claimed_for_control", tenant=tenant, held=len(self.held))
         return True
 
@@ -231,6 +235,7 @@ class PgCluster:
         lease = self.held.get(tenant)
         if lease is not None and lease.fence == fence:
             del self.held[tenant]
+            self.lease_changes["lost"] += 1
 
     # -- joining and leaving -----------------------------------------------------------------
 
@@ -296,6 +301,7 @@ class PgCluster:
                     await conn.execute("DELETE FROM instances WHERE id = $1", self.instance)
                     await conn.execute("SELECT pg_notify($1, 'free')", CHANGED)
                 log.info("leases_released", tenants=len(self.held))
+                self.lease_changes["released"] += len(self.held)
             except CONNECT_ERRORS as exc:
                 # They expire instead, within lease_seconds.
                 log.warning("leases_not_released", error=connection.reason(exc))
@@ -390,6 +396,7 @@ class PgCluster:
         for tenant, lease in list(self.held.items()):
             if renewed.get(tenant) != lease.fence:
                 del self.held[tenant]
+                self.lease_changes["lost"] += 1
                 members.lost(tenant, "another instance claimed its lease")
             else:
                 lease.valid_until = sent + self.lease_seconds
@@ -401,6 +408,7 @@ class PgCluster:
             return
         survey = await conn.fetchrow(SURVEY, self.lease_seconds)
         assert survey is not None
+        self.live_instances = survey["live"]
         live = max(1, survey["live"])
         share = math.ceil(survey["tenants"] / live)
         owned = len(self.held) - len(self._releasing)
@@ -424,6 +432,8 @@ class PgCluster:
                 del self.held[tenant]
                 with contextlib.suppress(*CONNECT_ERRORS):
                     await conn.execute(FREE, tenant, self.instance, fence)
+            else:
+                self.lease_changes["gained"] += 1
         if claimed:
             log.info("leases_claimed", count=len(claimed), held=len(self.held))
 
@@ -456,6 +466,7 @@ class PgCluster:
                     await conn.execute(FREE, tenant, self.instance, lease.fence)
                     await conn.execute("SELECT pg_notify($1, 'free')", CHANGED)
             del self.held[tenant]
+            self.lease_changes["released"] += 1
             log.info("lease_handed_over", tenant=tenant)
         except CONNECT_ERRORS as exc:
             # Still ours in the database: keep delivering it.
