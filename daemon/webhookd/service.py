@@ -499,14 +499,23 @@ class Service:
         cluster = self.cluster
         if cluster is None:
             return self.status()
+        workers = self.visible_workers()
         try:
             survey = await cluster.survey()
             owners: dict[str, str] = survey["owners"]
-            workers = self.visible_workers()
             elsewhere = [w.name for w in workers if owners.get(w.name) != cluster.instance]
             observed = await self._observed(elsewhere)
         except StoreError as exc:
-            raise Unavailable(str(exc)) from None
+            # The database is out of reach: what this instance knows, and that it is all.
+            shown = [w for w in workers if cluster.holds(w.name)]
+            result = status.daemon(shown, self.clock.now(), self.store.disk_full)
+            for one in result["tenants"]:
+                one["owner"] = cluster.instance
+            result["totals"]["instances"] = []
+            result["totals"]["cluster_unknown"] = (
+                f"only the tenants this instance holds are shown: {exc}"
+            )
+            return result
         shown = [observed.get(w.name, w) for w in workers]
         result = status.daemon(shown, self.clock.now(), self.store.disk_full)
         for one in result["tenants"]:
