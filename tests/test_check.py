@@ -374,6 +374,10 @@ def test_check_connects_to_a_postgresql_database_and_shows_its_version(
     assert re.fullmatch(
         rf"  database    {re.escape(postgres_url)} \(PostgreSQL \d+\.\d+, reachable\)", lines[1]
     ), lines[1]
+    # tenants_dir is not read there: the API's tenants are in the database.
+    assert lines[3] == (
+        "  tenants_dir - (on PostgreSQL, tenants made through the API are in the database)"
+    )
 
 
 def test_check_exits_1_when_the_database_refuses_the_password(

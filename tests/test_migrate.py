@@ -224,3 +224,33 @@ async def test_refuses_a_password_given_twice_without_printing_it(
         "error: the password is given in 2 places (the URL, $WEBHOOKD_DATABASE_PASSWORD); "
         "keep one\n"
     )
+
+
+async def test_api_tenants_are_copied_into_the_database(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start: Start
+) -> None:
+    path = write_config(tmp_path, {"main": tenant(receiver.url("/main"))})
+    sqlite = await start(config_mod.load(path))
+    made = tenant(receiver.url("/acme"), secret="hunter2-tenant", timeout=3.0)
+    assert (await sqlite.request("PUT", "/v1/tenants/acme", json=made))[0] == 201
+    await sqlite.ingest("acme", items("a-1"))
+    await wait_for(lambda: receiver.sequences("/acme") == [1], timeout=5)
+    await sqlite.server.stop()
+
+    code, out, err = await run_cli("migrate", "-c", str(path), "--to", postgres_url)
+    assert (code, err) == (0, ""), err
+    assert "  1 API tenant\n" in out
+    assert "hunter2-tenant" not in out
+    assert (tmp_path / "tenants.d" / "acme.toml").exists()  # left as it was
+
+    # On PostgreSQL the tenant comes from the database: tenants_dir is no longer read.
+    (tmp_path / "tenants.d" / "acme.toml").unlink()
+    postgres = await start(on_postgres(path, postgres_url))
+    acme = postgres.service.config.tenants["acme"]
+    assert acme.from_api and acme.secret.reveal() == "hunter2-tenant"
+    assert acme.delivery.timeout == 3.0
+    status, shown = await postgres.request("GET", "/v1/tenants/acme")
+    assert (status, shown["source"], shown["secret"]) == (200, "api", "***")
+    await postgres.ingest("acme", items("a-2"))
+    await wait_for(lambda: receiver.sequences("/acme") == [1, 2], timeout=5)
+    assert [r.json["secret"] for r in receiver.at("/acme")] == ["hunter2-tenant"] * 2

@@ -190,7 +190,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{config_path(args)}: {verdict}")
     print(f"  database    {database}")
     print(f"  listen      {d.listen} ({'token required' if d.api_token else 'no token'})")
-    print(f"  tenants_dir {d.tenants_dir or '-'}")
+    if isinstance(d.database, config.PostgresURL):
+        print("  tenants_dir - (on PostgreSQL, tenants made through the API are in the database)")
+    else:
+        print(f"  tenants_dir {d.tenants_dir or '-'}")
     if cfg.catalogue.custom:
         print(f"  custom events: {', '.join(cfg.catalogue.custom)}")
     print(f"  {views.counted(len(cfg.tenants), 'tenant')}")
@@ -245,7 +248,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     target = target_url(args)
     logs.configure(cfg.daemon.log_format, "warning")  # the summary says what was done
     try:
-        copied = asyncio.run(migrate.run(source, target))
+        api_tenants = {
+            name: config.tenant_toml(config.tenant_table(tenant, redact=False))
+            for name, tenant in cfg.tenants.items()
+            if tenant.from_api
+        }
+        copied = asyncio.run(migrate.run(source, target, api_tenants))
     except migrate.MigrateError as exc:
         raise CliError(str(exc)) from None
     print(f"copied {source} into {target}:")
@@ -255,12 +263,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         (copied.parked, "parked webhook"),
         (copied.ids, "producer id"),
         (copied.failures, "recent failure"),
+        (copied.api_tenants, "API tenant"),
     ):
         print(f"  {views.counted(count, what)}")
-    if cfg.daemon.tenants_dir:
+    if copied.api_tenants:
         print(
-            f"tenants made through the API are files in {cfg.daemon.tenants_dir}: they are not "
-            "copied, they stay there and the daemon keeps reading them"
+            f"tenants made through the API now live in the database; {cfg.daemon.tenants_dir} "
+            "is no longer read (its files are left as they were)"
         )
     print(
         f'next: set database = "{target}" in [daemon] of {config_path(args)} (the password '

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ipaddress
 import json
 import math
@@ -560,6 +561,10 @@ def from_dict(
     root.finish()
 
     directory = daemon.tenants_dir if tenants_from is AS_CONFIGURED else tenants_from
+    if isinstance(daemon.database, PostgresURL):
+        # On PostgreSQL, tenants made through the API live in the database (api_tenants),
+        # shared by every instance: the service reads them there, never from tenants_dir.
+        directory = None
     if directory is not None and directory.is_dir():
         for tenant_source, tenant in _load_tenants_dir(directory, ctx):
             if tenant.name in tenants:
@@ -1097,18 +1102,27 @@ TENANT_KEYS = (
 
 
 def parse_api_tenant(
-    name: str, raw: Any, config: Config, *, source: str, environ: Mapping[str, str] | None = None
+    name: str,
+    raw: Any,
+    config: Config,
+    *,
+    source: str,
+    environ: Mapping[str, str] | None = None,
+    origin: Path | None = None,
 ) -> tuple[TenantConfig, list[str]]:
     """Validate a tenant table sent to the API (or CLI); raises ConfigError with key paths.
 
     Deprecated event types are refused, except COLLECTED_DATA_UPDATED, which becomes
-    COLLECTED_DATA_CHANGED. Returns the tenant and any warnings.
+    COLLECTED_DATA_CHANGED. Returns the tenant and any warnings. `origin` is where it is
+    stored: `tenants_dir/NAME.toml` unless given (on PostgreSQL, `api_tenant_origin`).
     """
     if not TENANT_NAME.fullmatch(name):
         raise ConfigError([f"{source}: tenant names are 1 to 64 of A-Z a-z 0-9 _ -"])
     errors: list[str] = []
     warnings: list[str] = []
-    assert config.daemon.tenants_dir is not None
+    if origin is None:
+        assert config.daemon.tenants_dir is not None
+        origin = (config.daemon.tenants_dir / f"{name}.toml").resolve()
     ctx = _Context(
         source,
         config.path.resolve().parent,
@@ -1119,7 +1133,6 @@ def parse_api_tenant(
         os.environ if environ is None else environ,
     )
     table = _Table(source, "", raw, errors)
-    origin = (config.daemon.tenants_dir / f"{name}.toml").resolve()
     tenant = parse_tenant(name, table, ctx, origin=origin, from_api=True)
     if errors or tenant is None:
         raise ConfigError(errors or [f"{source}: invalid tenant"])
@@ -1148,6 +1161,36 @@ def tenant_table(tenant: TenantConfig, *, redact: bool) -> dict[str, Any]:
         value = getattr(tenant.delivery, key)
         table[key] = list(value) if isinstance(value, tuple) else value
     return table
+
+
+def api_tenant_origin(name: str) -> Path:
+    """Where an API tenant stored in the database (PostgreSQL) is said to be, in errors and
+    findings: `api_tenants/NAME` (the table, and the tenant's row in it)."""
+    return Path("api_tenants") / name
+
+
+def tenant_toml(table: Mapping[str, Any]) -> str:
+    """A tenant table as the TOML text a tenants_dir file holds (without its header line),
+    as the database stores it on PostgreSQL."""
+    import tomli_w
+
+    return tomli_w.dumps(dict(table))
+
+
+def parse_stored_tenant(
+    name: str, text: str, config: Config, *, environ: Mapping[str, str] | None = None
+) -> tuple[TenantConfig, list[str]]:
+    """An API tenant as the database stores it (TOML text), validated against this
+    instance's configuration (catalogue, [delivery] defaults, secret files and variables).
+    Raises ConfigError, each error naming `api_tenants.NAME` and the key."""
+    source = f"api_tenants.{name}"
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
+    return parse_api_tenant(
+        name, raw, config, source=source, environ=environ, origin=api_tenant_origin(name)
+    )
 
 
 def write_tenant_file(directory: Path, name: str, table: Mapping[str, Any]) -> Path:
@@ -1184,3 +1227,51 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The main file's tenants as one digest: several instances on one database compare theirs
+
+# Fixed and public: the digest must be the same on every instance for the same tenants. The
+# secrets enter it only through PBKDF2 over all of them at once, so the digest (in the
+# `instances` table, readable by whoever reads the database) gives no usable way to test a
+# guessed secret.
+DIGEST_SALT = b"webhookd tenants digest v1"
+DIGEST_ITERATIONS = 100_000
+
+
+def tenants_digest(config: Config) -> str:
+    """A digest of the main file's tenants as they deliver: endpoint, events (and what they
+    resolve to), flags, effective delivery settings and secrets. Left out: tenants made
+    through the API (shared through the database), where a secret is read from (a path or
+    variable may differ per host, its value may not) and `source_address` (an address of
+    the host). Hex SHA-256; takes about 0.1 s (run it in a thread)."""
+    public: list[dict[str, Any]] = []
+    secrets: list[list[str]] = []
+    for name, tenant in sorted(config.tenants.items()):
+        if tenant.from_api:
+            continue
+        public.append(
+            {
+                "tenant": name,
+                "endpoint": tenant.endpoint,
+                "events": list(tenant.events),
+                "subscribed": sorted(tenant.subscribed),
+                "enabled": tenant.enabled,
+                "batching": tenant.batching,
+                "authorization_header": tenant.authorization_header,
+                "delivery": {
+                    key: list(value) if isinstance(value, tuple) else value
+                    for key, value in vars(tenant.delivery).items()
+                },
+            }
+        )
+        secrets.append([name, tenant.secret.reveal(), tenant.signing_secret.reveal()])
+    canonical = json.dumps(public, sort_keys=True, separators=(",", ":")).encode()
+    sealed = hashlib.pbkdf2_hmac(
+        "sha256",
+        json.dumps(secrets, separators=(",", ":")).encode(),
+        DIGEST_SALT,
+        DIGEST_ITERATIONS,
+    )
+    return hashlib.sha256(canonical + b"\0" + sealed).hexdigest()

@@ -16,15 +16,17 @@ and acknowledged sequences, attempts, next attempt, last processed, paused), the
 for the sweep), producer ids, parked webhooks, and recent failures in their order (newest
 last, so their new ids keep "newest first").
 
-Tenants made through the API live as files in `tenants_dir`: they are not in the database,
-so they are not copied; they stay where they are, and the daemon on PostgreSQL reads them
-from the same folder.
+Tenants made through the API, files in `tenants_dir` beside SQLite, are copied into
+`api_tenants` in the same transaction (each file's table as TOML text, inline secret
+included, as the file holds it): on PostgreSQL they live in the database, shared by every
+instance, and `tenants_dir` is no longer read. The files are left as they were.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,7 @@ class Copied:
     ids: int = 0
     parked: int = 0
     failures: int = 0
+    api_tenants: int = 0
 
 
 # What is read from SQLite, per table: the query, and the PostgreSQL columns it fills.
@@ -147,17 +150,22 @@ def open_sqlite(path: Path) -> tuple[sqlite3.Connection, DatabaseLock]:
     return conn, lock
 
 
-async def run(source: Path, target: PostgresURL) -> Copied:
-    """Copy `source` (an SQLite file) into `target` (an empty PostgreSQL database)."""
+async def run(
+    source: Path, target: PostgresURL, api_tenants: Mapping[str, str] | None = None
+) -> Copied:
+    """Copy `source` (an SQLite file) into `target` (an empty PostgreSQL database), with
+    the tenants made through the API (`api_tenants`: name -> table as TOML text)."""
     conn, lock = open_sqlite(source)
     try:
-        return await _copy(conn, target)
+        return await _copy(conn, target, api_tenants or {})
     finally:
         conn.close()
         lock.release()
 
 
-async def _copy(sqlite: sqlite3.Connection, target: PostgresURL) -> Copied:
+async def _copy(
+    sqlite: sqlite3.Connection, target: PostgresURL, api_tenants: Mapping[str, str]
+) -> Copied:
     try:
         pg = await connection.connect(target, "migrate")
     except CONNECT_ERRORS as exc:
@@ -176,7 +184,7 @@ async def _copy(sqlite: sqlite3.Connection, target: PostgresURL) -> Copied:
                     "copies into an empty database only, with every webhookd stopped"
                 )
         if version > 0:
-            for table in TABLES:
+            for table in (*TABLES, "api_tenants") if version > 1 else TABLES:
                 if await pg.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
                     raise MigrateError(
                         f"the database {target} already holds webhookd data (rows in "
@@ -191,6 +199,13 @@ async def _copy(sqlite: sqlite3.Connection, target: PostgresURL) -> Copied:
                 if records:
                     await pg.copy_records_to_table(table, records=records, columns=columns)
                 setattr(copied, FIELDS[table], len(records))
+            if api_tenants:
+                await pg.copy_records_to_table(
+                    "api_tenants",
+                    records=sorted(api_tenants.items()),
+                    columns=["tenant", "config"],
+                )
+                copied.api_tenants = len(api_tenants)
         return copied
     except (asyncpg.PostgresError, *CONNECT_ERRORS) as exc:
         raise MigrateError(

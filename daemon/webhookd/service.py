@@ -101,6 +101,10 @@ class Service:
         self._background: set[asyncio.Task[Any]] = set()
         # The api_token the file holds since a reload changed it; it applies at restart.
         self.token_at_restart: config_mod.Secret | None = None
+        # PostgreSQL: the tenants made through the API, as stored (name -> TOML text), and
+        # as parsed against the running configuration (name -> (text, tenant)).
+        self._api_texts: dict[str, str] = {}
+        self._api_parsed: dict[str, tuple[str, TenantConfig]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -109,6 +113,14 @@ class Service:
         `serving`; a start that raises leaves what it began for `drain` and `close`."""
         self.store.on_enqueued = self._enqueued
         self._dormant = {r.name: r for r in await self.store.open()}
+        if self.cluster is not None:
+            # The main file's tenants are this instance's own (the others compare their
+            # digest with it); those made through the API are the database's.
+            digest = await asyncio.to_thread(config_mod.tenants_digest, self.config)
+            self.cluster.config_digest = digest
+            self._api_texts = await self.cluster.api_tenants()
+            self.config = self._with_api_tenants(self.config)
+            self._warn_unread_tenants_dir()
         self._switch_tenants(self.config.tenants)
         for name, record in list(self._dormant.items()):
             # In the database but no longer configured: with webhooks kept, it is shown
@@ -174,6 +186,32 @@ class Service:
         if self.cluster is not None and self.started.is_set() and added:
             self._in_background(self.cluster.add_tenants(added))
 
+    async def _as_stored(self, names: list[str]) -> None:
+        """Removed tenants (PostgreSQL), as stored: a worker's state is what this instance
+        saw, and another may have delivered the tenant since, or discarded its queue (a
+        DELETE through another instance). Read from the database, so that a tenant with
+        nothing left is no longer shown, rather than shown orphaned with what is gone."""
+        try:
+            records = {r.name: r for r in await self.store.load(names)}
+        except StoreError:
+            return  # shown as last seen; a restart reads it again
+        for name in names:
+            worker = self.workers.get(name)
+            if worker is None or worker.config is not None:
+                continue  # configured again meanwhile
+            record = records.get(name) or TenantRecord(name, TenantRow())
+            if worker.task is None:  # never delivered here
+                self._add_worker(record, None)
+            elif record.row.acked_sequence > worker.row.acked_sequence:
+                # Delivered here, but its queue was dropped elsewhere: as in `gained`.
+                worker.stop()
+                worker.task.cancel()
+                await worker.join()
+                if self.workers.get(name) is worker:
+                    fresh = self._add_worker(record, worker.config)
+                    if self.cluster is not None and self.cluster.holds(name):
+                        fresh.start()
+
     def _in_background(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
         self._background.add(task)
@@ -182,6 +220,75 @@ class Service:
     def _use_tenants(self, tenants: Mapping[str, TenantConfig]) -> None:
         self.config = replace(self.config, tenants=dict(sorted(tenants.items())))
         self._switch_tenants(self.config.tenants)
+
+    def _with_api_tenants(self, config: Config) -> Config:
+        """`config`'s main-file tenants and the API tenants stored in the database, each
+        validated against `config` (as a tenants_dir file is at load). One that does not
+        validate here (a secret_env unset on this host) keeps its running version, if any."""
+        tenants = {name: t for name, t in config.tenants.items() if not t.from_api}
+        for name, text in self._api_texts.items():
+            if name in tenants:
+                log.error(
+                    "api_tenant_ignored",
+                    tenant=name,
+                    detail=f"also defined in {config.path}, which wins; remove one of them",
+                )
+                continue
+            parsed = self._api_parsed.get(name)
+            if parsed is None or parsed[0] != text:
+                try:
+                    tenant, _ = config_mod.parse_stored_tenant(name, text, config)
+                except ConfigError as exc:
+                    for error in exc.errors:
+                        log.error("api_tenant_invalid", tenant=name, error=error)
+                    running = self.config.tenants.get(name)
+                    if running is not None and running.from_api:
+                        tenants[name] = running
+                    continue
+                parsed = self._api_parsed[name] = (text, tenant)
+            tenants[name] = parsed[1]
+        for name in set(self._api_parsed) - set(self._api_texts):
+            del self._api_parsed[name]
+        return replace(config, tenants=dict(sorted(tenants.items())))
+
+    def _warn_unread_tenants_dir(self) -> None:
+        """Tenant files left in tenants_dir (a move from SQLite without `migrate`) are not
+        read on PostgreSQL: say so rather than let those tenants vanish silently."""
+        directory = self.config.daemon.tenants_dir
+        if directory is None or not directory.is_dir():
+            return
+        main = self.config.path.resolve()
+        files = {
+            f.stem
+            for f in directory.glob("*.toml")
+            if not f.name.startswith(".") and f.resolve() != main
+        }
+        unread = sorted(files - set(self._api_texts))
+        if unread:
+            log.warning(
+                "tenants_dir_not_read",
+                folder=str(directory),
+                tenants=unread[:20],
+                count=len(unread),
+                detail="on PostgreSQL, tenants made through the API live in the database; "
+                "`webhookd migrate` copies them there from SQLite",
+            )
+
+    def discarded(self, tenant: str) -> None:
+        worker = self.workers.get(tenant)
+        if worker is not None and worker.config is None:
+            self._in_background(self._as_stored([tenant]))
+
+    def api_tenants_changed(self, tenants: Mapping[str, str]) -> None:
+        """The API tenants in the database changed (through any instance): apply them."""
+        if tenants == self._api_texts:
+            return
+        self._api_texts = dict(tenants)
+        before = set(self.config.tenants)
+        self._use_tenants(self._with_api_tenants(self.config).tenants)
+        removed = sorted(before - set(self.config.tenants))
+        if removed and self.started.is_set():
+            self._in_background(self._as_stored(removed))
 
     def _enqueued(self, tenant: str, webhooks: list[Webhook]) -> None:
         worker = self.workers.get(tenant)
@@ -297,11 +404,17 @@ class Service:
                     log.error("reload_rejected", error=error)
                 return False
             self.apply(new)
+            if self.cluster is not None:
+                digest = await asyncio.to_thread(config_mod.tenants_digest, new)
+                self.cluster.publish_digest(digest)
             return True
 
     def apply(self, new: Config) -> None:
         """Switch to `new`: start added tenants, orphan removed ones, reconfigure the rest."""
         old = self.config
+        if self.cluster is not None:
+            self._api_parsed.clear()  # validated again against the new file
+            new = self._with_api_tenants(new)
         restart_keys = [
             key
             for key in vars(new.daemon)
@@ -327,6 +440,9 @@ class Service:
         )
         self.config = replace(new, daemon=daemon)
         self._switch_tenants(new.tenants)
+        removed = sorted(set(old.tenants) - set(new.tenants))
+        if self.cluster is not None and removed and self.started.is_set():
+            self._in_background(self._as_stored(removed))
         log.info("reloaded", tenants=len(new.tenants))
 
     def set_tenant(self, tenant: TenantConfig) -> None:
@@ -344,26 +460,41 @@ class Service:
             if existing is not None and not existing.from_api:
                 raise Conflict(f"tenant {name!r} is defined in {self.config.path}; change it there")
             directory = self.config.daemon.tenants_dir
-            if directory is None:
+            if directory is None and self.cluster is None:
                 raise Conflict("tenants_dir is not set in [daemon]; the tenant API needs it")
             if isinstance(raw, dict):
                 raw = _from_view(raw, existing, self.config.delivery)
+            # On PostgreSQL the tenant lives in the database, shared by every instance.
+            origin = config_mod.api_tenant_origin(name) if self.cluster is not None else None
             try:
                 tenant, warnings = config_mod.parse_api_tenant(
-                    name, raw, self.config, source=f"tenant {name}"
+                    name, raw, self.config, source=f"tenant {name}", origin=origin
                 )
             except ConfigError as exc:
                 raise InvalidTenant("; ".join(exc.errors)) from None
             table = config_mod.tenant_table(tenant, redact=False)
-            try:
-                await asyncio.to_thread(config_mod.write_tenant_file, directory, name, table)
-            except OSError as exc:
-                raise Unavailable(f"cannot write {directory}/{name}.toml: {exc.strerror}") from None
+            created = existing is None
+            if self.cluster is not None:
+                text = config_mod.tenant_toml(table)
+                try:
+                    created = await self.cluster.save_api_tenant(name, text)
+                except StoreError as exc:
+                    raise Unavailable(f"tenant {name} was not saved: {exc}") from None
+                self._api_texts[name] = text
+                self._api_parsed[name] = (text, tenant)
+            else:
+                assert directory is not None
+                try:
+                    await asyncio.to_thread(config_mod.write_tenant_file, directory, name, table)
+                except OSError as exc:
+                    raise Unavailable(
+                        f"cannot write {directory}/{name}.toml: {exc.strerror}"
+                    ) from None
             self.set_tenant(tenant)
             for warning in warnings:
                 log.warning("config_warning", warning=warning)
-            log.info("tenant_saved", tenant=name, created=existing is None)
-            return existing is None, tenant
+            log.info("tenant_saved", tenant=name, created=created)
+            return created, tenant
 
     async def delete_tenant(self, name: str, *, discard: bool) -> dict[str, Any]:
         """Remove an API tenant. Refused while webhooks wait, unless `discard`."""
@@ -374,16 +505,33 @@ class Service:
             if not existing.from_api:
                 raise Conflict(f"tenant {name!r} is defined in {self.config.path}; remove it there")
             worker = self.workers[name]
-            if worker.waiting and not discard:
-                many = f"{worker.waiting} webhooks are" if worker.waiting > 1 else "1 webhook is"
+            waiting = worker.waiting
+            if self.cluster is not None:
+                # Another instance may deliver it: its queue as stored, not as seen here.
+                records = await self._write(self.store.load([name]))
+                row = records[0].row if records else TenantRow()
+                waiting = row.last_sequence - row.acked_sequence
+            if waiting and not discard:
+                many = f"{waiting} webhooks are" if waiting > 1 else "1 webhook is"
                 raise QueueNotEmpty(
                     f"{many} waiting for {name}; let them deliver, "
                     "or DELETE with ?discard=true to drop them"
                 )
-            directory = existing.origin.parent
-            await asyncio.to_thread(config_mod.remove_tenant_file, directory, name)
+            if self.cluster is not None:
+                try:
+                    await self.cluster.delete_api_tenant(name)  # every instance stops it
+                except StoreError as exc:
+                    raise Unavailable(f"tenant {name} was not deleted: {exc}") from None
+                self._api_texts.pop(name, None)
+            else:
+                directory = existing.origin.parent
+                await asyncio.to_thread(config_mod.remove_tenant_file, directory, name)
             self.remove_tenant(name)  # no new attempt starts from here on
             dropped = await self._write(worker.discard()) if discard else 0
+            if self.cluster is not None:
+                await self._as_stored([name])
+                if discard:
+                    await self.cluster.announce_discarded(name)
             log.warning("tenant_deleted", tenant=name, discarded=dropped)
             return {"tenant": name, "deleted": True, "discarded": dropped}
 
@@ -488,7 +636,11 @@ class Service:
         return status.tenant(self.worker(name), self.clock.now())
 
     def status(self) -> dict[str, Any]:
-        return status.daemon(self.visible_workers(), self.clock.now(), self.store.disk_full)
+        shown = status.daemon(self.visible_workers(), self.clock.now(), self.store.disk_full)
+        if self.cluster is not None:
+            # The live instances whose main-file tenants differ from this one's.
+            shown["totals"]["config_mismatch"] = list(self.cluster.mismatch)
+        return shown
 
     async def status_view(self) -> dict[str, Any]:
         """`status()` as the API shows it. With several instances on one database, each
@@ -515,6 +667,7 @@ class Service:
             result["totals"]["cluster_unknown"] = (
                 f"only the tenants this instance holds are shown: {exc}"
             )
+            result["totals"]["config_mismatch"] = list(cluster.mismatch)
             return result
         shown = [observed.get(w.name, w) for w in workers]
         result = status.daemon(shown, self.clock.now(), self.store.disk_full)
@@ -530,6 +683,8 @@ class Service:
             }
             for i in survey["instances"]
         ]
+        # The live instances whose main-file tenants differ from this one's.
+        result["totals"]["config_mismatch"] = list(cluster.mismatch)
         return result
 
     async def tenant_status_view(self, name: str) -> dict[str, Any]:

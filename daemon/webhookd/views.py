@@ -194,6 +194,10 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
         for key in ("tenants", "waiting", "stalled", "paused", "disabled", "orphaned", "parked")
         if key in totals and (totals[key] or key in ("tenants", "waiting", "stalled"))
     )
+    mismatch = totals.get("config_mismatch")
+    if mismatch:
+        # Several instances on one database whose main files' tenants differ.
+        summary += f"\nconfig_mismatch: the main file's tenants differ on {', '.join(mismatch)}"
     text += "\n\n" + summary + "\n"
     if clustered:
         text += "\n" + instances_table(totals["instances"]) + "\n"

@@ -30,7 +30,7 @@ The guarantees every method keeps:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from webhookd.records import (
@@ -70,6 +70,15 @@ class Members(Protocol):
         `tenant`, up to `last_sequence`."""
         ...
 
+    def discarded(self, tenant: str) -> None:
+        """Another instance discarded the queue of `tenant`, removed from the tenant API."""
+        ...
+
+    def api_tenants_changed(self, tenants: Mapping[str, str]) -> None:
+        """The tenants made through the tenant API changed (on any instance): every one of
+        them now, name -> its table as TOML text."""
+        ...
+
 
 class Cluster(Protocol):
     """This instance among others sharing one database (PostgreSQL). Each tenant is
@@ -90,6 +99,34 @@ class Cluster(Protocol):
     lease_changes: dict[str, int]
     """Leases `gained`, `lost` (claimed by another, or not renewed in time) and `released`
     (handed over, or back at stop) since start (the metrics)."""
+
+    config_digest: str
+    """A digest of this instance's main-file tenants, published for the others to compare
+    (`webhookd.config.tenants_digest`)."""
+
+    mismatch: list[str]
+    """The live instances whose published digest differs from this one's (last tick)."""
+
+    def publish_digest(self, digest: str) -> None:
+        """Publish a new digest now (after a reload), and have the others compare again."""
+        ...
+
+    async def api_tenants(self) -> dict[str, str]:
+        """The tenants made through the API, read now: name -> table as TOML text."""
+        ...
+
+    async def save_api_tenant(self, tenant: str, text: str) -> bool:
+        """Store an API tenant (created, True, or replaced), give it a lease row and tell
+        every instance. Raises on a database error (nothing stored then)."""
+        ...
+
+    async def delete_api_tenant(self, tenant: str) -> bool:
+        """Remove an API tenant and tell every instance; False if there was none."""
+        ...
+
+    async def announce_discarded(self, tenant: str) -> None:
+        """Tell the others that a removed tenant's queue was discarded (`Members.discarded`)."""
+        ...
 
     def holds(self, tenant: str) -> bool:
         """Whether this instance may start an attempt for `tenant` now: it holds the lease,

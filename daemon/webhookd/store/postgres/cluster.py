@@ -24,6 +24,11 @@ order holds only if one instance at a time sends its head. So each tenant has a 
   sequence') with it; the owner's worker reads them from the table. Each tick also reads
   the owned tenants' counters, so a notification lost with a dropped session delays a
   delivery by one tick at most.
+- **Configuration.** Tenants made through the tenant API are rows of `api_tenants`; a write
+  sends NOTIFY webhookd_cluster 'tenants', and every instance reads them again (each tick
+  also checks a fingerprint of the table). Each instance publishes a digest of its main
+  file's tenants with its heartbeat, and each tick lists the live instances whose digest
+  differs (`mismatch`, logged as `config_mismatch` when it changes).
 
 The cluster's statements run on a session of its own, beside the writer: renewing must not
 queue behind a group commit, and LISTEN needs a session that stays.
@@ -55,7 +60,9 @@ if TYPE_CHECKING:
 log = logs.get_logger("webhookd.cluster")
 
 QUEUED = "webhookd_queued"  # payload: "tenant last_sequence"
-CHANGED = "webhookd_cluster"  # payload: why ("free", "joined"); every instance ticks now
+# Payload: why ("free", "joined", "tenants", "config"): every instance ticks now; but
+# "discarded TENANT" only has the others read that removed tenant's state again.
+CHANGED = "webhookd_cluster"
 TICKS_PER_LEASE = 3
 RECONNECT_S = 1.0
 # How many leases a handover may run at once: each waits for its attempt in flight.
@@ -132,6 +139,29 @@ HEADS = """
 
 SURVEY_OWNERS = "SELECT tenant, owner FROM leases WHERE expires_at > now() AND owner IS NOT NULL"
 
+# Tenants made through the tenant API, shared by every instance. A write sends
+# NOTIFY webhookd_cluster 'tenants' with its commit; every instance then reads them again.
+# The fingerprint, read every tick, catches a notification lost with a dropped session:
+# xmin changes with every version of a row, so any insert, update or delete changes it.
+API_TENANTS = "SELECT tenant, config FROM api_tenants ORDER BY tenant"
+API_TENANTS_FINGERPRINT = """
+    SELECT count(*)::text || ' ' || coalesce(
+        md5(string_agg(tenant || ' ' || xmin::text, ',' ORDER BY tenant)), '')
+    FROM api_tenants"""
+SAVE_API_TENANT = """
+    INSERT INTO api_tenants (tenant, config) VALUES ($1, $2)
+    ON CONFLICT (tenant) DO UPDATE SET config = $2, updated_at = now()
+    RETURNING (xmax = 0) AS created"""
+DELETE_API_TENANT = "DELETE FROM api_tenants WHERE tenant = $1 RETURNING tenant"
+
+# The other live instances whose main-file tenants differ from this one's (an instance
+# that publishes no digest, an older version, is left out).
+MISMATCHED = """
+    SELECT id FROM instances
+    WHERE heartbeat_at > now() - make_interval(secs => $1)
+      AND id <> $2 AND config_digest <> '' AND config_digest <> $3
+    ORDER BY id"""
+
 FORGET_DEAD = """
     DELETE FROM instances WHERE heartbeat_at < now() - make_interval(secs => $1)"""
 
@@ -157,6 +187,10 @@ class PgCluster:
         self.instance = instance_name()
         self.api_url = ""  # where the others reach this instance's API (set before start)
         self.config_digest = ""  # the main file's tenants, as the others compare them
+        # The live instances whose digest differs from this one's, as of the last tick.
+        self.mismatch: list[str] = []
+        self._published_digest = ""
+        self._api_fingerprint: str | None = None  # of api_tenants, as last read
         self.held: dict[str, Lease] = {}
         # For the metrics: live instances as the last tick counted them, and lease changes.
         self.live_instances = 0
@@ -266,6 +300,69 @@ class PgCluster:
             return
         self._nudge.set()
 
+    def publish_digest(self, digest: str) -> None:
+        """A new digest of the main file's tenants (a reload): published at once, and the
+        others told to compare again."""
+        self.config_digest = digest
+        self._nudge.set()
+
+    # -- tenants made through the API --------------------------------------------------------
+
+    async def api_tenants(self) -> dict[str, str]:
+        """Every API tenant's stored table (TOML text), read now. Raises StoreError."""
+        try:
+            async with self._lock:
+                conn = await self._session()
+                self._api_fingerprint, tenants = await self._read_api_tenants(conn)
+                return tenants
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
+
+    async def _read_api_tenants(self, conn: Connection) -> tuple[str, dict[str, str]]:
+        """The table's fingerprint, and its rows as of that fingerprint."""
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            fingerprint: str = await conn.fetchval(API_TENANTS_FINGERPRINT)
+            rows = await conn.fetch(API_TENANTS)
+        return fingerprint, {r["tenant"]: r["config"] for r in rows}
+
+    async def save_api_tenant(self, tenant: str, text: str) -> bool:
+        """Store an API tenant's table and give it a lease row, in one transaction that
+        tells every instance; True if it was created. Raises StoreError (nothing stored)."""
+        try:
+            async with self._lock:
+                conn = await self._session()
+                async with conn.transaction():
+                    created: bool = await conn.fetchval(SAVE_API_TENANT, tenant, text)
+                    await conn.execute(ADD_TENANTS, [tenant])
+                    await conn.execute("SELECT pg_notify($1, 'tenants')", CHANGED)
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
+        return created
+
+    async def delete_api_tenant(self, tenant: str) -> bool:
+        """Remove an API tenant and tell every instance; False if there was none. Raises
+        StoreError (nothing removed)."""
+        try:
+            async with self._lock:
+                conn = await self._session()
+                async with conn.transaction():
+                    deleted = await conn.fetchval(DELETE_API_TENANT, tenant)
+                    await conn.execute("SELECT pg_notify($1, 'tenants')", CHANGED)
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
+        return deleted is not None
+
+    async def announce_discarded(self, tenant: str) -> None:
+        """A removed tenant's queue was discarded here: the others read its state again
+        (status shows what they last saw of it otherwise). Best effort: a lost one leaves
+        a stale status until a restart, never a delivery."""
+        try:
+            async with self._lock:
+                conn = await self._session()
+                await conn.execute("SELECT pg_notify($1, $2)", CHANGED, f"discarded {tenant}")
+        except CONNECT_ERRORS as exc:
+            log.warning("discard_not_announced", tenant=tenant, error=connection.reason(exc))
+
     def drain(self) -> None:
         """Claim nothing more (the service is stopping); leases held are still renewed, so
         the attempts in flight can finish and be recorded."""
@@ -344,7 +441,12 @@ class PgCluster:
         if tenant in self.held and self._members is not None:
             self._members.queued(tenant, int(last))
 
-    def _heard_changed(self, _conn: Any, _pid: int, _channel: str, _payload: object) -> None:
+    def _heard_changed(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        reason, _, tenant = str(payload).partition(" ")
+        if reason == "discarded":
+            if self._members is not None:
+                self._members.discarded(tenant)
+            return
         self._nudge.set()
 
     # -- the tick ----------------------------------------------------------------------------
@@ -393,6 +495,8 @@ class PgCluster:
         if self._down:
             log.warning("cluster_reconnected")
             self._down = False
+        await self._compare_digests(conn)
+        await self._check_api_tenants(conn)
         for tenant, lease in list(self.held.items()):
             if renewed.get(tenant) != lease.fence:
                 del self.held[tenant]
@@ -416,6 +520,43 @@ class PgCluster:
             await self._claim(conn, share - owned, sent)
         elif owned > share and not survey["free"] and (survey["fewest"] or 0) < share:
             self._hand_over(owned - share)
+
+    async def _compare_digests(self, conn: Connection) -> None:
+        """Tell the others about a new digest of the main file's tenants; compare theirs
+        with it, and say so when the set of those that differ changes."""
+        if self.config_digest != self._published_digest:
+            # The upsert before it is committed: the others compare with the new one now.
+            await conn.execute("SELECT pg_notify($1, 'config')", CHANGED)
+            self._published_digest = self.config_digest
+        if self.config_digest:
+            rows = await conn.fetch(
+                MISMATCHED, self.lease_seconds, self.instance, self.config_digest
+            )
+            mismatch = [r["id"] for r in rows]
+            if mismatch != self.mismatch:
+                if mismatch:
+                    log.warning(
+                        "config_mismatch",
+                        instance=self.instance,
+                        instances=mismatch,
+                        detail="the tenants of the main configuration file differ between "
+                        "these instances and this one; make the files the same and reload",
+                    )
+                else:
+                    # As loud as the mismatch: whoever saw one sees it end.
+                    log.warning("config_mismatch_cleared", instance=self.instance)
+                self.mismatch = mismatch
+
+    async def _check_api_tenants(self, conn: Connection) -> None:
+        """Read the API tenants again when they changed: a notification makes this tick
+        happen at once, and the fingerprint catches one that was lost."""
+        members = self._members
+        assert members is not None
+        fingerprint = await conn.fetchval(API_TENANTS_FINGERPRINT)
+        if fingerprint != self._api_fingerprint:
+            fingerprint, tenants = await self._read_api_tenants(conn)
+            members.api_tenants_changed(tenants)
+            self._api_fingerprint = fingerprint  # once applied: a failure tries again
 
     async def _claim(self, conn: Connection, count: int, sent: float) -> None:
         members = self._members
