@@ -108,11 +108,10 @@ def create_app(service: Service) -> web.Application:
         forwarder = Forwarder(service.cluster.instance, token)
         app[FORWARDER] = forwarder
 
-        async def close_forwarder(app: web.Application) -> Any:
-            yield
+        async def close_forwarder(app: web.Application) -> None:
             await forwarder.close()
 
-        app.cleanup_ctx.append(close_forwarder)
+        app.on_cleanup.append(close_forwarder)
     app.add_routes(
         [
             web.post("/v1/tenants/{tenant}/webhooks", ingest),
