@@ -18,6 +18,7 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from tests.conftest import Daemon, Receiver, free_port, tenant, wait_for, write_config
@@ -72,6 +73,12 @@ def held(daemon: Daemon) -> set[str]:
     cluster = daemon.service.cluster
     assert cluster is not None
     return {name for name in daemon.service.workers if cluster.holds(name)}
+
+
+def instance(daemon: Daemon) -> str:
+    cluster = daemon.service.cluster
+    assert cluster is not None
+    return cluster.instance
 
 
 def items(prefix: str, count: int) -> list[dict[str, Any]]:
@@ -376,3 +383,294 @@ async def test_a_lease_claimed_while_the_instance_stops_starts_no_worker_it_woul
     worker = service.workers["acme"]
     assert worker.task is None or worker.task.done()
     await asyncio.wait_for(a.server.stop(), 10)
+
+
+async def test_each_instance_publishes_where_its_api_is_reached(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    a = await start_instance(instance_config(path, postgres_url))
+    b = await start_instance(
+        instance_config(path, postgres_url, advertise_url="http://node-b.internal:9999")
+    )
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        rows = await conn.fetch("SELECT id, api_url FROM instances")
+    finally:
+        await conn.close()
+    assert {r["id"]: r["api_url"] for r in rows} == {
+        instance(a): a.base,
+        instance(b): "http://node-b.internal:9999",
+    }
+
+
+# -- control from any instance -------------------------------------------------------------
+
+
+async def two_instances(
+    tmp_path: Path,
+    receiver: Receiver,
+    postgres_url: str,
+    start_instance: StartInstance,
+    *,
+    tenants: int = 2,
+    **overrides: Any,
+) -> tuple[Daemon, Daemon, str]:
+    """Instances A and B sharing the tenants t0…; and a tenant A holds (B does not)."""
+    names = [f"t{n}" for n in range(tenants)]
+    path = write_config(
+        tmp_path, {name: tenant(receiver.url(f"/{name}"), **overrides) for name in names}
+    )
+    a = await start_instance(instance_config(path, postgres_url))
+    b = await start_instance(instance_config(path, postgres_url))
+    share = tenants // 2
+    await wait_for(lambda: len(held(a)) == share and len(held(b)) == share, timeout=4 * LEASE_S)
+    return a, b, sorted(held(a))[0]
+
+
+async def test_pause_and_resume_through_another_instance_act_on_the_owner(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    a, b, name = await two_instances(tmp_path, receiver, postgres_url, start_instance)
+
+    status, body = await b.request("POST", f"/v1/tenants/{name}/pause")
+    assert (status, body["paused"], body["queue"]) == (200, True, "paused")
+    assert a.service.workers[name].row.paused  # the owner's worker, not B's copy
+    await b.ingest(name, items("p", 2))
+    await asyncio.sleep(LEASE_S / 2)
+    assert receiver.at(f"/{name}") == []  # A holds it, paused
+
+    status, body = await b.request("POST", f"/v1/tenants/{name}/resume")
+    assert (status, body["paused"]) == (200, False)
+    await wait_for(lambda: receiver.sequences(f"/{name}") == [1, 2], timeout=5)
+    assert held(a) >= {name}  # delivered by its owner all along
+
+
+async def test_retry_and_refresh_through_another_instance_act_on_the_owner(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    # A backoff of a minute: only a retry makes the next attempt in time.
+    a, b, name = await two_instances(
+        tmp_path, receiver, postgres_url, start_instance, retry_base=60.0
+    )
+    receiver.script(f"/{name}", 503)
+    await b.ingest(name, items("r", 1))
+    await wait_for(lambda: a.service.workers[name].queue_state == "stalled", timeout=5)
+
+    status, body = await b.request("POST", f"/v1/tenants/{name}/retry")
+    assert (status, body["retrying"], body["queue"]) == (200, True, "waiting")
+    await wait_for(lambda: receiver.sequences(f"/{name}") == [1], timeout=5)
+
+    assert len(a.service.workers[name].failures) == 1
+    status, body = await b.request("POST", f"/v1/tenants/{name}/refresh")
+    assert (status, body) == (200, {"tenant": name, "cleared": 1})
+    assert len(a.service.workers[name].failures) == 0
+
+
+async def test_skip_peek_parked_and_requeue_through_another_instance(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    a, b, name = await two_instances(
+        tmp_path, receiver, postgres_url, start_instance, retry_base=60.0
+    )
+    receiver.script(f"/{name}", 500)
+    await b.ingest(name, items("s", 2))
+    await wait_for(lambda: a.service.workers[name].queue_state == "stalled", timeout=5)
+
+    # Reads come from the database, on any instance.
+    status, body = await b.request("GET", f"/v1/tenants/{name}/webhooks?limit=5")
+    assert (status, [w["sequence"] for w in body["webhooks"]]) == (200, [1, 2])
+
+    status, body = await b.request("POST", f"/v1/tenants/{name}/skip")
+    assert (status, body["parked"]) == (200, {"id": "s-0", "sequence": 1})
+    await wait_for(lambda: receiver.sequences(f"/{name}") == [2], timeout=5)  # A went on
+
+    status, body = await b.request("GET", f"/v1/tenants/{name}/parked")
+    assert (status, [w["id"] for w in body["parked"]]) == (200, ["s-0"])
+    status, body = await b.request("POST", f"/v1/tenants/{name}/parked/s-0/requeue")
+    assert (status, body) == (200, {"tenant": name, "id": "s-0", "sequence": 3})
+    await wait_for(lambda: receiver.sequences(f"/{name}") == [2, 3], timeout=5)
+    assert a.service.workers[name].parked == 0
+
+
+async def test_a_forwarded_control_is_never_forwarded_again(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    a, b, name = await two_instances(tmp_path, receiver, postgres_url, start_instance)
+    marked = {"X-Webhookd-Forwarded-By": "elsewhere"}
+
+    # At a non-owner (the lease moved while the call was on its way): said, not passed on.
+    status, body = await b.request("POST", f"/v1/tenants/{name}/pause", headers=marked)
+    assert (status, body["error"]) == (503, "owner_changed")
+    assert instance(a) in body["detail"]
+    assert not a.service.workers[name].row.paused
+
+    # At the owner: done there.
+    status, body = await a.request("POST", f"/v1/tenants/{name}/pause", headers=marked)
+    assert (status, body["paused"]) == (200, True)
+
+
+async def test_an_owner_whose_api_does_not_answer_is_503_owner_unreachable(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    # The owner's lease is live, but nothing answers where it says its API is.
+    silent = f"http://127.0.0.1:{free_port()}"
+    a = await start_instance(instance_config(path, postgres_url, advertise_url=silent))
+    await wait_for(lambda: held(a) == {"acme"}, timeout=5)
+    b = await start_instance(instance_config(path, postgres_url))
+
+    for control in ("pause", "retry", "skip"):
+        status, body = await b.request("POST", f"/v1/tenants/acme/{control}")
+        assert (status, body["error"]) == (503, "owner_unreachable")
+        assert instance(a) in body["detail"] and silent in body["detail"]
+    assert not a.service.workers["acme"].row.paused
+
+
+async def test_a_control_for_a_tenant_no_one_holds_claims_it_here(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    names = ["t0", "t1", "t2"]
+    path = write_config(tmp_path, {name: tenant(receiver.url(f"/{name}")) for name in names})
+    a = await start_instance(instance_config(path, postgres_url, lease_seconds=60.0))
+    await wait_for(lambda: held(a) == set(names), timeout=5)
+    # A third instance that never claims: the fair share is one each, so one tenant is
+    # left without an owner once A has handed two over and B taken its one.
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(
+            "INSERT INTO instances (id, host, pid, heartbeat_at) "
+            "VALUES ('ghost', 'nowhere', 1, now() + interval '1 hour')"
+        )
+        b = await start_instance(instance_config(path, postgres_url, lease_seconds=60.0))
+        await wait_for(lambda: len(held(a)) == 1 and len(held(b)) == 1, timeout=10)
+        [free] = set(names) - held(a) - held(b)
+        assert await conn.fetchval("SELECT owner FROM leases WHERE tenant = $1", free) is None
+
+        status, body = await b.request("POST", f"/v1/tenants/{free}/pause")
+        assert (status, body["paused"]) == (200, True)
+        assert free in held(b)
+        assert await conn.fetchval("SELECT owner FROM leases WHERE tenant = $1", free) == (
+            instance(b)
+        )
+        assert await conn.fetchval("SELECT paused FROM tenant_state WHERE tenant = $1", free)
+    finally:
+        await conn.close()
+
+
+async def test_retry_all_through_one_instance_retries_every_instances_tenants(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    a, b, _ = await two_instances(tmp_path, receiver, postgres_url, start_instance, retry_base=60.0)
+    for name in ("t0", "t1"):
+        receiver.script(f"/{name}", 503)
+        await a.ingest(name, items(name, 1))
+
+    def stalled() -> bool:
+        return all(d.service.workers[n].queue_state == "stalled" for d in (a, b) for n in held(d))
+
+    await wait_for(stalled, timeout=5)
+    status, body = await b.request("POST", "/v1/retry")
+    assert (status, body) == (200, {"retrying": ["t0", "t1"], "count": 2, "unreachable": []})
+    await wait_for(lambda: receiver.sequences("/t0") == receiver.sequences("/t1") == [1], 5)
+
+
+# -- status and metrics from any instance --------------------------------------------------
+
+
+async def test_status_through_either_instance_shows_the_same_owners_and_instances(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    a, b, name = await two_instances(
+        tmp_path, receiver, postgres_url, start_instance, tenants=4, retry_base=60.0
+    )
+    [other] = sorted(held(a) - {name})
+    # Ingested through B for tenants A delivers: B's own copy of them would say these
+    # still wait (it never sees A's acknowledgements).
+    await b.ingest(other, items("ok", 3))
+    await wait_for(lambda: receiver.sequences(f"/{other}") == [1, 2, 3], timeout=5)
+    receiver.script(f"/{name}", 503)
+    await b.ingest(name, items("stuck", 2))
+    await wait_for(lambda: a.service.workers[name].queue_state == "stalled", timeout=5)
+
+    views = []
+    for daemon in (a, b):
+        status, body = await daemon.request("GET", "/v1/status")
+        assert status == 200, body
+        views.append(body)
+    for view in views:
+        owners = {t["tenant"]: t["owner"] for t in view["tenants"]}
+        assert owners == {n: instance(a) for n in held(a)} | {n: instance(b) for n in held(b)}
+        instances = [(i["id"], i["api_url"], i["tenants"]) for i in view["totals"]["instances"]]
+        assert instances == sorted([(instance(a), a.base, 2), (instance(b), b.base, 2)])
+        tenants = {t["tenant"]: t for t in view["tenants"]}
+        assert tenants[other]["waiting"] == 0
+        assert tenants[other]["last_processed_at"] is not None
+        stuck = tenants[name]
+        assert (stuck["queue"], stuck["waiting"], stuck["attempts"]) == ("stalled", 2, 1)
+        assert stuck["oldest_waiting_at"] is not None
+        assert [f["status"] for f in stuck["recent_failures"]] == [503]
+        assert view["totals"]["waiting"] == 2
+
+    status, one = await b.request("GET", f"/v1/tenants/{name}/status")
+    assert (status, one["owner"], one["queue"], one["waiting"]) == (
+        200,
+        instance(a),
+        "stalled",
+        2,
+    )
+    status, text = await b.request("GET", "/v1/status?format=text")
+    assert status == 200
+    assert "OWNER" in text and "INSTANCE" in text and a.base in text and b.base in text
+    status, text = await b.request("GET", f"/v1/tenants/{name}/status?format=text")
+    assert status == 200 and instance(a) in text
+
+
+def scraped(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Prometheus text as {sample name: {labels: value}}."""
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[labels] = sample.value
+    return samples
+
+
+async def test_metrics_are_per_instance_and_sum_without_double_counting(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    a, b, _ = await two_instances(
+        tmp_path, receiver, postgres_url, start_instance, tenants=4, retry_base=60.0
+    )
+    for n in range(4):
+        receiver.always(f"/t{n}", 503)
+        await (a if n % 2 else b).ingest(f"t{n}", items(f"m{n}", n + 1))  # 10 in all
+
+    def stalled() -> bool:
+        return all(d.service.workers[n].queue_state == "stalled" for d in (a, b) for n in held(d))
+
+    await wait_for(stalled, timeout=5)
+    await wait_for(lambda: a.service.cluster and a.service.cluster.live_instances == 2, 5)
+    await wait_for(lambda: b.service.cluster and b.service.cluster.live_instances == 2, 5)
+    metrics = []
+    for daemon in (a, b):
+        status, text = await daemon.request("GET", "/metrics")
+        assert status == 200
+        metrics.append(scraped(text))
+
+    depths = [m["webhookd_queue_depth"] for m in metrics]
+    # Each tenant on exactly one instance, its own; summed, the real total.
+    assert [{dict(k)["tenant"] for k in d} for d in depths] == [held(a), held(b)]
+    assert sum(v for d in depths for v in d.values()) == 10
+    assert sum(m["webhookd_tenants_stalled"][()] for m in metrics) == 4
+    assert [m["webhookd_leases"][()] for m in metrics] == [2, 2]
+    assert [m["webhookd_cluster_instances"][()] for m in metrics] == [2, 2]
+    changes = [
+        {dict(k)["change"]: v for k, v in m["webhookd_lease_changes_total"].items()}
+        for m in metrics
+    ]
+    # A claimed all four alone, then handed two over to B when it joined.
+    assert changes == [
+        {"gained": 4, "lost": 0, "released": 2},
+        {"gained": 2, "lost": 0, "released": 0},
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -351,6 +352,48 @@ def test_non_loopback_listen_without_a_token_is_an_error(
         f"config.toml: daemon.listen: {host} is not a loopback address: set api_token "
         "(or api_token_file) so the API is not open to the network"
     ]
+
+
+@pytest.mark.parametrize(
+    ("daemon", "expected"),
+    [
+        ('listen = "10.0.0.5:8787"\napi_token = "t"', "http://10.0.0.5:8787"),
+        ('listen = "[fd00::5]:8787"\napi_token = "t"', "http://[fd00::5]:8787"),
+        ('listen = "0.0.0.0:9000"\napi_token = "t"', f"http://{socket.gethostname()}:9000"),
+        (
+            'advertise_url = "https://node-a.internal:8443/webhookd/"',
+            "https://node-a.internal:8443/webhookd",
+        ),
+    ],
+)
+def test_the_api_url_other_instances_reach(here: Path, daemon: str, expected: str) -> None:
+    write(here / "config.toml", f"[daemon]\n{daemon}\n")
+    assert load("config.toml", environ={}).daemon.api_url == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (
+            "ftp://node-a:8787",
+            "expected an http(s) URL such as http://10.0.0.5:8787, got 'ftp://node-a:8787'",
+        ),
+        ("node-a:8787", "expected an http(s) URL such as http://10.0.0.5:8787, got 'node-a:8787'"),
+        (
+            "http://0.0.0.0:8787",
+            "0.0.0.0 is every address, not one to call back; name this machine as the "
+            "other instances reach it",
+        ),
+        ("http://u:p@node-a:8787", "credentials in the URL are not allowed; the API token is sent"),
+        (
+            "http://node-a:8787/?x=1",
+            "a query or fragment cannot be part of the API's address; remove it",
+        ),
+    ],
+)
+def test_a_bad_advertise_url_names_file_and_key(here: Path, value: str, error: str) -> None:
+    write(here / "config.toml", f'[daemon]\nadvertise_url = "{value}"\n')
+    assert errors_of("config.toml", environ={}) == [f"config.toml: daemon.advertise_url: {error}"]
 
 
 def test_secrets_never_shown(here: Path) -> None:

@@ -1049,6 +1049,7 @@ def test_duration_histogram_buckets_are_cumulative(
         clock=Clock(),
         visible_workers=list,
         connections=None,
+        cluster=None,
     )
     metrics = Metrics(cast(Any, service))
     for duration in durations_ms:

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from webhookd import listener, logs, views
 from webhookd.config import TENANT_NAME
+from webhookd.forward import Forwarder, forwarded
 from webhookd.ingest import INLINE_BYTES, parse_body
 from webhookd.responses import error_response, http_error_response, json_response
 from webhookd.service import Service, ServiceError
@@ -23,6 +24,7 @@ from webhookd.service import Service, ServiceError
 log = logs.get_logger("webhookd.api")
 
 SERVICE = web.AppKey("service", Service)
+FORWARDER = web.AppKey("forwarder", Forwarder)
 # A slow client may take this long to send its body (a slow-loris guard).
 BODY_TIMEOUT_S = 60.0
 
@@ -102,6 +104,14 @@ def create_app(service: Service) -> web.Application:
         middlewares=middlewares, client_max_size=service.config.daemon.max_body_bytes
     )
     app[SERVICE] = service
+    if service.cluster is not None:
+        forwarder = Forwarder(service.cluster.instance, token)
+        app[FORWARDER] = forwarder
+
+        async def close_forwarder(app: web.Application) -> None:
+            await forwarder.close()
+
+        app.on_cleanup.append(close_forwarder)
     app.add_routes(
         [
             web.post("/v1/tenants/{tenant}/webhooks", ingest),
@@ -109,13 +119,13 @@ def create_app(service: Service) -> web.Application:
             web.get("/v1/status", status_all),
             web.get("/v1/tenants/{tenant}/status", status_one),
             web.post("/v1/retry", retry_all),
-            web.post("/v1/tenants/{tenant}/retry", retry),
-            web.post("/v1/tenants/{tenant}/refresh", refresh),
-            web.post("/v1/tenants/{tenant}/pause", pause),
-            web.post("/v1/tenants/{tenant}/resume", resume),
-            web.post("/v1/tenants/{tenant}/skip", skip),
+            web.post("/v1/tenants/{tenant}/retry", at_owner(retry)),
+            web.post("/v1/tenants/{tenant}/refresh", at_owner(refresh)),
+            web.post("/v1/tenants/{tenant}/pause", at_owner(pause)),
+            web.post("/v1/tenants/{tenant}/resume", at_owner(resume)),
+            web.post("/v1/tenants/{tenant}/skip", at_owner(skip)),
             web.get("/v1/tenants/{tenant}/parked", parked),
-            web.post("/v1/tenants/{tenant}/parked/{id}/requeue", requeue),
+            web.post("/v1/tenants/{tenant}/parked/{id}/requeue", at_owner(requeue)),
             web.get("/healthz", healthz),
             web.get("/metrics", metrics),
         ]
@@ -228,6 +238,24 @@ async def ingest(request: web.Request) -> web.Response:
 # -- status and control ------------------------------------------------------------------------
 
 
+def at_owner(handler: Handler) -> Handler:
+    """A tenant's control runs on the instance delivering the tenant: with several
+    instances on one database, a call for a tenant another instance holds is forwarded
+    there and its answer relayed as is (forward.py). On SQLite, `handler` as it is."""
+
+    async def run(request: web.Request) -> web.StreamResponse:
+        service = request.app[SERVICE]
+        if service.cluster is not None:
+            name = tenant_name(request)
+            owner = await service.placement(name, forwarded=forwarded(request))
+            if owner is not None:
+                body = await read_body(request) if request.body_exists else b""
+                return await request.app[FORWARDER].call(request, owner, body)
+        return await handler(request)
+
+    return run
+
+
 def wants_text(request: web.Request) -> bool:
     if request.query.get("format") == "text":
         return True
@@ -236,14 +264,14 @@ def wants_text(request: web.Request) -> bool:
 
 
 async def status_all(request: web.Request) -> web.Response:
-    status = request.app[SERVICE].status()
+    status = await request.app[SERVICE].status_view()
     if wants_text(request):
         return web.Response(text=views.status_table(status))
     return json_response(status, pretty=True)
 
 
 async def status_one(request: web.Request) -> web.Response:
-    status = request.app[SERVICE].tenant_status(tenant_name(request))
+    status = await request.app[SERVICE].tenant_status_view(tenant_name(request))
     if wants_text(request):
         return web.Response(text=views.tenant_text(status))
     return json_response(status, pretty=True)
@@ -254,7 +282,23 @@ async def retry(request: web.Request) -> web.Response:
 
 
 async def retry_all(request: web.Request) -> web.Response:
-    return json_response(request.app[SERVICE].retry_all())
+    service = request.app[SERVICE]
+    answer = service.retry_all()
+    if service.cluster is None or forwarded(request):
+        return json_response(answer)
+    # Several instances: each retries the tenants it holds; their answers add up.
+    others = await service.other_instances()
+    asked = await asyncio.gather(*(request.app[FORWARDER].ask(request, o) for o in others))
+    unreachable = []
+    for owner, (status, body) in zip(others, asked, strict=True):
+        if status == 200 and isinstance(body, dict) and isinstance(body.get("retrying"), list):
+            answer["retrying"] += body["retrying"]
+        else:
+            unreachable.append({"instance": owner.instance, "status": status, "detail": body})
+    answer["retrying"].sort()
+    answer["count"] = len(answer["retrying"])
+    answer["unreachable"] = unreachable
+    return json_response(answer)
 
 
 async def refresh(request: web.Request) -> web.Response:

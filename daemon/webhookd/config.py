@@ -122,11 +122,29 @@ class DaemonConfig:
     database_password_file: Path | None = None
     # PostgreSQL with several instances: how long a tenant's lease lasts unrenewed.
     lease_seconds: float = 10.0
+    # PostgreSQL with several instances: the URL the others reach this API at ("": derived).
+    advertise_url: str = ""
 
     @property
     def listen(self) -> str:
         host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
         return f"{host}:{self.listen_port}"
+
+    @property
+    def api_url(self) -> str:
+        """Where the other instances reach this API: `advertise_url`, or the listen address
+        when it is one (the host name when it is a wildcard such as 0.0.0.0)."""
+        if self.advertise_url:
+            return self.advertise_url
+        host = self.listen_host
+        if host in WILDCARD_HOSTS:
+            host = socket.gethostname()
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{self.listen_port}"
+
+
+# Listen addresses that are every interface rather than one: not an address to call back.
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")
 
 
 @dataclass(frozen=True)
@@ -349,6 +367,32 @@ def endpoint_url(value: Any) -> str:
 
 
 _HOST = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+
+
+def advertise_url(value: Any) -> str:
+    """`[daemon] advertise_url`: an http(s) URL of this instance's API as the other
+    instances reach it (a path prefix allowed, for a proxy in front); no trailing slash."""
+    text = _str(value).strip()
+    if not text:
+        return ""
+    expected = "expected an http(s) URL such as http://10.0.0.5:8787"
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValueError(f"{expected}, got {text!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{expected}, got {text!r}")
+    if parts.hostname in WILDCARD_HOSTS:
+        raise ValueError(
+            f"{parts.hostname} is every address, not one to call back; "
+            "name this machine as the other instances reach it"
+        )
+    if parts.username or parts.password:
+        raise ValueError("credentials in the URL are not allowed; the API token is sent")
+    if parts.query or parts.fragment:
+        raise ValueError("a query or fragment cannot be part of the API's address; remove it")
+    return text.rstrip("/")
 
 
 def is_ip(host: str) -> bool:
@@ -587,6 +631,7 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         api_idle_timeout=table.get("api_idle_timeout", 15.0, _number(0.1, 86400)),
         database_password_file=password_file,
         lease_seconds=table.get("lease_seconds", 10.0, _number(2, 600)),
+        advertise_url=table.get("advertise_url", "", advertise_url),
     )
     table.finish()
     return config

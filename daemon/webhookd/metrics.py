@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from webhookd.scheduler import Clock, TenantWorker
     from webhookd.sender import Outcome
     from webhookd.store import Store
+    from webhookd.store.protocol import Cluster
 
 
 class Gauged(Protocol):
@@ -33,11 +34,19 @@ class Gauged(Protocol):
     @property
     def store(self) -> Store: ...
 
+    @property
+    def cluster(self) -> Cluster | None: ...
+
     def visible_workers(self) -> list[TenantWorker]: ...
 
 
 class _QueueCollector(Collector):
-    """Per-tenant gauges read at scrape time from the workers' in-memory state (no SQL)."""
+    """Per-tenant gauges read at scrape time from the workers' in-memory state (no SQL).
+
+    With several instances on one database, each reports only the tenants whose lease it
+    holds now (`holds`: at most one instance at a time), so that a dashboard summing over
+    instances counts every tenant once; and how many leases it holds, the live instances
+    and its lease changes."""
 
     def __init__(self, service: Gauged) -> None:
         self.service = service
@@ -66,7 +75,12 @@ class _QueueCollector(Collector):
         disk_full.add_metric([], 1 if self.service.store.disk_full else 0)
         now = self.service.clock.now()
         count_stalled = 0
-        for worker in self.service.visible_workers():
+        cluster = self.service.cluster
+        workers = self.service.visible_workers()
+        if cluster is not None:
+            workers = [w for w in workers if cluster.holds(w.name)]
+            yield from _cluster_families(cluster, len(workers))
+        for worker in workers:
             depth.add_metric([worker.name], worker.waiting)
             since = worker.oldest_waiting_at
             oldest.add_metric([worker.name], max(0.0, now - since) if since else 0.0)
@@ -75,6 +89,28 @@ class _QueueCollector(Collector):
             count_stalled += worker.queue_state == "stalled"
         stalled.add_metric([], count_stalled)
         yield from (depth, oldest, attempts, parked, stalled, disk_full)
+
+
+def _cluster_families(
+    cluster: Cluster, held: int
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    leases = GaugeMetricFamily(
+        "webhookd_leases", "Tenant leases this instance holds now (the tenants it delivers)."
+    )
+    leases.add_metric([], held)
+    live = GaugeMetricFamily(
+        "webhookd_cluster_instances", "Live instances sharing the database (this one included)."
+    )
+    live.add_metric([], cluster.live_instances)
+    changes = CounterMetricFamily(
+        "webhookd_lease_changes",
+        "Tenant leases gained (claimed), lost (claimed by another instance, or not renewed "
+        "in time) and released (handed over, or back at stop) by this instance.",
+        labels=["change"],
+    )
+    for change in ("gained", "lost", "released"):
+        changes.add_metric([change], cluster.lease_changes[change])
+    yield from (leases, live, changes)
 
 
 class _ConnectionsCollector(Collector):

@@ -46,6 +46,14 @@ class Webhook(NamedTuple):
         return int(self.accepted_at)
 
 
+class Owner(NamedTuple):
+    """The instance that holds a tenant's lease (several instances on one database), and
+    where its API is reached (`[daemon] advertise_url`; empty if it published none)."""
+
+    instance: str
+    api_url: str
+
+
 @dataclass(frozen=True, slots=True)
 class ParkedWebhook:
     webhook: Webhook

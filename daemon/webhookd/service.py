@@ -20,7 +20,7 @@ from webhookd.config import Config, ConfigError, TenantConfig
 from webhookd.ids import generated_sequence, id_tag
 from webhookd.ingest import IngestItem
 from webhookd.metrics import Metrics
-from webhookd.records import NewWebhook, StoreError, TenantRecord, TenantRow, Webhook
+from webhookd.records import NewWebhook, Owner, StoreError, TenantRecord, TenantRow, Webhook
 from webhookd.scheduler import Clock, InFlight, TenantWorker
 from webhookd.sender import Sender
 from webhookd.store import make_store
@@ -61,6 +61,13 @@ class UnknownEventType(ServiceError):
 
 class Unavailable(ServiceError):
     status, code = 503, "unavailable"
+
+
+class OwnerChanged(ServiceError):
+    """A control forwarded here by another instance, for a tenant this one does not hold
+    (the lease moved meanwhile): not forwarded again, so that no request goes round."""
+
+    status, code = 503, "owner_changed"
 
 
 class InvalidIngest(ServiceError):
@@ -125,6 +132,9 @@ class Service:
             if record.row.last_sequence > record.row.acked_sequence or record.parked:
                 self._add_worker(self._dormant.pop(name), None)
         if self.cluster is not None:
+            # Published in `instances` from the first heartbeat: where controls for the
+            # tenants this instance holds are sent by the others.
+            self.cluster.api_url = self.config.daemon.api_url
             await self.cluster.start(self, list(self.config.tenants))
 
     def serving(self, listen: Sequence[str]) -> None:
@@ -641,9 +651,145 @@ class Service:
             shown["totals"]["config_mismatch"] = list(self.cluster.mismatch)
         return shown
 
+    async def status_view(self) -> dict[str, Any]:
+        """`status()` as the API shows it. With several instances on one database, each
+        tenant also shows its `owner`, and the totals the live `instances`: a tenant held
+        here shows this instance's workers (in memory, current); one held elsewhere, or by
+        no one, its state as stored now (a few queries for all of them, no call to other
+        instances), never this instance's stale copy."""
+        cluster = self.cluster
+        if cluster is None:
+            return self.status()
+        workers = self.visible_workers()
+        try:
+            survey = await cluster.survey()
+            owners: dict[str, str] = survey["owners"]
+            elsewhere = [w.name for w in workers if owners.get(w.name) != cluster.instance]
+            observed = await self._observed(elsewhere)
+        except StoreError as exc:
+            # The database is out of reach: what this instance knows, and that it is all.
+            shown = [w for w in workers if cluster.holds(w.name)]
+            result = status.daemon(shown, self.clock.now(), self.store.disk_full)
+            for one in result["tenants"]:
+                one["owner"] = cluster.instance
+            result["totals"]["instances"] = []
+            result["totals"]["cluster_unknown"] = (
+                f"only the tenants this instance holds are shown: {exc}"
+            )
+            result["totals"]["config_mismatch"] = list(cluster.mismatch)
+            return result
+        shown = [observed.get(w.name, w) for w in workers]
+        result = status.daemon(shown, self.clock.now(), self.store.disk_full)
+        for one in result["tenants"]:
+            one["owner"] = owners.get(one["tenant"])
+        result["totals"]["instances"] = [
+            {
+                "id": i["id"],
+                "host": i["host"],
+                "api_url": i["api_url"],
+                "heartbeat_age_s": i["heartbeat_age_s"],
+                "tenants": i["tenants"],
+            }
+            for i in survey["instances"]
+        ]
+        # The live instances whose main-file tenants differ from this one's.
+        result["totals"]["config_mismatch"] = list(cluster.mismatch)
+        return result
+
+    async def tenant_status_view(self, name: str) -> dict[str, Any]:
+        """`tenant_status()` as the API shows it; with several instances, as `status_view`
+        shows one tenant (with its `owner`)."""
+        cluster = self.cluster
+        if cluster is None:
+            return self.tenant_status(name)
+        worker = self.worker(name)
+        try:
+            owner = await cluster.owner(name)
+            if owner is None or owner.instance != cluster.instance:
+                worker = (await self._observed([name]))[name]
+        except StoreError as exc:
+            raise Unavailable(str(exc)) from None
+        return {
+            **status.tenant(worker, self.clock.now()),
+            "owner": None if owner is None else owner.instance,
+        }
+
+    async def _observed(self, names: Sequence[str]) -> dict[str, TenantWorker]:
+        """Tenants held by another instance (or by none), as the database has them now:
+        workers that are never started, for status to read."""
+        if not names:
+            return {}
+        assert self.cluster is not None
+        records = {r.name: r for r in await self.store.load(names)}
+        heads = await self.cluster.heads(names)
+        observed: dict[str, TenantWorker] = {}
+        for name in names:
+            record = records.get(name) or TenantRecord(name, TenantRow())
+            observed[name] = Observed(
+                record,
+                self.config.tenants.get(name),
+                heads.get(name),
+                store=self.store,
+                sender=self.sender,
+                clock=self.clock,
+            )
+        return observed
+
     def status_line(self) -> str:
         line = status.line(self.visible_workers())
         return f"{line}; {self.problem}" if self.problem else line
+
+    # -- where a control runs (several instances on one database) ---------------------------
+
+    async def placement(self, name: str, *, forwarded: bool = False) -> Owner | None:
+        """Where a control call for tenant `name` must run: None here, else the instance
+        holding its lease (the API forwards the call there).
+
+        A control acts on the worker that delivers the tenant: only there are its head, the
+        attempt in flight and its backoff known, and only there is a skip fenced. A tenant no
+        live instance holds (its owner just died, or it was just added) is claimed here on
+        demand, rather than changed in the database behind the next owner's back: its worker
+        then starts from the stored state, and the control acts on it as on any other. A
+        call `forwarded` by another instance is never forwarded again.
+        """
+        self.worker(name)  # 404 for an unknown tenant, before asking anyone
+        cluster = self.cluster
+        if cluster is None or cluster.holds(name):
+            return None
+        for _ in range(3):  # a lease changing hands while we look: look again
+            try:
+                owner = await cluster.owner(name)
+                if owner is None and await cluster.claim(name):
+                    return None
+            except StoreError as exc:
+                raise Unavailable(str(exc)) from None
+            if owner is None:
+                if not self.accepting:
+                    raise Unavailable("webhookd is shutting down; send again shortly")
+                continue
+            if owner.instance == cluster.instance:
+                return None  # held here (between renewals, or being handed over)
+            if forwarded:
+                raise OwnerChanged(
+                    f"this instance no longer holds {name}'s lease (now {owner.instance}); "
+                    "send again"
+                )
+            return owner
+        raise Unavailable(f"{name}'s lease is changing hands; send again shortly")
+
+    async def other_instances(self) -> list[Owner]:
+        """The other live instances and where their APIs are (none on SQLite)."""
+        if self.cluster is None:
+            return []
+        try:
+            survey = await self.cluster.survey()
+        except StoreError as exc:
+            raise Unavailable(str(exc)) from None
+        return [
+            Owner(i["id"], i["api_url"])
+            for i in survey["instances"]
+            if i["id"] != self.cluster.instance
+        ]
 
     # -- control -----------------------------------------------------------------------------
 
@@ -660,10 +806,14 @@ class Service:
         }
 
     def retry_all(self) -> dict[str, Any]:
+        # With several instances, those held here (the API asks the others for theirs).
         retried = [
             w.name
             for w in self.visible_workers()
-            if w.waiting and w.queue_state in ("waiting", "stalled") and w.request_retry()
+            if (self.cluster is None or self.cluster.holds(w.name))
+            and w.waiting
+            and w.queue_state in ("waiting", "stalled")
+            and w.request_retry()
         ]
         return {"retrying": retried, "count": len(retried)}
 
@@ -709,7 +859,15 @@ class Service:
 
     async def peek(self, name: str, limit: int) -> list[dict[str, Any]]:
         worker = self.worker(name)
-        rows = await self.store.read_queue(name, worker.row.acked_sequence, limit)
+        head = worker.row.acked_sequence
+        try:
+            if self.cluster is not None and not self.cluster.holds(name):
+                # Delivered by another instance: where its queue starts is the database's.
+                records = await self.store.load([name])
+                head = records[0].row.acked_sequence if records else 0
+            rows = await self.store.read_queue(name, head, limit)
+        except StoreError as exc:
+            raise Unavailable(str(exc)) from None
         return [status.webhook(w) for w in rows]
 
     async def discard(self, name: str) -> int:
@@ -748,6 +906,21 @@ class Service:
         itself (ingest answers 503, deliveries pause), and a restart could not bring it
         back, only fail to start; STATUS= says what is wrong meanwhile."""
         return await self.health() is None or self.cluster is not None
+
+
+class Observed(TenantWorker):
+    """A tenant another instance delivers, as stored: what its status shows from here. Its
+    head is not read into memory, so how long it has waited comes with it."""
+
+    def __init__(
+        self, record: TenantRecord, config: TenantConfig | None, head_at: float | None, **kw: Any
+    ) -> None:
+        super().__init__(record, config, **kw)
+        self.head_at = head_at
+
+    @property
+    def oldest_waiting_at(self) -> float | None:
+        return self.head_at if self.waiting else None
 
 
 MASK = "***"  # how GET shows a secret

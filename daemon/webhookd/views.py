@@ -178,8 +178,17 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
     headers = ["TENANT", "QUEUE", "WAITING", "LAST OK", "NEXT", "LAST ERROR"]
     # The error gives up room first, then the name (cut in the middle: names of one
     # customer's tenants tend to differ at the end), then both down to their headers.
-    text = table(headers, rows, shrink=[(5, 20), (0, 20), (5, 10), (0, 6)], middle=[0])
+    shrink = [(5, 20), (0, 20), (5, 10), (0, 6)]
     totals = status["totals"]
+    clustered = "instances" in totals
+    if clustered:
+        # Several instances on one database: who delivers each tenant, before the error
+        # (instance names end in what tells them apart: the process and a random tag).
+        headers.insert(5, "OWNER")
+        for row, t in zip(rows, status["tenants"], strict=True):
+            row.insert(5, t["owner"] or "-")
+        shrink = [(6, 20), (5, 12), (0, 20), (6, 10), (5, 6), (0, 6)]
+    text = table(headers, rows, shrink=shrink, middle=[0, 5] if clustered else [0])
     summary = ", ".join(
         counted(totals[key], "tenant") if key == "tenants" else f"{totals[key]} {key}"
         for key in ("tenants", "waiting", "stalled", "paused", "disabled", "orphaned", "parked")
@@ -189,7 +198,20 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
     if mismatch:
         # Several instances on one database whose main files' tenants differ.
         summary += f"\nconfig_mismatch: the main file's tenants differ on {', '.join(mismatch)}"
-    return text + "\n\n" + summary + "\n"
+    text += "\n\n" + summary + "\n"
+    if clustered:
+        text += "\n" + instances_table(totals["instances"]) + "\n"
+    return text
+
+
+def instances_table(instances: Sequence[dict[str, Any]]) -> str:
+    """The live instances sharing the database: what each holds and where its API is."""
+    rows = [
+        [i["id"], i["tenants"], ago(i["heartbeat_age_s"]) + " ago", i["api_url"] or "-"]
+        for i in instances
+    ]
+    headers = ["INSTANCE", "TENANTS", "HEARTBEAT", "API"]
+    return table(headers, rows, shrink=[(3, 20), (0, 20)], middle=[0])
 
 
 def _took(duration_ms: float) -> str:
@@ -210,6 +232,8 @@ def tenant_text(t: dict[str, Any], now: float | None = None) -> str:
         ("next attempt", _until(t["next_attempt_at"], now)),
         ("parked", t.get("parked", 0)),
     ]
+    if "owner" in t:  # several instances on one database: the one delivering it
+        pairs.append(("owner", t["owner"] or "none (claimed at the next tick)"))
     label = max(len(k) for k, _ in pairs)
     room = WIDTH - label - len(GAP)
     lines = [f"{k.ljust(label)}{GAP}{fit(visible(str(v), CELL_LIMIT), room)}" for k, v in pairs]

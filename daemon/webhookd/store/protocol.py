@@ -31,12 +31,13 @@ The guarantees every method keeps:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from webhookd.records import (
     Failure,
     IngestResult,
     NewWebhook,
+    Owner,
     ParkedWebhook,
     TenantRecord,
     Webhook,
@@ -88,6 +89,17 @@ class Cluster(Protocol):
     instance: str
     """This instance's name, as status shows owners: host, process id and a random tag."""
 
+    api_url: str
+    """Where the other instances reach this instance's API (`[daemon] advertise_url`, or
+    derived from `listen`); published with each heartbeat. Set before `start`."""
+
+    live_instances: int
+    """Live instances (this one included) as the last tick counted them (the metrics)."""
+
+    lease_changes: dict[str, int]
+    """Leases `gained`, `lost` (claimed by another, or not renewed in time) and `released`
+    (handed over, or back at stop) since start (the metrics)."""
+
     config_digest: str
     """A digest of this instance's main-file tenants, published for the others to compare
     (`webhookd.config.tenants_digest`)."""
@@ -124,6 +136,28 @@ class Cluster(Protocol):
         """Whether this instance may start an attempt for `tenant` now: it holds the lease,
         renewed recently enough that no other instance can have claimed it meanwhile, and
         is not handing it over."""
+        ...
+
+    async def owner(self, tenant: str) -> Owner | None:
+        """The instance holding `tenant`'s lease now, as the database has it (None: no live
+        instance holds it). Raises `StoreError` when the database cannot be asked."""
+        ...
+
+    async def claim(self, tenant: str) -> bool:
+        """Take `tenant`'s lease now, when no live instance holds it (a control call for a
+        tenant between owners); its worker starts as for a lease claimed by a tick. False
+        when another instance holds it or this one is stopping."""
+        ...
+
+    async def survey(self) -> dict[str, Any]:
+        """The live instances (`id`, `host`, `pid`, `api_url`, `heartbeat_age_s`, `tenants`
+        held) and each tenant's owner, read now: `{"instances": [...], "owners": {...}}`.
+        Raises `StoreError` when the database cannot be asked."""
+        ...
+
+    async def heads(self, tenants: Sequence[str]) -> dict[str, float]:
+        """When the head webhook of each of `tenants` that has one waiting was accepted,
+        read now (status of tenants held elsewhere). Raises `StoreError`."""
         ...
 
     async def start(self, members: Members, tenants: Sequence[str]) -> None:

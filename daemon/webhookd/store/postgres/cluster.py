@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from webhookd import logs
 from webhookd.config import PostgresURL
-from webhookd.records import StoreError
+from webhookd.records import Owner, StoreError
 from webhookd.store.postgres import connection
 from webhookd.store.postgres.connection import CONNECT_ERRORS
 
@@ -112,6 +112,35 @@ ADD_STORED = """
 
 COUNTERS = "SELECT tenant, last_sequence FROM tenant_state WHERE tenant = ANY($1::text[])"
 
+# The tenant's owner while its lease is live, and where that instance's API is reached.
+OWNER = """
+    SELECT l.owner, i.api_url FROM leases AS l LEFT JOIN instances AS i ON i.id = l.owner
+    WHERE l.tenant = $1 AND l.owner IS NOT NULL AND l.expires_at > now()"""
+
+# One tenant's lease, taken for a control call when no live instance holds it.
+CLAIM_ONE = """
+    UPDATE leases SET owner = $1, fence = fence + 1,
+        expires_at = now() + make_interval(secs => $2)
+    WHERE tenant = $3 AND expires_at < now()
+    RETURNING fence"""
+
+# What status shows of the cluster: the live instances, and who holds which tenant.
+SURVEY_INSTANCES = """
+    SELECT i.id, i.host, i.pid, i.api_url, i.config_digest,
+           extract(epoch FROM now() - i.heartbeat_at) AS heartbeat_age_s,
+           (SELECT count(*) FROM leases AS l
+            WHERE l.owner = i.id AND l.expires_at > now()) AS tenants
+    FROM instances AS i
+    WHERE i.heartbeat_at > now() - make_interval(secs => $1) ORDER BY i.id"""
+
+# The accepted_at of each tenant's head webhook: how long the oldest has waited.
+HEADS = """
+    SELECT s.tenant, w.accepted_at FROM tenant_state AS s
+    JOIN webhooks AS w ON w.tenant = s.tenant AND w.sequence = s.acked_sequence + 1
+    WHERE s.tenant = ANY($1::text[])"""
+
+SURVEY_OWNERS = "SELECT tenant, owner FROM leases WHERE expires_at > now() AND owner IS NOT NULL"
+
 # Tenants made through the tenant API, shared by every instance. A write sends
 # NOTIFY webhookd_cluster 'tenants' with its commit; every instance then reads them again.
 # The fingerprint, read every tick, catches a notification lost with a dropped session:
@@ -165,6 +194,9 @@ class PgCluster:
         self._published_digest = ""
         self._api_fingerprint: str | None = None  # of api_tenants, as last read
         self.held: dict[str, Lease] = {}
+        # For the metrics: live instances as the last tick counted them, and lease changes.
+        self.live_instances = 0
+        self.lease_changes = {"gained": 0, "lost": 0, "released": 0}
         self.joined = False  # between start and leave: the store fences outcomes then
         self._members: Members | None = None
         self._conn: Connection | None = None
@@ -192,11 +224,54 @@ class PgCluster:
         lease = self.held.get(tenant)
         return lease.fence if lease is not None else None
 
+    async def owner(self, tenant: str) -> Owner | None:
+        """Who holds `tenant`'s lease now (as the database has it), or None if no one does:
+        a lease free or expired, or a tenant without one."""
+        try:
+            async with self._lock:
+                conn = await self._session()
+                row = await conn.fetchrow(OWNER, tenant)
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
+        if row is None:
+            return None
+        return Owner(row["owner"], row["api_url"] or "")
+
+    async def claim(self, tenant: str) -> bool:
+        """Take `tenant`'s lease now if no live instance holds it (a control call for a
+        tenant between owners). False if another instance holds it, or this one is
+        stopping; the next ticks hand it over again if this instance is over its share."""
+        members = self._members
+        if members is None or not self._claiming:
+            return False
+        async with self._lock:
+            sent = time.monotonic()
+            try:
+                conn = await self._session()
+                fence = await conn.fetchval(CLAIM_ONE, self.instance, self.lease_seconds, tenant)
+            except CONNECT_ERRORS as exc:
+                raise StoreError(connection.unreachable(self.database, exc)) from None
+            if fence is None:
+                return False
+            self.held[tenant] = Lease(fence, sent + self.lease_seconds)
+            try:
+                await members.gained(tenant)
+            except Exception as exc:
+                log.error("lease_not_taken", tenant=tenant, error=str(exc))
+                del self.held[tenant]
+                with contextlib.suppress(*CONNECT_ERRORS):
+                    await conn.execute(FREE, tenant, self.instance, fence)
+                return False
+        self.lease_changes["gained"] += 1
+        log.info("lease_claimed_for_control", tenant=tenant, held=len(self.held))
+        return True
+
     def refused(self, tenant: str, fence: int | None) -> None:
         """The database refused a write made with `fence`: the lease is another's."""
         lease = self.held.get(tenant)
         if lease is not None and lease.fence == fence:
             del self.held[tenant]
+            self.lease_changes["lost"] += 1
 
     # -- joining and leaving -----------------------------------------------------------------
 
@@ -325,6 +400,7 @@ class PgCluster:
                     await conn.execute("DELETE FROM instances WHERE id = $1", self.instance)
                     await conn.execute("SELECT pg_notify($1, 'free')", CHANGED)
                 log.info("leases_released", tenants=len(self.held))
+                self.lease_changes["released"] += len(self.held)
             except CONNECT_ERRORS as exc:
                 # They expire instead, within lease_seconds.
                 log.warning("leases_not_released", error=connection.reason(exc))
@@ -429,6 +505,7 @@ class PgCluster:
         for tenant, lease in list(self.held.items()):
             if renewed.get(tenant) != lease.fence:
                 del self.held[tenant]
+                self.lease_changes["lost"] += 1
                 members.lost(tenant, "another instance claimed its lease")
             else:
                 lease.valid_until = sent + self.lease_seconds
@@ -440,6 +517,7 @@ class PgCluster:
             return
         survey = await conn.fetchrow(SURVEY, self.lease_seconds)
         assert survey is not None
+        self.live_instances = survey["live"]
         live = max(1, survey["live"])
         share = math.ceil(survey["tenants"] / live)
         owned = len(self.held) - len(self._releasing)
@@ -500,6 +578,8 @@ class PgCluster:
                 del self.held[tenant]
                 with contextlib.suppress(*CONNECT_ERRORS):
                     await conn.execute(FREE, tenant, self.instance, fence)
+            else:
+                self.lease_changes["gained"] += 1
         if claimed:
             log.info("leases_claimed", count=len(claimed), held=len(self.held))
 
@@ -532,6 +612,7 @@ class PgCluster:
                     await conn.execute(FREE, tenant, self.instance, lease.fence)
                     await conn.execute("SELECT pg_notify($1, 'free')", CHANGED)
             del self.held[tenant]
+            self.lease_changes["released"] += 1
             log.info("lease_handed_over", tenant=tenant)
         except CONNECT_ERRORS as exc:
             # Still ours in the database: keep delivering it, from its state as stored.
@@ -552,19 +633,33 @@ class PgCluster:
 
     # -- what status shows -------------------------------------------------------------------
 
+    async def heads(self, tenants: Sequence[str]) -> dict[str, float]:
+        """When each of `tenants`' head webhook was accepted (those with one waiting)."""
+        try:
+            async with self._lock:
+                conn = await self._session()
+                rows = await conn.fetch(HEADS, list(tenants))
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
+        return {r["tenant"]: r["accepted_at"] for r in rows}
+
     async def survey(self) -> dict[str, Any]:
-        """The live instances and who owns which tenant, read now from the database."""
-        async with self._lock:
-            conn = await self._session()
-            instances = await conn.fetch(
-                """SELECT id, host, pid, api_url, config_digest, started_at FROM instances
-                   WHERE heartbeat_at > now() - make_interval(secs => $1) ORDER BY id""",
-                self.lease_seconds,
-            )
-            owners = await conn.fetch(
-                "SELECT tenant, owner FROM leases WHERE expires_at > now() AND owner IS NOT NULL"
-            )
+        """The live instances and who owns which tenant, read now from the database:
+        `{"instances": [{"id", "host", "pid", "api_url", "config_digest",
+        "heartbeat_age_s", "tenants"}, ...], "owners": {tenant: instance}}`. Raises
+        `StoreError` when the database cannot be asked."""
+        try:
+            async with self._lock:
+                conn = await self._session()
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    instances = await conn.fetch(SURVEY_INSTANCES, self.lease_seconds)
+                    owners = await conn.fetch(SURVEY_OWNERS)
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
         return {
-            "instances": [dict(r) for r in instances],
+            "instances": [
+                {**dict(r), "heartbeat_age_s": round(float(r["heartbeat_age_s"]), 1)}
+                for r in instances
+            ],
             "owners": {r["tenant"]: r["owner"] for r in owners},
         }
