@@ -153,7 +153,8 @@ async def waiting_in_database(url: str) -> int:
     conn = await asyncpg.connect(url)
     try:
         value = await conn.fetchval(
-            "SELECT coalesce(sum(last_sequence - acked_sequence), 0) FROM tenant_state"
+            "SELECT coalesce(sum(c.last_sequence - s.acked_sequence), 0) "
+            "FROM tenant_state AS s JOIN counters AS c USING (tenant)"
         )
         return int(value)
     finally:

@@ -1746,7 +1746,10 @@ async def test_last_error_shows_its_age_and_clears_once_a_success_follows(
     await daemon.request("POST", "/v1/tenants/acme/retry")
     await wait_for(lambda: state_of(daemon, "acme")["queue"] == "empty", timeout=5)
 
-    assert (await overview_row()).split() == ["acme", "empty", "0", "0s", "-", "-"]
+    name, queue, waiting, last_ok, after, last_error = (await overview_row()).split()
+    # LAST OK is whole seconds ago: 1s when a second turned since the success.
+    assert (name, queue, waiting, after, last_error) == ("acme", "empty", "0", "-", "-")
+    assert re.fullmatch(r"[01]s", last_ok), last_ok
     _, _, text = await raw(daemon, "GET", "/v1/tenants/acme/status?format=text", daemon.headers)
     assert "recent failures (newest first, 1):" in text and "HTTP 503" in text, text
     await daemon.request("POST", "/v1/tenants/acme/refresh")

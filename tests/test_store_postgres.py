@@ -24,7 +24,7 @@ from webhookd.config import PostgresURL
 from webhookd.records import IngestResult, SchemaTooNew, StoreError, TenantRecord, Webhook
 from webhookd.store import make_store
 from webhookd.store.postgres import SCHEMA_VERSION, PostgresStore
-from webhookd.store.postgres.schema import migrate
+from webhookd.store.postgres.schema import MIGRATIONS, migrate
 from webhookd.store.sqlite import SqliteStore
 
 Records = dict[str, TenantRecord]
@@ -117,6 +117,7 @@ async def test_the_schema_is_created_once_and_versioned(
     )
     assert [row["tablename"] for row in tables] == [
         "api_tenants",
+        "counters",
         "failures",
         "instances",
         "leases",
@@ -145,6 +146,34 @@ async def test_a_newer_schema_is_refused_and_left_untouched(
     tables = await sql(database, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     assert sorted(row["tablename"] for row in tables) == ["from_the_future", "webhookd_schema"]
     assert await sessions(database) == []  # and it let go of the database
+
+
+async def test_a_version_2_database_keeps_its_counters_when_they_move_to_their_own_table(
+    database: PostgresURL, open_store: OpenStore
+) -> None:
+    conn = await asyncpg.connect(database.url)
+    try:
+        await conn.execute(
+            "CREATE TABLE webhookd_schema (version integer PRIMARY KEY, applied_at timestamptz)"
+        )
+        for version, statements in MIGRATIONS:
+            if version <= 2:
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", version)
+        await conn.execute(
+            "INSERT INTO tenant_state (tenant, last_sequence, acked_sequence) VALUES ('acme', 5, 3)"
+        )
+        await conn.execute(
+            """INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
+               VALUES ('acme', 4, 'a4', 'E', 0, '{}'), ('acme', 5, 'a5', 'E', 0, '{}')"""
+        )
+    finally:
+        await conn.close()
+    store, records = await open_store()
+    assert (records["acme"].row.last_sequence, records["acme"].row.acked_sequence) == (5, 3)
+    assert sequences(await store.enqueue("acme", [new()], AT)) == [6]
+    assert await queued(store, "acme") == [4, 5, 6]
 
 
 async def test_two_processes_migrating_at_once_migrate_once(database: PostgresURL) -> None:
@@ -232,7 +261,8 @@ async def test_a_tenants_first_ingest_on_two_instances_at_once_is_queued_by_both
         # The other instance's first ingest for acme, open until this one waits behind it.
         transaction = other.transaction()
         await transaction.start()
-        await other.execute("INSERT INTO tenant_state (tenant, last_sequence) VALUES ('acme', 1)")
+        await other.execute("INSERT INTO counters (tenant, last_sequence) VALUES ('acme', 1)")
+        await other.execute("INSERT INTO tenant_state (tenant) VALUES ('acme')")
         await other.execute(
             """INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
                VALUES ('acme', 1, 'theirs', 'CHECK_COMPLETED', 0, '{}')"""

@@ -196,7 +196,17 @@ async def _copy(
             for table in TABLES:
                 query, columns = QUERIES[table]
                 records = _records(sqlite, table, query)
-                if records:
+                if records and table == "tenant_state":
+                    # PostgreSQL keeps the sequence counter in a table of its own.
+                    await pg.copy_records_to_table(
+                        "counters", records=[r[:2] for r in records], columns=columns[:2]
+                    )
+                    await pg.copy_records_to_table(
+                        table,
+                        records=[(r[0], *r[2:]) for r in records],
+                        columns=[columns[0], *columns[2:]],
+                    )
+                elif records:
                     await pg.copy_records_to_table(table, records=records, columns=columns)
                 setattr(copied, FIELDS[table], len(records))
             if api_tenants:

@@ -110,7 +110,7 @@ ADD_TENANTS = """
 ADD_STORED = """
     INSERT INTO leases (tenant) SELECT tenant FROM tenant_state ON CONFLICT (tenant) DO NOTHING"""
 
-COUNTERS = "SELECT tenant, last_sequence FROM tenant_state WHERE tenant = ANY($1::text[])"
+COUNTERS = "SELECT tenant, last_sequence FROM counters WHERE tenant = ANY($1::text[])"
 
 # The tenant's owner while its lease is live, and where that instance's API is reached.
 OWNER = """

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logs.get_logger("webhookd.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # The advisory lock key (b"whkd-mig") held while migrating.
 MIGRATION_LOCK = int.from_bytes(b"whkd-mig", "big")
@@ -127,6 +127,22 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (
+        3,
+        [
+            # Each tenant's sequence counter, apart from its delivery state: ingest moves
+            # the one, the owner's outcomes the other, and with several instances these
+            # are two writers' transactions. On one row, each waited for the other's
+            # commit (its fsync included) at every webhook.
+            """CREATE TABLE counters (
+                tenant text PRIMARY KEY,
+                last_sequence bigint NOT NULL DEFAULT 0
+            )""",
+            "INSERT INTO counters (tenant, last_sequence) SELECT tenant, last_sequence "
+            "FROM tenant_state",
+            "ALTER TABLE tenant_state DROP COLUMN last_sequence",
+        ],
+    ),
 ]
 
 
@@ -187,8 +203,10 @@ async def load_records(
     where, args = ("", []) if tenants is None else ("WHERE tenant = ANY($1::text[])", [tenants])
     records: dict[str, TenantRecord] = {}
     for name, *values in await conn.fetch(
-        f"""SELECT tenant, last_sequence, acked_sequence, attempts, next_attempt_at,
-                   last_processed_at, paused FROM tenant_state {where} ORDER BY tenant""",
+        f"""SELECT tenant, c.last_sequence, s.acked_sequence, s.attempts, s.next_attempt_at,
+                   s.last_processed_at, s.paused
+            FROM tenant_state AS s JOIN counters AS c USING (tenant) {where}
+            ORDER BY tenant""",
         *args,
     ):
         records[name] = TenantRecord(name, TenantRow(*values))

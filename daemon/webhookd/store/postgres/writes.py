@@ -1,16 +1,16 @@
 """The store's write operations on PostgreSQL, each a small class applied in a group commit.
 
 A caller's write becomes an `Op` with a future; the writer applies whatever ops have
-gathered in one transaction (`Tx`). The transaction first locks the state rows of every
-tenant the group touches, in tenant order (`Tx.lock`): two transactions that touch the same
-tenants then take them in the same order, and do not deadlock (but for a tenant's first
-webhook, below). Ingest and
+gathered in one transaction (`Tx`). The transaction first locks the rows of every tenant
+the group touches (its sequence counter, its delivery state, or both), in tenant order
+(`Tx.lock`): two transactions that touch the same tenants then take them in the same
+order, and do not deadlock (but for a tenant's first webhook, below). Ingest and
 acknowledgements are batched (`Tx.flush`), a statement each for the whole run of them, with
 arrays passed through `unnest` (bench/README-pg-drivers.md: as fast as COPY for these group
 sizes, in one round trip); the rarer controls run one by one, each after a flush, so each
 sees the writes before it.
 
-The database is the state's only copy: sequences are allocated by `UPDATE tenant_state SET
+The database is the state's only copy: sequences are allocated by `UPDATE counters SET
 last_sequence = last_sequence + n … RETURNING` inside the transaction, so a rolled-back
 group takes none. Parameters are positional (`$1`), as asyncpg has them.
 """
@@ -29,8 +29,15 @@ if TYPE_CHECKING:
 
     Connection = asyncpg.Connection[asyncpg.Record]
 
-LOCK = """
-    SELECT tenant, last_sequence FROM tenant_state
+# A tenant's rows, locked in tenant order: its sequence counter (ingest, requeue), then
+# its delivery state (outcomes, controls), each only where the group's ops need it, so that
+# ingest through one instance and the owner's outcomes through another do not wait for
+# each other's commits.
+LOCK_COUNTERS = """
+    SELECT tenant, last_sequence FROM counters
+    WHERE tenant = ANY($1::text[]) ORDER BY tenant FOR NO KEY UPDATE"""
+LOCK_STATES = """
+    SELECT tenant FROM tenant_state
     WHERE tenant = ANY($1::text[]) ORDER BY tenant FOR NO KEY UPDATE"""
 
 # The rows a group needs and did not find. A concurrent transaction may be creating the
@@ -38,6 +45,10 @@ LOCK = """
 # exists, and the next statement's snapshot sees the ones others made (a statement cannot
 # see rows committed after it began, which is why creating and locking are two).
 CREATE = """
+    WITH counter AS (
+        INSERT INTO counters (tenant) SELECT unnest($1::text[])
+        ON CONFLICT (tenant) DO NOTHING
+    )
     INSERT INTO tenant_state (tenant) SELECT unnest($1::text[])
     ON CONFLICT (tenant) DO NOTHING"""
 
@@ -56,7 +67,7 @@ KNOWN_IDS = """
 # with the commit: the tenant's owner may be another process.
 ALLOCATE = """
     WITH allocated AS (
-        UPDATE tenant_state AS s SET last_sequence = s.last_sequence + u.n
+        UPDATE counters AS s SET last_sequence = s.last_sequence + u.n
         FROM unnest($1::text[], $2::bigint[]) AS u (tenant, n)
         WHERE s.tenant = ANY($1::text[]) AND s.tenant = u.tenant
         RETURNING s.tenant, s.last_sequence
@@ -107,28 +118,40 @@ class Tx:
         self.acks: dict[str, tuple[int, float]] = {}
 
     async def lock(self, ops: Sequence[Op]) -> None:
-        """Create the state rows this group needs, and lock every tenant it touches.
+        """Create the rows this group needs, and lock every tenant's it touches.
 
-        Rows that exist are locked in tenant order. The missing ones are then made and locked
-        (a tenant's first webhook): out of order with the others, once per tenant, so a
-        deadlock is possible then; the server detects it, and the writer retries the group
-        op by op."""
-        touched = sorted({op.tenant for op in ops if op.tenant is not None})
-        if not touched:
-            return
-        rows = await self.conn.fetch(LOCK, touched)
-        self.last = {row["tenant"]: row["last_sequence"] for row in rows}
+        Rows that exist are locked in tenant order, counters first. The missing ones are
+        then made and locked (a tenant's first webhook): out of order with the others, once
+        per tenant, so a deadlock is possible then; the server detects it, and the writer
+        retries the group op by op."""
+        counted = sorted({op.tenant for op in ops if op.tenant is not None and op.counts})
+        stated = sorted({op.tenant for op in ops if op.tenant is not None and op.states})
+        self.last = {}
+        if counted:
+            rows = await self.conn.fetch(LOCK_COUNTERS, counted)
+            self.last = {row["tenant"]: row["last_sequence"] for row in rows}
+        found: set[str] = set()
+        if stated:
+            found = {row["tenant"] for row in await self.conn.fetch(LOCK_STATES, stated)}
         create = sorted(
             {
                 op.tenant
                 for op in ops
-                if op.creates_row and op.tenant is not None and op.tenant not in self.last
+                if op.creates_row
+                and op.tenant is not None
+                and (
+                    (op.counts and op.tenant not in self.last)
+                    or (op.states and op.tenant not in found)
+                )
             }
         )
         if create:
             await self.conn.execute(CREATE, create)
-            rows = await self.conn.fetch(LOCK, create)
-            self.last.update((row["tenant"], row["last_sequence"]) for row in rows)
+            if missing := [t for t in create if t in counted and t not in self.last]:
+                rows = await self.conn.fetch(LOCK_COUNTERS, missing)
+                self.last.update((row["tenant"], row["last_sequence"]) for row in rows)
+            if missing := [t for t in create if t in stated and t not in found]:
+                await self.conn.fetch(LOCK_STATES, missing)
 
     async def check_fences(self, ops: Sequence[Op], instance: str) -> list[Op]:
         """The ops this instance may still run: an op that records a delivery's outcome
@@ -200,7 +223,9 @@ class Op:
     """A write waiting for the next group commit; `result` is set inside the transaction."""
 
     batchable = False  # run by `Tx.flush` with others of its kind, rather than on its own
-    creates_row = True  # the tenant gets a state row if it has none
+    creates_row = True  # the tenant gets its rows if it has none
+    counts = False  # reads or moves the tenant's sequence counter (locked: `Tx.lock`)
+    states = True  # reads or writes the tenant's delivery state (locked: `Tx.lock`)
     fenced = False  # records a delivery's outcome: only with the tenant's lease (cluster.py)
 
     def __init__(self, tenant: str | None) -> None:
@@ -221,6 +246,8 @@ class Op:
 
 class Enqueue(Op):
     batchable = True
+    counts = True
+    states = False
 
     def __init__(self, tenant: str, items: Sequence[NewWebhook], accepted_at: float) -> None:
         super().__init__(tenant)
@@ -382,7 +409,9 @@ class Park(Op):
 class Requeue(Op):
     """Put a parked webhook back at the tail: a new sequence, the same id and data."""
 
-    creates_row = False  # a tenant with parked webhooks has one
+    creates_row = False  # a tenant with parked webhooks has its rows
+    counts = True
+    states = False
 
     def __init__(self, tenant: str, webhook_id: str, at: float) -> None:
         super().__init__(tenant)
@@ -399,7 +428,7 @@ class Requeue(Op):
                    RETURNING id, event, accepted_at, data
                ),
                allocated AS (
-                   UPDATE tenant_state SET last_sequence = last_sequence + 1
+                   UPDATE counters SET last_sequence = last_sequence + 1
                    WHERE tenant = $1::text AND EXISTS (SELECT FROM taken)
                    RETURNING last_sequence
                ),
@@ -426,6 +455,8 @@ class Requeue(Op):
 class Discard(Op):
     """Drop a tenant's queue, parked webhooks and failures (an operator's explicit choice)."""
 
+    counts = True  # reads the counter: the head moves to it
+
     async def apply(self, tx: Tx) -> None:
         # The queue is contiguous: what waits is a subtraction. The sequence counter stays:
         # sequences are never reused, not even after a discard.
@@ -434,10 +465,11 @@ class Discard(Op):
                     kept AS (DELETE FROM parked WHERE tenant = $1),
                     history AS (DELETE FROM failures WHERE tenant = $1),
                     before AS (
-                        SELECT last_sequence - acked_sequence AS waiting
-                        FROM tenant_state WHERE tenant = $1
+                        SELECT c.last_sequence, c.last_sequence - s.acked_sequence AS waiting
+                        FROM tenant_state AS s JOIN counters AS c USING (tenant)
+                        WHERE tenant = $1
                     )
-               UPDATE tenant_state SET acked_sequence = last_sequence, attempts = 0,
+               UPDATE tenant_state SET acked_sequence = before.last_sequence, attempts = 0,
                    next_attempt_at = NULL, paused = false
                FROM before WHERE tenant = $1
                RETURNING before.waiting""",
