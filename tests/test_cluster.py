@@ -136,6 +136,22 @@ async def test_a_stopped_instance_hands_its_tenants_over_at_once(
     await wait_for(lambda: all(receiver.sequences(f"/{n}") == [1, 2] for n in gone), timeout=5)
 
 
+async def test_a_lease_that_lapses_while_an_attempt_waits_to_start_sends_nothing(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    a = await start_instance(instance_config(path, postgres_url))
+    await wait_for(lambda: held(a) == {"acme"}, timeout=5)
+    worker = a.service.workers["acme"]
+    # The attempt passed its lease check, then waits for the head (a skip holds it).
+    async with worker._head_lock:
+        await a.ingest("acme", items("x", 1))
+        await wait_for(lambda: bool(worker._head_lock._waiters), timeout=5)
+        worker._may_send = lambda name: False  # its lease lapsed meanwhile (a freeze)
+    await asyncio.sleep(0.3)
+    assert receiver.at("/acme") == []
+
+
 async def test_a_stale_owner_cannot_record_and_stops_that_tenant(
     tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
 ) -> None:

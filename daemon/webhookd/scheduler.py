@@ -356,6 +356,8 @@ class TenantWorker:
         when = self._due()
         if self.config is not config or when is None or self._remaining(when) > 0:
             return
+        if self._may_send is not None and not self._may_send(self.name):
+            return  # the lease lapsed meanwhile (a freeze, a renewal not answered)
         batch = list(islice(self.buffer, size))
         if not batch:
             # The count says webhooks wait but none could be read: hold off, don't spin.
