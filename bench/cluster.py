@@ -368,6 +368,7 @@ async def cross_latency(ctx: Context) -> None:
                 "ms",
                 target=None if target is None else ("<", target),
                 background=cpu["others"],
+                steal=cpu["steal"],
                 cpu_us=1000 * (result["daemons_cpu_s_per_1000"] or 0),
                 db_cpu_us=1000 * (result["postgres_cpu_s_per_1000"] or 0),
             )

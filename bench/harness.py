@@ -162,24 +162,32 @@ class ProcTree(Pid):
 
 
 def machine_busy_seconds() -> float:
-    """CPU seconds all cores have spent not idle since boot (from /proc/stat)."""
+    """CPU seconds all cores have spent not idle since boot (from /proc/stat), steal
+    included: time the hypervisor gave this machine's cores to another guest."""
+    return machine_seconds()[0]
+
+
+def machine_seconds() -> tuple[float, float]:
+    """(busy, of which stolen) CPU seconds since boot, all cores, from /proc/stat."""
     with open("/proc/stat") as stat:
         values = [int(v) for v in stat.readline().split()[1:]]
     idle = values[3] + values[4]  # idle + iowait
-    return (sum(values[:8]) - idle) / CLOCK_TICKS
+    return (sum(values[:8]) - idle) / CLOCK_TICKS, values[7] / CLOCK_TICKS
 
 
 class CpuMeter:
     """CPU % of some processes between `start()` and `stop()` (100 % = one core).
 
     `others` is what the rest of the machine used meanwhile: on a shared box, a busy
-    neighbour explains a low figure.
+    neighbour explains a low figure. `steal`, part of `others`, is what the hypervisor gave
+    to other guests: on a virtual machine, a latency tail can be that alone.
     """
 
     def __init__(self, procs: dict[str, Pid]) -> None:
         self.procs = procs
         self.started: dict[str, float] = {}
         self.machine = 0.0
+        self.stolen = 0.0
         self.at = 0.0
         self.result: dict[str, float] = {}
         self.seconds: dict[str, float] = {}  # CPU seconds each process used
@@ -190,7 +198,7 @@ class CpuMeter:
         self.at = time.monotonic()
         self.started = {name: p.cpu_seconds() for name, p in self.procs.items()}
         self.system_started = {name: p.cpu_times()[1] for name, p in self.procs.items()}
-        self.machine = machine_busy_seconds()
+        self.machine, self.stolen = machine_seconds()
         return self
 
     def stop(self) -> dict[str, float]:
@@ -201,10 +209,12 @@ class CpuMeter:
         self.system = {
             name: p.cpu_times()[1] - self.system_started[name] for name, p in self.procs.items()
         }
-        machine = machine_busy_seconds() - self.machine
+        machine, stolen = machine_seconds()
+        machine, stolen = machine - self.machine, stolen - self.stolen
         self.result = {name: round(100 * seconds / elapsed, 2) for name, seconds in used.items()}
         others = max(0.0, machine - sum(used.values()))
         self.result["others"] = round(100 * others / elapsed, 2)
+        self.result["steal"] = round(100 * stolen / elapsed, 2)
         return self.result
 
 

@@ -37,6 +37,9 @@ class Figure:
     # PostgreSQL's CPU time per item (the server's processes), when the engine is PostgreSQL.
     db_cpu_us: float | None = None
     engine: str = "sqlite"
+    # CPU % the hypervisor gave other guests meanwhile (part of `background`): on a virtual
+    # machine, a latency tail can be that alone.
+    steal: float | None = None
 
     def meets(self) -> bool | None:
         if self.target is None:
@@ -103,7 +106,8 @@ class Report:
                     "" if meets is None else ("meets" if meets else "MISSES"),
                     "" if f.cpu_us is None else f"{f.cpu_us:.0f} µs/item",
                     "" if f.db_cpu_us is None else f"{f.db_cpu_us:.0f} µs/item",
-                    "" if f.background is None else f"{f.background:.0f} % cpu",
+                    ("" if f.background is None else f"{f.background:.0f} % cpu")
+                    + ("" if not f.steal else f" ({f.steal:.0f} % steal)"),
                 ]
             )
         rows.append([""] * len(rows[0]))

@@ -56,6 +56,7 @@ async def latency(ctx: Context) -> None:
             "ms",
             "commit_p50",  # a floor rather than a ceiling: ingest answers after its commit
             background=cpu["others"],
+            steal=cpu["steal"],
         )
     )
     ctx.report.figures.append(
@@ -67,6 +68,7 @@ async def latency(ctx: Context) -> None:
             "commit_p99",
             target=("<", 20.0),
             background=cpu["others"],
+            steal=cpu["steal"],
             cpu_us=per_item_us(meter, stats["total"]),
             db_cpu_us=per_item_us(meter, stats["total"], "postgres"),
         )
@@ -119,6 +121,7 @@ async def idle(ctx: Context) -> None:
             "%",
             target=("<", 1.0),
             background=cpu["others"],
+            steal=cpu["steal"],
         )
     )
     ctx.report.figures.append(

@@ -311,9 +311,10 @@ class PostgresStore:
         every = ops
         async with conn.transaction():
             tx = Tx(conn)
-            await tx.lock(ops)
-            if self.cluster is not None and self.cluster.joined:
-                ops = await tx.check_fences(ops, self.cluster.instance)
+            clustered = self.cluster is not None and self.cluster.joined
+            await tx.lock(ops, fenced=clustered)
+            if self.cluster is not None and clustered:
+                ops = tx.check_fences(ops, self.cluster.instance)
             for op in ops:
                 if op.batchable:
                     op.defer(tx)

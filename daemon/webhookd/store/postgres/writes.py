@@ -18,7 +18,7 @@ group takes none. Parameters are positional (`$1`), as asyncpg has them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from webhookd.ids import generated_id, generated_sequence, id_tag
@@ -29,16 +29,34 @@ if TYPE_CHECKING:
 
     Connection = asyncpg.Connection[asyncpg.Record]
 
-# A tenant's rows, locked in tenant order: its sequence counter (ingest, requeue), then
-# its delivery state (outcomes, controls), each only where the group's ops need it, so that
-# ingest through one instance and the owner's outcomes through another do not wait for
-# each other's commits.
-LOCK_COUNTERS = """
-    SELECT tenant, last_sequence FROM counters
-    WHERE tenant = ANY($1::text[]) ORDER BY tenant FOR NO KEY UPDATE"""
-LOCK_STATES = """
-    SELECT tenant FROM tenant_state
-    WHERE tenant = ANY($1::text[]) ORDER BY tenant FOR NO KEY UPDATE"""
+# What a group reads before it writes, in one statement (one round trip): the rows of every
+# tenant it touches, locked in tenant order, its sequence counter (ingest, requeue) first,
+# then its delivery state (outcomes, controls), each only where the group's ops need it, so
+# that ingest through one instance and the owner's outcomes through another do not wait for
+# each other's commits; then the leases of the tenants whose delivery outcomes it records,
+# held FOR SHARE to the commit (a claim by another instance waits for it, and sees what it
+# recorded); then the producer ids its ingest names that were given before. UNION ALL runs
+# its branches in order (an Append), and each branch locks its rows as its sort yields them.
+# The id lookup is LATERAL: one primary-key lookup per id, never a join the planner could
+# turn into a scan of the table.
+READ = """
+    SELECT 'c' AS kind, tenant, last_sequence AS n, NULL::text AS s FROM (
+        SELECT tenant, last_sequence FROM counters
+        WHERE tenant = ANY($1::text[]) ORDER BY tenant FOR NO KEY UPDATE) AS c
+    UNION ALL
+    SELECT 's', tenant, NULL, NULL FROM (
+        SELECT tenant FROM tenant_state
+        WHERE tenant = ANY($2::text[]) ORDER BY tenant FOR NO KEY UPDATE) AS s
+    UNION ALL
+    SELECT 'l', tenant, fence, owner FROM (
+        SELECT tenant, owner, fence FROM leases
+        WHERE tenant = ANY($3::text[]) ORDER BY tenant FOR SHARE) AS l
+    UNION ALL
+    SELECT 'i', u.tenant, w.sequence, u.id
+    FROM unnest($4::text[], $5::text[]) AS u (tenant, id)
+    CROSS JOIN LATERAL (
+        SELECT sequence FROM webhook_ids WHERE tenant = u.tenant AND id = u.id
+    ) AS w"""
 
 # The rows a group needs and did not find. A concurrent transaction may be creating the
 # same ones: ON CONFLICT waits for it to end, so once this statement returns every row
@@ -52,44 +70,30 @@ CREATE = """
     INSERT INTO tenant_state (tenant) SELECT unnest($1::text[])
     ON CONFLICT (tenant) DO NOTHING"""
 
-# LATERAL: one primary-key lookup per id, never a join the planner could turn into a scan
-# of the table, which keeps every producer id ever given.
-KNOWN_IDS = """
-    SELECT u.tenant, u.id, w.sequence
-    FROM unnest($1::text[], $2::text[]) AS u (tenant, id)
-    CROSS JOIN LATERAL (
-        SELECT sequence FROM webhook_ids WHERE tenant = u.tenant AND id = u.id
-    ) AS w"""
-
-# `= ANY($1)` as well as the join: an index condition of its own, so the planner finds the
-# rows by key rather than joining with a scan of every tenant's row.
-# Each tenant's new counter is also announced to every instance (cluster.py), delivered
-# with the commit: the tenant's owner may be another process.
-ALLOCATE = """
+# A group's ingest in one statement: the counters move, the webhooks and their producer ids
+# go in. `= ANY($1)` as well as the join: an index condition of its own, so the planner finds
+# the counters by key rather than joining with a scan of every tenant's row. Each tenant's
+# new counter is also announced to every instance (cluster.py), delivered with the commit:
+# the tenant's owner may be another process.
+ENQUEUE = """
     WITH allocated AS (
         UPDATE counters AS s SET last_sequence = s.last_sequence + u.n
         FROM unnest($1::text[], $2::bigint[]) AS u (tenant, n)
         WHERE s.tenant = ANY($1::text[]) AND s.tenant = u.tenant
         RETURNING s.tenant, s.last_sequence
+    ),
+    queued AS (
+        INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
+        SELECT * FROM unnest($3::text[], $4::bigint[], $5::text[], $6::text[],
+                             $7::float8[], $8::text[])
+    ),
+    named AS (
+        INSERT INTO webhook_ids (tenant, id, sequence)
+        SELECT * FROM unnest($9::text[], $10::text[], $11::bigint[])
     )
     SELECT tenant, last_sequence,
            pg_notify('webhookd_queued', tenant || ' ' || last_sequence)::text AS told
     FROM allocated"""
-
-# The leases of the tenants whose delivery outcomes this group records, held FOR SHARE to
-# the commit: a claim by another instance waits for it, and sees what it recorded.
-FENCES = """
-    SELECT tenant, owner, fence FROM leases
-    WHERE tenant = ANY($1::text[]) ORDER BY tenant FOR SHARE"""
-
-INSERT_WEBHOOKS = """
-    INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[],
-                         $5::float8[], $6::text[])"""
-
-INSERT_IDS = """
-    INSERT INTO webhook_ids (tenant, id, sequence)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"""
 
 # Per tenant, sent together (executemany: one round trip). Scalar parameters keep the plan
 # an index range scan from the queue's head (acked_sequence before the update: the
@@ -108,31 +112,42 @@ ACKNOWLEDGE = """
 
 
 class Tx:
-    """One group commit in progress: the connection, the tenants' sequence counters as this
-    transaction has them, and the batched writes not yet sent."""
+    """One group commit in progress: the connection, what the group read under its locks
+    (the tenants' sequence counters, the leases, the producer ids given before), and the
+    batched writes not yet sent."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.last: dict[str, int] = {}
+        self.leases: dict[str, tuple[str, int]] = {}  # tenant: (owner, fence)
+        self.known: dict[tuple[str, str], int] = {}  # (tenant, producer id): sequence
         self.enqueues: list[Enqueue] = []
         self.acks: dict[str, tuple[int, float]] = {}
 
-    async def lock(self, ops: Sequence[Op]) -> None:
-        """Create the rows this group needs, and lock every tenant's it touches.
+    async def lock(self, ops: Sequence[Op], fenced: bool = False) -> None:
+        """Read and lock what this group needs, creating the tenant rows that are missing.
 
-        Rows that exist are locked in tenant order, counters first. The missing ones are
-        then made and locked (a tenant's first webhook): out of order with the others, once
-        per tenant, so a deadlock is possible then; the server detects it, and the writer
-        retries the group op by op."""
+        Rows that exist are locked in tenant order, counters first (`READ`), and with them
+        the leases of the tenants whose outcomes it records (when `fenced`: several
+        instances) and the producer ids its ingest names. The missing rows are then made and
+        locked (a tenant's first webhook): out of order with the others, once per tenant, so
+        a deadlock is possible then; the server detects it, and the writer retries the group
+        op by op."""
         counted = sorted({op.tenant for op in ops if op.tenant is not None and op.counts})
         stated = sorted({op.tenant for op in ops if op.tenant is not None and op.states})
-        self.last = {}
-        if counted:
-            rows = await self.conn.fetch(LOCK_COUNTERS, counted)
-            self.last = {row["tenant"]: row["last_sequence"] for row in rows}
-        found: set[str] = set()
-        if stated:
-            found = {row["tenant"] for row in await self.conn.fetch(LOCK_STATES, stated)}
+        leased = (
+            sorted({op.tenant for op in ops if op.fenced and op.tenant is not None})
+            if fenced
+            else []
+        )
+        named = {
+            (op.tenant, item.id)
+            for op in ops
+            if isinstance(op, Enqueue)
+            for item in op.items
+            if item.id is not None
+        }
+        found = await self._read(counted, stated, leased, named)
         create = sorted(
             {
                 op.tenant
@@ -147,24 +162,48 @@ class Tx:
         )
         if create:
             await self.conn.execute(CREATE, create)
-            if missing := [t for t in create if t in counted and t not in self.last]:
-                rows = await self.conn.fetch(LOCK_COUNTERS, missing)
-                self.last.update((row["tenant"], row["last_sequence"]) for row in rows)
-            if missing := [t for t in create if t in stated and t not in found]:
-                await self.conn.fetch(LOCK_STATES, missing)
+            await self._read(
+                [t for t in create if t in counted and t not in self.last],
+                [t for t in create if t in stated and t not in found],
+                [],
+                set(),
+            )
 
-    async def check_fences(self, ops: Sequence[Op], instance: str) -> list[Op]:
+    async def _read(
+        self,
+        counted: list[str],
+        stated: list[str],
+        leased: list[str],
+        named: set[tuple[str, str]],
+    ) -> set[str]:
+        """`READ`: fills `last`, `leases` and `known`; answers the tenants whose delivery
+        state it locked."""
+        if not (counted or stated or leased or named):
+            return set()
+        tenants, ids = (list(c) for c in zip(*named, strict=True)) if named else ([], [])
+        stated_found: set[str] = set()
+        for kind, tenant, number, text in await self.conn.fetch(
+            READ, counted, stated, leased, tenants, ids
+        ):
+            if kind == "c":
+                self.last[tenant] = number
+            elif kind == "s":
+                stated_found.add(tenant)
+            elif kind == "l":
+                self.leases[tenant] = (text, number)
+            else:
+                self.known[(tenant, text)] = number
+        return stated_found
+
+    def check_fences(self, ops: Sequence[Op], instance: str) -> list[Op]:
         """The ops this instance may still run: an op that records a delivery's outcome
-        runs only if `instance` holds the tenant's lease with the token the op carries.
-        The others are refused with LeaseLost, and the rest of the group goes on."""
-        fenced = sorted({op.tenant for op in ops if op.fenced and op.tenant is not None})
-        if not fenced:
-            return list(ops)
-        rows = await self.conn.fetch(FENCES, fenced)
-        held = {row["tenant"]: row["fence"] for row in rows if row["owner"] == instance}
+        runs only if `instance` holds the tenant's lease with the token the op carries (as
+        `lock` read it). The others are refused with LeaseLost, and the rest of the group
+        goes on."""
         kept: list[Op] = []
         for op in ops:
-            if op.fenced and (op.fence is None or held.get(op.tenant) != op.fence):
+            held = self.leases.get(op.tenant) if op.tenant is not None else None
+            if op.fenced and (op.fence is None or held != (instance, op.fence)):
                 op.result = LeaseLost(
                     f"the lease of {op.tenant} was claimed by another instance; this one "
                     "stopped delivering it"
@@ -185,33 +224,22 @@ class Tx:
             )
 
     async def _enqueue(self, ops: list[Enqueue]) -> None:
-        known = await self._known_ids(ops)
         counts: dict[str, int] = {}
         rows: list[tuple[str, int, str, str, float, str]] = []
         ids: list[tuple[str, str, int]] = []
         for op in ops:
-            op.plan(self.last, counts, known, rows, ids)
+            op.plan(self.last, counts, self.known, rows, ids)
         if not counts:
             return  # duplicates only
-        allocated = await self.conn.fetch(ALLOCATE, list(counts), list(counts.values()))
+        allocated = await self.conn.fetch(
+            ENQUEUE, list(counts), list(counts.values()), *_columns(rows, 6), *_columns(ids, 3)
+        )
         for row in allocated:
             tenant, last = row["tenant"], row["last_sequence"]
             # The rows are locked (`lock`): nothing else moved the counter since.
             if last != self.last[tenant] + counts[tenant]:
                 raise RuntimeError(f"the sequence counter of {tenant!r} moved under its lock")
             self.last[tenant] = last
-        await self.conn.execute(INSERT_WEBHOOKS, *_columns(rows, 6))
-        if ids:
-            await self.conn.execute(INSERT_IDS, *_columns(ids, 3))
-
-    async def _known_ids(self, ops: Iterable[Enqueue]) -> dict[tuple[str, str], int]:
-        """The producer ids of these ops that their tenants were given before."""
-        wanted = {(op.tenant, item.id) for op in ops for item in op.items if item.id is not None}
-        if not wanted:
-            return {}
-        tenants, ids = zip(*wanted, strict=True)
-        found = await self.conn.fetch(KNOWN_IDS, list(tenants), list(ids))
-        return {(row["tenant"], row["id"]): row["sequence"] for row in found}
 
 
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
