@@ -218,6 +218,13 @@ class Store(Protocol):
         ...
 
     @property
+    def history_dropped(self) -> int:
+        """History records and failed attempts dropped since `open` because they did not
+        fit on a full disk (SQLite); the outcomes they belonged to were recorded. Always 0
+        on PostgreSQL."""
+        ...
+
+    @property
     def commits(self) -> int:
         """Transactions committed since `open`: concurrent writes share commits (group
         commit), so this grows more slowly than the number of writes under load."""
