@@ -218,6 +218,13 @@ class Store(Protocol):
         ...
 
     @property
+    def history_dropped(self) -> int:
+        """History records and failed attempts dropped since `open` because they did not
+        fit on a full disk (SQLite); the outcomes they belonged to were recorded. Always 0
+        on PostgreSQL."""
+        ...
+
+    @property
     def commits(self) -> int:
         """Transactions committed since `open`: concurrent writes share commits (group
         commit), so this grows more slowly than the number of writes under load."""
@@ -371,7 +378,10 @@ class Store(Protocol):
         `default_retention`; 0 removes them all), then the oldest records, every tenant
         together, while the history counts more than `max_bytes` (None: no size limit),
         then producer ids accepted more than `idempotency_window` seconds before `now`
-        whose webhook is neither queued, parked nor in the history. `more` says whether
+        whose webhook is neither queued, parked nor in the history (for a tenant whose
+        retention is longer than the window, ids accepted more than the retention before
+        `now`: those of records pruned early for size or never kept wait until then, so
+        that a step never scans the ids still in the history). `more` says whether
         a step now would remove more."""
         ...
 

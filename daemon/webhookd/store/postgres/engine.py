@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
@@ -34,11 +35,20 @@ import asyncpg
 from webhookd import logs
 from webhookd.config import PostgresURL
 from webhookd.records import (
+    Delivered,
     Failure,
+    FoundWebhook,
+    HistoryPolicy,
+    HistoryQuery,
+    HistoryRecord,
+    HistorySize,
     IngestResult,
     LeaseLost,
     NewWebhook,
     ParkedWebhook,
+    PruneResult,
+    ReplayResult,
+    ReplaySelection,
     StoreError,
     TenantRecord,
     Webhook,
@@ -60,7 +70,7 @@ from webhookd.store.postgres.writes import (
     Show,
     Tx,
 )
-from webhookd.store.protocol import OnEnqueued
+from webhookd.store.protocol import KEEP_ALL, OnEnqueued
 
 if TYPE_CHECKING:
     from webhookd.store.postgres.connection import Connection
@@ -77,6 +87,7 @@ class PostgresStore:
     """The `Store` on PostgreSQL. One per daemon; several daemons may share the database."""
 
     disk_full = False  # the server's disk is its own: a full one is a StoreError, not a mode
+    history_dropped = 0  # the same: a history record is never dropped, it fails its commit
 
     def __init__(
         self,
@@ -351,13 +362,25 @@ class PostgresStore:
         result: list[IngestResult] = await self._submit(Enqueue(tenant, items, accepted_at))
         return result
 
-    async def acknowledge(self, tenant: str, through_sequence: int, at: float) -> None:
-        await self._submit(Acknowledge(tenant, through_sequence, at))
+    async def acknowledge(
+        self,
+        tenant: str,
+        through_sequence: int,
+        at: float,
+        delivered: Delivered | None = None,
+        history: HistoryPolicy = KEEP_ALL,
+    ) -> None:
+        await self._submit(Acknowledge(tenant, through_sequence, at, delivered, history))
 
     async def record_failure(
-        self, tenant: str, failure: Failure, next_attempt_at: float | None, keep: int
+        self,
+        tenant: str,
+        failure: Failure,
+        next_attempt_at: float | None,
+        keep: int,
+        history: HistoryPolicy = KEEP_ALL,
     ) -> None:
-        await self._submit(RecordFailure(tenant, failure, next_attempt_at, keep))
+        await self._submit(RecordFailure(tenant, failure, next_attempt_at, keep, history))
 
     async def clear_failures(self, tenant: str) -> int:
         cleared: int = await self._submit(ClearFailures(tenant))
@@ -366,17 +389,46 @@ class PostgresStore:
     async def set_paused(self, tenant: str, paused: bool) -> None:
         await self._submit(SetPaused(tenant, paused))
 
-    async def park(self, tenant: str, sequence: int, at: float) -> Webhook | None:
-        parked: Webhook | None = await self._submit(Park(tenant, sequence, at))
+    async def park(
+        self, tenant: str, sequence: int, at: float, history: HistoryPolicy = KEEP_ALL
+    ) -> Webhook | None:
+        parked: Webhook | None = await self._submit(Park(tenant, sequence, at, history))
         return parked
 
     async def requeue(self, tenant: str, webhook_id: str, at: float) -> Webhook | None:
         queued: Webhook | None = await self._submit(Requeue(tenant, webhook_id, at))
         return queued
 
-    async def discard(self, tenant: str) -> int:
-        dropped: int = await self._submit(Discard(tenant))
+    async def discard(
+        self, tenant: str, at: float | None = None, history: HistoryPolicy = KEEP_ALL
+    ) -> int:
+        when = time.time() if at is None else at
+        dropped: int = await self._submit(Discard(tenant, when, history))
         return dropped
+
+    async def replay(
+        self,
+        tenant: str,
+        selection: ReplaySelection,
+        at: float,
+        *,
+        limit: int,
+        dry_run: bool = False,
+        replay_id: str | None = None,
+    ) -> ReplayResult:
+        raise NotImplementedError
+
+    async def prune_history(
+        self,
+        now: float,
+        *,
+        retention: Mapping[str, float],
+        default_retention: float,
+        max_bytes: int | None,
+        idempotency_window: float,
+        step: int,
+    ) -> PruneResult:
+        raise NotImplementedError
 
     async def setting(self, name: str) -> str:
         """One setting as the writer's session has it (for tests and `check`)."""
@@ -419,6 +471,15 @@ class PostgresStore:
             limit,
         )
         return [ParkedWebhook(Webhook(*row[:5]), row[5]) for row in rows]
+
+    async def find_webhook(self, tenant: str, webhook_id: str) -> FoundWebhook:
+        raise NotImplementedError
+
+    async def history(self, tenant: str, query: HistoryQuery) -> list[HistoryRecord]:
+        raise NotImplementedError
+
+    async def history_size(self) -> HistorySize:
+        raise NotImplementedError
 
     async def ping(self) -> None:
         """Raise unless the database answers and this store can write to it."""

@@ -22,7 +22,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from webhookd.ids import generated_id, generated_sequence, id_tag
-from webhookd.records import Failure, IngestResult, LeaseLost, NewWebhook, Webhook
+from webhookd.records import (
+    Delivered,
+    Failure,
+    HistoryPolicy,
+    IngestResult,
+    LeaseLost,
+    NewWebhook,
+    Webhook,
+)
 
 if TYPE_CHECKING:
     import asyncpg
@@ -329,10 +337,19 @@ class Acknowledge(Op):
     batchable = True
     fenced = True
 
-    def __init__(self, tenant: str, through: int, at: float) -> None:
+    def __init__(
+        self,
+        tenant: str,
+        through: int,
+        at: float,
+        delivered: Delivered | None = None,
+        history: HistoryPolicy | None = None,
+    ) -> None:
         super().__init__(tenant)
         self.tenant: str = tenant
         self.through, self.at = through, at
+        self.delivered = delivered
+        self.history = history or HistoryPolicy()
 
     def defer(self, tx: Tx) -> None:
         # Several for one tenant in a group: the furthest head, the latest time.
@@ -344,10 +361,16 @@ class RecordFailure(Op):
     fenced = True
 
     def __init__(
-        self, tenant: str, failure: Failure, next_attempt_at: float | None, keep: int
+        self,
+        tenant: str,
+        failure: Failure,
+        next_attempt_at: float | None,
+        keep: int,
+        history: HistoryPolicy | None = None,
     ) -> None:
         super().__init__(tenant)
         self.failure, self.next_attempt_at, self.keep = failure, next_attempt_at, keep
+        self.history = history or HistoryPolicy()
 
     async def apply(self, tx: Tx) -> None:
         f = self.failure
@@ -404,9 +427,12 @@ class Park(Op):
 
     fenced = True  # the head is the owner's: an attempt of it may be in flight there
 
-    def __init__(self, tenant: str, sequence: int, at: float) -> None:
+    def __init__(
+        self, tenant: str, sequence: int, at: float, history: HistoryPolicy | None = None
+    ) -> None:
         super().__init__(tenant)
         self.sequence, self.at = sequence, at
+        self.history = history or HistoryPolicy()
 
     async def apply(self, tx: Tx) -> None:
         # Only the head: the row right after acked_sequence (rows exist up to last_sequence).
@@ -484,6 +510,11 @@ class Discard(Op):
     """Drop a tenant's queue, parked webhooks and failures (an operator's explicit choice)."""
 
     counts = True  # reads the counter: the head moves to it
+
+    def __init__(self, tenant: str, at: float, history: HistoryPolicy | None = None) -> None:
+        super().__init__(tenant)
+        self.at = at
+        self.history = history or HistoryPolicy()
 
     async def apply(self, tx: Tx) -> None:
         # The queue is contiguous: what waits is a subtraction. The sequence counter stays:
