@@ -45,6 +45,7 @@ from webhookd import views
 from webhookd.__main__ import build_parser
 from webhookd.events import CURRENT
 from webhookd.metrics import Metrics
+from webhookd.records import HistorySize
 from webhookd.scheduler import Clock
 from webhookd.sender import Outcome
 from webhookd.status import iso
@@ -1045,8 +1046,9 @@ def test_duration_histogram_buckets_are_cumulative(
 ) -> None:
     # A service with no tenants: only the counters and the histogram have samples.
     service = SimpleNamespace(
-        store=SimpleNamespace(disk_full=False),
+        store=SimpleNamespace(disk_full=False, history_dropped=0),
         clock=Clock(),
+        history_seen=HistorySize(0, 0, 0),
         visible_workers=list,
         connections=None,
         cluster=None,

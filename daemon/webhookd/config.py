@@ -679,8 +679,12 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
 
     default_dir: Path | None = base_dir / "tenants.d"
     tenants_dir = table.get("tenants_dir", default_dir, optional_path)
-    if tenants_dir is not None and tenants_dir.exists() and not tenants_dir.is_dir():
-        table.error("tenants_dir", f"{table.raw['tenants_dir']!r} is not a folder")
+    try:
+        if tenants_dir is not None and tenants_dir.exists() and not tenants_dir.is_dir():
+            table.error("tenants_dir", f"{table.raw['tenants_dir']!r} is not a folder")
+    except OSError as exc:  # a name too long for the file system, say
+        table.error("tenants_dir", f"cannot use {str(tenants_dir)[:80]!r}: {exc.strerror}")
+        tenants_dir = None
     ca_file = table.get("ca_file", None, optional_path)
     if ca_file is not None:
         _check_ca_file(table, ca_file)

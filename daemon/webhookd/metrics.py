@@ -234,7 +234,7 @@ class _HistoryCollector(Collector):
             "webhookd_history_dropped",
             "History records not written for a full disk (the delivery itself was recorded).",
         )
-        dropped.add_metric([], getattr(self.service.store, "history_dropped", 0))
+        dropped.add_metric([], self.service.store.history_dropped)
         yield from (records, stored, dropped)
 
 

@@ -1225,8 +1225,8 @@ def _how_to_split(exc: ReplayTooLarge) -> str:
         f"nothing was replayed: it matches {exc.count} webhooks (sequences {first} to "
         f"{last}), more than replay_max ({limit}). Split it by sequence into ranges of at most "
         f"{limit} sequences: from_sequence {first} to_sequence {first + limit - 1}, then "
-        f"from_sequence {first + limit} and on ({parts} replays; each with the same event "
-        "filter)"
+        f"from_sequence {first + limit} and on, the last ending at to_sequence {last} "
+        f"({parts} replays, each with the same event filter)"
     )
 
 
