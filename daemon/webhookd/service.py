@@ -1019,10 +1019,12 @@ class Service:
         """One page of the tenant's history, and the cursor of the next (None: the last)."""
         self.worker(name)
         try:
-            records = await self.store.history(name, query)
+            # One more than asked: whether a next page exists, without an empty last page.
+            records = await self.store.history(name, replace(query, limit=query.limit + 1))
         except StoreError as exc:
             raise Unavailable(str(exc)) from None
-        more = len(records) == query.limit
+        more = len(records) > query.limit
+        records = records[: query.limit]
         return {
             "tenant": name,
             "order": "oldest" if query.oldest_first else "newest",
