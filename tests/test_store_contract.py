@@ -482,15 +482,6 @@ NO_PAYLOADS = HistoryPolicy(payloads=False)
 DAY = 86400.0
 
 
-@pytest.fixture
-def history_engine(engine: str) -> None:
-    if engine == "postgres":  # temporary: the PostgreSQL engine's history is the next commit
-        pytest.xfail("PostgreSQL history not written yet")
-
-
-pending = pytest.mark.usefixtures("history_engine")
-
-
 async def page(store: Store, tenant: str = "acme", **query: Any) -> list[HistoryRecord]:
     return await store.history(tenant, HistoryQuery(**query))
 
@@ -524,7 +515,6 @@ def record(
     )
 
 
-@pending
 async def test_acknowledge_keeps_a_delivered_record_for_each_webhook(
     store: Store, open_store: OpenStore
 ) -> None:
@@ -545,7 +535,6 @@ async def test_acknowledge_keeps_a_delivered_record_for_each_webhook(
     assert newest == record(3, "c", finished_at=AT + 6, attempts=1, status=None, duration_ms=None)
 
 
-@pending
 async def test_the_history_policy_keeps_no_record_or_no_payload(store: Store) -> None:
     await store.enqueue("acme", [new("a", '{"n": 1}'), new("b", '{"n": 2}')], AT)
     await store.acknowledge("acme", 1, AT + 5, OK, NO_HISTORY)
@@ -556,7 +545,6 @@ async def test_the_history_policy_keeps_no_record_or_no_payload(store: Store) ->
     assert (await store.history_size()).failures == 0
 
 
-@pending
 async def test_park_requeue_and_discard_leave_records(store: Store, open_store: OpenStore) -> None:
     await store.enqueue("acme", [new("a"), new("b"), new("c")], AT)
     await store.record_failure("acme", failure(1), AT + 1, keep=10)
@@ -583,7 +571,6 @@ async def test_park_requeue_and_discard_leave_records(store: Store, open_store: 
     assert (await store.history_size()).records == 4
 
 
-@pending
 async def test_discard_without_history_keeps_the_records_there_are(store: Store) -> None:
     await store.enqueue("acme", [new("a"), new("b")], AT)
     await store.park("acme", 1, AT + 3)
@@ -591,7 +578,6 @@ async def test_discard_without_history_keeps_the_records_there_are(store: Store)
     assert await page(store) == [record(1, "a", "discarded", AT + 7)]
 
 
-@pending
 async def test_failed_attempts_are_kept_apart_from_the_recent_failures(
     store: Store, open_store: OpenStore
 ) -> None:
@@ -612,7 +598,6 @@ async def test_failed_attempts_are_kept_apart_from_the_recent_failures(
 # -- lookup ----------------------------------------------------------------------------------------
 
 
-@pending
 async def test_find_webhook_wherever_it_is(store: Store) -> None:
     results = await store.enqueue("acme", [new("a"), new(), new("c"), new("d")], AT)
     generated = results[1].id
@@ -641,7 +626,6 @@ async def test_find_webhook_wherever_it_is(store: Store) -> None:
     assert await store.find_webhook("nobody", generated) == FoundWebhook("forgotten")
 
 
-@pending
 async def test_find_webhook_says_expired_once_pruned(store: Store) -> None:
     results = await store.enqueue("acme", [new("a"), new()], AT)
     await store.acknowledge("acme", 2, AT + 5, OK)
@@ -667,7 +651,6 @@ async def listing_store(store: Store) -> None:
     await store.acknowledge("beta", 1, AT + 1000, OK)
 
 
-@pending
 async def test_history_pages_with_a_cursor_both_ways(store: Store) -> None:
     await listing_store(store)
     first = await page(store, limit=4)
@@ -685,7 +668,6 @@ async def test_history_pages_with_a_cursor_both_ways(store: Store) -> None:
     assert await page(store, "nobody") == []
 
 
-@pending
 async def test_history_filters_combine(store: Store) -> None:
     await listing_store(store)
 
@@ -707,7 +689,6 @@ async def test_history_filters_combine(store: Store) -> None:
 # -- replay ----------------------------------------------------------------------------------------
 
 
-@pending
 async def test_replay_puts_delivered_webhooks_back_in_order(
     store: Store, open_store: OpenStore
 ) -> None:
@@ -744,7 +725,6 @@ async def test_replay_puts_delivered_webhooks_back_in_order(
     assert len(await store.read_queue("acme", 10, 100)) == 8
 
 
-@pending
 async def test_replay_by_time_and_event(store: Store) -> None:
     await listing_store(store)
     selection = ReplaySelection(since=AT + 120, until=AT + 480, event="A")
@@ -755,7 +735,6 @@ async def test_replay_by_time_and_event(store: Store) -> None:
     )
 
 
-@pending
 async def test_replay_is_all_or_nothing(store: Store) -> None:
     await listing_store(store)
     with pytest.raises(ReplayTooLarge) as refused:
@@ -772,7 +751,6 @@ async def test_replay_is_all_or_nothing(store: Store) -> None:
     assert [r.next_sequence for r in await page(store)] == [None] * 11
 
 
-@pending
 async def test_replay_id_makes_a_retry_safe(store: Store, open_store: OpenStore) -> None:
     await listing_store(store)
     selection = ReplaySelection(from_sequence=1, to_sequence=2)
@@ -813,7 +791,6 @@ async def prune(
     )
 
 
-@pending
 async def test_prune_by_age_per_tenant_in_steps(store: Store, open_store: OpenStore) -> None:
     for n in range(5):
         await store.enqueue("acme", [new(f"a{n}")], AT + n * DAY)
@@ -845,7 +822,6 @@ async def test_prune_by_age_per_tenant_in_steps(store: Store, open_store: OpenSt
     assert await page(store, "beta") == []
 
 
-@pending
 async def test_prune_by_size_takes_the_oldest_first(store: Store) -> None:
     for n in range(6):
         tenant = "acme" if n % 2 else "beta"
@@ -862,7 +838,6 @@ async def test_prune_by_size_takes_the_oldest_first(store: Store) -> None:
     assert await prune(store, AT + 20, max_bytes=3 * one, window=30 * DAY) == PruneResult()
 
 
-@pending
 async def test_producer_ids_are_remembered_for_the_window(store: Store) -> None:
     # acme keeps no history: its ids are remembered for the window, or while queued.
     await store.enqueue("acme", [new("a"), new("c")], AT)
@@ -885,7 +860,6 @@ async def test_producer_ids_are_remembered_for_the_window(store: Store) -> None:
     assert [r.status for r in await store.enqueue("beta", [new("b")], AT)] == ["queued"]
 
 
-@pending
 async def test_prune_with_nothing_to_do(store: Store) -> None:
     assert await prune(store, AT) == PruneResult()
     assert await store.history_size() == HistorySize(0, 0, 0)

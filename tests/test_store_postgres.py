@@ -118,10 +118,13 @@ async def test_the_schema_is_created_once_and_versioned(
     assert [row["tablename"] for row in tables] == [
         "api_tenants",
         "counters",
+        "failed_attempts",
         "failures",
+        "history",
         "instances",
         "leases",
         "parked",
+        "replays",
         "tenant_state",
         "webhook_ids",
         "webhookd_schema",

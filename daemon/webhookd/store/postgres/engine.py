@@ -53,7 +53,7 @@ from webhookd.records import (
     TenantRecord,
     Webhook,
 )
-from webhookd.store.postgres import connection
+from webhookd.store.postgres import connection, reads
 from webhookd.store.postgres.cluster import PgCluster
 from webhookd.store.postgres.connection import CONNECT_ERRORS
 from webhookd.store.postgres.schema import load_records, migrate
@@ -64,7 +64,9 @@ from webhookd.store.postgres.writes import (
     Enqueue,
     Op,
     Park,
+    PruneHistory,
     RecordFailure,
+    Replay,
     Requeue,
     SetPaused,
     Show,
@@ -258,14 +260,18 @@ class PostgresStore:
                 if self._closing:
                     return
                 continue
-            try:
-                results = await self._commit(ops)
-            except Exception as exc:
-                # A bug, not the database: fail these writes but keep the writer alive.
-                log.exception("commit_crashed", ops=len(ops))
-                results = [StoreError(f"internal error: {type(exc).__name__}")] * len(ops)
-            for op, result in zip(ops, results, strict=True):
-                self._settle(op, result)
+            # An op that must not share its transaction (pruning: it locks tenants the
+            # group does not know of) commits on its own, after the group.
+            grouped = [op for op in ops if not op.alone]
+            for group in ([grouped] if grouped else []) + [[op] for op in ops if op.alone]:
+                try:
+                    results = await self._commit(group)
+                except Exception as exc:
+                    # A bug, not the database: fail these writes but keep the writer alive.
+                    log.exception("commit_crashed", ops=len(group))
+                    results = [StoreError(f"internal error: {type(exc).__name__}")] * len(group)
+                for op, result in zip(group, results, strict=True):
+                    self._settle(op, result)
             if self._closing and not self._pending:
                 return
 
@@ -416,7 +422,9 @@ class PostgresStore:
         dry_run: bool = False,
         replay_id: str | None = None,
     ) -> ReplayResult:
-        raise NotImplementedError
+        op = Replay(tenant, selection, at, limit=limit, dry_run=dry_run, replay_id=replay_id)
+        result: ReplayResult = await self._submit(op)
+        return result
 
     async def prune_history(
         self,
@@ -428,7 +436,16 @@ class PostgresStore:
         idempotency_window: float,
         step: int,
     ) -> PruneResult:
-        raise NotImplementedError
+        op = PruneHistory(
+            now,
+            retention=dict(retention),
+            default_retention=default_retention,
+            max_bytes=max_bytes,
+            idempotency_window=idempotency_window,
+            step=step,
+        )
+        result: PruneResult = await self._submit(op)
+        return result
 
     async def setting(self, name: str) -> str:
         """One setting as the writer's session has it (for tests and `check`)."""
@@ -473,13 +490,24 @@ class PostgresStore:
         return [ParkedWebhook(Webhook(*row[:5]), row[5]) for row in rows]
 
     async def find_webhook(self, tenant: str, webhook_id: str) -> FoundWebhook:
-        raise NotImplementedError
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        try:
+            async with self._pool.acquire() as conn:
+                return await reads.find_webhook(conn, tenant, webhook_id)
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
 
     async def history(self, tenant: str, query: HistoryQuery) -> list[HistoryRecord]:
-        raise NotImplementedError
+        sql, args = reads.history_query(tenant, query)
+        return [HistoryRecord(*row) for row in await self._fetch(sql, *args)]
 
     async def history_size(self) -> HistorySize:
-        raise NotImplementedError
+        [row] = await self._fetch(
+            """SELECT coalesce(sum(history_records), 0), coalesce(sum(history_failures), 0),
+                      coalesce(sum(history_bytes), 0) FROM tenant_state"""
+        )
+        return HistorySize(int(row[0]), int(row[1]), int(row[2]))
 
     async def ping(self) -> None:
         """Raise unless the database answers and this store can write to it."""
