@@ -9,13 +9,15 @@ PostgreSQL; no mocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,7 +25,12 @@ from tests import test_cluster, test_operator
 from tests.conftest import Daemon, Process, Receiver, StartDaemon, tenant, wait_for, write_config
 from tests.test_cluster import StartInstance, two_instances
 from tests.test_operator import run_cli, start_process
+from webhookd import config as config_mod
+from webhookd.config import PostgresURL
 from webhookd.ids import generated_id, id_tag
+from webhookd.scheduler import Clock
+from webhookd.serve import Server
+from webhookd.service import Service
 
 # The fixtures: in-process instances on PostgreSQL, a client session.
 start_instance = test_cluster.start_instance
@@ -31,6 +38,38 @@ session = test_operator.session
 
 EVENT = "CHECK_COMPLETED"
 OTHER = "TASK_CREATED"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def start_daemon(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[StartDaemon]:
+    """conftest's in-process daemon, on each engine: SQLite, and PostgreSQL (one instance)."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    started: list[Daemon] = []
+    session = aiohttp.ClientSession()
+
+    async def start(
+        config_path: Path | None = None, *, clock: Clock | None = None, **kwargs: Any
+    ) -> Daemon:
+        config = config_mod.load(config_path or write_config(tmp_path, **kwargs))
+        if url is not None:
+            on_postgres = dataclasses.replace(config.daemon, database=PostgresURL(url))
+            config = dataclasses.replace(config, daemon=on_postgres)
+        server = Server(Service(config, clock=clock))
+        try:
+            await server.start()
+        except BaseException:
+            await server.stop()
+            raise
+        daemon = Daemon(server, session)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        await daemon.server.stop()
+    await session.close()
 
 
 async def lookup(daemon: Daemon, name: str, webhook_id: str) -> tuple[int, Any]:

@@ -1143,6 +1143,18 @@ async def test_metrics_in_prometheus_format(receiver: Receiver, start_daemon: St
     assert attempts[(("tenant", "dead"),)] == 1
     assert attempts[(("tenant", "ok"),)] == 0
 
+    # The history: ok's 3 and flaky's 1 delivered webhooks, nothing pruned or dropped yet.
+    assert value(text, "webhookd_history_records") == 4
+    assert (value(text, "webhookd_history_bytes") or 0) > 0
+    assert value(text, "webhookd_history_pruned_total", reason="age") == 0
+    assert value(text, "webhookd_history_pruned_total", reason="size") == 0
+    assert value(text, "webhookd_history_dropped_total") == 0
+    assert value(text, "webhookd_ids_forgotten_total") == 0
+    code, shown = await daemon.request("GET", "/v1/status")
+    assert code == 200
+    assert shown["totals"]["history_records"] == 4
+    assert shown["totals"]["history_bytes"] == value(text, "webhookd_history_bytes")
+
 
 # -- 7. text views ------------------------------------------------------------------------------
 

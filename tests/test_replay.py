@@ -17,12 +17,13 @@ from typing import Any
 
 import aiohttp
 
-from tests import test_cluster, test_operator
+from tests import test_cluster, test_history, test_operator
 from tests.conftest import Daemon, Process, Receiver, StartDaemon, tenant, wait_for, write_config
 from tests.test_cluster import StartInstance, two_instances
 from tests.test_operator import run_cli, start_process
 
-# The fixtures: in-process instances on PostgreSQL, a client session.
+# The fixtures: the daemon in-process on each engine, instances on PostgreSQL, a client.
+start_daemon = test_history.start_daemon
 start_instance = test_cluster.start_instance
 session = test_operator.session
 
