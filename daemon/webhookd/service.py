@@ -936,6 +936,14 @@ class Service:
         worker = self.worker(name)
         try:
             found = await self.store.find_webhook(name, webhook_id)
+            if (
+                found.webhook is not None
+                and found.place == "queued"
+                and found.webhook.sequence <= worker.row.acked_sequence
+                and (self.cluster is None or self.cluster.holds(name))
+            ):
+                # Delivered (or parked) between the read and now: where it is now.
+                found = await self.store.find_webhook(name, webhook_id)
         except StoreError as exc:
             raise Unavailable(str(exc)) from None
         if found.place == "unknown":
@@ -985,7 +993,7 @@ class Service:
             except StoreError as exc:
                 raise Unavailable(str(exc)) from None
             row = records[0].row if records else TenantRow()
-        position = webhook.sequence - row.acked_sequence
+        position = max(1, webhook.sequence - row.acked_sequence)
         config = worker.config
         head = 1 if config is None or not config.batching else config.delivery.batch_size
         fields = _webhook_fields(webhook)
