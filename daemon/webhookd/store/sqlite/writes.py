@@ -227,6 +227,9 @@ class Op:
 
     batchable = True
     appends = False  # adds rows to the queue: its commit is checked for room first
+    # Set when the op failed for lack of room with its history record: it runs again
+    # without it (the record dropped and counted), never held back for it.
+    skip_history = False
 
     def __init__(self, tenant: str) -> None:
         self.tenant = tenant
@@ -296,7 +299,9 @@ class Acknowledge(Op):
         row = tx.row(self.tenant)
         self.left_behind = False  # a transaction may be retried: start clean
         if self.through > row.acked_sequence:
-            if self.history.keep:
+            if self.history.keep and self.skip_history:
+                tx.dropped += self.through - row.acked_sequence
+            elif self.history.keep:
                 d = self.delivered
                 attempts = d.attempts if d is not None else row.attempts + 1
                 params = {
@@ -359,7 +364,9 @@ class RecordFailure(_Control):
         # and the backoff are still stored (in the state row) and the failure still shown
         # (the worker keeps it in memory), but a restart forgets it.
         tx.in_place(self._insert(tx))
-        if self.history.keep and isinstance(tx.in_place(lambda: self._keep(tx)), StoreError):
+        if self.history.keep and (
+            self.skip_history or isinstance(tx.in_place(lambda: self._keep(tx)), StoreError)
+        ):
             tx.dropped += 1
 
     def _keep(self, tx: Tx) -> None:
@@ -547,7 +554,9 @@ class Discard(_Control):
         # The queue is contiguous: what waits is a subtraction. Rows acknowledged in place
         # on a full disk (at or below acked_sequence) go too, but were not waiting.
         dropped = row.last_sequence - row.acked_sequence
-        if self.history.keep and dropped:
+        if self.history.keep and dropped and self.skip_history:
+            tx.dropped += dropped
+        elif self.history.keep and dropped:
             record = {
                 "tenant": self.tenant,
                 "after": row.acked_sequence,
@@ -569,8 +578,9 @@ class Discard(_Control):
                    SELECT sequence FROM parked WHERE tenant = :tenant)""",
             {"tenant": self.tenant, "at": self.at},
         )
-        if self.history.keep and isinstance(
-            tx.in_place(lambda: self._record_parked(tx)), StoreError
+        if self.history.keep and (
+            self.skip_history
+            or isinstance(tx.in_place(lambda: self._record_parked(tx)), StoreError)
         ):
             tx.dropped += 1
         # On a full disk, a long queue's delete would need more WAL than there is: the
