@@ -192,7 +192,7 @@ async def test_lookup_follows_a_webhook_through_every_state(
     assert "never gave out" in body["detail"]
     status, body = await lookup(daemon, "acme", "never-sent")
     assert status == 404 and body["error"] == "forgotten", body
-    assert "idempotency_window (1d)" in body["detail"]
+    assert "idempotency_window (24h)" in body["detail"]
     status, body = await lookup(daemon, "nobody", "q-1")
     assert status == 404 and body["error"] == "not_found", body
     status, body = await lookup(daemon, "acme", "x" * 256)

@@ -194,6 +194,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("  tenants_dir - (on PostgreSQL, tenants made through the API are in the database)")
     else:
         print(f"  tenants_dir {d.tenants_dir or '-'}")
+    print(f"  history     {history_summary(cfg)}")
     if cfg.catalogue.custom:
         print(f"  custom events: {', '.join(cfg.catalogue.custom)}")
     print(f"  {views.counted(len(cfg.tenants), 'tenant')}")
@@ -230,6 +231,31 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"error: {visible(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def history_summary(cfg: config.Config) -> str:
+    """What the history keeps, as `check` shows it: [delivery]'s retention and payloads, the
+    tenants that differ, the size bound, the idempotency window and the largest replay."""
+    options, d = cfg.delivery, cfg.daemon
+    kept = (
+        f"{views.span(options.history_retention)} "
+        f"({'with' if options.history_payloads else 'without'} payloads)"
+        if options.history_retention
+        else "none kept"
+    )
+    differ = sum(
+        (t.delivery.history_retention, t.delivery.history_payloads)
+        != (options.history_retention, options.history_payloads)
+        for t in cfg.tenants.values()
+    )
+    if differ:
+        kept += f", {views.counted(differ, 'tenant')} otherwise"
+    bound = (
+        "no size limit"
+        if d.history_max_bytes is None
+        else f"at most {views.size(d.history_max_bytes)}"
+    )
+    return f"{kept}; {bound}; ids {views.span(d.idempotency_window)}; replays up to {d.replay_max}"
 
 
 # -- migrate -------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from webhookd import checks, logs, status
+from webhookd import checks, logs, status, views
 from webhookd import config as config_mod
 from webhookd.config import Config, ConfigError, TenantConfig
 from webhookd.ids import generated_sequence, id_tag
@@ -952,7 +952,7 @@ class Service:
                 "names a sequence this tenant has not reached)"
             )
         if found.place == "forgotten":
-            window = _seconds_text(self.config.daemon.idempotency_window)
+            window = views.span(self.config.daemon.idempotency_window)
             raise ForgottenWebhook(
                 f"{name} does not remember a webhook with id {webhook_id!r}: it was never "
                 f"seen, or accepted more than idempotency_window ({window}) ago and no "
@@ -977,7 +977,7 @@ class Service:
                 state="expired",
                 sequence=found.sequence,
                 detail=f"delivered, but its record is older than {name}'s history_retention "
-                f"({_seconds_text(self._retention(name))}) and was pruned",
+                f"({views.span(self._retention(name))}) and was pruned",
             )
         answer["failures"] = [status.failure(f) for f in found.failures]
         return answer
@@ -1238,13 +1238,6 @@ def _how_to_split(exc: ReplayTooLarge) -> str:
         f"from_sequence {first + limit} and on, the last ending at to_sequence {last} "
         f"({parts} replays, each with the same event filter)"
     )
-
-
-def _seconds_text(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
 
 
 MASK = "***"  # how GET shows a secret

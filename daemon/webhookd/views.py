@@ -83,6 +83,27 @@ def roughly(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def span(seconds: float) -> str:
+    """A configured duration as it is written: 7d, 24h (hours up to two days), 90m, 45s."""
+    if seconds > 2 * 86400 and seconds % 86400 == 0:
+        return f"{int(seconds // 86400)}d"
+    for unit, factor in (("h", 3600), ("m", 60)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{int(seconds // factor)}{unit}"
+    return f"{seconds:g}s"
+
+
+def size(count: int) -> str:
+    """A configured size as it is written: 1GiB, 500MB, 1048577 bytes."""
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if count >= factor and count % factor == 0:
+            return f"{count // factor}{unit}"
+    for unit, factor in (("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2)):
+        if count >= factor and count % factor == 0:
+            return f"{count // factor}{unit}"
+    return counted(count, "byte")
+
+
 def _parse(when: str | None) -> float | None:
     if when is None:
         return None
