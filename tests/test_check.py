@@ -531,3 +531,32 @@ def test_a_database_password_file_others_can_read_is_named(tmp_path: Path) -> No
     ]
     password.chmod(0o600)
     assert checks.findings(config.load(path), resolve=False, service_user=me()) == []
+
+
+def test_check_summarises_what_the_history_keeps(tmp_path: Path) -> None:
+    """The history's keys as written: [delivery]'s retention, the tenants that differ, the
+    size bound, the idempotency window and the largest replay."""
+    path = write_config(tmp_path, {"acme": tenant("http://127.0.0.1:9/a")})
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert (
+        "  history     7d (with payloads); at most 1GiB; ids 24h; replays up to 100000"
+        in result.stdout.splitlines()
+    ), result.stdout
+
+    path = write_config(
+        tmp_path,
+        {
+            "acme": tenant("http://127.0.0.1:9/a"),
+            "lean": tenant("http://127.0.0.1:9/l", history_payloads=False),
+            "none": tenant("http://127.0.0.1:9/n", history_retention="0"),
+        },
+        daemon={"history_max_bytes": "0", "idempotency_window": "12h", "replay_max": 500},
+        delivery={"history_retention": "30d"},
+    )
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert (
+        "  history     30d (with payloads), 2 tenants otherwise; no size limit; ids 12h; "
+        "replays up to 500" in result.stdout.splitlines()
+    ), result.stdout

@@ -1072,6 +1072,49 @@ ERRORS: list[tuple[str, str, str]] = [
         "delivery.recent_failures: expected an integer from 0 to 1000, got -1",
     ),
     (
+        "history-retention-word",
+        '[delivery]\nhistory_retention = "a week"\n',
+        'delivery.history_retention: expected a duration such as "7d", "24h", "30m", "45s" '
+        "or a number of seconds, got 'a week'",
+    ),
+    (
+        "history-retention-negative",
+        "[delivery]\nhistory_retention = -1\n",
+        "delivery.history_retention: expected a duration from 0 s to 3650 days, got -1",
+    ),
+    (
+        "history-retention-tenant",
+        acme(history_retention='"7 days"'),
+        'tenants.acme.history_retention: expected a duration such as "7d", "24h", "30m", '
+        "\"45s\" or a number of seconds, got '7 days'",
+    ),
+    (
+        "history-payloads",
+        acme(history_payloads='"no"'),
+        "tenants.acme.history_payloads: expected true or false",
+    ),
+    (
+        "history-max-bytes-unit",
+        '[daemon]\nhistory_max_bytes = "1 GB or so"\n',
+        'daemon.history_max_bytes: expected a size such as "1GiB", "500MB" or a number of '
+        "bytes, got '1 GB or so'",
+    ),
+    (
+        "history-max-bytes-tiny",
+        '[daemon]\nhistory_max_bytes = "10KiB"\n',
+        "daemon.history_max_bytes: expected 0 (no limit) or at least 1MiB, got '10KiB'",
+    ),
+    (
+        "idempotency-window-zero",
+        '[daemon]\nidempotency_window = "0"\n',
+        "daemon.idempotency_window: expected a duration from 1 s to 3650 days, got '0'",
+    ),
+    (
+        "replay-max",
+        "[daemon]\nreplay_max = 0\n",
+        "daemon.replay_max: expected an integer from 1 to 10000000, got 0",
+    ),
+    (
         "statuses-3xx",
         "[delivery]\nsuccess_statuses = [200, 301]\n",
         "delivery.success_statuses: 301 cannot be a success: redirects are never followed",
@@ -1264,6 +1307,43 @@ ERRORS: list[tuple[str, str, str]] = [
 def test_error_line(here: Path, text: str, expected: str) -> None:
     write(here / "config.toml", text)
     assert errors_of("config.toml", environ={}) == [f"config.toml: {expected}"]
+
+
+def test_history_keys_default_and_read_as_durations_and_sizes(here: Path) -> None:
+    write(here / "config.toml", acme())
+    config = load("config.toml", environ={})
+    assert config.daemon.history_max_bytes == 1 << 30
+    assert config.daemon.idempotency_window == 86400.0
+    assert config.daemon.replay_max == 100_000
+    assert config.delivery.history_retention == 7 * 86400.0
+    assert config.delivery.history_payloads is True
+
+    write(
+        here / "config.toml",
+        '[daemon]\nhistory_max_bytes = "500MB"\nidempotency_window = "12h"\n'
+        "replay_max = 5000\n"
+        '[delivery]\nhistory_retention = "30d"\nhistory_payloads = false\n'
+        + acme()
+        + acme("nohistory", history_retention='"0"')
+        + acme("short", history_retention="90", history_payloads="true"),
+    )
+    config = load("config.toml", environ={})
+    assert config.daemon.history_max_bytes == 500_000_000
+    assert config.daemon.idempotency_window == 12 * 3600.0
+    assert config.daemon.replay_max == 5000
+    tenants = config.tenants
+    assert tenants["acme"].delivery.history_retention == 30 * 86400.0
+    assert tenants["acme"].delivery.history_payloads is False
+    assert tenants["nohistory"].delivery.history_retention == 0.0
+    assert tenants["short"].delivery.history_retention == 90.0
+    assert tenants["short"].delivery.history_payloads is True
+    assert tenants["short"].overrides == ("history_retention", "history_payloads")
+
+
+@pytest.mark.parametrize(("size", "expected"), [('"0"', None), ("0", None), ('"1GiB"', 1 << 30)])
+def test_history_max_bytes_zero_is_no_limit(here: Path, size: str, expected: int | None) -> None:
+    write(here / "config.toml", f"[daemon]\nhistory_max_bytes = {size}\n" + acme())
+    assert load("config.toml", environ={}).daemon.history_max_bytes == expected
 
 
 def test_config_refuses_a_tenant_name_with_a_trailing_line_break(tmp_path: Path) -> None:

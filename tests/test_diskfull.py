@@ -32,7 +32,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Daemon, Process, Receiver, StartDaemon, tenant, wait_for, write_config
-from webhookd.records import Failure, NewWebhook, StoreError, TenantRecord
+from webhookd.records import Delivered, Failure, HistoryQuery, NewWebhook, StoreError, TenantRecord
 from webhookd.store.sqlite import SqliteStore
 
 EVENT = "CHECK_COMPLETED"
@@ -646,3 +646,36 @@ async def test_an_ingest_whose_checkpoint_would_not_fit_is_refused(
     busy, frames, copied = await asyncio.to_thread(store_volume.checkpoint)
     assert busy == 0 and frames == copied, (busy, frames, copied)
     assert await store.pragma("integrity_check") == "ok"
+
+
+async def test_on_a_full_volume_history_gives_way_to_deliveries(
+    store_volume: StoreVolume,
+) -> None:
+    """Sixty tenants' webhooks of 2 KB acknowledged on a full volume: every acknowledgement
+    is recorded, and the history records that do not fit are dropped and counted."""
+    store, _ = await store_volume.open()
+    tenants = [f"t{n:02}" for n in range(60)]
+    for name in tenants:
+        await store.enqueue(name, [webhook(2000, f"{name}-1")], 0.0)
+    await store_volume.fill(store, leave=0)
+    with pytest.raises(StoreError) as caught:
+        await store.enqueue("t00", [webhook(100_000)], 0.0)
+    assert caught.value.disk_full and store_is_full(store)
+
+    delivered = Delivered(200, 5.0, 1)
+    outcomes = await asyncio.gather(
+        *(store.acknowledge(name, 1, 1.0, delivered) for name in tenants),
+        return_exceptions=True,
+    )
+    assert outcomes == [None] * len(tenants)  # no delivery held back for its record
+    kept = [name for name in tenants if await store.history(name, HistoryQuery())]
+    assert store.history_dropped == len(tenants) - len(kept) > 0
+    for name in tenants:
+        assert await store.read_queue(name, 1, 10) == []
+
+    await store_volume.free(store)
+    await store.close()
+    store, records = await store_volume.open()
+    assert await store.pragma("integrity_check") == "ok"
+    assert all(records[name].row.acked_sequence == 1 for name in tenants)
+    assert [n for n in tenants if await store.history(n, HistoryQuery())] == kept

@@ -310,6 +310,25 @@ async def test_kill9_during_ingest_and_delivery_loses_nothing_and_resends_only_i
             assert set(again) <= set(previous), f"not the request in flight: {where}"
             assert again == list(range(again[0], again[0] + len(again))), where
             assert len(again) <= size, where
+        # The history (issue 13) never says "delivered" for a webhook the receiver never got,
+        # and has a record for each one it got: written in the acknowledgement's transaction.
+        records: list[dict[str, Any]] = []
+        query = f"/v1/tenants/{name}/history?order=oldest&limit=1000"
+        cursor = ""
+        while True:
+            page = await api.get(query + cursor)
+            records += page["records"]
+            if page["next_cursor"] is None:
+                break
+            cursor = f"&cursor={page['next_cursor']}"
+        delivered = {r["sequence"]: r for r in records if r["outcome"] == "delivered"}
+        never = sorted(set(delivered) - set(walked.seen))
+        assert never == [], f"{name}: history says delivered, never received: {never}; {context}"
+        for sequence, record in delivered.items():
+            got = walked.seen[sequence]
+            assert (record["id"], record["data"]) == (got["id"], got["data"]), (record, got)
+        unrecorded = sorted(set(walked.seen) - set(delivered))
+        assert unrecorded == [], f"{name}: received, no history record: {unrecorded}; {context}"
         spans = ", ".join(f"{a[0]}-{a[-1]}" for r in walked.repeats.values() for a, _ in r)
         print(f"{name}: {len(walked.firsts)} in {len(requests)} requests; re-sent {spans or '-'}")
     print(f"{len(producer.acked)} acknowledged, {producer.refused} ingest requests refused")

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import tempfile
+import urllib.parse
 import zlib
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
@@ -784,6 +785,121 @@ async def test_random_requests_answer_202_or_a_4xx_json_error_and_refusals_queue
     assert kinds.get("202", 0) >= 10 and waiting > 0, f"too few accepted to mean much: {kinds}"
 
 
+HISTORY_PARAMS = {
+    "limit": ["1", "100", "1000", "0", "1001", "-1", "", "1e2", "x", "٣"],
+    "order": ["newest", "oldest", "", "NEWEST", "random"],
+    "cursor": ["0", "5", "-1", "x", "9" * 30, ""],
+    "event": [EVENT, "", "NOPE", "\x00", "é" * 300],
+    "from_sequence": ["0", "1", "-3", "1.5", "9" * 19, ""],
+    "to_sequence": ["0", "2", "x", "99999999999999999999"],
+    "since": ["0", "1700000000", "2026-12-01T00:00:00Z", "2026-12-01T00:00:00", "nan", "inf", ""],
+    "until": ["-1", "1e30", "2026-13-01T00:00:00Z", "2026-12-01T00:00:00+02:00", "monday"],
+    "outcome": ["delivered", "parked,discarded", "", ",", "lost", "delivered,,"],
+    "format": ["text", "json", ""],
+    "colour": ["blue"],
+}
+REPLAY_VALUES: list[Any] = [
+    0,
+    1,
+    -1,
+    2**62,
+    2**63,
+    1.5,
+    "1",
+    "",
+    None,
+    True,
+    False,
+    [],
+    {},
+    "2026-12-01T00:00:00Z",
+    "2026-12-01",
+    "x" * 300,
+    math.inf,
+    1e300,
+    "1700000000",
+]
+REPLAY_FIELDS = [
+    "from_sequence",
+    "to_sequence",
+    "since",
+    "until",
+    "event",
+    "dry_run",
+    "replay_id",
+    "other",
+]
+
+
+async def test_random_history_queries_lookups_and_replay_bodies_answer_2xx_or_a_4xx_json_error(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Random history query strings, looked-up ids and replay bodies: each answer is a 200 or
+    a 4xx JSON error, nothing is queued (nothing was delivered, so no replay matches),
+    healthz stays 200 and nothing is logged as an error."""
+    rng = random.Random(SEED)
+    daemon = await ingest_daemon(start_daemon, tmp_path)
+    await daemon.ingest("acme", [{"event": EVENT, "id": f"h-{n}"} for n in range(3)])
+    violations = Violations()
+    kinds: dict[str, int] = {}
+    with capture_logs() as logs:
+        for _ in range(200):
+            choice = rng.random()
+            body: bytes | None = None
+            if choice < 0.4:
+                keys = rng.sample(sorted(HISTORY_PARAMS), rng.randrange(0, 4))
+                query = "&".join(
+                    f"{k}={urllib.parse.quote(rng.choice(HISTORY_PARAMS[k]))}" for k in keys
+                )
+                method, path = "GET", f"/v1/tenants/acme/history?{query}"
+            elif choice < 0.6:
+                webhook_id = rng.choice(
+                    ["h-1", "nope", "%2F", "a" * 256, "%00", random_key(rng) or "x", "%FF"]
+                )
+                if webhook_id not in ("%2F", "%00", "%FF"):
+                    webhook_id = urllib.parse.quote(webhook_id, safe="")
+                method, path = "GET", f"/v1/tenants/acme/webhooks/{webhook_id}"
+            else:
+                document: Any = {
+                    k: rng.choice(REPLAY_VALUES)
+                    for k in rng.sample(REPLAY_FIELDS, rng.randrange(0, 5))
+                }
+                if rng.random() < 0.1:
+                    document = random_json(rng)
+                body = json.dumps(document).encode()
+                if rng.random() < 0.1:
+                    body = body[: rng.randrange(len(body) + 1)] + rng.randbytes(3)
+                method, path = "POST", "/v1/tenants/acme/replay"
+            headers = {"Accept": "text/plain"} if rng.random() < 0.2 else {}
+            sample = f"{method} {path} {body!r}"[:300]
+            async with daemon.session.request(
+                method, daemon.base + path, data=body, headers=headers
+            ) as response:
+                text = await response.text()
+                status = response.status
+                kinds[str(status)] = kinds.get(str(status), 0) + 1
+                if status >= 500 or not (status == 200 or 400 <= status < 500):
+                    violations.add(f"HTTP {status}", f"{text[:120]} <- {sample}")
+                elif status >= 400:
+                    try:
+                        error = json.loads(text)
+                        assert set(error) == {"error", "detail"} and all(error.values())
+                    except (ValueError, AssertionError, AttributeError):
+                        violations.add(
+                            f"HTTP {status} not a JSON error", f"{text[:120]} <- {sample}"
+                        )
+                elif method == "POST" and json.loads(text)["count"]:
+                    violations.add("a replay matched what was never delivered", sample)
+            health, waiting = await queue_state(daemon)
+            if (health, waiting) != (200, 3):
+                violations.add("healthz or the queue changed", f"{health} {waiting} <- {sample}")
+    for event in error_events(logs):
+        violations.add("error logged: " + event.split(" ")[0], event)
+    print(f"answers by status: {sorted(kinds.items())}")
+    assert not violations.seen, f"seed {SEED}:\n{violations.report()}"
+    assert kinds.get("200", 0) >= 20 and kinds.get("400", 0) >= 20, kinds
+
+
 # The inputs the random loop above found, each pinned so that it fails on its own.
 NASTY_BODIES = {
     "data-nested-300-deep": (
@@ -927,6 +1043,9 @@ DAEMON_KEYS = [
     "shutdown_grace",
     "max_body_bytes",
     "ca_file",
+    "history_max_bytes",
+    "idempotency_window",
+    "replay_max",
 ]
 TENANT_TABLE_KEYS = [*TENANT_KEYS, *DELIVERY_KEYS]
 KNOWN = {
@@ -964,6 +1083,22 @@ SIGNING = [
     "sk_live_x",
     "",
 ]
+DURATIONS = [
+    "7d",
+    "24h",
+    "90m",
+    "30s",
+    "2w",
+    "0",
+    0,
+    1,
+    86400.5,
+    "1.5h",
+    "7 days",
+    "-1d",
+    "",
+    1e300,
+]
 PLAUSIBLE: dict[str, list[Any]] = {
     "database": PATHS_IN_CONFIG,
     "tenants_dir": PATHS_IN_CONFIG,
@@ -998,6 +1133,22 @@ PLAUSIBLE: dict[str, list[Any]] = {
         ["*", EVENT, EVENT],
     ],
     "custom": [[], ["INVOICE_PAID"], [EVENT], ["lower"], ["A" * 65], [1]],
+    "history_retention": DURATIONS,
+    "idempotency_window": DURATIONS,
+    "history_max_bytes": [
+        "1GiB",
+        "500MB",
+        "0",
+        0,
+        "10KiB",
+        "1 GB",
+        "-1GiB",
+        1 << 51,
+        "1.5GiB",
+        2**20,
+    ],
+    "history_payloads": [True, False, "false", 0],
+    "replay_max": [1, 0, 100_000, 10_000_001, -5, 1.5],
     "secret": ["s3cr3t", "", 0],
     "secret_env": ["PATH", "WEBHOOKD_NO_SUCH_VARIABLE", ""],
     "signing_secret": SIGNING,
@@ -1159,6 +1310,11 @@ def check_config(config: Config) -> None:
         assert within(options.retry_after_doublings, 0, 30 * 86400, low_open=True), where
         assert options.success_statuses and all(200 <= s <= 299 for s in options.success_statuses)
         assert 0 <= options.recent_failures <= 1000, where
+        assert within(options.history_retention, 0, 3650 * 86400), where
+        assert isinstance(options.history_payloads, bool), where
+    assert within(d.idempotency_window, 1, 3650 * 86400), d.idempotency_window
+    assert d.history_max_bytes is None or (1 << 20) <= d.history_max_bytes <= 1 << 50
+    assert 1 <= d.replay_max <= 10_000_000, d.replay_max
     for t in config.tenants.values():
         assert TENANT_NAME.fullmatch(t.name) and t.secret.reveal() and t.events, t
 

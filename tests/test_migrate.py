@@ -18,11 +18,24 @@ import pytest
 from tests.conftest import Daemon, Receiver, tenant, wait_for, write_config
 from tests.test_operator import run_cli
 from webhookd import config as config_mod
+from webhookd import migrate
 from webhookd.config import Config, PostgresURL
+from webhookd.records import (
+    Delivered,
+    Failure,
+    HistoryPolicy,
+    HistoryQuery,
+    HistorySize,
+    NewWebhook,
+    ReplaySelection,
+)
 from webhookd.serve import Server
 from webhookd.service import Service
+from webhookd.store.postgres import PostgresStore
+from webhookd.store.sqlite import SqliteStore
 
 EVENT = "CHECK_COMPLETED"
+AT = 1764086400.0
 
 Start = Callable[[Config], Awaitable[Daemon]]
 
@@ -254,3 +267,59 @@ async def test_api_tenants_are_copied_into_the_database(
     await postgres.ingest("acme", items("a-2"))
     await wait_for(lambda: receiver.sequences("/acme") == [1, 2], timeout=5)
     assert [r.json["secret"] for r in receiver.at("/acme")] == ["hunter2-tenant"] * 2
+
+
+async def test_the_history_is_copied_with_its_sizes_ids_and_replays(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Store to store: what the history holds on SQLite reads the same on PostgreSQL."""
+    path = tmp_path / "webhookd.db"
+    sqlite = SqliteStore(path)
+    await sqlite.open()
+    await sqlite.enqueue(
+        "acme", [NewWebhook(f"a{n}", EVENT, f'{{"n": {n}}}') for n in range(5)], AT
+    )
+    await sqlite.record_failure("acme", Failure(AT + 1, 1, 1, 1, 1, 503, "HTTP 503", 2.0), None, 10)
+    await sqlite.acknowledge("acme", 2, AT + 2, Delivered(200, 3.5, 2))
+    await sqlite.park("acme", 3, AT + 3)
+    await sqlite.acknowledge(
+        "acme", 4, AT + 4, Delivered(200, 1.0, 1), HistoryPolicy(payloads=False)
+    )
+    replayed = await sqlite.replay(
+        "acme", ReplaySelection(to_sequence=2), AT + 5, limit=10, replay_id="r"
+    )
+    pages = await sqlite.history("acme", HistoryQuery())
+    size = await sqlite.history_size()
+    found = {i: await sqlite.find_webhook("acme", i) for i in ("a0", "a2", "a3", "zz")}
+    await sqlite.close()
+
+    copied = await migrate.run(path, PostgresURL(postgres_url))
+    assert (copied.history, copied.failed_attempts, copied.replays, copied.ids) == (4, 1, 1, 5)
+    postgres = PostgresStore(PostgresURL(postgres_url))
+    await postgres.open()
+    try:
+        assert await postgres.history("acme", HistoryQuery()) == pages
+        assert [r.next_sequence for r in pages] == [None, None, 7, 6]
+        assert await postgres.history_size() == size
+        assert {i: await postgres.find_webhook("acme", i) for i in found} == found
+        assert await postgres.replay("acme", ReplaySelection(), AT, limit=10, replay_id="r") == (
+            dataclasses.replace(replayed, repeated=True)
+        )
+        ids = await asyncpg.connect(postgres_url)
+        try:
+            assert {r[0] for r in await ids.fetch("SELECT accepted_at FROM webhook_ids")} == {AT}
+        finally:
+            await ids.close()
+        # Pruning on PostgreSQL counts off what SQLite counted.
+        step = await postgres.prune_history(
+            AT + 30 * 86400.0,
+            retention={},
+            default_retention=7 * 86400.0,
+            max_bytes=None,
+            idempotency_window=86400.0,
+            step=100,
+        )
+        assert (step.by_age, step.failures) == (4, 1)
+        assert await postgres.history_size() == HistorySize(0, 0, 0)
+    finally:
+        await postgres.close()

@@ -45,6 +45,7 @@ from webhookd import views
 from webhookd.__main__ import build_parser
 from webhookd.events import CURRENT
 from webhookd.metrics import Metrics
+from webhookd.records import HistorySize
 from webhookd.scheduler import Clock
 from webhookd.sender import Outcome
 from webhookd.status import iso
@@ -1045,8 +1046,9 @@ def test_duration_histogram_buckets_are_cumulative(
 ) -> None:
     # A service with no tenants: only the counters and the histogram have samples.
     service = SimpleNamespace(
-        store=SimpleNamespace(disk_full=False),
+        store=SimpleNamespace(disk_full=False, history_dropped=0),
         clock=Clock(),
+        history_seen=HistorySize(0, 0, 0),
         visible_workers=list,
         connections=None,
         cluster=None,
@@ -1140,6 +1142,18 @@ async def test_metrics_in_prometheus_format(receiver: Receiver, start_daemon: St
     attempts = samples(text, "webhookd_backoff_attempts")
     assert attempts[(("tenant", "dead"),)] == 1
     assert attempts[(("tenant", "ok"),)] == 0
+
+    # The history: ok's 3 and flaky's 1 delivered webhooks, nothing pruned or dropped yet.
+    assert value(text, "webhookd_history_records") == 4
+    assert (value(text, "webhookd_history_bytes") or 0) > 0
+    assert value(text, "webhookd_history_pruned_total", reason="age") == 0
+    assert value(text, "webhookd_history_pruned_total", reason="size") == 0
+    assert value(text, "webhookd_history_dropped_total") == 0
+    assert value(text, "webhookd_ids_forgotten_total") == 0
+    code, shown = await daemon.request("GET", "/v1/status")
+    assert code == 200
+    assert shown["totals"]["history_records"] == 4
+    assert shown["totals"]["history_bytes"] == value(text, "webhookd_history_bytes")
 
 
 # -- 7. text views ------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import secrets
 import signal
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -416,6 +417,14 @@ async def test_no_secret_or_token_is_ever_shown(
         await run.json("GET", f"/v1/tenants/{name}/webhooks?limit=1000")
         await run.json("GET", f"/v1/tenants/{name}/parked")
         await run.json("GET", f"/v1/tenants/{name}")
+        # The history, a lookup of its newest webhook and a dry-run replay (issue 13).
+        history = await run.json("GET", f"/v1/tenants/{name}/history?limit=1000")
+        await run.call("GET", f"/v1/tenants/{name}/history?format=text")
+        for record in history["records"][:1]:
+            webhook_id = urllib.parse.quote(record["id"], safe="")
+            await run.json("GET", f"/v1/tenants/{name}/webhooks/{webhook_id}")
+            await run.call("GET", f"/v1/tenants/{name}/webhooks/{webhook_id}?format=text")
+        await run.json("POST", f"/v1/tenants/{name}/replay", json={"since": 0, "dry_run": True})
     await run.json("GET", "/v1/tenants")
     status, metrics = await run.call("GET", "/metrics")
     assert status == 200 and b"webhookd_deliveries" in metrics
@@ -429,6 +438,7 @@ async def test_no_secret_or_token_is_ever_shown(
     await run.cli("status", "-c", c)
     for name in names:
         await run.cli("status", name, "-c", c)
+        await run.cli("history", name, "-c", c)
     await run.cli("tenant", "show", "-c", c)
     await run.cli("tenant", "show", "api", "-c", c)
 

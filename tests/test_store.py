@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Literal
@@ -18,10 +19,20 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.test_store_contract import AT, failure, new, queued
-from webhookd.records import IngestResult, SchemaTooNew, StoreError, TenantRecord, Webhook
+from webhookd.records import (
+    Delivered,
+    HistoryQuery,
+    HistorySize,
+    IngestResult,
+    SchemaTooNew,
+    StoreError,
+    TenantRecord,
+    Webhook,
+)
 from webhookd.store.sqlite import SCHEMA_VERSION, SqliteStore
 from webhookd.store.sqlite import engine as store_sqlite
 from webhookd.store.sqlite.reserve import WAL_PAGES, size_for, wal_limit
+from webhookd.store.sqlite.schema import MIGRATIONS
 
 Records = dict[str, TenantRecord]
 OpenStore = Callable[..., Awaitable[tuple[SqliteStore, Records]]]
@@ -271,3 +282,61 @@ async def test_on_a_full_disk_writes_take_no_new_page_and_the_queue_stays_right(
     await wait_for(lambda: queued_is(store, "acme", [6, 7]))
     await wait_for(lambda: queued_is(store, "beta", []))
     assert await store.pragma("integrity_check") == "ok"
+
+
+async def test_on_a_full_database_history_records_give_way(
+    store: SqliteStore, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under SQLite's page cap (which refuses a page inside the statement, and may end the
+    transaction): an acknowledgement whose record cannot be stored is recorded without it."""
+    monkeypatch.setattr(store_sqlite, "SPACE_CHECK_S", 3600.0)
+    tenants = [f"t{n:02}" for n in range(60)]
+    for name in tenants:
+        await store.enqueue(name, [new(f"{name}-1", '{"pad": "' + "x" * 2000 + '"}')], AT)
+    await fill_the_database(store)
+    outcomes = await asyncio.gather(
+        *(store.acknowledge(name, 1, AT + 1, Delivered(200, 5.0, 1)) for name in tenants),
+        return_exceptions=True,
+    )
+    assert outcomes == [None] * len(tenants)
+    kept = [name for name in tenants if await store.history(name, HistoryQuery())]
+    assert store.history_dropped == len(tenants) - len(kept) > 0
+    store, records = await reopen(store, open_store)
+    assert all(records[name].row.acked_sequence == 1 for name in tenants)
+    assert await store.pragma("integrity_check") == "ok"
+
+
+async def test_a_version_1_database_remembers_its_ids_acceptance_time(db_path: Path) -> None:
+    """Upgraded in place: an id whose webhook is still queued or parked takes its time; one
+    whose webhook is gone takes the upgrade's (its window starts then)."""
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for statement in MIGRATIONS[0][1]:
+        conn.execute(statement)
+    conn.executescript(
+        """PRAGMA user_version = 1;
+           INSERT INTO tenant_state (tenant, last_sequence, acked_sequence)
+               VALUES ('acme', 3, 1);
+           INSERT INTO webhooks VALUES ('acme', 3, 'c', 'E', 100.0, '{}');
+           INSERT INTO parked VALUES ('acme', 2, 'b', 'E', 50.0, '{}', 60.0);
+           INSERT INTO webhook_ids VALUES ('acme', 'a', 1), ('acme', 'b', 2), ('acme', 'c', 3);"""
+    )
+    conn.close()
+    before = time.time()
+    store = SqliteStore(db_path)
+    records = {r.name: r for r in await store.open()}
+    try:
+        assert records["acme"].row.last_sequence == 3
+        assert await store.pragma("user_version") == SCHEMA_VERSION == 2
+        assert await store.enqueue("acme", [new("a"), new("b")], AT) == [
+            IngestResult("a", 1, "duplicate"),
+            IngestResult("b", 2, "duplicate"),
+        ]
+        assert await store.history_size() == HistorySize(0, 0, 0)
+    finally:
+        await store.close()
+    conn = sqlite3.connect(db_path)
+    times = dict(conn.execute("SELECT id, accepted_at FROM webhook_ids").fetchall())
+    conn.close()
+    assert (times["b"], times["c"]) == (50.0, 100.0)
+    assert before - 1 <= times["a"] <= time.time() + 1

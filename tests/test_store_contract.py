@@ -17,8 +17,29 @@ from typing import Any
 import pytest
 
 from webhookd.config import PostgresURL
-from webhookd.records import Failure, IngestResult, NewWebhook, StoreError, TenantRecord, Webhook
+from webhookd.ids import generated_id, id_tag
+from webhookd.records import (
+    Delivered,
+    Failure,
+    FoundWebhook,
+    HistoryOutcome,
+    HistoryPolicy,
+    HistoryQuery,
+    HistoryRecord,
+    HistorySize,
+    IngestResult,
+    NewWebhook,
+    PruneResult,
+    ReplayResult,
+    ReplaySelection,
+    ReplayTooLarge,
+    ReplayWithoutPayloads,
+    StoreError,
+    TenantRecord,
+    Webhook,
+)
 from webhookd.store import Store, make_store
+from webhookd.store.history import failure_bytes, record_bytes
 
 # Each engine, and the fixture that gives it a new, empty database for one test (the same
 # database at every reopen within the test). An engine listed here runs every test below.
@@ -28,6 +49,7 @@ Records = dict[str, TenantRecord]
 OpenStore = Callable[[], Awaitable[tuple[Store, Records]]]
 
 AT = 1764086400.0  # accepted_at for most webhooks below
+EVENT = "CHECK_COMPLETED"
 
 
 def new(webhook_id: str | None = None, data: str = "{}", event: str = "CHECK_COMPLETED"):
@@ -450,3 +472,394 @@ async def test_on_enqueued_runs_with_the_commit(store: Store) -> None:
     await store.record_failure("acme", failure(1), AT, keep=10)
     await store.set_paused("acme", True)
     assert len(calls) == 1
+
+
+# -- history: records of the webhooks that leave the queue ---------------------------------------
+
+OK = Delivered(status=200, duration_ms=12.5, attempts=2)
+NO_HISTORY = HistoryPolicy(keep=False)
+NO_PAYLOADS = HistoryPolicy(payloads=False)
+DAY = 86400.0
+
+
+async def page(store: Store, tenant: str = "acme", **query: Any) -> list[HistoryRecord]:
+    return await store.history(tenant, HistoryQuery(**query))
+
+
+def record(
+    sequence: int,
+    webhook_id: str,
+    outcome: HistoryOutcome = "delivered",
+    finished_at: float = AT + 5,
+    data: str | None = "{}",
+    **fields: Any,
+) -> HistoryRecord:
+    values: dict[str, Any] = {
+        "event": "CHECK_COMPLETED",
+        "accepted_at": AT,
+        "attempts": 2,
+        "status": 200,
+        "duration_ms": 12.5,
+        "next_sequence": None,
+    }
+    if outcome != "delivered":
+        values.update(attempts=0, status=None, duration_ms=None)
+    values.update(fields)
+    return HistoryRecord(
+        sequence=sequence,
+        id=webhook_id,
+        finished_at=finished_at,
+        outcome=outcome,
+        data=data,
+        **values,
+    )
+
+
+async def test_acknowledge_keeps_a_delivered_record_for_each_webhook(
+    store: Store, open_store: OpenStore
+) -> None:
+    results = await store.enqueue("acme", [new("a", '{"n": 1}'), new(), new("c")], AT)
+    generated = results[1].id
+    await store.acknowledge("acme", 2, AT + 5, OK)
+    expected = [record(2, generated), record(1, "a", data='{"n": 1}')]
+    assert await page(store) == expected
+    assert await store.history_size() == HistorySize(
+        2, 0, record_bytes("a", EVENT, '{"n": 1}') + record_bytes(generated, EVENT, "{}")
+    )
+    store, _ = await reopen(store, open_store)
+    assert await page(store) == expected
+    assert (await store.history_size()).records == 2
+    # Unknown outcome (a test): no status nor duration; the tenant's attempts plus this one.
+    await store.acknowledge("acme", 3, AT + 6)
+    [newest] = await page(store, limit=1)
+    assert newest == record(3, "c", finished_at=AT + 6, attempts=1, status=None, duration_ms=None)
+
+
+async def test_the_history_policy_keeps_no_record_or_no_payload(store: Store) -> None:
+    await store.enqueue("acme", [new("a", '{"n": 1}'), new("b", '{"n": 2}')], AT)
+    await store.acknowledge("acme", 1, AT + 5, OK, NO_HISTORY)
+    await store.acknowledge("acme", 2, AT + 5, OK, NO_PAYLOADS)
+    assert await page(store) == [record(2, "b", data=None)]
+    assert await store.history_size() == HistorySize(1, 0, record_bytes("b", EVENT, None))
+    await store.record_failure("acme", failure(1), AT + 30, keep=10, history=NO_HISTORY)
+    assert (await store.history_size()).failures == 0
+
+
+async def test_park_requeue_and_discard_leave_records(store: Store, open_store: OpenStore) -> None:
+    await store.enqueue("acme", [new("a"), new("b"), new("c")], AT)
+    await store.record_failure("acme", failure(1), AT + 1, keep=10)
+    await store.record_failure("acme", failure(2), AT + 2, keep=10)
+    await store.park("acme", 1, AT + 3)
+    assert await page(store) == [record(1, "a", "parked", AT + 3, attempts=2)]
+    requeued = await store.requeue("acme", "a", AT + 4)
+    assert requeued is not None and requeued.sequence == 4
+    assert await page(store) == [record(1, "a", "requeued", AT + 3, attempts=2, next_sequence=4)]
+    await store.park("acme", 2, AT + 5, NO_PAYLOADS)
+    # Discard: the queued ones get records (the head with the tenant's attempts), the
+    # parked ones' records say discarded.
+    await store.record_failure("acme", failure(1), AT + 6, keep=10)
+    assert await store.discard("acme", AT + 7) == 2
+    expected = [
+        record(4, "a", "discarded", AT + 7),
+        record(3, "c", "discarded", AT + 7, attempts=1),
+        record(2, "b", "discarded", AT + 7, data=None),
+        record(1, "a", "requeued", AT + 3, attempts=2, next_sequence=4),
+    ]
+    assert await page(store) == expected
+    store, _ = await reopen(store, open_store)
+    assert await page(store) == expected
+    assert (await store.history_size()).records == 4
+
+
+async def test_discard_without_history_keeps_the_records_there_are(store: Store) -> None:
+    await store.enqueue("acme", [new("a"), new("b")], AT)
+    await store.park("acme", 1, AT + 3)
+    await store.discard("acme", AT + 7, NO_HISTORY)
+    assert await page(store) == [record(1, "a", "discarded", AT + 7)]
+
+
+async def test_failed_attempts_are_kept_apart_from_the_recent_failures(
+    store: Store, open_store: OpenStore
+) -> None:
+    await store.enqueue("acme", [new("a"), new("b")], AT)
+    await store.record_failure("acme", failure(1, AT + 1), AT + 30, keep=1)
+    await store.record_failure("acme", failure(2, AT + 2), AT + 30, keep=1)
+    store, records = await reopen(store, open_store)
+    assert records["acme"].failures == [failure(2, AT + 2)]  # `keep` bounds those only
+    found = await store.find_webhook("acme", "a")
+    assert found.place == "queued"
+    assert found.failures == (failure(2, AT + 2), failure(1, AT + 1))
+    assert (await store.find_webhook("acme", "b")).failures == ()  # not in their range
+    size = await store.history_size()
+    assert (size.records, size.failures) == (0, 2)
+    assert size.bytes == 2 * failure_bytes("HTTP 503")
+
+
+# -- lookup ----------------------------------------------------------------------------------------
+
+
+async def test_find_webhook_wherever_it_is(store: Store) -> None:
+    results = await store.enqueue("acme", [new("a"), new(), new("c"), new("d")], AT)
+    generated = results[1].id
+    assert (await store.find_webhook("acme", "d")) == FoundWebhook(
+        "queued", 4, webhook=Webhook(4, "d", EVENT, AT, "{}")
+    )
+    await store.acknowledge("acme", 2, AT + 5, OK)
+    found = await store.find_webhook("acme", generated)
+    assert (found.place, found.sequence, found.record) == ("history", 2, record(2, generated))
+    await store.park("acme", 3, AT + 6)
+    found = await store.find_webhook("acme", "c")
+    assert (found.place, found.sequence, found.parked_at) == ("parked", 3, AT + 6)
+    assert found.webhook == Webhook(3, "c", EVENT, AT, "{}")
+    # Requeued: followed to its new copy, queued under the new sequence.
+    await store.requeue("acme", "c", AT + 7)
+    found = await store.find_webhook("acme", "c")
+    assert (found.place, found.sequence) == ("queued", 5)
+    await store.acknowledge("acme", 5, AT + 8, OK)
+    found = await store.find_webhook("acme", "c")
+    assert (found.place, found.sequence) == ("history", 5)
+    assert found.record is not None and found.record.outcome == "delivered"
+    # Never given out: a producer id not remembered, a generated id past the counter.
+    assert await store.find_webhook("acme", "zzz") == FoundWebhook("forgotten")
+    past = generated_id(id_tag("acme"), 99)
+    assert await store.find_webhook("acme", past) == FoundWebhook("unknown")
+    assert await store.find_webhook("nobody", generated) == FoundWebhook("forgotten")
+
+
+async def test_find_webhook_says_expired_once_pruned(store: Store) -> None:
+    results = await store.enqueue("acme", [new("a"), new()], AT)
+    await store.acknowledge("acme", 2, AT + 5, OK)
+    await prune(store, AT + 8 * DAY, window=30 * DAY)
+    assert await page(store) == []
+    # The producer id is still remembered (the window), the generated one carries it.
+    assert await store.find_webhook("acme", "a") == FoundWebhook("expired", 1)
+    assert await store.find_webhook("acme", results[1].id) == FoundWebhook("expired", 2)
+
+
+# -- listing ---------------------------------------------------------------------------------------
+
+
+async def listing_store(store: Store) -> None:
+    """Ten webhooks: sequences 1..10, events alternating, accepted a minute apart;
+    1..8 delivered, 9 parked, 10 queued."""
+    for n in range(1, 11):
+        event = "A" if n % 2 else "B"
+        await store.enqueue("acme", [new(f"w{n}", f'{{"n": {n}}}', event)], AT + 60 * n)
+    await store.acknowledge("acme", 8, AT + 1000, OK)
+    await store.park("acme", 9, AT + 1001)
+    await store.enqueue("beta", [new("w1")], AT)
+    await store.acknowledge("beta", 1, AT + 1000, OK)
+
+
+async def test_history_pages_with_a_cursor_both_ways(store: Store) -> None:
+    await listing_store(store)
+    first = await page(store, limit=4)
+    assert [r.sequence for r in first] == [9, 8, 7, 6]
+    second = await page(store, limit=4, after=first[-1].sequence)
+    assert [r.sequence for r in second] == [5, 4, 3, 2]
+    third = await page(store, limit=4, after=second[-1].sequence)
+    assert [r.sequence for r in third] == [1]
+    assert await page(store, limit=4, after=1) == []
+    up = await page(store, limit=5, oldest_first=True)
+    assert [r.sequence for r in up] == [1, 2, 3, 4, 5]
+    up = await page(store, limit=5, oldest_first=True, after=5)
+    assert [r.sequence for r in up] == [6, 7, 8, 9]
+    assert [r.id for r in await page(store, "beta")] == ["w1"]
+    assert await page(store, "nobody") == []
+
+
+async def test_history_filters_combine(store: Store) -> None:
+    await listing_store(store)
+
+    async def listed(**query: Any) -> list[int]:
+        return [r.sequence for r in await page(store, **query)]
+
+    assert await listed(event="B") == [8, 6, 4, 2]
+    assert await listed(event="B", limit=2, after=6) == [4, 2]
+    assert await listed(event="B", oldest_first=True, after=2) == [4, 6, 8]
+    assert await listed(from_sequence=3, to_sequence=6) == [6, 5, 4, 3]
+    assert await listed(since=AT + 120, until=AT + 300) == [4, 3, 2]
+    assert await listed(since=AT + 120, until=AT + 300, event="A") == [3]
+    assert await listed(outcomes=frozenset({"parked"})) == [9]
+    assert await listed(outcomes=frozenset({"parked", "delivered"}), limit=2) == [9, 8]
+    assert await listed(outcomes=frozenset({"discarded"})) == []
+    assert await listed(event="C") == []
+
+
+# -- replay ----------------------------------------------------------------------------------------
+
+
+async def test_replay_puts_delivered_webhooks_back_in_order(
+    store: Store, open_store: OpenStore
+) -> None:
+    calls: list[tuple[str, list[Webhook]]] = []
+    await listing_store(store)
+    store.on_enqueued = lambda tenant, webhooks: calls.append((tenant, list(webhooks)))
+    selection = ReplaySelection(from_sequence=2, to_sequence=9)
+    dry = await store.replay("acme", selection, AT + 2000, limit=100, dry_run=True)
+    assert dry == ReplayResult(7, None, None, dry_run=True)  # delivered only: 9 is parked
+    assert calls == []
+    result = await store.replay("acme", selection, AT + 2000, limit=100)
+    assert result == ReplayResult(7, 11, 17)
+    queue = await store.read_queue("acme", 9, 100)
+    assert [(w.sequence, w.id, w.data) for w in queue] == [(10, "w10", '{"n": 10}')] + [
+        (9 + n, f"w{n}", f'{{"n": {n}}}') for n in range(2, 9)
+    ]
+    assert [w.accepted_at for w in queue[1:]] == [AT + 60 * n for n in range(2, 9)]
+    assert calls == [("acme", queue[1:])]
+    # The records say where they went; a lookup follows them to the new copies.
+    assert [r.next_sequence for r in await page(store, from_sequence=1, to_sequence=8)] == [
+        17,
+        16,
+        15,
+        14,
+        13,
+        12,
+        11,
+        None,
+    ]
+    assert (await store.find_webhook("acme", "w3")).sequence == 12
+    assert sequences(await store.enqueue("acme", [new()], AT)) == [18]
+    store, records = await reopen(store, open_store)
+    assert records["acme"].row.last_sequence == 18
+    assert len(await store.read_queue("acme", 10, 100)) == 8
+
+
+async def test_replay_by_time_and_event(store: Store) -> None:
+    await listing_store(store)
+    selection = ReplaySelection(since=AT + 120, until=AT + 480, event="A")
+    assert await store.replay("acme", selection, AT, limit=100) == ReplayResult(3, 11, 13)
+    assert [w.id for w in await store.read_queue("acme", 10, 100)] == ["w3", "w5", "w7"]
+    assert await store.replay("acme", ReplaySelection(event="C"), AT, limit=100) == (
+        ReplayResult(0, None, None)
+    )
+
+
+async def test_replay_is_all_or_nothing(store: Store) -> None:
+    await listing_store(store)
+    with pytest.raises(ReplayTooLarge) as refused:
+        await store.replay("acme", ReplaySelection(from_sequence=2), AT, limit=5)
+    assert (refused.value.count, refused.value.limit) == (7, 5)
+    assert (refused.value.first_sequence, refused.value.last_sequence) == (2, 8)
+    with pytest.raises(ReplayTooLarge):
+        await store.replay("acme", ReplaySelection(), AT, limit=5, dry_run=True)
+    await store.enqueue("acme", [new("x")], AT)
+    await store.acknowledge("acme", 11, AT, OK, NO_PAYLOADS)  # 10 and x, without data
+    with pytest.raises(ReplayWithoutPayloads):
+        await store.replay("acme", ReplaySelection(from_sequence=8), AT, limit=100)
+    assert await queued(store, "acme") == []
+    assert [r.next_sequence for r in await page(store)] == [None] * 11
+
+
+async def test_replay_id_makes_a_retry_safe(store: Store, open_store: OpenStore) -> None:
+    await listing_store(store)
+    selection = ReplaySelection(from_sequence=1, to_sequence=2)
+    first = await store.replay("acme", selection, AT, limit=10, replay_id="r-1")
+    assert first == ReplayResult(2, 11, 12)
+    again = await store.replay("acme", selection, AT, limit=10, replay_id="r-1")
+    assert again == ReplayResult(2, 11, 12, repeated=True)
+    store, _ = await reopen(store, open_store)
+    again = await store.replay("acme", ReplaySelection(), AT, limit=10, replay_id="r-1")
+    assert again == ReplayResult(2, 11, 12, repeated=True)
+    assert [w.id for w in await store.read_queue("acme", 10, 100)] == ["w1", "w2"]
+    # Per tenant.
+    assert await store.replay("beta", selection, AT, limit=10, replay_id="r-1") == (
+        ReplayResult(1, 2, 2)
+    )
+
+
+# -- retention -------------------------------------------------------------------------------------
+
+
+async def prune(
+    store: Store,
+    now: float,
+    *,
+    retention: dict[str, float] | None = None,
+    default: float = 7 * DAY,
+    max_bytes: int | None = None,
+    window: float = DAY,
+    step: int = 1000,
+) -> PruneResult:
+    return await store.prune_history(
+        now,
+        retention=retention or {},
+        default_retention=default,
+        max_bytes=max_bytes,
+        idempotency_window=window,
+        step=step,
+    )
+
+
+async def test_prune_by_age_per_tenant_in_steps(store: Store, open_store: OpenStore) -> None:
+    for n in range(5):
+        await store.enqueue("acme", [new(f"a{n}")], AT + n * DAY)
+        await store.enqueue("beta", [new(f"b{n}")], AT + n * DAY)
+    await store.record_failure("acme", failure(1, AT), None, keep=10)
+    await store.record_failure("acme", failure(1, AT + 3 * DAY), None, keep=10)
+    await store.acknowledge("acme", 5, AT + 5 * DAY, OK)
+    await store.acknowledge("beta", 5, AT + 5 * DAY, OK)
+    now = AT + 5 * DAY
+    # acme keeps 2.5 days: a0, a1, a2 and one failed attempt go; beta keeps the default.
+    step = await prune(store, now, retention={"acme": 2.5 * DAY}, step=2, window=30 * DAY)
+    assert step == PruneResult(by_age=2, more=True)
+    step = await prune(store, now, retention={"acme": 2.5 * DAY}, step=2, window=30 * DAY)
+    assert step == PruneResult(by_age=1, failures=1, more=True)
+    step = await prune(store, now, retention={"acme": 2.5 * DAY}, step=2, window=30 * DAY)
+    assert step == PruneResult()
+    assert [r.id for r in await page(store)] == ["a4", "a3"]
+    assert len(await page(store, "beta")) == 5
+    size = await store.history_size()
+    assert (size.records, size.failures) == (7, 1)
+    assert size.bytes == sum(record_bytes(f"a{n}", EVENT, "{}") for n in (3, 4)) + sum(
+        record_bytes(f"b{n}", EVENT, "{}") for n in range(5)
+    ) + failure_bytes("HTTP 503")
+    store, _ = await reopen(store, open_store)
+    assert await store.history_size() == size
+    # Retention 0: nothing kept.
+    step = await prune(store, now, retention={"beta": 0}, window=30 * DAY)
+    assert step.by_age == 5
+    assert await page(store, "beta") == []
+
+
+async def test_prune_by_size_takes_the_oldest_first(store: Store) -> None:
+    for n in range(6):
+        tenant = "acme" if n % 2 else "beta"
+        await store.enqueue(tenant, [new(f"w{n}", "x" * 100)], AT + n)
+    await store.acknowledge("acme", 3, AT + 10, OK)
+    await store.acknowledge("beta", 3, AT + 10, OK)
+    one = record_bytes("w0", EVENT, "x" * 100)
+    assert (await store.history_size()).bytes == 6 * one
+    step = await prune(store, AT + 20, max_bytes=3 * one + 1, window=30 * DAY)
+    assert (step.by_age, step.by_size) == (0, 3)
+    remaining = [r.id for t in ("acme", "beta") for r in await page(store, t)]
+    assert sorted(remaining) == ["w3", "w4", "w5"]
+    assert await store.history_size() == HistorySize(3, 0, 3 * one)
+    assert await prune(store, AT + 20, max_bytes=3 * one, window=30 * DAY) == PruneResult()
+
+
+async def test_producer_ids_are_remembered_for_the_window(store: Store) -> None:
+    # acme keeps no history: its ids are remembered for the window, or while queued.
+    await store.enqueue("acme", [new("a"), new("c")], AT)
+    await store.acknowledge("acme", 1, AT + 5, OK, NO_HISTORY)
+    # beta keeps 7 days: an id is remembered while its record is.
+    await store.enqueue("beta", [new("b")], AT)
+    await store.acknowledge("beta", 1, AT + 5, OK)
+    off = {"acme": 0.0}
+    assert (await prune(store, AT + DAY - 1, retention=off)).ids == 0
+    assert [r.status for r in await store.enqueue("acme", [new("a")], AT)] == ["duplicate"]
+    assert (await prune(store, AT + DAY + 1, retention=off)).ids == 1
+    assert await store.find_webhook("acme", "a") == FoundWebhook("forgotten")
+    again = await store.enqueue("acme", [new("a"), new("c")], AT + DAY + 1)
+    assert [(r.status, r.sequence) for r in again] == [("queued", 3), ("duplicate", 2)]
+    assert [r.status for r in await store.enqueue("beta", [new("b")], AT)] == ["duplicate"]
+    # b goes with its record, once the retention is over.
+    step = await prune(store, AT + 8 * DAY, retention=off)
+    assert (step.by_age, step.ids) == (1, 1)
+    assert await store.find_webhook("beta", "b") == FoundWebhook("forgotten")
+    assert [r.status for r in await store.enqueue("beta", [new("b")], AT)] == ["queued"]
+
+
+async def test_prune_with_nothing_to_do(store: Store) -> None:
+    assert await prune(store, AT) == PruneResult()
+    assert await store.history_size() == HistorySize(0, 0, 0)

@@ -9,6 +9,7 @@ too.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,16 @@ from tests.conftest import wait_for
 from tests.postgres import PostgresServer
 from tests.test_store_contract import AT, new, queued, sequences
 from webhookd.config import PostgresURL
-from webhookd.records import IngestResult, SchemaTooNew, StoreError, TenantRecord, Webhook
+from webhookd.records import (
+    Delivered,
+    HistoryQuery,
+    HistorySize,
+    IngestResult,
+    SchemaTooNew,
+    StoreError,
+    TenantRecord,
+    Webhook,
+)
 from webhookd.store import make_store
 from webhookd.store.postgres import SCHEMA_VERSION, PostgresStore
 from webhookd.store.postgres.schema import MIGRATIONS, migrate
@@ -118,10 +128,13 @@ async def test_the_schema_is_created_once_and_versioned(
     assert [row["tablename"] for row in tables] == [
         "api_tenants",
         "counters",
+        "failed_attempts",
         "failures",
+        "history",
         "instances",
         "leases",
         "parked",
+        "replays",
         "tenant_state",
         "webhook_ids",
         "webhookd_schema",
@@ -174,6 +187,64 @@ async def test_a_version_2_database_keeps_its_counters_when_they_move_to_their_o
     assert (records["acme"].row.last_sequence, records["acme"].row.acked_sequence) == (5, 3)
     assert sequences(await store.enqueue("acme", [new()], AT)) == [6]
     assert await queued(store, "acme") == [4, 5, 6]
+
+
+async def test_a_version_3_database_upgrades_in_place_and_keeps_its_data(
+    database: PostgresURL, open_store: OpenStore
+) -> None:
+    conn = await asyncpg.connect(database.url)
+    try:
+        await conn.execute(
+            "CREATE TABLE webhookd_schema (version integer PRIMARY KEY, applied_at timestamptz)"
+        )
+        for version, statements in MIGRATIONS:
+            if version <= 3:
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", version)
+        await conn.execute(
+            """INSERT INTO counters (tenant, last_sequence) VALUES ('acme', 4);
+               INSERT INTO tenant_state (tenant, acked_sequence, attempts) VALUES ('acme', 2, 3);
+               INSERT INTO leases (tenant) VALUES ('acme');
+               INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
+                   VALUES ('acme', 3, 'c', 'E', 30, '{"n": 3}'),
+                          ('acme', 4, 'd', 'E', 40, '{}');
+               INSERT INTO parked (tenant, sequence, id, event, accepted_at, data, parked_at)
+                   VALUES ('acme', 2, 'b', 'E', 20, '{}', 25);
+               INSERT INTO webhook_ids (tenant, id, sequence)
+                   VALUES ('acme', 'a', 1), ('acme', 'b', 2), ('acme', 'c', 3);
+               INSERT INTO failures (tenant, at, attempt, first_sequence, last_sequence,
+                   count, status, error, duration_ms)
+                   VALUES ('acme', 31, 3, 3, 3, 1, 503, 'HTTP 503', 1.5)"""
+        )
+    finally:
+        await conn.close()
+    before = time.time()
+    store, records = await open_store()
+    acme = records["acme"]
+    assert (acme.row.last_sequence, acme.row.acked_sequence, acme.row.attempts) == (4, 2, 3)
+    assert (acme.parked, [f.error for f in acme.failures]) == (1, ["HTTP 503"])
+    assert await queued(store, "acme") == [3, 4]
+    rows = await sql(database, "SELECT version FROM webhookd_schema ORDER BY version")
+    assert [row["version"] for row in rows] == [1, 2, 3, 4] and SCHEMA_VERSION == 4
+    times = {
+        row["id"]: row["accepted_at"]
+        for row in await sql(database, "SELECT id, accepted_at FROM webhook_ids")
+    }
+    assert (times["b"], times["c"]) == (20.0, 30.0)  # from the webhook where it still is
+    assert before - 1 <= times["a"] <= time.time() + 1  # gone: the upgrade's time
+    results = await store.enqueue("acme", [new("a"), new("c"), new("e")], AT)
+    assert [(r.status, r.sequence) for r in results] == [
+        ("duplicate", 1),
+        ("duplicate", 3),
+        ("queued", 5),
+    ]
+    # The history starts empty, and works.
+    assert await store.history_size() == HistorySize(0, 0, 0)
+    await store.acknowledge("acme", 3, AT, Delivered(200, 1.0, 4))
+    [record] = await store.history("acme", HistoryQuery())
+    assert (record.sequence, record.id, record.data, record.attempts) == (3, "c", '{"n": 3}', 4)
+    assert (await store.find_webhook("acme", "b")).place == "parked"
 
 
 async def test_two_processes_migrating_at_once_migrate_once(database: PostgresURL) -> None:

@@ -194,6 +194,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("  tenants_dir - (on PostgreSQL, tenants made through the API are in the database)")
     else:
         print(f"  tenants_dir {d.tenants_dir or '-'}")
+    print(f"  history     {history_summary(cfg)}")
     if cfg.catalogue.custom:
         print(f"  custom events: {', '.join(cfg.catalogue.custom)}")
     print(f"  {views.counted(len(cfg.tenants), 'tenant')}")
@@ -230,6 +231,31 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"error: {visible(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def history_summary(cfg: config.Config) -> str:
+    """What the history keeps, as `check` shows it: [delivery]'s retention and payloads, the
+    tenants that differ, the size bound, the idempotency window and the largest replay."""
+    options, d = cfg.delivery, cfg.daemon
+    kept = (
+        f"{views.span(options.history_retention)} "
+        f"({'with' if options.history_payloads else 'without'} payloads)"
+        if options.history_retention
+        else "none kept"
+    )
+    differ = sum(
+        (t.delivery.history_retention, t.delivery.history_payloads)
+        != (options.history_retention, options.history_payloads)
+        for t in cfg.tenants.values()
+    )
+    if differ:
+        kept += f", {views.counted(differ, 'tenant')} otherwise"
+    bound = (
+        "no size limit"
+        if d.history_max_bytes is None
+        else f"at most {views.size(d.history_max_bytes)}"
+    )
+    return f"{kept}; {bound}; ids {views.span(d.idempotency_window)}; replays up to {d.replay_max}"
 
 
 # -- migrate -------------------------------------------------------------------------------------
@@ -530,6 +556,68 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    """A webhook by id: where it is now (queued, in flight, parked, delivered, ...)."""
+    cfg = load_client_or_exit(args)
+    path = f"/v1/tenants/{args.tenant}/webhooks/{urllib.parse.quote(args.id, safe='')}"
+    if args.json:
+        print(json_text(api_call(cfg, "GET", path)))
+    else:
+        print(visible_lines(api_call(cfg, "GET", path, text=True)), end="")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """A page of a tenant's history, with the filters given."""
+    cfg = load_client_or_exit(args)
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.oldest:
+        params["order"] = "oldest"
+    for key in ("cursor", "event", "from_sequence", "to_sequence", "since", "until", "outcome"):
+        value = getattr(args, key)
+        if value is not None:
+            params[key] = value
+    path = f"/v1/tenants/{args.tenant}/history?{urllib.parse.urlencode(params)}"
+    if args.json:
+        print(json_text(api_call(cfg, "GET", path)))
+    else:
+        print(visible_lines(api_call(cfg, "GET", path, text=True)), end="")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Queue a tenant's delivered webhooks again, by sequence or time range."""
+    cfg = load_client_or_exit(args)
+    if args.from_sequence is None and args.to_sequence is None and args.since is None:
+        raise CliError("name what to replay: --from-sequence/--to-sequence, or --since")
+    body: dict[str, Any] = {}
+    for key in ("from_sequence", "to_sequence", "since", "until", "event", "replay_id"):
+        value = getattr(args, key)
+        if value is not None:
+            body[key] = value
+    if args.dry_run:
+        body["dry_run"] = True
+    answer = api_call(cfg, "POST", f"/v1/tenants/{args.tenant}/replay", body)
+    count = views.counted(answer["count"], "webhook")
+    if answer["dry_run"]:
+        print(f"{args.tenant}: would replay {count} (dry run: nothing queued)")
+    elif answer["count"]:
+        again = " (already done: this replay_id's result)" if answer["repeated"] else ""
+        print(
+            f"{args.tenant}: replayed {count} as sequences "
+            f"{answer['first_sequence']}-{answer['last_sequence']}{again}"
+        )
+    else:
+        print(f"{args.tenant}: nothing to replay (no delivered webhook matches)")
+    return 0
+
+
+def sequence_arg(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a sequence number")
+    return int(value)
+
+
 def _option_value(text: str) -> Any:
     """`key=value` from the command line: the value read as TOML, else as a plain string."""
     import tomllib
@@ -715,6 +803,37 @@ def build_parser() -> argparse.ArgumentParser:
                 "--limit", type=peek_limit, default=10, help="1 to 1000 (default 10)"
             )
         control.set_defaults(func=cmd_control)
+
+    show = command("show", "where a webhook is now, by its id (queued, delivered, ...)")
+    show.add_argument("tenant", metavar="TENANT", type=tenant_arg)
+    show.add_argument("id", metavar="ID", help="the webhook's id (the producer's or generated)")
+    show.add_argument("--json", action="store_true", help="the API's JSON answer")
+    show.set_defaults(func=cmd_show)
+
+    hist = command("history", "list a tenant's delivered (and parked, discarded) webhooks")
+    hist.add_argument("tenant", metavar="TENANT", type=tenant_arg)
+    hist.add_argument("--limit", type=peek_limit, default=100, help="1 to 1000 (default 100)")
+    hist.add_argument("--oldest", action="store_true", help="oldest first (default newest)")
+    hist.add_argument("--cursor", type=sequence_arg, help="the next page (as the last printed)")
+    hist.add_argument("--event", help="only this event type")
+    hist.add_argument("--from-sequence", type=sequence_arg, metavar="N")
+    hist.add_argument("--to-sequence", type=sequence_arg, metavar="N")
+    hist.add_argument("--since", metavar="TIME", help="accepted at or after (RFC 3339 or unix)")
+    hist.add_argument("--until", metavar="TIME", help="accepted before (RFC 3339 or unix)")
+    hist.add_argument("--outcome", help="delivered, parked, requeued, discarded (comma-separated)")
+    hist.add_argument("--json", action="store_true", help="the API's JSON answer")
+    hist.set_defaults(func=cmd_history)
+
+    rep = command("replay", "queue delivered webhooks again (new sequences, same ids)")
+    rep.add_argument("tenant", metavar="TENANT", type=tenant_arg)
+    rep.add_argument("--from-sequence", type=sequence_arg, metavar="N")
+    rep.add_argument("--to-sequence", type=sequence_arg, metavar="N")
+    rep.add_argument("--since", metavar="TIME", help="accepted at or after (RFC 3339 or unix)")
+    rep.add_argument("--until", metavar="TIME", help="accepted before (RFC 3339 or unix)")
+    rep.add_argument("--event", help="only this event type")
+    rep.add_argument("--dry-run", action="store_true", help="only count what would be replayed")
+    rep.add_argument("--replay-id", metavar="X", help="makes a retried replay safe (idempotent)")
+    rep.set_defaults(func=cmd_replay)
 
     tenant_cmd = command("tenant", "show, create, change or remove API-managed tenants")
     tenant_cmd.add_argument("action", choices=["show", "set", "rm"])

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import math
 import zlib
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -17,7 +20,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from webhookd import listener, logs, views
 from webhookd.config import TENANT_NAME
 from webhookd.forward import Forwarder, forwarded
-from webhookd.ingest import INLINE_BYTES, parse_body
+from webhookd.ingest import INLINE_BYTES, MAX_ID_LENGTH, parse_body
+from webhookd.records import (
+    HISTORY_OUTCOMES,
+    HistoryOutcome,
+    HistoryQuery,
+    ReplaySelection,
+    StoreError,
+)
 from webhookd.responses import error_response, http_error_response, json_response
 from webhookd.service import Service, ServiceError
 
@@ -116,6 +126,9 @@ def create_app(service: Service) -> web.Application:
         [
             web.post("/v1/tenants/{tenant}/webhooks", ingest),
             web.get("/v1/tenants/{tenant}/webhooks", peek),
+            web.get("/v1/tenants/{tenant}/webhooks/{id:.+}", lookup),
+            web.get("/v1/tenants/{tenant}/history", history),
+            web.post("/v1/tenants/{tenant}/replay", replay),
             web.get("/v1/status", status_all),
             web.get("/v1/tenants/{tenant}/status", status_one),
             web.post("/v1/retry", retry_all),
@@ -346,5 +359,222 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[SERVICE].metrics.render()
+    service = request.app[SERVICE]
+    await service.history_size()  # the history gauges, as of now
+    body = service.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# -- history: lookup, listing, replay ------------------------------------------------------------
+
+
+async def lookup(request: web.Request) -> web.StreamResponse:
+    """Where a webhook is now. With several instances, a queued webhook is `in_flight` only
+    where its tenant's attempts run: the owner is asked then (as the controls are)."""
+    service = request.app[SERVICE]
+    name = tenant_name(request)
+    webhook_id = request.match_info["id"]
+    if not 0 < len(webhook_id) <= MAX_ID_LENGTH:
+        raise BadRequest(f"an id is 1 to {MAX_ID_LENGTH} characters")
+    answer = await service.lookup(name, webhook_id)
+    cluster = service.cluster
+    if (
+        answer["state"] == "queued"
+        and cluster is not None
+        and not cluster.holds(name)
+        and not forwarded(request)
+    ):
+        try:
+            owner = await cluster.owner(name)
+        except StoreError:  # the database's answer stands: queued, as stored
+            owner = None
+        if owner is not None and owner.instance != cluster.instance:
+            relayed = await request.app[FORWARDER].call(request, owner, b"")
+            if relayed.status == 200:
+                return relayed
+    if wants_text(request):
+        return web.Response(text=views.lookup_text(answer))
+    return json_response(answer, pretty=True)
+
+
+HISTORY_QUERY_KEYS = (
+    "limit",
+    "order",
+    "cursor",
+    "event",
+    "from_sequence",
+    "to_sequence",
+    "since",
+    "until",
+    "outcome",
+    "format",
+)
+
+
+async def history(request: web.Request) -> web.Response:
+    name = tenant_name(request)
+    query = history_query(request.query)
+    page = await request.app[SERVICE].history(name, query)
+    if wants_text(request):
+        return web.Response(text=views.history_text(page))
+    return json_response(page, pretty=True)
+
+
+def history_query(params: Any) -> HistoryQuery:
+    """`GET .../history`'s query string as a HistoryQuery; 400 for anything wrong."""
+    unknown = sorted(set(params) - set(HISTORY_QUERY_KEYS))
+    if unknown:
+        raise BadRequest(
+            f"unknown query parameter {unknown[0][:40]!r}; "
+            f"the history takes {', '.join(HISTORY_QUERY_KEYS)}"
+        )
+    limit = params.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        raise BadRequest("limit must be an integer from 1 to 1000")
+    order = params.get("order", "newest")
+    if order not in ("newest", "oldest"):
+        raise BadRequest('order must be "newest" (the default) or "oldest"')
+    outcomes: frozenset[HistoryOutcome] | None = None
+    if "outcome" in params:
+        wanted = [o.strip() for o in params["outcome"].split(",")]
+        wrong = [o for o in wanted if o not in HISTORY_OUTCOMES]
+        if wrong or not wanted:
+            raise BadRequest(
+                f"outcome {wrong[0][:40] if wrong else ''!r} is not one of "
+                f"{', '.join(HISTORY_OUTCOMES)} (several: comma-separated)"
+            )
+        outcomes = frozenset(o for o in HISTORY_OUTCOMES if o in wanted)
+    event = params.get("event")
+    if event is not None and not event:
+        raise BadRequest("event must not be empty")
+    query = HistoryQuery(
+        limit=int(limit),
+        oldest_first=order == "oldest",
+        after=_sequence_param(params, "cursor"),
+        event=event,
+        from_sequence=_sequence_param(params, "from_sequence"),
+        to_sequence=_sequence_param(params, "to_sequence"),
+        since=_time_param(params.get("since"), "since"),
+        until=_time_param(params.get("until"), "until"),
+        outcomes=outcomes,
+    )
+    _check_ranges(query.from_sequence, query.to_sequence, query.since, query.until)
+    return query
+
+
+def _sequence_param(params: Any, key: str) -> int | None:
+    text = params.get(key)
+    if text is None:
+        return None
+    if not text.isdigit() or len(text) > 18:
+        raise BadRequest(f"{key} must be a sequence number (a whole number, 0 or more)")
+    return int(text)
+
+
+def _check_ranges(
+    first: int | None, last: int | None, since: float | None, until: float | None
+) -> None:
+    if first is not None and last is not None and first > last:
+        raise BadRequest(f"from_sequence ({first}) is after to_sequence ({last})")
+    if since is not None and until is not None and since >= until:
+        raise BadRequest("since must be before until (since is inclusive, until exclusive)")
+
+
+def _time_param(value: Any, key: str) -> float | None:
+    """A time as RFC 3339 (2026-12-01T00:00:00Z, with its offset) or unix seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise BadRequest(f"{key} must be an RFC 3339 time or unix seconds, not {value}")
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        number = _unix_or_rfc3339(text, key)
+    else:
+        raise BadRequest(f"{key} must be an RFC 3339 time or unix seconds")
+    if not math.isfinite(number) or not 0 <= number < 1e11:
+        raise BadRequest(f"{key} is out of range")
+    return number
+
+
+def _unix_or_rfc3339(text: str, key: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(
+            f"{key} must be an RFC 3339 time (2026-12-01T09:00:00Z) or unix seconds, "
+            f"got {text[:60]!r}"
+        ) from None
+    if when.tzinfo is None:
+        raise BadRequest(
+            f"{key} {text[:60]!r} has no time zone; end it with Z or an offset (+02:00)"
+        )
+    return when.timestamp()
+
+
+REPLAY_KEYS = ("from_sequence", "to_sequence", "since", "until", "event", "dry_run", "replay_id")
+
+
+async def replay(request: web.Request) -> web.Response:
+    name = tenant_name(request)
+    service = request.app[SERVICE]
+    service.worker(name)  # 404 for an unknown tenant, before reading a body
+    body = await read_body(request)
+    try:
+        raw = json.loads(body) if body.strip() else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not JSON: {exc}") from None
+    selection, dry_run, replay_id = replay_request(raw)
+    answer = await service.replay(name, selection, dry_run=dry_run, replay_id=replay_id)
+    return json_response(answer)
+
+
+def replay_request(raw: Any) -> tuple[ReplaySelection, bool, str | None]:
+    """A replay's JSON body: the selection, dry_run and replay_id; 400 for anything wrong."""
+    example = '{"from_sequence": 1, "to_sequence": 500} or {"since": "2026-12-01T00:00:00Z"}'
+    if not isinstance(raw, dict):
+        raise BadRequest(f"send a JSON object naming what to replay, e.g. {example}")
+    unknown = sorted(set(raw) - set(REPLAY_KEYS))
+    if unknown:
+        raise BadRequest(
+            f"unknown key {unknown[0][:40]!r}; a replay takes {', '.join(REPLAY_KEYS)}"
+        )
+    sequences = []
+    for key in ("from_sequence", "to_sequence"):
+        value = raw.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 62
+        ):
+            raise BadRequest(f"{key} must be a sequence number (a whole number, 0 or more)")
+        sequences.append(value)
+    since = _time_param(raw.get("since"), "since")
+    until = _time_param(raw.get("until"), "until")
+    if all(v is None for v in (*sequences, since, until)):
+        raise BadRequest(
+            f"name what to replay: from_sequence/to_sequence, or since (and until), e.g. {example}"
+        )
+    _check_ranges(sequences[0], sequences[1], since, until)
+    event = raw.get("event")
+    if event is not None and (not isinstance(event, str) or not 0 < len(event) <= 200):
+        raise BadRequest("event must be an event type (a string of 1 to 200 characters)")
+    dry_run = raw.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise BadRequest("dry_run must be true or false")
+    replay_id = raw.get("replay_id")
+    if replay_id is not None and (
+        not isinstance(replay_id, str) or not 0 < len(replay_id) <= MAX_ID_LENGTH
+    ):
+        raise BadRequest(f"replay_id must be a string of 1 to {MAX_ID_LENGTH} characters")
+    selection = ReplaySelection(
+        from_sequence=sequences[0],
+        to_sequence=sequences[1],
+        since=since,
+        until=until,
+        event=event,
+    )
+    return selection, dry_run, replay_id

@@ -94,6 +94,10 @@ class DeliveryOptions:
     retry_after_doublings: float = 86400.0
     success_statuses: tuple[int, ...] = (200,)
     recent_failures: int = 10
+    # History (issue 13): seconds a webhook's history record is kept once it left the
+    # queue (0: no history at all), and whether the record keeps its data (replay needs it).
+    history_retention: float = 7 * 86400.0
+    history_payloads: bool = True
 
 
 DELIVERY_KEYS = tuple(f.name for f in fields(DeliveryOptions))
@@ -124,6 +128,11 @@ class DaemonConfig:
     lease_seconds: float = 10.0
     # PostgreSQL with several instances: the URL the others reach this API at ("": derived).
     advertise_url: str = ""
+    # History (issue 13): its size bound, every tenant together (None: no size limit); how
+    # long a producer id is remembered at least after its acceptance; the largest replay.
+    history_max_bytes: int | None = 1 << 30
+    idempotency_window: float = 86400.0
+    replay_max: int = 100_000
 
     @property
     def listen(self) -> str:
@@ -293,6 +302,70 @@ def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[Any
         return number
 
     return convert
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+    "TIB": 1 << 40,
+}
+SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?", re.IGNORECASE)
+
+
+def _duration(low: float, high: float) -> Callable[[Any], float]:
+    """A duration in seconds: a number of seconds, or a string such as "7d", "24h", "90m",
+    "30s", "2w" or "0"."""
+
+    def convert(value: Any) -> float:
+        if isinstance(value, str):
+            match = DURATION.fullmatch(value.strip())
+            if match is None:
+                raise ValueError(
+                    f'expected a duration such as "7d", "24h", "30m", "45s" or a number '
+                    f"of seconds, got {value!r}"
+                )
+            seconds = float(match[1]) * DURATION_UNITS[match[2] or "s"]
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError('expected a duration such as "7d", "24h" or a number of seconds')
+        else:
+            seconds = float(value)
+        if not math.isfinite(seconds) or not low <= seconds <= high:
+            raise ValueError(
+                f"expected a duration from {_plain(low)} s to {_plain(high / 86400)} days, "
+                f"got {value!r}"
+            )
+        return seconds
+
+    return convert
+
+
+def _max_bytes(value: Any) -> int | None:
+    """A size in bytes ("1GiB", "500MB", 1073741824); 0 means no size limit (None)."""
+    if isinstance(value, str):
+        match = SIZE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(
+                f'expected a size such as "1GiB", "500MB" or a number of bytes, got {value!r}'
+            )
+        size = int(float(match[1]) * SIZE_UNITS[(match[2] or "").upper()])
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError('expected a size such as "1GiB", "500MB" or a number of bytes')
+    else:
+        size = value
+    if size < 0 or size > 1 << 50:
+        raise ValueError(f"expected a size from 0 (no limit) to 1PiB, got {value!r}")
+    if 0 < size < 1 << 20:
+        raise ValueError(f"expected 0 (no limit) or at least 1MiB, got {value!r}")
+    return size or None
 
 
 def _plain(number: float) -> str:
@@ -606,8 +679,12 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
 
     default_dir: Path | None = base_dir / "tenants.d"
     tenants_dir = table.get("tenants_dir", default_dir, optional_path)
-    if tenants_dir is not None and tenants_dir.exists() and not tenants_dir.is_dir():
-        table.error("tenants_dir", f"{table.raw['tenants_dir']!r} is not a folder")
+    try:
+        if tenants_dir is not None and tenants_dir.exists() and not tenants_dir.is_dir():
+            table.error("tenants_dir", f"{table.raw['tenants_dir']!r} is not a folder")
+    except OSError as exc:  # a name too long for the file system, say
+        table.error("tenants_dir", f"cannot use {str(tenants_dir)[:80]!r}: {exc.strerror}")
+        tenants_dir = None
     ca_file = table.get("ca_file", None, optional_path)
     if ca_file is not None:
         _check_ca_file(table, ca_file)
@@ -632,6 +709,9 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         database_password_file=password_file,
         lease_seconds=table.get("lease_seconds", 10.0, _number(2, 600)),
         advertise_url=table.get("advertise_url", "", advertise_url),
+        history_max_bytes=table.get("history_max_bytes", defaults.history_max_bytes, _max_bytes),
+        idempotency_window=table.get("idempotency_window", 86400.0, _duration(1, 86400 * 3650)),
+        replay_max=table.get("replay_max", 100_000, _int(1, 10_000_000)),
     )
     table.finish()
     return config
@@ -909,6 +989,8 @@ def _delivery(table: _Table, base: DeliveryOptions, *, only_known: bool = True) 
         "retry_after_doublings": _number(0, 86400 * 30, low_open=True),
         "success_statuses": _statuses,
         "recent_failures": _int(0, 1000),
+        "history_retention": _duration(0, 86400 * 3650),
+        "history_payloads": _bool,
     }
     for key, convert in converters.items():
         values[key] = table.get(key, getattr(base, key), convert)

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from webhookd.listener import Guard
-    from webhookd.records import Webhook
+    from webhookd.records import HistorySize, PruneResult, Webhook
     from webhookd.scheduler import Clock, TenantWorker
     from webhookd.sender import Outcome
     from webhookd.store import Store
@@ -36,6 +36,9 @@ class Gauged(Protocol):
 
     @property
     def cluster(self) -> Cluster | None: ...
+
+    @property
+    def history_seen(self) -> HistorySize: ...
 
     def visible_workers(self) -> list[TenantWorker]: ...
 
@@ -192,7 +195,53 @@ class _CountsCollector(Collector):
             cumulative += count
             buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
         duration.add_metric([], buckets, m.duration_sum)
-        yield from (deliveries, delivered, duration, ingested)
+        replayed = CounterMetricFamily(
+            "webhookd_replayed", "Webhooks queued again by a replay.", labels=["tenant"]
+        )
+        for tenant, count in sorted(m.replays.items()):
+            replayed.add_metric([tenant], count)
+        pruned = CounterMetricFamily(
+            "webhookd_history_pruned",
+            "History records pruned: age (older than the tenant's history_retention), size "
+            "(the oldest, to stay under history_max_bytes).",
+            labels=["reason"],
+        )
+        for reason in ("age", "size"):
+            pruned.add_metric([reason], m.pruned_records[reason])
+        forgotten = CounterMetricFamily(
+            "webhookd_ids_forgotten",
+            "Producer ids forgotten after the idempotency window (they may be used again).",
+        )
+        forgotten.add_metric([], m.ids_forgotten)
+        yield from (deliveries, delivered, duration, ingested, replayed, pruned, forgotten)
+
+
+class _HistoryCollector(Collector):
+    """The history's size as last asked (the /metrics handler asks just before it renders)
+    and the history records dropped for a full disk since start."""
+
+    def __init__(self, service: Gauged) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        size = self.service.history_seen
+        records = GaugeMetricFamily(
+            "webhookd_history_records",
+            "History records kept (webhooks that left a queue), every tenant together.",
+        )
+        records.add_metric([], size.records)
+        stored = GaugeMetricFamily(
+            "webhookd_history_bytes",
+            "Bytes of the history as the store counts them (records and failed attempts; "
+            "the database's pages and indexes add to it).",
+        )
+        stored.add_metric([], size.bytes)
+        dropped = CounterMetricFamily(
+            "webhookd_history_dropped",
+            "History records not written for a full disk (the delivery itself was recorded).",
+        )
+        dropped.add_metric([], self.service.store.history_dropped)
+        yield from (records, stored, dropped)
 
 
 class Metrics:
@@ -203,9 +252,13 @@ class Metrics:
         # Per bucket (not cumulative), the last one for +Inf.
         self.duration_counts = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_sum = 0.0
+        self.replays: dict[str, int] = {}
+        self.pruned_records = {"age": 0, "size": 0}
+        self.ids_forgotten = 0
         self.registry = CollectorRegistry()
         self.registry.register(_CountsCollector(self))
         self.registry.register(_QueueCollector(service))
+        self.registry.register(_HistoryCollector(service))
 
     def watch_connections(self, guard: Guard) -> None:
         """Report the API's connections from `guard` too (the process wiring calls this
@@ -224,6 +277,14 @@ class Metrics:
     def ingested(self, tenant: str, status: str, count: int) -> None:
         key = (tenant, status)
         self.ingest[key] = self.ingest.get(key, 0) + count
+
+    def replayed(self, tenant: str, count: int) -> None:
+        self.replays[tenant] = self.replays.get(tenant, 0) + count
+
+    def pruned(self, result: PruneResult) -> None:
+        self.pruned_records["age"] += result.by_age
+        self.pruned_records["size"] += result.by_size
+        self.ids_forgotten += result.ids
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

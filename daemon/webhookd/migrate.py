@@ -13,8 +13,10 @@ already running on it is refused.
 Everything is copied in one PostgreSQL transaction, with COPY: every tenant's state (last
 and acknowledged sequences, attempts, next attempt, last processed, paused), the live queue
 (only rows after the acknowledged sequence: rows acknowledged on a full disk may wait there
-for the sweep), producer ids, parked webhooks, and recent failures in their order (newest
-last, so their new ids keep "newest first").
+for the sweep), producer ids with their acceptance time, parked webhooks, and recent
+failures in their order (newest last, so their new ids keep "newest first"); then the
+history: its records, the failed attempts kept (in their order too), the replays done, and
+each tenant's history counters (records, failed attempts, bytes) onto its state row.
 
 Tenants made through the API, files in `tenants_dir` beside SQLite, are copied into
 `api_tenants` in the same transaction (each file's table as TOML text, inline secret
@@ -44,7 +46,16 @@ from webhookd.store.sqlite.schema import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from webhookd.store.sqlite.schema import refuse_newer as sqlite_refuse_newer
 
 # webhookd's tables, in the order they are copied.
-TABLES = ("tenant_state", "webhooks", "webhook_ids", "parked", "failures")
+TABLES = (
+    "tenant_state",
+    "webhooks",
+    "webhook_ids",
+    "parked",
+    "failures",
+    "history",
+    "failed_attempts",
+    "replays",
+)
 
 
 class MigrateError(Exception):
@@ -59,13 +70,20 @@ class Copied:
     parked: int = 0
     failures: int = 0
     api_tenants: int = 0
+    history: int = 0
+    failed_attempts: int = 0
+    replays: int = 0
 
 
 # What is read from SQLite, per table: the query, and the PostgreSQL columns it fills.
 QUERIES: dict[str, tuple[str, list[str]]] = {
+    # With the history's counters, kept on the state row on PostgreSQL.
     "tenant_state": (
-        """SELECT tenant, last_sequence, acked_sequence, attempts, next_attempt_at,
-                  last_processed_at, paused FROM tenant_state ORDER BY tenant""",
+        """SELECT t.tenant, t.last_sequence, t.acked_sequence, t.attempts, t.next_attempt_at,
+                  t.last_processed_at, t.paused, coalesce(h.records, 0),
+                  coalesce(h.failures, 0), coalesce(h.bytes, 0)
+           FROM tenant_state AS t LEFT JOIN history_sizes AS h USING (tenant)
+           ORDER BY t.tenant""",
         [
             "tenant",
             "last_sequence",
@@ -74,6 +92,9 @@ QUERIES: dict[str, tuple[str, list[str]]] = {
             "next_attempt_at",
             "last_processed_at",
             "paused",
+            "history_records",
+            "history_failures",
+            "history_bytes",
         ],
     ),
     # The live queue only: sequence > acked_sequence.
@@ -84,8 +105,10 @@ QUERIES: dict[str, tuple[str, list[str]]] = {
         ["tenant", "sequence", "id", "event", "accepted_at", "data"],
     ),
     "webhook_ids": (
-        "SELECT tenant, id, sequence FROM webhook_ids WHERE sequence IS NOT NULL",
-        ["tenant", "id", "sequence"],
+        """SELECT tenant, id, sequence,
+                  coalesce(accepted_at, (julianday('now') - 2440587.5) * 86400.0)
+           FROM webhook_ids WHERE sequence IS NOT NULL""",
+        ["tenant", "id", "sequence", "accepted_at"],
     ),
     "parked": (
         """SELECT tenant, sequence, id, event, accepted_at, data, parked_at FROM parked
@@ -107,6 +130,46 @@ QUERIES: dict[str, tuple[str, list[str]]] = {
             "error",
             "duration_ms",
         ],
+    ),
+    "history": (
+        """SELECT tenant, sequence, id, event, accepted_at, finished_at, outcome, attempts,
+                  status, duration_ms, data, next_sequence FROM history
+           ORDER BY tenant, sequence""",
+        [
+            "tenant",
+            "sequence",
+            "id",
+            "event",
+            "accepted_at",
+            "finished_at",
+            "outcome",
+            "attempts",
+            "status",
+            "duration_ms",
+            "data",
+            "next_sequence",
+        ],
+    ),
+    # Oldest first, as `failures`.
+    "failed_attempts": (
+        """SELECT tenant, at, attempt, first_sequence, last_sequence, count, status, error,
+                  duration_ms FROM failed_attempts ORDER BY id""",
+        [
+            "tenant",
+            "at",
+            "attempt",
+            "first_sequence",
+            "last_sequence",
+            "count",
+            "status",
+            "error",
+            "duration_ms",
+        ],
+    ),
+    "replays": (
+        """SELECT tenant, replay_id, count, first_sequence, last_sequence, at FROM replays
+           ORDER BY tenant, replay_id""",
+        ["tenant", "replay_id", "count", "first_sequence", "last_sequence", "at"],
     ),
 }
 
@@ -184,8 +247,10 @@ async def _copy(
                     "copies into an empty database only, with every webhookd stopped"
                 )
         if version > 0:
-            for table in (*TABLES, "api_tenants") if version > 1 else TABLES:
-                if await pg.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
+            for table in (*TABLES, "api_tenants"):
+                # Tables an older schema does not have yet hold nothing.
+                there = await pg.fetchval("SELECT to_regclass($1) IS NOT NULL", table)
+                if there and await pg.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
                     raise MigrateError(
                         f"the database {target} already holds webhookd data (rows in "
                         f"{table}); migrate copies into an empty database only"
@@ -233,11 +298,14 @@ FIELDS = {
     "webhook_ids": "ids",
     "parked": "parked",
     "failures": "failures",
+    "history": "history",
+    "failed_attempts": "failed_attempts",
+    "replays": "replays",
 }
 
 
 def _records(sqlite: sqlite3.Connection, table: str, query: str) -> list[tuple[Any, ...]]:
     rows = sqlite.execute(query).fetchall()
     if table == "tenant_state":  # SQLite's 0/1 flag, PostgreSQL's boolean
-        return [(*row[:6], bool(row[6])) for row in rows]
+        return [(*row[:6], bool(row[6]), *row[7:]) for row in rows]
     return rows

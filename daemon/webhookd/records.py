@@ -121,3 +121,168 @@ class TenantRecord:
     row: TenantRow
     failures: list[Failure] = field(default_factory=list)
     parked: int = 0
+
+
+# -- history: what became of webhooks that left the queue ---------------------------------------
+
+HistoryOutcome = Literal["delivered", "parked", "requeued", "discarded"]
+"""How a webhook left the queue. `parked`: skipped (a skip parks the head), and still
+parked; `requeued`: parked, then put back at the tail under `next_sequence`; `discarded`:
+dropped with its tenant's queue by an operator."""
+
+HISTORY_OUTCOMES: tuple[HistoryOutcome, ...] = ("delivered", "parked", "requeued", "discarded")
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPolicy:
+    """What a tenant keeps of the webhooks that leave its queue (its config):
+    `keep` False when `history_retention` is 0 (no record at all), `payloads` False when
+    `history_payloads = false` (the record without its data)."""
+
+    keep: bool = True
+    payloads: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A successful attempt's outcome, recorded with the webhooks it delivered."""
+
+    status: int
+    duration_ms: float
+    attempts: int  # attempts the batch took, this one included
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRecord:
+    """One webhook that left the queue: delivered, parked, requeued or discarded.
+
+    `finished_at` is when it left (delivered at, parked at, discarded at; a requeued one
+    keeps its parked time). `status`, `duration_ms` are the delivering attempt's (None
+    otherwise); `attempts` is how many attempts were made for it. `data` is None when the
+    tenant keeps no payloads. `next_sequence`: the sequence it was queued again under
+    (requeued, or the newest replay), None if never."""
+
+    sequence: int
+    id: str
+    event: str
+    accepted_at: float
+    finished_at: float
+    outcome: HistoryOutcome
+    attempts: int
+    status: int | None
+    duration_ms: float | None
+    data: str | None
+    next_sequence: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    """A page of a tenant's history. Newest first (by sequence, descending) unless
+    `oldest_first`; `after` is the cursor: the sequence the previous page ended with
+    (exclusive, in the page's order). Every filter is optional and they combine (AND):
+    `event`, a sequence range (inclusive), a time range on `accepted_at` (`since`
+    inclusive, `until` exclusive), and the outcomes wanted."""
+
+    limit: int = 100
+    oldest_first: bool = False
+    after: int | None = None
+    event: str | None = None
+    from_sequence: int | None = None
+    to_sequence: int | None = None
+    since: float | None = None
+    until: float | None = None
+    outcomes: frozenset[HistoryOutcome] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySelection:
+    """Which delivered webhooks a replay puts back: a sequence range or a time range on
+    `accepted_at` (as in HistoryQuery), optionally one event type."""
+
+    from_sequence: int | None = None
+    to_sequence: int | None = None
+    since: float | None = None
+    until: float | None = None
+    event: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """What a replay queued (or, dry, would queue): `count` webhooks under the new
+    sequences `first_sequence`..`last_sequence` (None when count is 0 or dry).
+    `repeated` True when `replay_id` named a replay already done: this is its result."""
+
+    count: int
+    first_sequence: int | None
+    last_sequence: int | None
+    dry_run: bool = False
+    repeated: bool = False
+
+
+class ReplayTooLarge(StoreError):
+    """A replay matched more than its limit: nothing was queued. `count` is how many it
+    matched, `first_sequence`/`last_sequence` the range they span (to say how to split)."""
+
+    def __init__(self, count: int, limit: int, first_sequence: int, last_sequence: int) -> None:
+        super().__init__(f"the replay matches {count} webhooks, more than replay_max ({limit})")
+        self.count, self.limit = count, limit
+        self.first_sequence, self.last_sequence = first_sequence, last_sequence
+
+
+class ReplayWithoutPayloads(StoreError):
+    """A replay matched delivered webhooks whose data was not kept (`history_payloads =
+    false` when they were delivered): nothing was queued."""
+
+
+WebhookPlace = Literal["queued", "parked", "history", "expired", "unknown", "forgotten"]
+
+
+@dataclass(frozen=True, slots=True)
+class FoundWebhook:
+    """Where the store finds a webhook id of a tenant (`Store.find_webhook`), following a
+    requeued or replayed webhook to its newest copy.
+
+    - `queued`: `webhook` is in the queue (the service knows whether it is in flight).
+    - `parked`: `webhook` is parked since `parked_at`.
+    - `history`: `record` is its newest history record (delivered, discarded; a requeued
+      record is followed to its next copy, so it is never the answer).
+    - `expired`: given out and gone from the queue, but its record is older than the
+      retention (pruned): known from a generated id's sequence or a producer id still
+      remembered; `sequence` is the one it had.
+    - `unknown`: never given out (an id this tenant never had; a generated id whose
+      sequence was never reached).
+    - `forgotten`: a producer id not remembered: never seen, or forgotten after the
+      idempotency window (the two cannot be told apart).
+
+    `failures` are the failed attempts kept in history that included its sequence, newest
+    first."""
+
+    place: WebhookPlace
+    sequence: int | None = None
+    webhook: Webhook | None = None
+    parked_at: float | None = None
+    record: HistoryRecord | None = None
+    failures: tuple[Failure, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """One pruning step (`Store.prune_history`): records removed for their age and to stay
+    under the size limit, failed attempts removed, producer ids forgotten, and whether more
+    remain to prune now (call again)."""
+
+    by_age: int = 0
+    by_size: int = 0
+    failures: int = 0
+    ids: int = 0
+    more: bool = False
+
+
+class HistorySize(NamedTuple):
+    """What the history holds now, every tenant together: records (delivered and other
+    webhooks) and failed attempts, and their bytes as the store counts them (the columns'
+    lengths; the engine's pages and indexes add to it)."""
+
+    records: int
+    failures: int
+    bytes: int

@@ -19,7 +19,16 @@ from typing import Protocol
 
 from webhookd import logs, policy
 from webhookd.config import TenantConfig
-from webhookd.records import Failure, LeaseLost, StoreError, TenantRecord, TenantRow, Webhook
+from webhookd.records import (
+    Delivered,
+    Failure,
+    HistoryPolicy,
+    LeaseLost,
+    StoreError,
+    TenantRecord,
+    TenantRow,
+    Webhook,
+)
 from webhookd.sender import Outcome
 from webhookd.store import Store
 
@@ -53,6 +62,13 @@ class Clock:
             handle.cancel()
 
 
+def history_policy(config: TenantConfig) -> HistoryPolicy:
+    """What the tenant keeps of the webhooks leaving its queue (`history_retention`,
+    `history_payloads`)."""
+    options = config.delivery
+    return HistoryPolicy(keep=options.history_retention > 0, payloads=options.history_payloads)
+
+
 class DeliverySender(Protocol):
     async def send(self, tenant: TenantConfig, webhooks: list[Webhook]) -> Outcome: ...
 
@@ -83,6 +99,8 @@ class TenantWorker:
         keep = config.delivery.recent_failures if config else 10
         self.failures: deque[Failure] = deque(record.failures[:keep], maxlen=keep)
         self.parked = record.parked
+        # Kept when the tenant is removed: a discard of an orphaned queue still follows it.
+        self.history = history_policy(config) if config is not None else HistoryPolicy()
         self._store = store
         self._sender = sender
         self._clock = clock
@@ -146,6 +164,8 @@ class TenantWorker:
     def configure(self, config: TenantConfig | None) -> None:
         """Apply a new configuration (None: removed); it takes effect from the next attempt."""
         self.config = config
+        if config is not None:
+            self.history = history_policy(config)
         if config is None or not config.enabled:
             self.retry_requested = False  # as for a pause: a retry must not outlive it
         if config is not None and config.delivery.recent_failures != self.failures.maxlen:
@@ -224,7 +244,9 @@ class TenantWorker:
         async with self._head_lock:
             if not self.waiting:
                 return None
-            parked = await self._store.park(self.name, self.row.acked_sequence + 1, self._now())
+            parked = await self._store.park(
+                self.name, self.row.acked_sequence + 1, self._now(), self.history
+            )
             if parked is None:
                 return None
             self._advance(parked.sequence)
@@ -243,7 +265,7 @@ class TenantWorker:
 
     async def discard(self) -> int:
         async with self._head_lock:
-            dropped = await self._store.discard(self.name)
+            dropped = await self._store.discard(self.name, self._now(), self.history)
             self.row.acked_sequence = self.row.last_sequence
             self.row.attempts = 0
             self.row.next_attempt_at = None
@@ -381,11 +403,12 @@ class TenantWorker:
         now = self._now()
         first, last = batch[0].sequence, batch[-1].sequence
         attempt = self.row.attempts + 1
+        delivered = Delivered(outcome.status or 0, outcome.duration_ms, attempt)
         pause = STORE_RETRY_S
         while True:
             try:
                 # The rows stay until this commit: a crash before it re-sends, never loses.
-                await self._store.acknowledge(self.name, last, now)
+                await self._store.acknowledge(self.name, last, now, delivered, self.history)
                 break
             except LeaseLost as exc:
                 self._lost(exc, first, last)
@@ -448,7 +471,7 @@ class TenantWorker:
         )
         try:
             await self._store.record_failure(
-                self.name, failure, now + delay, keep=options.recent_failures
+                self.name, failure, now + delay, keep=options.recent_failures, history=self.history
             )
         except LeaseLost as exc:
             self._lost(exc, failure.first_sequence, failure.last_sequence)

@@ -14,13 +14,29 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from webhookd import checks, logs, status
+import orjson
+
+from webhookd import checks, logs, status, views
 from webhookd import config as config_mod
 from webhookd.config import Config, ConfigError, TenantConfig
 from webhookd.ids import generated_sequence, id_tag
 from webhookd.ingest import IngestItem
 from webhookd.metrics import Metrics
-from webhookd.records import NewWebhook, Owner, StoreError, TenantRecord, TenantRow, Webhook
+from webhookd.records import (
+    HistoryQuery,
+    HistoryRecord,
+    HistorySize,
+    NewWebhook,
+    Owner,
+    PruneResult,
+    ReplaySelection,
+    ReplayTooLarge,
+    ReplayWithoutPayloads,
+    StoreError,
+    TenantRecord,
+    TenantRow,
+    Webhook,
+)
 from webhookd.scheduler import Clock, InFlight, TenantWorker
 from webhookd.sender import Sender
 from webhookd.store import make_store
@@ -28,6 +44,10 @@ from webhookd.store import make_store
 log = logs.get_logger("webhookd.service")
 
 HEALTH_TIMEOUT_S = 2.0  # a database slower than this to answer a ping is unhealthy
+# History pruning: rows per step (one short transaction), and the pause between rounds once
+# nothing is left to prune now. While a step says more remain, the next follows at once.
+PRUNE_STEP = 500
+PRUNE_INTERVAL_S = 2.0
 
 
 class ServiceError(Exception):
@@ -70,6 +90,27 @@ class OwnerChanged(ServiceError):
     status, code = 503, "owner_changed"
 
 
+class UnknownWebhook(ServiceError):
+    """A lookup of an id the tenant never gave out."""
+
+    status, code = 404, "unknown_webhook"
+
+
+class ForgottenWebhook(ServiceError):
+    """A lookup of a producer id not remembered: never seen, or forgotten after the
+    idempotency window."""
+
+    status, code = 404, "forgotten"
+
+
+class ReplayRefused(ServiceError):
+    status, code = 400, "replay_too_large"
+
+
+class PayloadsNotKept(ServiceError):
+    status, code = 409, "payloads_not_kept"
+
+
 class InvalidIngest(ServiceError):
     status, code = 400, "bad_request"
 
@@ -109,6 +150,9 @@ class Service:
         # as parsed against the running configuration (name -> (text, tenant)).
         self._api_texts: dict[str, str] = {}
         self._api_parsed: dict[str, tuple[str, TenantConfig]] = {}
+        # The history's size as last asked (metrics read it at scrape time, without I/O).
+        self.history_seen = HistorySize(0, 0, 0)
+        self.prune_interval = PRUNE_INTERVAL_S
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -136,6 +180,7 @@ class Service:
             # tenants this instance holds are sent by the others.
             self.cluster.api_url = self.config.daemon.api_url
             await self.cluster.start(self, list(self.config.tenants))
+        self._in_background(self._prune_forever())
 
     def serving(self, listen: Sequence[str]) -> None:
         """The API listens on `listen`: accept ingest from now on, and say so."""
@@ -657,6 +702,13 @@ class Service:
         here shows this instance's workers (in memory, current); one held elsewhere, or by
         no one, its state as stored now (a few queries for all of them, no call to other
         instances), never this instance's stale copy."""
+        shown = await self._status_view()
+        size = await self.history_size()
+        shown["totals"]["history_records"] = size.records
+        shown["totals"]["history_bytes"] = size.bytes
+        return shown
+
+    async def _status_view(self) -> dict[str, Any]:
         cluster = self.cluster
         if cluster is None:
             return self.status()
@@ -874,6 +926,219 @@ class Service:
         dropped: int = await self._write(self.worker(name).discard())
         return dropped
 
+    # -- history: lookup, listing, replay, pruning (issue 13) ---------------------------------
+
+    async def lookup(self, name: str, webhook_id: str) -> dict[str, Any]:
+        """Where webhook `webhook_id` of tenant `name` is now, as the API shows it: queued
+        (its position, the head's attempts and next attempt), in_flight (an attempt is
+        sending it now, here), parked, delivered, discarded or expired; 404 when the id was
+        never given out (`unknown_webhook`) or is not remembered (`forgotten`)."""
+        worker = self.worker(name)
+        try:
+            found = await self.store.find_webhook(name, webhook_id)
+            if (
+                found.webhook is not None
+                and found.place == "queued"
+                and found.webhook.sequence <= worker.row.acked_sequence
+                and (self.cluster is None or self.cluster.holds(name))
+            ):
+                # Delivered (or parked) between the read and now: where it is now.
+                found = await self.store.find_webhook(name, webhook_id)
+        except StoreError as exc:
+            raise Unavailable(str(exc)) from None
+        if found.place == "unknown":
+            raise UnknownWebhook(
+                f"{name} never gave out a webhook with id {webhook_id!r} (a generated id "
+                "names a sequence this tenant has not reached)"
+            )
+        if found.place == "forgotten":
+            window = views.span(self.config.daemon.idempotency_window)
+            raise ForgottenWebhook(
+                f"{name} does not remember a webhook with id {webhook_id!r}: it was never "
+                f"seen, or accepted more than idempotency_window ({window}) ago and no "
+                "longer queued, parked or in the history"
+            )
+        answer: dict[str, Any] = {"tenant": name, "id": webhook_id}
+        if found.place == "queued":
+            assert found.webhook is not None
+            answer.update(await self._queued_answer(name, worker, found.webhook))
+        elif found.place == "parked":
+            assert found.webhook is not None
+            answer.update(
+                state="parked",
+                **_webhook_fields(found.webhook),
+                parked_at=status.iso(found.parked_at),
+            )
+        elif found.place == "history":
+            assert found.record is not None
+            answer.update(_record_state(found.record))
+        else:  # expired
+            answer.update(
+                state="expired",
+                sequence=found.sequence,
+                detail=f"delivered, but its record is older than {name}'s history_retention "
+                f"({views.span(self._retention(name))}) and was pruned",
+            )
+        answer["failures"] = [status.failure(f) for f in found.failures]
+        return answer
+
+    async def _queued_answer(
+        self, name: str, worker: TenantWorker, webhook: Webhook
+    ) -> dict[str, Any]:
+        held_here = self.cluster is None or self.cluster.holds(name)
+        row = worker.row
+        if not held_here:  # another instance (or none) delivers it: its state as stored
+            try:
+                records = await self.store.load([name])
+            except StoreError as exc:
+                raise Unavailable(str(exc)) from None
+            row = records[0].row if records else TenantRow()
+        position = max(1, webhook.sequence - row.acked_sequence)
+        config = worker.config
+        head = 1 if config is None or not config.batching else config.delivery.batch_size
+        fields = _webhook_fields(webhook)
+        flight = worker.in_flight if held_here else None
+        if flight is not None and flight[0] <= webhook.sequence <= flight[1]:
+            return {"state": "in_flight", **fields, "attempt": row.attempts + 1}
+        at_head = position <= head
+        shown = status.tenant(worker, self.clock.now()) if held_here else None
+        next_at = (
+            shown["next_attempt_at"]
+            if shown is not None
+            else status.iso(row.next_attempt_at)
+            if row.attempts
+            else None
+        )
+        return {
+            "state": "queued",
+            **fields,
+            "position": position,
+            "attempts": row.attempts if at_head else 0,
+            "next_attempt_at": next_at if at_head else None,
+            "queue": shown["queue"] if shown is not None else None,
+        }
+
+    def _retention(self, name: str) -> float:
+        tenant = self.config.tenants.get(name)
+        options = tenant.delivery if tenant is not None else self.config.delivery
+        return options.history_retention
+
+    async def history(self, name: str, query: HistoryQuery) -> dict[str, Any]:
+        """One page of the tenant's history, and the cursor of the next (None: the last)."""
+        self.worker(name)
+        try:
+            # One more than asked: whether a next page exists, without an empty last page.
+            records = await self.store.history(name, replace(query, limit=query.limit + 1))
+        except StoreError as exc:
+            raise Unavailable(str(exc)) from None
+        more = len(records) > query.limit
+        records = records[: query.limit]
+        return {
+            "tenant": name,
+            "order": "oldest" if query.oldest_first else "newest",
+            "records": [_record(r) for r in records],
+            "next_cursor": records[-1].sequence if more and records else None,
+        }
+
+    async def replay(
+        self,
+        name: str,
+        selection: ReplaySelection,
+        *,
+        dry_run: bool = False,
+        replay_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Put the delivered webhooks `selection` matches back at the tail (all or none)."""
+        self.worker(name)
+        if not self.accepting:
+            raise Unavailable("webhookd is shutting down; send again shortly")
+        limit = self.config.daemon.replay_max
+        try:
+            result = await self.store.replay(
+                name,
+                selection,
+                self.clock.now(),
+                limit=limit,
+                dry_run=dry_run,
+                replay_id=replay_id,
+            )
+        except ReplayTooLarge as exc:
+            raise ReplayRefused(_how_to_split(exc)) from None
+        except ReplayWithoutPayloads as exc:
+            raise PayloadsNotKept(
+                f"nothing was replayed: {exc} (history_payloads = false when they were "
+                "delivered); narrow the range or the event to webhooks whose data was kept"
+            ) from None
+        except StoreError as exc:
+            raise Unavailable(f"nothing was replayed: {exc}") from None
+        if not dry_run and not result.repeated and result.count:
+            self.metrics.replayed(name, result.count)
+            log.info(
+                "replayed",
+                tenant=name,
+                count=result.count,
+                first_sequence=result.first_sequence,
+                last_sequence=result.last_sequence,
+                replay_id=replay_id,
+            )
+        return {
+            "tenant": name,
+            "count": result.count,
+            "first_sequence": result.first_sequence,
+            "last_sequence": result.last_sequence,
+            "dry_run": result.dry_run,
+            "repeated": result.repeated,
+            "replay_id": replay_id,
+        }
+
+    async def history_size(self) -> HistorySize:
+        """The history's size now (status totals, metrics); the last known on a store error."""
+        try:
+            self.history_seen = await self.store.history_size()
+        except StoreError as exc:
+            log.debug("history_size_unknown", error=str(exc))
+        return self.history_seen
+
+    async def prune_step(self) -> PruneResult:
+        """One pruning step with each tenant's retention (the tenants no longer configured
+        follow [delivery]'s)."""
+        daemon = self.config.daemon
+        result = await self.store.prune_history(
+            self.clock.now(),
+            retention={n: t.delivery.history_retention for n, t in self.config.tenants.items()},
+            default_retention=self.config.delivery.history_retention,
+            max_bytes=daemon.history_max_bytes,
+            idempotency_window=daemon.idempotency_window,
+            step=PRUNE_STEP,
+        )
+        self.metrics.pruned(result)
+        return result
+
+    async def _prune_forever(self) -> None:
+        """Pruning in the background: a step, then at once another while `more` remain, else
+        a pause; each step a short transaction, so that ingest and deliveries interleave."""
+        while True:
+            try:
+                result = await self.prune_step()
+            except StoreError as exc:
+                log.warning("prune_failed", error=str(exc), retry_s=self.prune_interval)
+                await asyncio.sleep(self.prune_interval)
+                continue
+            except Exception:
+                log.exception("prune_failed")
+                await asyncio.sleep(self.prune_interval)
+                continue
+            if result.by_age or result.by_size or result.ids:
+                log.debug(
+                    "pruned",
+                    by_age=result.by_age,
+                    by_size=result.by_size,
+                    failures=result.failures,
+                    ids=result.ids,
+                    more=result.more,
+                )
+            await asyncio.sleep(0 if result.more else self.prune_interval)
+
     async def _write(self, operation: Any) -> Any:
         try:
             return await operation
@@ -921,6 +1186,58 @@ class Observed(TenantWorker):
     @property
     def oldest_waiting_at(self) -> float | None:
         return self.head_at if self.waiting else None
+
+
+def _webhook_fields(webhook: Webhook) -> dict[str, Any]:
+    shown = status.webhook(webhook)
+    del shown["id"]
+    return shown
+
+
+def _record(record: HistoryRecord) -> dict[str, Any]:
+    """A history record as the API shows it (listing)."""
+    return {
+        "sequence": record.sequence,
+        "id": record.id,
+        "event": record.event,
+        "timestamp": int(record.accepted_at),
+        "accepted_at": status.iso(record.accepted_at),
+        "outcome": record.outcome,
+        "finished_at": status.iso(record.finished_at),
+        "attempts": record.attempts,
+        "status": record.status,
+        "duration_ms": record.duration_ms,
+        "next_sequence": record.next_sequence,
+        "data": None if record.data is None else orjson.Fragment(record.data),
+    }
+
+
+def _record_state(record: HistoryRecord) -> dict[str, Any]:
+    """A lookup's answer from the webhook's history record."""
+    shown = _record(record)
+    del shown["id"]
+    outcome = shown.pop("outcome")
+    finished = shown.pop("finished_at")
+    state: dict[str, Any] = {"state": outcome}
+    if outcome == "delivered":
+        state["delivered_at"] = finished
+    elif outcome == "parked":
+        state["parked_at"] = finished
+    else:
+        state[f"{outcome}_at"] = finished
+    return {**state, **shown}
+
+
+def _how_to_split(exc: ReplayTooLarge) -> str:
+    first, last, limit = exc.first_sequence, exc.last_sequence, exc.limit
+    parts = -(-(last - first + 1) // limit)
+    return (
+        f"nothing was replayed: it matches {exc.count} webhooks (sequences {first} to "
+        f"{last}), more than replay_max ({limit}). Split it by sequence into ranges of at most "
+        f"{limit} sequences: from_sequence {first} to_sequence {first + limit - 1}, then "
+        f"from_sequence {first + limit} and on, the last ending at to_sequence {last} "
+        f"({parts} replays, each with the same event filter)"
+    )
 
 
 MASK = "***"  # how GET shows a secret

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from webhookd.records import Webhook
+from webhookd.records import Failure, Webhook
 from webhookd.scheduler import TenantWorker
 from webhookd.views import counted
 
@@ -46,19 +46,21 @@ def tenant(worker: TenantWorker, now: float) -> dict[str, Any]:
         "next_attempt_at": next_attempt_at(worker, queue, now),
         "in_flight": worker.in_flight is not None,
         "parked": worker.parked,
-        "recent_failures": [
-            {
-                "at": iso(f.at),
-                "attempt": f.attempt,
-                "first_sequence": f.first_sequence,
-                "last_sequence": f.last_sequence,
-                "count": f.count,
-                "status": f.status,
-                "error": f.error,
-                "duration_ms": f.duration_ms,
-            }
-            for f in worker.failures
-        ],
+        "recent_failures": [failure(f) for f in worker.failures],
+    }
+
+
+def failure(f: Failure) -> dict[str, Any]:
+    """A failed attempt, as status and a lookup show it."""
+    return {
+        "at": iso(f.at),
+        "attempt": f.attempt,
+        "first_sequence": f.first_sequence,
+        "last_sequence": f.last_sequence,
+        "count": f.count,
+        "status": f.status,
+        "error": f.error,
+        "duration_ms": f.duration_ms,
     }
 
 

@@ -83,6 +83,27 @@ def roughly(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def span(seconds: float) -> str:
+    """A configured duration as it is written: 7d, 24h (hours up to two days), 90m, 45s."""
+    if seconds > 2 * 86400 and seconds % 86400 == 0:
+        return f"{int(seconds // 86400)}d"
+    for unit, factor in (("h", 3600), ("m", 60)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{int(seconds // factor)}{unit}"
+    return f"{seconds:g}s"
+
+
+def size(count: int) -> str:
+    """A configured size as it is written: 1GiB, 500MB, 1048577 bytes."""
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if count >= factor and count % factor == 0:
+            return f"{count // factor}{unit}"
+    for unit, factor in (("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2)):
+        if count >= factor and count % factor == 0:
+            return f"{count // factor}{unit}"
+    return counted(count, "byte")
+
+
 def _parse(when: str | None) -> float | None:
     if when is None:
         return None
@@ -258,3 +279,93 @@ def tenant_text(t: dict[str, Any], now: float | None = None) -> str:
     else:
         lines.append("recent failures: none")
     return "\n".join(lines) + "\n"
+
+
+def _pairs_text(pairs: Sequence[tuple[str, Any]]) -> list[str]:
+    label = max(len(k) for k, _ in pairs)
+    room = WIDTH - label - len(GAP)
+    return [f"{k.ljust(label)}{GAP}{fit(visible(str(v), CELL_LIMIT), room)}" for k, v in pairs]
+
+
+def lookup_text(w: dict[str, Any], now: float | None = None) -> str:
+    """A webhook looked up by id (`webhookd show`): where it is, then its failed attempts."""
+    now = time.time() if now is None else now
+    state = w["state"]
+    pairs: list[tuple[str, Any]] = [
+        ("tenant", w["tenant"]),
+        ("id", w["id"]),
+        ("state", state),
+        ("sequence", w.get("sequence", "-")),
+    ]
+    if "event" in w:
+        pairs.append(("event", w["event"]))
+    if "accepted_at" in w:
+        pairs.append(("accepted", f"{w['accepted_at']} ({_since(w['accepted_at'], now)})"))
+    if state == "queued":
+        pairs.append(("position", f"{w['position']} (1 is the head)"))
+        pairs.append(("attempts", w["attempts"]))
+        pairs.append(("next attempt", _until(w["next_attempt_at"], now)))
+    elif state == "in_flight":
+        pairs.append(("attempt", f"{w['attempt']}, sending now"))
+    elif state in ("delivered", "discarded", "parked", "requeued"):
+        at = w.get(f"{state}_at")
+        pairs.append((state, "-" if at is None else f"{at} ({_since(at, now)})"))
+        if state == "delivered":
+            pairs.append(("attempts", w.get("attempts", "-")))
+            took = w.get("duration_ms")
+            answer = w.get("status")
+            pairs.append(("answer", f"HTTP {answer}" if answer else "-"))
+            pairs.append(("took", "-" if took is None else _took(took)))
+        if w.get("next_sequence") is not None:
+            pairs.append(("replayed as", w["next_sequence"]))
+    elif state == "expired":
+        pairs.append(("note", w.get("detail", "")))
+    lines = _pairs_text(pairs)
+    failures = w.get("failures", [])
+    lines.append("")
+    if failures:
+        lines.append(f"failed attempts (newest first, {len(failures)}):")
+        rows = [
+            [
+                _since(f["at"], now, suffix=""),
+                f["attempt"],
+                f"{f['first_sequence']}-{f['last_sequence']}",
+                _took(f["duration_ms"]),
+                f["error"],
+            ]
+            for f in failures
+        ]
+        headers = ["AGE", "ATTEMPT", "SEQUENCES", "TOOK", "ERROR"]
+        lines.append(table(headers, rows, shrink=[(4, 5)]))
+    else:
+        lines.append("failed attempts: none")
+    return "\n".join(lines) + "\n"
+
+
+def history_text(page: dict[str, Any], now: float | None = None) -> str:
+    """A page of a tenant's history, one line per webhook, and how to ask for the next."""
+    now = time.time() if now is None else now
+    records = page["records"]
+    rows = [
+        [
+            r["sequence"],
+            r["outcome"] + ("" if r["next_sequence"] is None else f"→{r['next_sequence']}"),
+            _since(r["finished_at"], now, suffix=""),
+            r["attempts"],
+            r["status"] if r["status"] is not None else "-",
+            "-" if r["duration_ms"] is None else _took(r["duration_ms"]),
+            r["event"],
+            r["id"],
+        ]
+        for r in records
+    ]
+    headers = ["SEQUENCE", "OUTCOME", "AGE", "ATTEMPTS", "STATUS", "TOOK", "EVENT", "ID"]
+    # The id gives up room first (cut in the middle), then the event.
+    text = table(headers, rows, shrink=[(7, 12), (6, 12)], middle=[7]) if records else ""
+    order = "newest first" if page["order"] == "newest" else "oldest first"
+    summary = f"{page['tenant']}: {counted(len(records), 'record')}, {order}"
+    if page["next_cursor"] is not None:
+        summary += f"; next page: cursor={page['next_cursor']}"
+    else:
+        summary += "; no more"
+    return (text + "\n\n" if text else "") + summary + "\n"

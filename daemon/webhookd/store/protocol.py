@@ -34,14 +34,25 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from webhookd.records import (
+    Delivered,
     Failure,
+    FoundWebhook,
+    HistoryPolicy,
+    HistoryQuery,
+    HistoryRecord,
+    HistorySize,
     IngestResult,
     NewWebhook,
     Owner,
     ParkedWebhook,
+    PruneResult,
+    ReplayResult,
+    ReplaySelection,
     TenantRecord,
     Webhook,
 )
+
+KEEP_ALL = HistoryPolicy()
 
 # Called with a tenant and the webhooks a commit has just queued for it, in order.
 OnEnqueued = Callable[[str, list[Webhook]], None]
@@ -207,6 +218,13 @@ class Store(Protocol):
         ...
 
     @property
+    def history_dropped(self) -> int:
+        """History records and failed attempts dropped since `open` because they did not
+        fit on a full disk (SQLite); the outcomes they belonged to were recorded. Always 0
+        on PostgreSQL."""
+        ...
+
+    @property
     def commits(self) -> int:
         """Transactions committed since `open`: concurrent writes share commits (group
         commit), so this grows more slowly than the number of writes under load."""
@@ -240,27 +258,48 @@ class Store(Protocol):
 
         Each queued item takes the next sequence (`last_sequence + 1`, …) and keeps its
         `data` text exactly. An item without an id gets a generated one (`webhookd.ids`).
-        Ids are per tenant: an item whose id the tenant has had before (queued, delivered,
-        parked or discarded, before a restart too, or earlier in the same call, or in a
-        call committed together with this one) is `duplicate` with the first item's
-        sequence and queues nothing; so is a generated id of this tenant sent back. Raises
+        Ids are per tenant: an item whose id the tenant remembers is `duplicate` with the
+        first item's sequence and queues nothing; so is a generated id of this tenant sent
+        back. A producer id is remembered while its webhook is queued, parked or in the
+        history, and at least until `prune_history` forgets it after the idempotency
+        window (before a restart too, earlier in the same call, or in a call committed
+        together with this one). Its acceptance time is remembered with it. Raises
         `StoreError` (with `disk_full`) while the disk is full.
         """
         ...
 
-    async def acknowledge(self, tenant: str, through_sequence: int, at: float) -> None:
+    async def acknowledge(
+        self,
+        tenant: str,
+        through_sequence: int,
+        at: float,
+        delivered: Delivered | None = None,
+        history: HistoryPolicy = KEEP_ALL,
+    ) -> None:
         """The endpoint took everything up to `through_sequence`: those leave the queue
         (`acked_sequence` moves up to it, never back), attempts and `next_attempt_at` reset,
-        `last_processed_at` becomes `at`. The stored failures are history and stay."""
+        `last_processed_at` becomes `at`. The stored failures stay.
+
+        Each webhook leaving gets a `delivered` history record (finished at `at`, with
+        `delivered`'s status, duration and attempts; None: unknown, as for a test), in the
+        same transaction, per `history`. A record that does not fit (a full disk) is
+        dropped and counted (`history_dropped`): the acknowledgement is never held back
+        for want of room for its record."""
         ...
 
     async def record_failure(
-        self, tenant: str, failure: Failure, next_attempt_at: float | None, keep: int
+        self,
+        tenant: str,
+        failure: Failure,
+        next_attempt_at: float | None,
+        keep: int,
+        history: HistoryPolicy = KEEP_ALL,
     ) -> None:
         """A failed attempt: the tenant's `attempts` becomes `failure.attempt` and its next
         attempt `next_attempt_at`; `failure` is stored and only the newest `keep` of the
-        tenant's failures are kept. On a full disk the backoff is still stored, the failure
-        row only if it fits."""
+        tenant's failures are kept. With `history.keep`, the failure is also kept in the
+        history of failed attempts (pruned with the records, never by `keep`). On a full
+        disk the backoff is still stored, the failure rows only if they fit."""
         ...
 
     async def clear_failures(self, tenant: str) -> int:
@@ -272,23 +311,78 @@ class Store(Protocol):
         """Store whether the tenant is paused. A paused tenant still queues."""
         ...
 
-    async def park(self, tenant: str, sequence: int, at: float) -> Webhook | None:
+    async def park(
+        self, tenant: str, sequence: int, at: float, history: HistoryPolicy = KEEP_ALL
+    ) -> Webhook | None:
         """Move the head webhook `sequence` out of the queue into the tenant's parked
         webhooks (parked at `at`): `acked_sequence` becomes `sequence`, attempts and backoff
-        reset. None, and nothing changes, when `sequence` is not the head."""
+        reset; a `parked` history record says so (per `history`). None, and nothing
+        changes, when `sequence` is not the head."""
         ...
 
     async def requeue(self, tenant: str, webhook_id: str, at: float) -> Webhook | None:
         """Move the parked webhook `webhook_id` back to the tail with a new sequence
         (`last_sequence + 1`), its id, event, `accepted_at` and data unchanged; return it as
-        queued (and announce it through `on_enqueued`). None when no parked webhook of the
-        tenant has that id."""
+        queued (and announce it through `on_enqueued`). Its `parked` history record, if
+        kept, becomes `requeued` with `next_sequence` the new one. None when no parked
+        webhook of the tenant has that id."""
         ...
 
-    async def discard(self, tenant: str) -> int:
+    async def discard(
+        self, tenant: str, at: float | None = None, history: HistoryPolicy = KEEP_ALL
+    ) -> int:
         """Drop the tenant's queue, parked webhooks and failures (an operator's explicit
         choice); return how many were waiting. `acked_sequence` becomes `last_sequence` (the
-        counter stays: sequences are never reused), attempts and backoff reset, unpaused."""
+        counter stays: sequences are never reused), attempts and backoff reset, unpaused.
+        Each queued webhook dropped gets a `discarded` history record (finished at `at`),
+        and so does each parked one (its `parked` record becomes `discarded`), per
+        `history`; the history and the failed attempts kept stay."""
+        ...
+
+    async def replay(
+        self,
+        tenant: str,
+        selection: ReplaySelection,
+        at: float,
+        *,
+        limit: int,
+        dry_run: bool = False,
+        replay_id: str | None = None,
+    ) -> ReplayResult:
+        """Put the tenant's delivered webhooks that `selection` matches back at the tail,
+        in their original sequence order, all or nothing: each takes a new sequence and
+        keeps its id, event, `accepted_at` and data (as `requeue`), and its history record's
+        `next_sequence` becomes the new one. Announced through `on_enqueued`; durable on
+        return as `enqueue`.
+
+        Raises `ReplayTooLarge` when more than `limit` match, `ReplayWithoutPayloads` when
+        one of them has no data kept; nothing is queued then. `dry_run` only counts (still
+        refusing over `limit`). A `replay_id` the tenant used before answers that replay's
+        result (`repeated`) and queues nothing: a retried request is safe. Raises
+        `StoreError` (with `disk_full`) while the disk is full."""
+        ...
+
+    async def prune_history(
+        self,
+        now: float,
+        *,
+        retention: Mapping[str, float],
+        default_retention: float,
+        max_bytes: int | None,
+        idempotency_window: float,
+        step: int,
+    ) -> PruneResult:
+        """One small step of pruning, at most `step` rows removed in one short transaction
+        (so that it never holds ingest or deliveries long): history records and failed
+        attempts older than their tenant's retention in seconds (`retention[tenant]`, else
+        `default_retention`; 0 removes them all), then the oldest records, every tenant
+        together, while the history counts more than `max_bytes` (None: no size limit),
+        then producer ids accepted more than `idempotency_window` seconds before `now`
+        whose webhook is neither queued, parked nor in the history (for a tenant whose
+        retention is longer than the window, ids accepted more than the retention before
+        `now`: those of records pruned early for size or never kept wait until then, so
+        that a step never scans the ids still in the history). `more` says whether
+        a step now would remove more."""
         ...
 
     # -- reads -------------------------------------------------------------------------------
@@ -307,6 +401,24 @@ class Store(Protocol):
 
     async def list_parked(self, tenant: str, limit: int = 1000) -> list[ParkedWebhook]:
         """The tenant's parked webhooks in sequence order, up to `limit`."""
+        ...
+
+    async def find_webhook(self, tenant: str, webhook_id: str) -> FoundWebhook:
+        """Where webhook `webhook_id` of `tenant` is now (`FoundWebhook`): a producer id
+        through the ids remembered, a generated id through the sequence it carries, then
+        through the queue, the parked webhooks and the history, following `next_sequence`
+        to its newest copy."""
+        ...
+
+    async def history(self, tenant: str, query: HistoryQuery) -> list[HistoryRecord]:
+        """One page of the tenant's history records (`HistoryQuery`), at most
+        `query.limit`, in the order asked. Answers from indexes whatever the history's size
+        (docs: a page of 100 in well under 50 ms with 10,000,000 records)."""
+        ...
+
+    async def history_size(self) -> HistorySize:
+        """What the history holds now, every tenant together (status and metrics): cheap
+        to ask (a sum of counters kept with the writes, not a count of rows)."""
         ...
 
     async def ping(self) -> None:

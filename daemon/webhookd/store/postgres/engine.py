@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
@@ -34,16 +35,25 @@ import asyncpg
 from webhookd import logs
 from webhookd.config import PostgresURL
 from webhookd.records import (
+    Delivered,
     Failure,
+    FoundWebhook,
+    HistoryPolicy,
+    HistoryQuery,
+    HistoryRecord,
+    HistorySize,
     IngestResult,
     LeaseLost,
     NewWebhook,
     ParkedWebhook,
+    PruneResult,
+    ReplayResult,
+    ReplaySelection,
     StoreError,
     TenantRecord,
     Webhook,
 )
-from webhookd.store.postgres import connection
+from webhookd.store.postgres import connection, reads
 from webhookd.store.postgres.cluster import PgCluster
 from webhookd.store.postgres.connection import CONNECT_ERRORS
 from webhookd.store.postgres.schema import load_records, migrate
@@ -54,13 +64,15 @@ from webhookd.store.postgres.writes import (
     Enqueue,
     Op,
     Park,
+    PruneHistory,
     RecordFailure,
+    Replay,
     Requeue,
     SetPaused,
     Show,
     Tx,
 )
-from webhookd.store.protocol import OnEnqueued
+from webhookd.store.protocol import KEEP_ALL, OnEnqueued
 
 if TYPE_CHECKING:
     from webhookd.store.postgres.connection import Connection
@@ -77,6 +89,7 @@ class PostgresStore:
     """The `Store` on PostgreSQL. One per daemon; several daemons may share the database."""
 
     disk_full = False  # the server's disk is its own: a full one is a StoreError, not a mode
+    history_dropped = 0  # the same: a history record is never dropped, it fails its commit
 
     def __init__(
         self,
@@ -247,14 +260,18 @@ class PostgresStore:
                 if self._closing:
                     return
                 continue
-            try:
-                results = await self._commit(ops)
-            except Exception as exc:
-                # A bug, not the database: fail these writes but keep the writer alive.
-                log.exception("commit_crashed", ops=len(ops))
-                results = [StoreError(f"internal error: {type(exc).__name__}")] * len(ops)
-            for op, result in zip(ops, results, strict=True):
-                self._settle(op, result)
+            # An op that must not share its transaction (pruning: it locks tenants the
+            # group does not know of) commits on its own, after the group.
+            grouped = [op for op in ops if not op.alone]
+            for group in ([grouped] if grouped else []) + [[op] for op in ops if op.alone]:
+                try:
+                    results = await self._commit(group)
+                except Exception as exc:
+                    # A bug, not the database: fail these writes but keep the writer alive.
+                    log.exception("commit_crashed", ops=len(group))
+                    results = [StoreError(f"internal error: {type(exc).__name__}")] * len(group)
+                for op, result in zip(group, results, strict=True):
+                    self._settle(op, result)
             if self._closing and not self._pending:
                 return
 
@@ -351,13 +368,25 @@ class PostgresStore:
         result: list[IngestResult] = await self._submit(Enqueue(tenant, items, accepted_at))
         return result
 
-    async def acknowledge(self, tenant: str, through_sequence: int, at: float) -> None:
-        await self._submit(Acknowledge(tenant, through_sequence, at))
+    async def acknowledge(
+        self,
+        tenant: str,
+        through_sequence: int,
+        at: float,
+        delivered: Delivered | None = None,
+        history: HistoryPolicy = KEEP_ALL,
+    ) -> None:
+        await self._submit(Acknowledge(tenant, through_sequence, at, delivered, history))
 
     async def record_failure(
-        self, tenant: str, failure: Failure, next_attempt_at: float | None, keep: int
+        self,
+        tenant: str,
+        failure: Failure,
+        next_attempt_at: float | None,
+        keep: int,
+        history: HistoryPolicy = KEEP_ALL,
     ) -> None:
-        await self._submit(RecordFailure(tenant, failure, next_attempt_at, keep))
+        await self._submit(RecordFailure(tenant, failure, next_attempt_at, keep, history))
 
     async def clear_failures(self, tenant: str) -> int:
         cleared: int = await self._submit(ClearFailures(tenant))
@@ -366,17 +395,57 @@ class PostgresStore:
     async def set_paused(self, tenant: str, paused: bool) -> None:
         await self._submit(SetPaused(tenant, paused))
 
-    async def park(self, tenant: str, sequence: int, at: float) -> Webhook | None:
-        parked: Webhook | None = await self._submit(Park(tenant, sequence, at))
+    async def park(
+        self, tenant: str, sequence: int, at: float, history: HistoryPolicy = KEEP_ALL
+    ) -> Webhook | None:
+        parked: Webhook | None = await self._submit(Park(tenant, sequence, at, history))
         return parked
 
     async def requeue(self, tenant: str, webhook_id: str, at: float) -> Webhook | None:
         queued: Webhook | None = await self._submit(Requeue(tenant, webhook_id, at))
         return queued
 
-    async def discard(self, tenant: str) -> int:
-        dropped: int = await self._submit(Discard(tenant))
+    async def discard(
+        self, tenant: str, at: float | None = None, history: HistoryPolicy = KEEP_ALL
+    ) -> int:
+        when = time.time() if at is None else at
+        dropped: int = await self._submit(Discard(tenant, when, history))
         return dropped
+
+    async def replay(
+        self,
+        tenant: str,
+        selection: ReplaySelection,
+        at: float,
+        *,
+        limit: int,
+        dry_run: bool = False,
+        replay_id: str | None = None,
+    ) -> ReplayResult:
+        op = Replay(tenant, selection, at, limit=limit, dry_run=dry_run, replay_id=replay_id)
+        result: ReplayResult = await self._submit(op)
+        return result
+
+    async def prune_history(
+        self,
+        now: float,
+        *,
+        retention: Mapping[str, float],
+        default_retention: float,
+        max_bytes: int | None,
+        idempotency_window: float,
+        step: int,
+    ) -> PruneResult:
+        op = PruneHistory(
+            now,
+            retention=dict(retention),
+            default_retention=default_retention,
+            max_bytes=max_bytes,
+            idempotency_window=idempotency_window,
+            step=step,
+        )
+        result: PruneResult = await self._submit(op)
+        return result
 
     async def setting(self, name: str) -> str:
         """One setting as the writer's session has it (for tests and `check`)."""
@@ -419,6 +488,26 @@ class PostgresStore:
             limit,
         )
         return [ParkedWebhook(Webhook(*row[:5]), row[5]) for row in rows]
+
+    async def find_webhook(self, tenant: str, webhook_id: str) -> FoundWebhook:
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        try:
+            async with self._pool.acquire() as conn:
+                return await reads.find_webhook(conn, tenant, webhook_id)
+        except CONNECT_ERRORS as exc:
+            raise StoreError(connection.unreachable(self.database, exc)) from None
+
+    async def history(self, tenant: str, query: HistoryQuery) -> list[HistoryRecord]:
+        sql, args = reads.history_query(tenant, query)
+        return [HistoryRecord(*row) for row in await self._fetch(sql, *args)]
+
+    async def history_size(self) -> HistorySize:
+        [row] = await self._fetch(
+            """SELECT coalesce(sum(history_records), 0), coalesce(sum(history_failures), 0),
+                      coalesce(sum(history_bytes), 0) FROM tenant_state"""
+        )
+        return HistorySize(int(row[0]), int(row[1]), int(row[2]))
 
     async def ping(self) -> None:
         """Raise unless the database answers and this store can write to it."""

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logs.get_logger("webhookd.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The advisory lock key (b"whkd-mig") held while migrating.
 MIGRATION_LOCK = int.from_bytes(b"whkd-mig", "big")
@@ -141,6 +141,88 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "INSERT INTO counters (tenant, last_sequence) SELECT tenant, last_sequence "
             "FROM tenant_state",
             "ALTER TABLE tenant_state DROP COLUMN last_sequence",
+        ],
+    ),
+    (
+        4,
+        [
+            # History (issue 13): one record per webhook that left the queue (delivered,
+            # parked, requeued, discarded), keyed (tenant, sequence). The indexes, each for
+            # a read that must stay fast at 10,000,000 records, and no more (each costs
+            # every acknowledgement):
+            # - the primary key (tenant, sequence): a page of a tenant's history in either
+            #   direction is an index range scan from the cursor, LIMIT 100; a lookup by
+            #   sequence (find_webhook, following next_sequence) is one probe.
+            # - history_event (tenant, event, sequence): a page filtered by event scans that
+            #   event's entries in sequence order, never the other events'.
+            # - history_accepted (tenant, accepted_at): pruning by age (retention counts
+            #   from acceptance, as the time filters do) deletes a tenant's oldest in index
+            #   order; pruning by size finds each tenant's oldest with one probe; time
+            #   ranges (listing, replay) are found through it.
+            """CREATE TABLE history (
+                tenant text NOT NULL,
+                sequence bigint NOT NULL,
+                id text NOT NULL,
+                event text NOT NULL,
+                accepted_at double precision NOT NULL,
+                finished_at double precision NOT NULL,
+                outcome text NOT NULL,
+                attempts integer NOT NULL,
+                status integer,
+                duration_ms double precision,
+                data text,
+                next_sequence bigint,
+                PRIMARY KEY (tenant, sequence)
+            )""",
+            "CREATE INDEX history_event ON history (tenant, event, sequence)",
+            "CREATE INDEX history_accepted ON history (tenant, accepted_at)",
+            # Failed attempts kept with the history (`failures` keeps only the newest few,
+            # for status); id order is newest first. Indexes: the attempts that covered a
+            # sequence (lookup) start from its last_sequence; age pruning deletes a
+            # tenant's oldest by `at`.
+            """CREATE TABLE failed_attempts (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                tenant text NOT NULL,
+                at double precision NOT NULL,
+                attempt integer NOT NULL,
+                first_sequence bigint NOT NULL,
+                last_sequence bigint NOT NULL,
+                count integer NOT NULL,
+                status integer,
+                error text NOT NULL,
+                duration_ms double precision NOT NULL
+            )""",
+            "CREATE INDEX failed_attempts_sequence ON failed_attempts (tenant, last_sequence)",
+            "CREATE INDEX failed_attempts_at ON failed_attempts (tenant, at)",
+            # What the history holds per tenant, on the tenant's delivery state row: the
+            # statements that add records (outcomes, controls) lock that row already, so
+            # counting costs no other row, and no row every instance updates.
+            "ALTER TABLE tenant_state ADD COLUMN history_records bigint NOT NULL DEFAULT 0",
+            "ALTER TABLE tenant_state ADD COLUMN history_failures bigint NOT NULL DEFAULT 0",
+            "ALTER TABLE tenant_state ADD COLUMN history_bytes bigint NOT NULL DEFAULT 0",
+            # Replays done, per tenant and replay_id: a retried request answers the first.
+            """CREATE TABLE replays (
+                tenant text NOT NULL,
+                replay_id text NOT NULL,
+                count integer NOT NULL,
+                first_sequence bigint,
+                last_sequence bigint,
+                at double precision NOT NULL,
+                PRIMARY KEY (tenant, replay_id)
+            )""",
+            # Producer ids are remembered with their acceptance time and forgotten after
+            # the idempotency window (prune_history): (tenant, accepted_at) finds a
+            # tenant's oldest. Rows from before: the webhook's time where it still exists,
+            # else now (the window starts at the upgrade).
+            "ALTER TABLE webhook_ids ADD COLUMN accepted_at double precision",
+            """UPDATE webhook_ids AS i SET accepted_at = coalesce(
+                (SELECT w.accepted_at FROM webhooks AS w
+                 WHERE w.tenant = i.tenant AND w.sequence = i.sequence),
+                (SELECT p.accepted_at FROM parked AS p
+                 WHERE p.tenant = i.tenant AND p.sequence = i.sequence),
+                extract(epoch FROM now())::double precision)""",
+            "ALTER TABLE webhook_ids ALTER COLUMN accepted_at SET NOT NULL",
+            "CREATE INDEX webhook_ids_accepted ON webhook_ids (tenant, accepted_at)",
         ],
     ),
 ]

@@ -22,7 +22,21 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from webhookd.ids import generated_id, generated_sequence, id_tag
-from webhookd.records import Failure, IngestResult, LeaseLost, NewWebhook, Webhook
+from webhookd.records import (
+    Delivered,
+    Failure,
+    HistoryPolicy,
+    IngestResult,
+    LeaseLost,
+    NewWebhook,
+    PruneResult,
+    ReplayResult,
+    ReplaySelection,
+    ReplayTooLarge,
+    ReplayWithoutPayloads,
+    Webhook,
+)
+from webhookd.store.history import FAILURE_OVERHEAD, RECORD_OVERHEAD, cutoff
 
 if TYPE_CHECKING:
     import asyncpg
@@ -88,8 +102,8 @@ ENQUEUE = """
                              $7::float8[], $8::text[])
     ),
     named AS (
-        INSERT INTO webhook_ids (tenant, id, sequence)
-        SELECT * FROM unnest($9::text[], $10::text[], $11::bigint[])
+        INSERT INTO webhook_ids (tenant, id, sequence, accepted_at)
+        SELECT * FROM unnest($9::text[], $10::text[], $11::bigint[], $12::float8[])
     )
     SELECT tenant, last_sequence,
            pg_notify('webhookd_queued', tenant || ' ' || last_sequence)::text AS told
@@ -100,15 +114,42 @@ ENQUEUE = """
 # subquery reads the statement's snapshot) to `through`, whatever the table's size; an
 # `unnest` join here let the planner choose a scan of the whole table, or of each tenant's
 # whole queue.
-ACKNOWLEDGE = """
-    WITH gone AS (
+# What a history record counts for (store/history.py), over the history row's columns.
+RECORD_BYTES = (
+    f"octet_length(id) + octet_length(event) + coalesce(octet_length(data), 0) + {RECORD_OVERHEAD}"
+)
+FAILURE_BYTES = f"octet_length(error) + {FAILURE_OVERHEAD}"
+
+# Per acknowledgement, sent together (executemany: one round trip). The webhooks leave the
+# queue and their history records go in, in the one statement that moves the head, and the
+# history's counters on the tenant's state row (locked by `READ`) count them. Scalar
+# parameters keep the plan simple: $1 tenant, $2 through, $3 at, $4 attempts (NULL: the
+# tenant's plus this one), $5 status, $6 duration, $7 keep records, $8 keep payloads.
+ACKNOWLEDGE = f"""
+    WITH state AS (
+        SELECT acked_sequence, attempts FROM tenant_state WHERE tenant = $1::text
+    ),
+    gone AS (
         DELETE FROM webhooks
-        WHERE tenant = $1 AND sequence <= $2
-          AND sequence > (SELECT acked_sequence FROM tenant_state WHERE tenant = $1)
+        WHERE tenant = $1::text AND sequence <= $2::bigint
+          AND sequence > (SELECT acked_sequence FROM state)
+        RETURNING sequence, id, event, accepted_at, data
+    ),
+    kept AS (
+        INSERT INTO history (tenant, sequence, id, event, accepted_at, finished_at, outcome,
+            attempts, status, duration_ms, data)
+        SELECT $1::text, sequence, id, event, accepted_at, $3::float8, 'delivered',
+               coalesce($4::integer, (SELECT attempts FROM state) + 1), $5::integer,
+               $6::float8, CASE WHEN $8::boolean THEN data END
+        FROM gone WHERE $7::boolean
+        ON CONFLICT DO NOTHING
+        RETURNING {RECORD_BYTES} AS size
     )
-    UPDATE tenant_state SET acked_sequence = greatest(acked_sequence, $2), attempts = 0,
-        next_attempt_at = NULL, last_processed_at = $3
-    WHERE tenant = $1"""
+    UPDATE tenant_state SET acked_sequence = greatest(acked_sequence, $2::bigint),
+        attempts = 0, next_attempt_at = NULL, last_processed_at = $3::float8,
+        history_records = history_records + (SELECT count(*) FROM kept),
+        history_bytes = history_bytes + (SELECT coalesce(sum(size), 0) FROM kept)
+    WHERE tenant = $1::text"""
 
 
 class Tx:
@@ -122,7 +163,9 @@ class Tx:
         self.leases: dict[str, tuple[str, int]] = {}  # tenant: (owner, fence)
         self.known: dict[tuple[str, str], int] = {}  # (tenant, producer id): sequence
         self.enqueues: list[Enqueue] = []
-        self.acks: dict[str, tuple[int, float]] = {}
+        # ACKNOWLEDGE's parameters, in submission order (several for one tenant run in
+        # turn, each seeing the one before).
+        self.acks: list[tuple[Any, ...]] = []
 
     async def lock(self, ops: Sequence[Op], fenced: bool = False) -> None:
         """Read and lock what this group needs, creating the tenant rows that are missing.
@@ -218,21 +261,19 @@ class Tx:
             ops, self.enqueues = self.enqueues, []
             await self._enqueue(ops)
         if self.acks:
-            acks, self.acks = self.acks, {}
-            await self.conn.executemany(
-                ACKNOWLEDGE, [(tenant, through, at) for tenant, (through, at) in acks.items()]
-            )
+            acks, self.acks = self.acks, []
+            await self.conn.executemany(ACKNOWLEDGE, acks)
 
     async def _enqueue(self, ops: list[Enqueue]) -> None:
         counts: dict[str, int] = {}
         rows: list[tuple[str, int, str, str, float, str]] = []
-        ids: list[tuple[str, str, int]] = []
+        ids: list[tuple[str, str, int, float]] = []
         for op in ops:
             op.plan(self.last, counts, self.known, rows, ids)
         if not counts:
             return  # duplicates only
         allocated = await self.conn.fetch(
-            ENQUEUE, list(counts), list(counts.values()), *_columns(rows, 6), *_columns(ids, 3)
+            ENQUEUE, list(counts), list(counts.values()), *_columns(rows, 6), *_columns(ids, 4)
         )
         for row in allocated:
             tenant, last = row["tenant"], row["last_sequence"]
@@ -255,6 +296,7 @@ class Op:
     counts = False  # reads or moves the tenant's sequence counter (locked: `Tx.lock`)
     states = True  # reads or writes the tenant's delivery state (locked: `Tx.lock`)
     fenced = False  # records a delivery's outcome: only with the tenant's lease (cluster.py)
+    alone = False  # committed in a transaction of its own, never in a group
 
     def __init__(self, tenant: str | None) -> None:
         self.tenant = tenant
@@ -292,7 +334,7 @@ class Enqueue(Op):
         counts: dict[str, int],
         known: dict[tuple[str, str], int],
         rows: list[tuple[str, int, str, str, float, str]],
-        ids: list[tuple[str, str, int]],
+        ids: list[tuple[str, str, int, float]],
     ) -> None:
         """Give each new item the tenant's next sequence (`last` plus what this flush has
         given before, `counts`); an id seen before (`known`, which grows) is a duplicate."""
@@ -316,7 +358,7 @@ class Enqueue(Op):
             webhook_id = item.id if item.id is not None else generated_id(tag, sequence)
             if item.id is not None:
                 known[(tenant, item.id)] = sequence
-                ids.append((tenant, item.id, sequence))
+                ids.append((tenant, item.id, sequence, self.accepted_at))
             rows.append((tenant, sequence, webhook_id, item.event, self.accepted_at, item.data))
             self.queued.append(
                 Webhook(sequence, webhook_id, item.event, self.accepted_at, item.data)
@@ -329,32 +371,66 @@ class Acknowledge(Op):
     batchable = True
     fenced = True
 
-    def __init__(self, tenant: str, through: int, at: float) -> None:
+    def __init__(
+        self,
+        tenant: str,
+        through: int,
+        at: float,
+        delivered: Delivered | None = None,
+        history: HistoryPolicy | None = None,
+    ) -> None:
         super().__init__(tenant)
         self.tenant: str = tenant
         self.through, self.at = through, at
+        self.delivered = delivered
+        self.history = history or HistoryPolicy()
 
     def defer(self, tx: Tx) -> None:
-        # Several for one tenant in a group: the furthest head, the latest time.
-        through, _ = tx.acks.get(self.tenant, (self.through, self.at))
-        tx.acks[self.tenant] = (max(through, self.through), self.at)
+        d = self.delivered
+        tx.acks.append(
+            (
+                self.tenant,
+                self.through,
+                self.at,
+                d.attempts if d is not None else None,
+                d.status if d is not None else None,
+                d.duration_ms if d is not None else None,
+                self.history.keep,
+                self.history.payloads,
+            )
+        )
 
 
 class RecordFailure(Op):
     fenced = True
 
     def __init__(
-        self, tenant: str, failure: Failure, next_attempt_at: float | None, keep: int
+        self,
+        tenant: str,
+        failure: Failure,
+        next_attempt_at: float | None,
+        keep: int,
+        history: HistoryPolicy | None = None,
     ) -> None:
         super().__init__(tenant)
         self.failure, self.next_attempt_at, self.keep = failure, next_attempt_at, keep
+        self.history = history or HistoryPolicy()
 
     async def apply(self, tx: Tx) -> None:
         f = self.failure
+        # With the history's: kept apart (pruned with the records), and counted.
         await tx.conn.execute(
-            """WITH state AS (
-                   UPDATE tenant_state SET attempts = $2, next_attempt_at = $10
+            f"""WITH state AS (
+                   UPDATE tenant_state SET attempts = $2, next_attempt_at = $10,
+                       history_failures = history_failures + $11::boolean::integer,
+                       history_bytes = history_bytes + CASE WHEN $11::boolean
+                           THEN octet_length($8::text) + {FAILURE_OVERHEAD} ELSE 0 END
                    WHERE tenant = $1
+               ),
+               kept AS (
+                   INSERT INTO failed_attempts (tenant, at, attempt, first_sequence,
+                       last_sequence, count, status, error, duration_ms)
+                   SELECT $1, $3, $2, $4, $5, $6, $7, $8, $9 WHERE $11::boolean
                )
                INSERT INTO failures (tenant, at, attempt, first_sequence, last_sequence,
                    count, status, error, duration_ms)
@@ -369,6 +445,7 @@ class RecordFailure(Op):
             f.error,
             f.duration_ms,
             self.next_attempt_at,
+            self.history.keep,
         )
         # Only the newest `keep` stay (none for 0, the new one included).
         await tx.conn.execute(
@@ -404,14 +481,17 @@ class Park(Op):
 
     fenced = True  # the head is the owner's: an attempt of it may be in flight there
 
-    def __init__(self, tenant: str, sequence: int, at: float) -> None:
+    def __init__(
+        self, tenant: str, sequence: int, at: float, history: HistoryPolicy | None = None
+    ) -> None:
         super().__init__(tenant)
         self.sequence, self.at = sequence, at
+        self.history = history or HistoryPolicy()
 
     async def apply(self, tx: Tx) -> None:
         # Only the head: the row right after acked_sequence (rows exist up to last_sequence).
         found = await tx.conn.fetchrow(
-            """WITH head AS (
+            f"""WITH head AS (
                    DELETE FROM webhooks AS w USING tenant_state AS s
                    WHERE s.tenant = $1::text AND s.acked_sequence + 1 = $2::bigint
                      AND w.tenant = s.tenant AND w.sequence = $2::bigint
@@ -421,15 +501,30 @@ class Park(Op):
                    INSERT INTO parked (tenant, sequence, id, event, accepted_at, data, parked_at)
                    SELECT $1::text, sequence, id, event, accepted_at, data, $3::float8 FROM head
                ),
+               recorded AS (
+                   INSERT INTO history (tenant, sequence, id, event, accepted_at,
+                       finished_at, outcome, attempts, data)
+                   SELECT $1::text, h.sequence, h.id, h.event, h.accepted_at, $3::float8,
+                          'parked', s.attempts, CASE WHEN $5::boolean THEN h.data END
+                   FROM head AS h, tenant_state AS s
+                   WHERE s.tenant = $1::text AND $4::boolean
+                   ON CONFLICT DO NOTHING
+                   RETURNING {RECORD_BYTES} AS size
+               ),
                moved AS (
                    UPDATE tenant_state SET acked_sequence = $2::bigint, attempts = 0,
-                       next_attempt_at = NULL
+                       next_attempt_at = NULL,
+                       history_records = history_records + (SELECT count(*) FROM recorded),
+                       history_bytes = history_bytes
+                           + (SELECT coalesce(sum(size), 0) FROM recorded)
                    WHERE tenant = $1::text AND EXISTS (SELECT FROM head)
                )
                SELECT sequence, id, event, accepted_at, data FROM head""",
             self.tenant,
             self.sequence,
             self.at,
+            self.history.keep,
+            self.history.payloads,
         )
         self.result = Webhook(*found) if found is not None else None
 
@@ -453,12 +548,19 @@ class Requeue(Op):
                    DELETE FROM parked WHERE (tenant, sequence) = (
                        SELECT tenant, sequence FROM parked WHERE tenant = $1::text AND id = $2
                        ORDER BY sequence LIMIT 1)
-                   RETURNING id, event, accepted_at, data
+                   RETURNING sequence, id, event, accepted_at, data
                ),
                allocated AS (
                    UPDATE counters SET last_sequence = last_sequence + 1
                    WHERE tenant = $1::text AND EXISTS (SELECT FROM taken)
                    RETURNING last_sequence
+               ),
+               recorded AS (
+                   UPDATE history AS h SET outcome = 'requeued',
+                       next_sequence = a.last_sequence
+                   FROM taken AS t, allocated AS a
+                   WHERE h.tenant = $1::text AND h.sequence = t.sequence
+                     AND h.outcome = 'parked'
                ),
                queued AS (
                    INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
@@ -485,23 +587,66 @@ class Discard(Op):
 
     counts = True  # reads the counter: the head moves to it
 
+    def __init__(self, tenant: str, at: float, history: HistoryPolicy | None = None) -> None:
+        super().__init__(tenant)
+        self.at = at
+        self.history = history or HistoryPolicy()
+
     async def apply(self, tx: Tx) -> None:
         # The queue is contiguous: what waits is a subtraction. The sequence counter stays:
         # sequences are never reused, not even after a discard.
+        # Each queued webhook gets a `discarded` record (the head with the tenant's
+        # attempts), and each parked one: its `parked` record rewritten, or a new one.
         self.result = await tx.conn.fetchval(
-            """WITH queue AS (DELETE FROM webhooks WHERE tenant = $1),
-                    kept AS (DELETE FROM parked WHERE tenant = $1),
-                    history AS (DELETE FROM failures WHERE tenant = $1),
-                    before AS (
-                        SELECT c.last_sequence, c.last_sequence - s.acked_sequence AS waiting
+            f"""WITH before AS (
+                        SELECT c.last_sequence, s.acked_sequence, s.attempts,
+                               c.last_sequence - s.acked_sequence AS waiting
                         FROM tenant_state AS s JOIN counters AS c USING (tenant)
-                        WHERE tenant = $1
+                        WHERE tenant = $1::text
+                    ),
+                    queue AS (
+                        DELETE FROM webhooks WHERE tenant = $1::text
+                        RETURNING sequence, id, event, accepted_at, data
+                    ),
+                    kept AS (
+                        DELETE FROM parked WHERE tenant = $1::text
+                        RETURNING sequence, id, event, accepted_at, data
+                    ),
+                    failed AS (DELETE FROM failures WHERE tenant = $1::text),
+                    marked AS (
+                        UPDATE history SET outcome = 'discarded', finished_at = $2::float8
+                        WHERE tenant = $1::text AND sequence IN (SELECT sequence FROM kept)
+                        RETURNING sequence
+                    ),
+                    recorded AS (
+                        INSERT INTO history (tenant, sequence, id, event, accepted_at,
+                            finished_at, outcome, attempts, data)
+                        SELECT $1::text, q.sequence, q.id, q.event, q.accepted_at, $2::float8,
+                               'discarded',
+                               CASE WHEN q.sequence = b.acked_sequence + 1
+                                    THEN b.attempts ELSE 0 END,
+                               CASE WHEN $4::boolean THEN q.data END
+                        FROM queue AS q, before AS b
+                        WHERE $3::boolean AND q.sequence > b.acked_sequence
+                        UNION ALL
+                        SELECT $1::text, k.sequence, k.id, k.event, k.accepted_at, $2::float8,
+                               'discarded', 0, CASE WHEN $4::boolean THEN k.data END
+                        FROM kept AS k
+                        WHERE $3::boolean AND k.sequence NOT IN (SELECT sequence FROM marked)
+                        ON CONFLICT DO NOTHING
+                        RETURNING {RECORD_BYTES} AS size
                     )
                UPDATE tenant_state SET acked_sequence = before.last_sequence, attempts = 0,
-                   next_attempt_at = NULL, paused = false
-               FROM before WHERE tenant = $1
+                   next_attempt_at = NULL, paused = false,
+                   history_records = history_records + (SELECT count(*) FROM recorded),
+                   history_bytes = history_bytes
+                       + (SELECT coalesce(sum(size), 0) FROM recorded)
+               FROM before WHERE tenant = $1::text
                RETURNING before.waiting""",
             self.tenant,
+            self.at,
+            self.history.keep,
+            self.history.payloads,
         )
 
 
@@ -514,3 +659,334 @@ class Show(Op):
 
     async def apply(self, tx: Tx) -> None:
         self.result = await tx.conn.fetchval("SELECT current_setting($1)", self.name)
+
+
+def selection_where(selection: ReplaySelection, args: list[Any]) -> list[str]:
+    """The conditions (AND) on history rows for a selection, its parameters appended to
+    `args` (numbered after those already there)."""
+    where: list[str] = []
+
+    def arg(value: Any, cast: str) -> str:
+        args.append(value)
+        return f"${len(args)}::{cast}"
+
+    if selection.event is not None:
+        where.append(f"event = {arg(selection.event, 'text')}")
+    if selection.from_sequence is not None:
+        where.append(f"sequence >= {arg(selection.from_sequence, 'bigint')}")
+    if selection.to_sequence is not None:
+        where.append(f"sequence <= {arg(selection.to_sequence, 'bigint')}")
+    if selection.since is not None:
+        where.append(f"accepted_at >= {arg(selection.since, 'float8')}")
+    if selection.until is not None:
+        where.append(f"accepted_at < {arg(selection.until, 'float8')}")
+    return where
+
+
+class Replay(Op):
+    """Put delivered webhooks back at the tail, in their order, all or nothing: a write
+    like ingest (the counter moves, the owner is told by NOTIFY)."""
+
+    creates_row = False  # a tenant with history has its rows
+    counts = True
+    states = False
+
+    def __init__(
+        self,
+        tenant: str,
+        selection: ReplaySelection,
+        at: float,
+        *,
+        limit: int,
+        dry_run: bool,
+        replay_id: str | None,
+    ) -> None:
+        super().__init__(tenant)
+        self.tenant: str = tenant
+        self.selection, self.at, self.limit = selection, at, limit
+        self.dry_run, self.replay_id = dry_run, replay_id
+
+    async def apply(self, tx: Tx) -> None:
+        self.queued = []  # a transaction may be retried: start clean
+        conn = tx.conn
+        if self.replay_id is not None:
+            done = await conn.fetchrow(
+                """SELECT count, first_sequence, last_sequence FROM replays
+                   WHERE tenant = $1 AND replay_id = $2""",
+                self.tenant,
+                self.replay_id,
+            )
+            if done is not None:
+                count, first, last = done
+                self.result = ReplayResult(count, first, last, repeated=True)
+                return
+        args: list[Any] = [self.tenant]
+        where = " AND ".join(
+            ["tenant = $1::text", "outcome = 'delivered'", *selection_where(self.selection, args)]
+        )
+        counted = await conn.fetchrow(
+            f"""SELECT count(*), min(sequence), max(sequence),
+                       count(*) FILTER (WHERE data IS NULL)
+                FROM history WHERE {where}""",
+            *args,
+        )
+        assert counted is not None
+        count, first, last, bare = counted
+        if count > self.limit:
+            self.result = ReplayTooLarge(count, self.limit, first, last)
+            return
+        if bare:
+            self.result = ReplayWithoutPayloads(
+                f"{bare} of the {count} webhooks matched were delivered without their data "
+                "kept (history_payloads = false): they cannot be sent again"
+            )
+            return
+        if self.dry_run:
+            self.result = ReplayResult(count, None, None, dry_run=True)
+            return
+        found = (
+            await conn.fetch(
+                f"""SELECT sequence, id, event, accepted_at, data FROM history
+                    WHERE {where} ORDER BY sequence""",
+                *args,
+            )
+            if count
+            else []
+        )
+        start = tx.last.get(self.tenant, 0)
+        self.queued = [
+            Webhook(start + n, row["id"], row["event"], row["accepted_at"], row["data"])
+            for n, row in enumerate(found, 1)
+        ]
+        end = start + len(found)
+        result = ReplayResult(len(found), start + 1 if found else None, end if found else None)
+        await conn.execute(
+            """WITH allocated AS (
+                   UPDATE counters SET last_sequence = $2::bigint
+                   WHERE tenant = $1::text AND $2::bigint > $9::bigint
+               ),
+               queued AS (
+                   INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
+                   SELECT $1::text, * FROM unnest($3::bigint[], $4::text[], $5::text[],
+                                                  $6::float8[], $7::text[])
+               ),
+               moved AS (
+                   UPDATE history AS h SET next_sequence = u.new
+                   FROM unnest($8::bigint[], $3::bigint[]) AS u (old, new)
+                   WHERE h.tenant = $1::text AND h.sequence = u.old
+               ),
+               done AS (
+                   INSERT INTO replays (tenant, replay_id, count, first_sequence,
+                       last_sequence, at)
+                   SELECT $1::text, $10::text, $11::integer, $12::bigint, $13::bigint,
+                          $14::float8
+                   WHERE $10::text IS NOT NULL
+               )
+               SELECT CASE WHEN $2::bigint > $9::bigint
+                      THEN pg_notify('webhookd_queued', $1::text || ' ' || $2::bigint) END""",
+            self.tenant,
+            end,
+            [w.sequence for w in self.queued],
+            [w.id for w in self.queued],
+            [w.event for w in self.queued],
+            [w.accepted_at for w in self.queued],
+            [w.data for w in self.queued],
+            [row["sequence"] for row in found],
+            start,
+            self.replay_id,
+            result.count,
+            result.first_sequence,
+            result.last_sequence,
+            self.at,
+        )
+        if found:
+            tx.last[self.tenant] = end
+        self.result = result
+
+
+class PruneHistory(Op):
+    """One step of pruning (Store.prune_history), in a transaction of its own (`alone`):
+    it locks the state rows of the tenants it prunes, in tenant order, to count what goes."""
+
+    creates_row = False
+    states = False
+    alone = True
+
+    def __init__(
+        self,
+        now: float,
+        *,
+        retention: dict[str, float],
+        default_retention: float,
+        max_bytes: int | None,
+        idempotency_window: float,
+        step: int,
+    ) -> None:
+        super().__init__(None)
+        self.now, self.retention, self.default = now, retention, default_retention
+        self.max_bytes, self.window, self.step = max_bytes, idempotency_window, step
+
+    async def apply(self, tx: Tx) -> None:
+        conn = tx.conn
+        budget = self.step
+        by_age = by_size = failures = 0
+        # Each tenant's oldest record and failed attempt, and its counters (one statement:
+        # an index probe per tenant on the server).
+        rows = await conn.fetch(
+            """SELECT s.tenant, s.acked_sequence, s.history_bytes,
+                      (SELECT min(accepted_at) FROM history AS h WHERE h.tenant = s.tenant),
+                      (SELECT min(at) FROM failed_attempts AS f WHERE f.tenant = s.tenant)
+               FROM tenant_state AS s ORDER BY s.tenant"""
+        )
+        # (tenant, table) -> its oldest time
+        oldest: dict[tuple[str, str], float] = {}
+        for r in rows:
+            if r[3] is not None:
+                oldest[(r[0], "history")] = r[3]
+            if r[4] is not None:
+                oldest[(r[0], "failed_attempts")] = r[4]
+        total = sum(r[2] for r in rows)
+        # Per tenant, its records first, then its failed attempts.
+        for (tenant, table), at in sorted(
+            oldest.items(), key=lambda item: (item[0][0], item[0][1] != "history")
+        ):
+            if budget <= 0:
+                break
+            before = cutoff(tenant, self.now, self.retention, self.default)
+            if at >= before:
+                continue
+            removed, freed = await self._delete(
+                conn, tenant, table, condition=f"{TIME[table]} < $2", args=[before], budget=budget
+            )
+            if table == "history":
+                by_age += removed
+            else:
+                failures += removed
+            total -= freed
+            budget -= removed
+        if self.max_bytes is not None:
+            while budget > 0 and total > self.max_bytes:
+                removed, freed, table = await self._oldest(conn, budget, total - self.max_bytes)
+                if not removed:
+                    break
+                if table == "history":
+                    by_size += removed
+                else:
+                    failures += removed
+                total -= freed
+                budget -= removed
+        ids = 0
+        if budget > 0 and rows:
+            tenants = [r[0] for r in rows]
+            befores = [
+                self.now - max(self.window, self.retention.get(t, self.default)) for t in tenants
+            ]
+            acked = [r[1] for r in rows]
+            status = await conn.execute(FORGET_IDS, tenants, befores, acked, budget)
+            ids = int(status.split()[-1])
+            budget -= ids
+        self.result = PruneResult(by_age, by_size, failures, ids, more=budget <= 0)
+
+    async def _delete(
+        self,
+        conn: Connection,
+        tenant: str,
+        table: str,
+        *,
+        condition: str,
+        args: list[Any],
+        budget: int,
+    ) -> tuple[int, int]:
+        """Delete the tenant's oldest rows of `table` meeting `condition` (at most
+        `budget`), counted off its state row; return (rows, bytes)."""
+        key, size = ("sequence", RECORD_BYTES) if table == "history" else ("id", FAILURE_BYTES)
+        column = "history_records" if table == "history" else "history_failures"
+        limit = f"${len(args) + 2}"
+        found = await conn.fetchrow(
+            f"""WITH gone AS (
+                    DELETE FROM {table} WHERE tenant = $1 AND {key} IN (
+                        SELECT {key} FROM {table} WHERE tenant = $1 AND {condition}
+                        ORDER BY {TIME[table]} LIMIT {limit})
+                    RETURNING {size} AS size
+                ),
+                counted AS (
+                    UPDATE tenant_state SET {column} = {column} - (SELECT count(*) FROM gone),
+                        history_bytes = history_bytes
+                            - (SELECT coalesce(sum(size), 0) FROM gone)
+                    WHERE tenant = $1
+                )
+                SELECT count(*), coalesce(sum(size), 0) FROM gone""",
+            tenant,
+            *args,
+            budget,
+        )
+        assert found is not None
+        return int(found[0]), int(found[1])
+
+    async def _oldest(self, conn: Connection, budget: int, excess: int) -> tuple[int, int, str]:
+        """Remove the oldest records (or failed attempts) of the tenant that holds the
+        oldest, up to `budget` rows, until `excess` bytes are gone or another tenant's
+        oldest is older; return (rows, bytes, table)."""
+        mins = await conn.fetch(
+            """SELECT s.tenant,
+                      (SELECT min(accepted_at) FROM history AS h WHERE h.tenant = s.tenant),
+                      (SELECT min(at) FROM failed_attempts AS f WHERE f.tenant = s.tenant)
+               FROM tenant_state AS s
+               WHERE s.history_records > 0 OR s.history_failures > 0"""
+        )
+        candidates = sorted(
+            (at, tenant, table)
+            for tenant, record_at, failure_at in mins
+            for at, table in ((record_at, "history"), (failure_at, "failed_attempts"))
+            if at is not None
+        )
+        if not candidates:
+            return 0, 0, "history"
+        _, tenant, table = candidates[0]
+        until = candidates[1][0] if len(candidates) > 1 else float("inf")
+        size = RECORD_BYTES if table == "history" else FAILURE_BYTES
+        rows = await conn.fetch(
+            f"""SELECT {TIME[table]}, {size} FROM {table} WHERE tenant = $1
+                ORDER BY {TIME[table]} LIMIT $2""",
+            tenant,
+            budget,
+        )
+        # The rows to take: the oldest, while bytes remain to free and they are older than
+        # any other tenant's oldest; then deleted as "at or before the last one taken".
+        taken = freed = 0
+        last = rows[0][0] if rows else 0.0
+        for at, n in rows:
+            if taken and (freed >= excess or at > until):
+                break
+            taken += 1
+            freed += n
+            last = at
+        removed, freed = await self._delete(
+            conn, tenant, table, condition=f"{TIME[table]} <= $2", args=[last], budget=taken
+        )
+        return removed, freed, table
+
+
+TIME = {"history": "accepted_at", "failed_attempts": "at"}
+
+
+# Producer ids past the window (per tenant: `before`) whose webhook is neither queued
+# (its sequence after the tenant's head), parked nor in the history: the oldest of each
+# tenant through (tenant, accepted_at), `$4` at most in all.
+FORGET_IDS = """
+    DELETE FROM webhook_ids AS d USING (
+        SELECT c.tenant, c.id
+        FROM unnest($1::text[], $2::float8[], $3::bigint[]) AS t (tenant, before, acked)
+        CROSS JOIN LATERAL (
+            SELECT i.tenant, i.id FROM webhook_ids AS i
+            WHERE i.tenant = t.tenant AND i.accepted_at < t.before
+              AND i.sequence <= t.acked
+              AND NOT EXISTS (SELECT FROM parked AS p WHERE p.tenant = i.tenant AND p.id = i.id)
+              AND NOT EXISTS (
+                  SELECT FROM history AS h
+                  WHERE h.tenant = i.tenant AND h.sequence = i.sequence)
+            ORDER BY i.accepted_at LIMIT $4
+        ) AS c
+        LIMIT $4
+    ) AS gone
+    WHERE d.tenant = gone.tenant AND d.id = gone.id"""

@@ -25,7 +25,8 @@ import concurrent.futures
 import contextlib
 import os
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,16 +34,26 @@ import aiosqlite
 
 from webhookd import logs
 from webhookd.records import (
+    Delivered,
     Failure,
+    FoundWebhook,
+    HistoryPolicy,
+    HistoryQuery,
+    HistoryRecord,
+    HistorySize,
     IngestResult,
     NewWebhook,
     ParkedWebhook,
+    PruneResult,
+    ReplayResult,
+    ReplaySelection,
     StoreError,
     TenantRecord,
     TenantRow,
     Webhook,
 )
-from webhookd.store.protocol import Cluster, OnEnqueued
+from webhookd.store.protocol import KEEP_ALL, Cluster, OnEnqueued
+from webhookd.store.sqlite import reads
 from webhookd.store.sqlite.lock import DatabaseLock
 from webhookd.store.sqlite.reserve import (
     WAL_FRAME_HEADER,
@@ -60,7 +71,9 @@ from webhookd.store.sqlite.writes import (
     Enqueue,
     Op,
     Park,
+    PruneHistory,
     RecordFailure,
+    Replay,
     Requeue,
     SetPaused,
     Sweep,
@@ -114,6 +127,11 @@ class SqliteStore:
         # Set when a commit ran out of space: ingest is refused, deliveries still recorded.
         self.disk_full = False
         self._space_watch: asyncio.Task[None] | None = None
+        # The history's size per tenant ([records, failed attempts, bytes]), as stored in
+        # history_sizes and kept up to date by each commit; and the records dropped for a
+        # full disk since open.
+        self._sizes: dict[str, list[int]] = {}
+        self.history_dropped = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -166,6 +184,12 @@ class SqliteStore:
             raise
         self._conn = conn
         self._rows = {r.name: r.row.copy() for r in records}
+        self._sizes = {
+            tenant: [records_, failures, size]
+            for tenant, records_, failures, size in conn.execute(
+                "SELECT tenant, records, failures, bytes FROM history_sizes"
+            )
+        }
         return records
 
     async def close(self) -> None:
@@ -290,11 +314,12 @@ class SqliteStore:
                     # producers' ingest, deliveries being recorded): each on its own, then.
                     log.warning("commit_isolating", ops=len(ops), error=str(exc))
                     return [self._alone(op) for op in ops]
-        # Full: no ingest, which could only grow the database; the rest in place.
+        # Full: no ingest (nor replay), which could only grow the database; the rest in
+        # place.
         refused = StoreError(DISK_FULL, disk_full=True)
-        rest = [op for op in ops if not isinstance(op, Enqueue)]
+        rest = [op for op in ops if not _grows(op)]
         done = iter(self._together(rest))
-        results = [refused if isinstance(op, Enqueue) else next(done) for op in ops]
+        results = [refused if _grows(op) else next(done) for op in ops]
         self._checkpoint()
         return results
 
@@ -325,6 +350,11 @@ class SqliteStore:
         try:
             return self._transaction([op])[0]
         except StoreError as exc:
+            keeps = getattr(op, "history", None)
+            if exc.disk_full and keeps is not None and keeps.keep and not op.skip_history:
+                # An outcome never waits for room for its history record: again without.
+                op.skip_history = True
+                return self._alone(op)
             return exc
         except Exception as exc:
             log.exception("commit_crashed", tenant=op.tenant)
@@ -365,7 +395,7 @@ class SqliteStore:
         conn = self._conn
         if conn is None:
             raise StoreError("the store is closed")
-        tx = Tx(conn, self._rows, full=self.disk_full)
+        tx = Tx(conn, self._rows, full=self.disk_full, sizes=self._sizes)
         try:
             conn.execute("BEGIN IMMEDIATE")
             appends = not tx.full and any(op.appends for op in ops)
@@ -379,10 +409,16 @@ class SqliteStore:
             tx.flush()
             if tx.saved:
                 tx.save_rows()
+            tx.save_sizes()
             if appends:
                 self._check_room(conn, pages_before)
             conn.execute("COMMIT")
             self.commits += 1
+            for tenant, delta in tx.grown.items():
+                size = self._sizes.setdefault(tenant, [0, 0, 0])
+                for n, d in enumerate(delta):
+                    size[n] += d
+            self.history_dropped += tx.dropped
         except BaseException as exc:
             tx.rollback_rows()
             if conn.in_transaction:
@@ -445,15 +481,28 @@ class SqliteStore:
             self.disk_full = False
         return made
 
-    async def acknowledge(self, tenant: str, through_sequence: int, at: float) -> None:
-        """The endpoint took everything up to `through_sequence`: remove it, reset backoff."""
-        await self._submit(Acknowledge(tenant, through_sequence, at))
+    async def acknowledge(
+        self,
+        tenant: str,
+        through_sequence: int,
+        at: float,
+        delivered: Delivered | None = None,
+        history: HistoryPolicy = KEEP_ALL,
+    ) -> None:
+        """The endpoint took everything up to `through_sequence`: remove it, reset backoff,
+        and record the delivered webhooks in the history (see Store)."""
+        await self._submit(Acknowledge(tenant, through_sequence, at, delivered, history))
 
     async def record_failure(
-        self, tenant: str, failure: Failure, next_attempt_at: float | None, keep: int
+        self,
+        tenant: str,
+        failure: Failure,
+        next_attempt_at: float | None,
+        keep: int,
+        history: HistoryPolicy = KEEP_ALL,
     ) -> None:
         """Store a failed attempt, the new attempt count and when to try next."""
-        await self._submit(RecordFailure(tenant, failure, next_attempt_at, keep))
+        await self._submit(RecordFailure(tenant, failure, next_attempt_at, keep, history))
 
     async def clear_failures(self, tenant: str) -> int:
         cleared: int = await self._submit(ClearFailures(tenant))
@@ -462,9 +511,11 @@ class SqliteStore:
     async def set_paused(self, tenant: str, paused: bool) -> None:
         await self._submit(SetPaused(tenant, paused))
 
-    async def park(self, tenant: str, sequence: int, at: float) -> Webhook | None:
+    async def park(
+        self, tenant: str, sequence: int, at: float, history: HistoryPolicy = KEEP_ALL
+    ) -> Webhook | None:
         """Park the head webhook `sequence`; None when it is no longer the head."""
-        parked: Webhook | None = await self._submit(Park(tenant, sequence, at))
+        parked: Webhook | None = await self._submit(Park(tenant, sequence, at, history))
         return parked
 
     async def requeue(self, tenant: str, webhook_id: str, at: float) -> Webhook | None:
@@ -472,9 +523,49 @@ class SqliteStore:
         queued: Webhook | None = await self._submit(Requeue(tenant, webhook_id, at))
         return queued
 
-    async def discard(self, tenant: str) -> int:
-        dropped: int = await self._submit(Discard(tenant))
+    async def discard(
+        self, tenant: str, at: float | None = None, history: HistoryPolicy = KEEP_ALL
+    ) -> int:
+        when = time.time() if at is None else at
+        dropped: int = await self._submit(Discard(tenant, when, history))
         return dropped
+
+    async def replay(
+        self,
+        tenant: str,
+        selection: ReplaySelection,
+        at: float,
+        *,
+        limit: int,
+        dry_run: bool = False,
+        replay_id: str | None = None,
+    ) -> ReplayResult:
+        if not dry_run and self.disk_full and not await self._recover_space():
+            raise StoreError(DISK_FULL, disk_full=True)
+        op = Replay(tenant, selection, at, limit=limit, dry_run=dry_run, replay_id=replay_id)
+        result: ReplayResult = await self._submit(op)
+        return result
+
+    async def prune_history(
+        self,
+        now: float,
+        *,
+        retention: Mapping[str, float],
+        default_retention: float,
+        max_bytes: int | None,
+        idempotency_window: float,
+        step: int,
+    ) -> PruneResult:
+        op = PruneHistory(
+            now,
+            retention=dict(retention),
+            default_retention=default_retention,
+            max_bytes=max_bytes,
+            idempotency_window=idempotency_window,
+            step=step,
+        )
+        result: PruneResult = await self._submit(op)
+        return result
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -517,6 +608,29 @@ class SqliteStore:
         )
         return [ParkedWebhook(Webhook(*row[:5]), row[5]) for row in rows]
 
+    async def find_webhook(self, tenant: str, webhook_id: str) -> FoundWebhook:
+        """Read on the writer's thread: between commits, so the webhook is found in one
+        place (not between the queue and the history, moving)."""
+        loop = asyncio.get_running_loop()
+
+        def read() -> FoundWebhook:
+            if self._conn is None:
+                raise StoreError("the store is not open")
+            return reads.find_webhook(self._conn, tenant, webhook_id)
+
+        return await loop.run_in_executor(self._executor, read)
+
+    async def history(self, tenant: str, query: HistoryQuery) -> list[HistoryRecord]:
+        sql, params = reads.history_query(tenant, query)
+        rows = await self._db.execute_fetchall(sql, params)
+        return [HistoryRecord(*row) for row in rows]
+
+    async def history_size(self) -> HistorySize:
+        records = failures = size = 0
+        for r, f, b in list(self._sizes.values()):
+            records, failures, size = records + r, failures + f, size + b
+        return HistorySize(records, failures, size)
+
     async def ping(self) -> None:
         """Raise unless the database answers a query."""
         await self._db.execute_fetchall("SELECT 1")
@@ -530,6 +644,11 @@ class SqliteStore:
             return self._conn.execute(f"PRAGMA {name}").fetchone()[0]
 
         return await loop.run_in_executor(self._executor, read)
+
+
+def _grows(op: Op) -> bool:
+    """Ingest and replay: refused while the disk is full (they only grow the database)."""
+    return isinstance(op, Enqueue) or (isinstance(op, Replay) and not op.dry_run)
 
 
 def _left_behind(conn: sqlite3.Connection, record: TenantRecord) -> bool:

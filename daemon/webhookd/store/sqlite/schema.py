@@ -13,7 +13,7 @@ from webhookd.records import Failure, SchemaTooNew, TenantRecord, TenantRow
 
 log = logs.get_logger("webhookd.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (
@@ -74,6 +74,89 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 duration_ms REAL NOT NULL
             )""",
             "CREATE INDEX failures_tenant ON failures (tenant, id)",
+        ],
+    ),
+    (
+        2,
+        [
+            # History (issue 13): one record per webhook that left the queue (delivered,
+            # parked, requeued, discarded), keyed (tenant, sequence). A rowid table: the
+            # payload stays out of the indexes. The indexes, each for a read that must stay
+            # fast at 10,000,000 records, and no more (each costs every acknowledgement):
+            # - history_order (tenant, sequence): a page of a tenant's history in either
+            #   direction is a range scan from the cursor, LIMIT 100 rows; a lookup by
+            #   sequence (find_webhook, following next_sequence) is one probe.
+            # - history_event (tenant, event, sequence): a page filtered by event is the
+            #   same range scan within that event, never a scan of the other events.
+            # - history_accepted (tenant, accepted_at): pruning by age (retention counts
+            #   from acceptance, as the time filters do) deletes a tenant's oldest in index
+            #   order; pruning by size finds each tenant's oldest with one probe; time
+            #   ranges (listing, replay) are found through it.
+            """CREATE TABLE history (
+                tenant TEXT NOT NULL,
+                sequence INTEGER NOT NULL,
+                id TEXT NOT NULL,
+                event TEXT NOT NULL,
+                accepted_at REAL NOT NULL,
+                finished_at REAL NOT NULL,
+                outcome TEXT NOT NULL,
+                attempts INTEGER NOT NULL,
+                status INTEGER,
+                duration_ms REAL,
+                data TEXT,
+                next_sequence INTEGER
+            )""",
+            "CREATE UNIQUE INDEX history_order ON history (tenant, sequence)",
+            "CREATE INDEX history_event ON history (tenant, event, sequence)",
+            "CREATE INDEX history_accepted ON history (tenant, accepted_at)",
+            # Failed attempts kept with the history (the `failures` table above keeps only
+            # the newest few, for status). Rowid order is newest first. Indexes: the
+            # attempts that covered a sequence (lookup) start from its last_sequence; age
+            # pruning deletes a tenant's oldest by `at`.
+            """CREATE TABLE failed_attempts (
+                id INTEGER PRIMARY KEY,
+                tenant TEXT NOT NULL,
+                at REAL NOT NULL,
+                attempt INTEGER NOT NULL,
+                first_sequence INTEGER NOT NULL,
+                last_sequence INTEGER NOT NULL,
+                count INTEGER NOT NULL,
+                status INTEGER,
+                error TEXT NOT NULL,
+                duration_ms REAL NOT NULL
+            )""",
+            "CREATE INDEX failed_attempts_sequence ON failed_attempts (tenant, last_sequence)",
+            "CREATE INDEX failed_attempts_at ON failed_attempts (tenant, at)",
+            # What the history holds per tenant, kept by the writes that change it: status
+            # and metrics read sums of these, never counts of rows.
+            """CREATE TABLE history_sizes (
+                tenant TEXT PRIMARY KEY,
+                records INTEGER NOT NULL DEFAULT 0,
+                failures INTEGER NOT NULL DEFAULT 0,
+                bytes INTEGER NOT NULL DEFAULT 0
+            ) WITHOUT ROWID""",
+            # Replays done, per tenant and replay_id: a retried request answers the first.
+            """CREATE TABLE replays (
+                tenant TEXT NOT NULL,
+                replay_id TEXT NOT NULL,
+                count INTEGER NOT NULL,
+                first_sequence INTEGER,
+                last_sequence INTEGER,
+                at REAL NOT NULL,
+                PRIMARY KEY (tenant, replay_id)
+            ) WITHOUT ROWID""",
+            # Producer ids are remembered with their acceptance time, and forgotten after
+            # the idempotency window (prune_history): (tenant, accepted_at) finds a
+            # tenant's oldest. Rows from before: the webhook's time where it still exists,
+            # else now (the window starts at the upgrade).
+            "ALTER TABLE webhook_ids ADD COLUMN accepted_at REAL",
+            """UPDATE webhook_ids SET accepted_at = coalesce(
+                (SELECT w.accepted_at FROM webhooks AS w
+                 WHERE w.tenant = webhook_ids.tenant AND w.sequence = webhook_ids.sequence),
+                (SELECT p.accepted_at FROM parked AS p
+                 WHERE p.tenant = webhook_ids.tenant AND p.sequence = webhook_ids.sequence),
+                (julianday('now') - 2440587.5) * 86400.0)""",
+            "CREATE INDEX webhook_ids_accepted ON webhook_ids (tenant, accepted_at)",
         ],
     ),
 ]

@@ -21,13 +21,41 @@ from typing import Any, TypeVar
 
 from webhookd.ids import generated_id, generated_sequence, id_tag
 from webhookd.records import (
+    Delivered,
     Failure,
+    HistoryPolicy,
     IngestResult,
     NewWebhook,
+    PruneResult,
+    ReplayResult,
+    ReplaySelection,
+    ReplayTooLarge,
+    ReplayWithoutPayloads,
     StoreError,
     TenantRow,
     Webhook,
 )
+from webhookd.store.history import FAILURE_OVERHEAD, RECORD_OVERHEAD, cutoff, record_bytes
+
+# What a history record counts for (store/history.py), over the history row's columns.
+RECORD_BYTES = (
+    "length(CAST(id AS BLOB)) + length(CAST(event AS BLOB))"
+    f" + coalesce(length(CAST(data AS BLOB)), 0) + {RECORD_OVERHEAD}"
+)
+FAILURE_BYTES = f"length(CAST(error AS BLOB)) + {FAILURE_OVERHEAD}"
+
+# Records for the queued webhooks `after` < sequence <= `through` as they leave the queue
+# (delivered, discarded), read from the rows before they are deleted: the head's attempts
+# are the tenant's, the others' `others`. OR IGNORE: a record already there (none should
+# be) must never fail the commit of a delivery.
+RECORD_QUEUED = f"""
+    INSERT OR IGNORE INTO history (tenant, sequence, id, event, accepted_at, finished_at,
+        outcome, attempts, status, duration_ms, data)
+    SELECT tenant, sequence, id, event, accepted_at, :at, :outcome,
+           CASE WHEN sequence = :after + 1 THEN :attempts ELSE :others END,
+           :status, :ms, CASE WHEN :payloads THEN data END
+    FROM webhooks WHERE tenant = :tenant AND sequence > :after AND sequence <= :through
+    RETURNING {RECORD_BYTES}"""
 
 T = TypeVar("T")
 
@@ -36,16 +64,65 @@ class Tx:
     """One group commit in progress: the connection, the state rows, batched statements."""
 
     def __init__(
-        self, conn: sqlite3.Connection, rows: dict[str, TenantRow], *, full: bool = False
+        self,
+        conn: sqlite3.Connection,
+        rows: dict[str, TenantRow],
+        *,
+        full: bool = False,
+        sizes: dict[str, list[int]] | None = None,
     ) -> None:
         self.conn = conn
         self.rows = rows
         self.full = full  # the disk is full: take no new page (see the module's docstring)
         self.saved: dict[str, TenantRow | None] = {}
         self.inserts: list[tuple[str, int, str, str, float, str]] = []
-        self.id_inserts: list[tuple[str, str, int]] = []
+        self.id_inserts: list[tuple[str, str, int, float]] = []
+        self.records: list[dict[str, Any]] = []  # RECORD_QUEUED runs, before `deletes`
         self.deletes: list[tuple[str, int, int]] = []
         self.known_ids: dict[tuple[str, str], int | None] = {}
+        # The history's size per tenant before this transaction ([records, failures,
+        # bytes], the store's), and what this transaction changes of it.
+        self.sizes = sizes if sizes is not None else {}
+        self.grown: dict[str, list[int]] = {}
+        self.dropped = 0  # history records (and failed attempts) dropped for a full disk
+
+    def grow(self, tenant: str, records: int = 0, failures: int = 0, size: int = 0) -> None:
+        delta = self.grown.setdefault(tenant, [0, 0, 0])
+        delta[0] += records
+        delta[1] += failures
+        delta[2] += size
+
+    def size_of(self, tenant: str) -> list[int]:
+        """The tenant's history size as this transaction sees it."""
+        base = self.sizes.get(tenant, [0, 0, 0])
+        delta = self.grown.get(tenant, [0, 0, 0])
+        return [b + d for b, d in zip(base, delta, strict=True)]
+
+    def record(self, params: dict[str, Any]) -> None:
+        """Run RECORD_QUEUED now, counting what it added."""
+        added = self.conn.execute(RECORD_QUEUED, params).fetchall()
+        self.grow(params["tenant"], len(added), 0, sum(n for (n,) in added))
+
+    def save_sizes(self) -> None:
+        """The history sizes this transaction changed, added to the stored counters. On a
+        full disk only if it fits (a new tenant's counter row may not): the counts in
+        memory are then ahead of the stored ones until a restart reads them back."""
+        rows = [(tenant, *delta) for tenant, delta in self.grown.items() if any(delta)]
+        if not rows:
+            return
+
+        def save() -> None:
+            self.conn.executemany(
+                """INSERT INTO history_sizes (tenant, records, failures, bytes)
+                   VALUES (?, ?, ?, ?)
+                   ON CONFLICT (tenant) DO UPDATE SET
+                       records = records + excluded.records,
+                       failures = failures + excluded.failures,
+                       bytes = bytes + excluded.bytes""",
+                rows,
+            )
+
+        self.in_place(save)
 
     def row(self, tenant: str) -> TenantRow:
         """The tenant's state row, remembered as it was so a rollback can restore it."""
@@ -65,10 +142,14 @@ class Tx:
             self.inserts.clear()
         if self.id_inserts:
             self.conn.executemany(
-                "INSERT INTO webhook_ids (tenant, id, sequence) VALUES (?, ?, ?)",
+                "INSERT INTO webhook_ids (tenant, id, sequence, accepted_at) VALUES (?, ?, ?, ?)",
                 self.id_inserts,
             )
             self.id_inserts.clear()
+        if self.records:
+            records, self.records = self.records, []
+            for params in records:
+                self.record(params)
         if self.deletes:
             # Only the range acknowledged now: rows left from a full disk go by `Sweep`,
             # a few at a time, not all at once inside some delivery's commit.
@@ -146,6 +227,9 @@ class Op:
 
     batchable = True
     appends = False  # adds rows to the queue: its commit is checked for room first
+    # Set when the op failed for lack of room with its history record: it runs again
+    # without it (the record dropped and counted), never held back for it.
+    skip_history = False
 
     def __init__(self, tenant: str) -> None:
         self.tenant = tenant
@@ -185,7 +269,7 @@ class Enqueue(Op):
             webhook_id = item.id if item.id is not None else generated_id(tag, sequence)
             if item.id is not None:
                 tx.known_ids[(self.tenant, item.id)] = sequence
-                tx.id_inserts.append((self.tenant, item.id, sequence))
+                tx.id_inserts.append((self.tenant, item.id, sequence, self.accepted_at))
             tx.inserts.append(
                 (self.tenant, sequence, webhook_id, item.event, self.accepted_at, item.data)
             )
@@ -197,15 +281,48 @@ class Enqueue(Op):
 
 
 class Acknowledge(Op):
-    def __init__(self, tenant: str, through: int, at: float) -> None:
+    def __init__(
+        self,
+        tenant: str,
+        through: int,
+        at: float,
+        delivered: Delivered | None = None,
+        history: HistoryPolicy | None = None,
+    ) -> None:
         super().__init__(tenant)
         self.through, self.at = through, at
+        self.delivered = delivered
+        self.history = history or HistoryPolicy()
         self.left_behind = False
 
     def apply(self, tx: Tx) -> None:
         row = tx.row(self.tenant)
         self.left_behind = False  # a transaction may be retried: start clean
         if self.through > row.acked_sequence:
+            if self.history.keep and self.skip_history:
+                tx.dropped += self.through - row.acked_sequence
+            elif self.history.keep:
+                d = self.delivered
+                attempts = d.attempts if d is not None else row.attempts + 1
+                params = {
+                    "tenant": self.tenant,
+                    "after": row.acked_sequence,
+                    "through": self.through,
+                    "at": self.at,
+                    "outcome": "delivered",
+                    "attempts": attempts,
+                    "others": attempts,
+                    "status": d.status if d is not None else None,
+                    "ms": d.duration_ms if d is not None else None,
+                    "payloads": self.history.payloads,
+                }
+                if tx.full:
+                    # Only if it fits in the pages there are: the acknowledgement is
+                    # recorded either way, its records dropped (and counted) if not.
+                    if isinstance(tx.in_place(lambda: tx.record(params)), StoreError):
+                        tx.dropped += self.through - row.acked_sequence
+                else:
+                    tx.records.append(params)
             if tx.full:
                 # Deleting rows rewrites their pages and the free list: WAL space we may
                 # not have. Moving `acked_sequence` is one state row, rewritten in place,
@@ -228,10 +345,16 @@ class _Control(Op):
 
 class RecordFailure(_Control):
     def __init__(
-        self, tenant: str, failure: Failure, next_attempt_at: float | None, keep: int
+        self,
+        tenant: str,
+        failure: Failure,
+        next_attempt_at: float | None,
+        keep: int,
+        history: HistoryPolicy | None = None,
     ) -> None:
         super().__init__(tenant)
         self.failure, self.next_attempt_at, self.keep = failure, next_attempt_at, keep
+        self.history = history or HistoryPolicy()
 
     def apply(self, tx: Tx) -> None:
         row = tx.row(self.tenant)
@@ -241,6 +364,30 @@ class RecordFailure(_Control):
         # and the backoff are still stored (in the state row) and the failure still shown
         # (the worker keeps it in memory), but a restart forgets it.
         tx.in_place(self._insert(tx))
+        if self.history.keep and (
+            self.skip_history or isinstance(tx.in_place(lambda: self._keep(tx)), StoreError)
+        ):
+            tx.dropped += 1
+
+    def _keep(self, tx: Tx) -> None:
+        f = self.failure
+        tx.conn.execute(
+            """INSERT INTO failed_attempts (tenant, at, attempt, first_sequence,
+                   last_sequence, count, status, error, duration_ms)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                self.tenant,
+                f.at,
+                f.attempt,
+                f.first_sequence,
+                f.last_sequence,
+                f.count,
+                f.status,
+                f.error,
+                f.duration_ms,
+            ),
+        )
+        tx.grow(self.tenant, 0, 1, len(f.error.encode()) + FAILURE_OVERHEAD)
 
     def _insert(self, tx: Tx) -> Callable[[], None]:
         def insert() -> None:
@@ -297,9 +444,12 @@ class SetPaused(_Control):
 class Park(_Control):
     """Move the head webhook to `parked`; its sequence becomes a visible gap."""
 
-    def __init__(self, tenant: str, sequence: int, at: float) -> None:
+    def __init__(
+        self, tenant: str, sequence: int, at: float, history: HistoryPolicy | None = None
+    ) -> None:
         super().__init__(tenant)
         self.sequence, self.at = sequence, at
+        self.history = history or HistoryPolicy()
 
     def apply(self, tx: Tx) -> Webhook | StoreError | None:
         row = tx.row(self.tenant)
@@ -307,6 +457,10 @@ class Park(_Control):
             return None
         parked = tx.in_place(lambda: self._move(tx))
         if isinstance(parked, Webhook):
+            if self.history.keep:
+                attempts = row.attempts
+                if isinstance(tx.in_place(lambda: self._record(tx, parked, attempts)), StoreError):
+                    tx.dropped += 1
             row.acked_sequence = self.sequence
             row.attempts = 0
             row.next_attempt_at = None
@@ -327,6 +481,16 @@ class Park(_Control):
             (self.tenant, *found, self.at),
         )
         return Webhook(*found)
+
+    def _record(self, tx: Tx, webhook: Webhook, attempts: int) -> None:
+        data = webhook.data if self.history.payloads else None
+        tx.conn.execute(
+            """INSERT OR IGNORE INTO history (tenant, sequence, id, event, accepted_at,
+                   finished_at, outcome, attempts, data)
+               VALUES (?, ?, ?, ?, ?, ?, 'parked', ?, ?)""",
+            (self.tenant, *webhook[:4], self.at, attempts, data),
+        )
+        tx.grow(self.tenant, 1, 0, record_bytes(webhook.id, webhook.event, data))
 
 
 class Requeue(_Control):
@@ -355,24 +519,33 @@ class Requeue(_Control):
             """DELETE FROM parked WHERE rowid = (
                    SELECT rowid FROM parked WHERE tenant = :tenant AND id = :id
                    ORDER BY sequence LIMIT 1)
-               RETURNING id, event, accepted_at, data""",
+               RETURNING sequence, id, event, accepted_at, data""",
             {"tenant": self.tenant, "id": self.webhook_id},
         ).fetchone()
         if found is None:
             return None
+        before, *kept = found
         tx.conn.execute(
             "INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (self.tenant, sequence, *found),
+            (self.tenant, sequence, *kept),
         )
-        return Webhook(sequence, *found)
+        # Its parked record (if kept) says where it went; rewritten in place.
+        tx.conn.execute(
+            """UPDATE history SET outcome = 'requeued', next_sequence = ?
+               WHERE tenant = ? AND sequence = ? AND outcome = 'parked'""",
+            (sequence, self.tenant, before),
+        )
+        return Webhook(sequence, *kept)
 
 
 class Discard(_Control):
     """Drop a tenant's queue, parked webhooks and failures (an operator's explicit choice)."""
 
-    def __init__(self, tenant: str) -> None:
+    def __init__(self, tenant: str, at: float, history: HistoryPolicy | None = None) -> None:
         super().__init__(tenant)
+        self.at = at
+        self.history = history or HistoryPolicy()
         self.left_behind = False
 
     def apply(self, tx: Tx) -> int:
@@ -381,6 +554,35 @@ class Discard(_Control):
         # The queue is contiguous: what waits is a subtraction. Rows acknowledged in place
         # on a full disk (at or below acked_sequence) go too, but were not waiting.
         dropped = row.last_sequence - row.acked_sequence
+        if self.history.keep and dropped and self.skip_history:
+            tx.dropped += dropped
+        elif self.history.keep and dropped:
+            record = {
+                "tenant": self.tenant,
+                "after": row.acked_sequence,
+                "through": row.last_sequence,
+                "at": self.at,
+                "outcome": "discarded",
+                "attempts": row.attempts,
+                "others": 0,
+                "status": None,
+                "ms": None,
+                "payloads": self.history.payloads,
+            }
+            if isinstance(tx.in_place(lambda: tx.record(record)), StoreError):
+                tx.dropped += dropped
+        # The parked ones' records say discarded now; those without one get one.
+        tx.conn.execute(
+            """UPDATE history SET outcome = 'discarded', finished_at = :at
+               WHERE tenant = :tenant AND sequence IN (
+                   SELECT sequence FROM parked WHERE tenant = :tenant)""",
+            {"tenant": self.tenant, "at": self.at},
+        )
+        if self.history.keep and (
+            self.skip_history
+            or isinstance(tx.in_place(lambda: self._record_parked(tx)), StoreError)
+        ):
+            tx.dropped += 1
         # On a full disk, a long queue's delete would need more WAL than there is: the
         # queue is emptied as an acknowledgement empties it, and `Sweep` deletes the rows.
         self.left_behind = tx.full
@@ -394,6 +596,18 @@ class Discard(_Control):
         row.next_attempt_at = None
         row.paused = False
         return dropped
+
+    def _record_parked(self, tx: Tx) -> None:
+        added = tx.conn.execute(
+            f"""INSERT OR IGNORE INTO history (tenant, sequence, id, event, accepted_at,
+                    finished_at, outcome, attempts, data)
+                SELECT tenant, sequence, id, event, accepted_at, :at, 'discarded', 0,
+                       CASE WHEN :payloads THEN data END
+                FROM parked WHERE tenant = :tenant
+                RETURNING {RECORD_BYTES}""",
+            {"tenant": self.tenant, "at": self.at, "payloads": self.history.payloads},
+        ).fetchall()
+        tx.grow(self.tenant, len(added), 0, sum(n for (n,) in added))
 
 
 class Sweep(_Control):
@@ -441,3 +655,270 @@ def lookup_ids(tx: Tx, ops: Iterable[Enqueue]) -> None:
                 (tenant, *chunk),
             ):
                 tx.known_ids[(tenant, found_id)] = sequence
+
+
+def selection_where(
+    selection: ReplaySelection, params: dict[str, Any], prefix: str = ""
+) -> list[str]:
+    """The conditions (AND) on history rows for a replay's selection (or a query's), with
+    their parameters added to `params`."""
+    where: list[str] = []
+    if selection.event is not None:
+        where.append(f"{prefix}event = :event")
+        params["event"] = selection.event
+    if selection.from_sequence is not None:
+        where.append(f"{prefix}sequence >= :from_sequence")
+        params["from_sequence"] = selection.from_sequence
+    if selection.to_sequence is not None:
+        where.append(f"{prefix}sequence <= :to_sequence")
+        params["to_sequence"] = selection.to_sequence
+    if selection.since is not None:
+        where.append(f"{prefix}accepted_at >= :since")
+        params["since"] = selection.since
+    if selection.until is not None:
+        where.append(f"{prefix}accepted_at < :until")
+        params["until"] = selection.until
+    return where
+
+
+class Replay(_Control):
+    """Put delivered webhooks back at the tail, in their order, all or nothing."""
+
+    appends = True
+
+    def __init__(
+        self,
+        tenant: str,
+        selection: ReplaySelection,
+        at: float,
+        *,
+        limit: int,
+        dry_run: bool,
+        replay_id: str | None,
+    ) -> None:
+        super().__init__(tenant)
+        self.selection, self.at, self.limit = selection, at, limit
+        self.dry_run, self.replay_id = dry_run, replay_id
+        self.queued: list[Webhook] = []
+
+    def apply(self, tx: Tx) -> ReplayResult | StoreError:
+        self.queued = []  # a transaction may be retried: start clean
+        conn = tx.conn
+        if self.replay_id is not None:
+            done = conn.execute(
+                """SELECT count, first_sequence, last_sequence FROM replays
+                   WHERE tenant = ? AND replay_id = ?""",
+                (self.tenant, self.replay_id),
+            ).fetchone()
+            if done is not None:
+                count, first, last = done
+                return ReplayResult(count, first, last, repeated=True)
+        params: dict[str, Any] = {"tenant": self.tenant}
+        where = " AND ".join(
+            ["tenant = :tenant", "outcome = 'delivered'", *selection_where(self.selection, params)]
+        )
+        count, first, last, bare = conn.execute(
+            f"""SELECT count(*), min(sequence), max(sequence), sum(data IS NULL)
+                FROM history WHERE {where}""",
+            params,
+        ).fetchone()
+        if count > self.limit:
+            return ReplayTooLarge(count, self.limit, first, last)
+        if bare:
+            return ReplayWithoutPayloads(
+                f"{bare} of the {count} webhooks matched were delivered without their data "
+                "kept (history_payloads = false): they cannot be sent again"
+            )
+        if self.dry_run:
+            return ReplayResult(count, None, None, dry_run=True)
+        row = tx.row(self.tenant)
+        found = conn.execute(
+            f"""SELECT sequence, id, event, accepted_at, data FROM history WHERE {where}
+                ORDER BY sequence""",
+            params,
+        ).fetchall()
+        start = row.last_sequence
+        self.queued = [
+            Webhook(start + n, webhook_id, event, accepted_at, data)
+            for n, (_, webhook_id, event, accepted_at, data) in enumerate(found, 1)
+        ]
+        if found:
+            conn.executemany(
+                "INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(self.tenant, *w) for w in self.queued],
+            )
+            conn.executemany(
+                "UPDATE history SET next_sequence = ? WHERE tenant = ? AND sequence = ?",
+                [
+                    (w.sequence, self.tenant, old[0])
+                    for w, old in zip(self.queued, found, strict=True)
+                ],
+            )
+            row.last_sequence = start + len(found)
+        result = ReplayResult(
+            len(found),
+            self.queued[0].sequence if found else None,
+            self.queued[-1].sequence if found else None,
+        )
+        if self.replay_id is not None:
+            conn.execute(
+                """INSERT INTO replays (tenant, replay_id, count, first_sequence,
+                       last_sequence, at) VALUES (?, ?, ?, ?, ?, ?)""",
+                (
+                    self.tenant,
+                    self.replay_id,
+                    result.count,
+                    result.first_sequence,
+                    result.last_sequence,
+                    self.at,
+                ),
+            )
+        return result
+
+
+class PruneHistory(_Control):
+    """One step of pruning the history (Store.prune_history): by age per tenant, then by
+    size (oldest first, every tenant together), then producer ids; at most `step` rows."""
+
+    def __init__(
+        self,
+        now: float,
+        *,
+        retention: dict[str, float],
+        default_retention: float,
+        max_bytes: int | None,
+        idempotency_window: float,
+        step: int,
+    ) -> None:
+        super().__init__("")
+        self.now, self.retention, self.default = now, retention, default_retention
+        self.max_bytes, self.window, self.step = max_bytes, idempotency_window, step
+
+    def apply(self, tx: Tx) -> PruneResult:
+        conn = tx.conn
+        budget = self.step
+        by_age = by_size = failures = ids = 0
+        holding = sorted(
+            {t for t in (*tx.sizes, *tx.grown) if any(tx.size_of(t)[:2])},
+        )
+        for tenant in holding:
+            if budget <= 0:
+                break
+            before = cutoff(tenant, self.now, self.retention, self.default)
+            gone = conn.execute(
+                f"""DELETE FROM history WHERE rowid IN (
+                        SELECT rowid FROM history WHERE tenant = ? AND accepted_at < ?
+                        ORDER BY accepted_at LIMIT ?)
+                    RETURNING {RECORD_BYTES}""",
+                (tenant, before, budget),
+            ).fetchall()
+            tx.grow(tenant, -len(gone), 0, -sum(n for (n,) in gone))
+            by_age += len(gone)
+            budget -= len(gone)
+            if budget <= 0:
+                break
+            gone = conn.execute(
+                f"""DELETE FROM failed_attempts WHERE id IN (
+                        SELECT id FROM failed_attempts WHERE tenant = ? AND at < ?
+                        ORDER BY at LIMIT ?)
+                    RETURNING {FAILURE_BYTES}""",
+                (tenant, before, budget),
+            ).fetchall()
+            tx.grow(tenant, 0, -len(gone), -sum(n for (n,) in gone))
+            failures += len(gone)
+            budget -= len(gone)
+        if self.max_bytes is not None:
+            while budget > 0:
+                total = sum(tx.size_of(t)[2] for t in {*tx.sizes, *tx.grown})
+                if total <= self.max_bytes:
+                    break
+                removed, records = self._oldest(tx, budget, total - self.max_bytes)
+                if not removed:
+                    break
+                by_size += records
+                failures += removed - records
+                budget -= removed
+        if budget > 0:
+            for tenant in sorted(tx.rows):
+                if budget <= 0:
+                    break
+                seconds = self.retention.get(tenant, self.default)
+                before = self.now - max(self.window, seconds)
+                forgotten: int = conn.execute(
+                    """DELETE FROM webhook_ids WHERE tenant = :tenant AND id IN (
+                           SELECT i.id FROM webhook_ids AS i
+                           WHERE i.tenant = :tenant AND i.accepted_at < :before
+                             AND NOT coalesce(i.sequence > :acked, 0)
+                             AND NOT EXISTS (SELECT 1 FROM parked AS p
+                                             WHERE p.tenant = :tenant AND p.id = i.id)
+                             AND NOT EXISTS (SELECT 1 FROM history AS h
+                                             WHERE h.tenant = :tenant
+                                               AND h.sequence = i.sequence)
+                           ORDER BY i.accepted_at LIMIT :budget)""",
+                    {
+                        "tenant": tenant,
+                        "before": before,
+                        "acked": tx.rows[tenant].acked_sequence,
+                        "budget": budget,
+                    },
+                ).rowcount
+                ids += forgotten
+                budget -= forgotten
+        return PruneResult(by_age, by_size, failures, ids, more=budget <= 0)
+
+    def _oldest(self, tx: Tx, budget: int, excess: int) -> tuple[int, int]:
+        """Remove the oldest records (or failed attempts) of the tenant that holds the
+        oldest, up to `budget` rows, until `excess` bytes are gone or another tenant's
+        oldest is older; return (rows removed, of which records)."""
+        conn = tx.conn
+        oldest: list[tuple[float, str, str]] = []
+        for tenant in sorted({*tx.sizes, *tx.grown}):
+            records, kept_failures, _ = tx.size_of(tenant)
+            if records:
+                (at,) = conn.execute(
+                    "SELECT min(accepted_at) FROM history WHERE tenant = ?", (tenant,)
+                ).fetchone()
+                if at is not None:
+                    oldest.append((at, tenant, "history"))
+            if kept_failures:
+                (at,) = conn.execute(
+                    "SELECT min(at) FROM failed_attempts WHERE tenant = ?", (tenant,)
+                ).fetchone()
+                if at is not None:
+                    oldest.append((at, tenant, "failed_attempts"))
+        if not oldest:
+            return 0, 0
+        oldest.sort()
+        _, tenant, table = oldest[0]
+        until = oldest[1][0] if len(oldest) > 1 else float("inf")
+        if table == "history":
+            rows = conn.execute(
+                f"""SELECT rowid, accepted_at, {RECORD_BYTES} FROM history
+                    WHERE tenant = ? ORDER BY accepted_at LIMIT ?""",
+                (tenant, budget),
+            ).fetchall()
+        else:
+            rows = conn.execute(
+                f"""SELECT id, at, {FAILURE_BYTES} FROM failed_attempts
+                    WHERE tenant = ? ORDER BY at LIMIT ?""",
+                (tenant, budget),
+            ).fetchall()
+        chosen: list[int] = []
+        freed = 0
+        for rowid, at, size in rows:
+            if chosen and (freed >= excess or at > until):
+                break
+            chosen.append(rowid)
+            freed += size
+        key = "rowid" if table == "history" else "id"
+        for start in range(0, len(chosen), 900):
+            chunk = chosen[start : start + 900]
+            conn.execute(
+                f"DELETE FROM {table} WHERE {key} IN ({','.join('?' * len(chunk))})", chunk
+            )
+        if table == "history":
+            tx.grow(tenant, -len(chosen), 0, -freed)
+            return len(chosen), len(chosen)
+        tx.grow(tenant, 0, -len(chosen), -freed)
+        return len(chosen), 0

@@ -1,0 +1,147 @@
+"""The history's reads on PostgreSQL: a webhook looked up by id, and a page of a tenant's
+history. What they answer is the Store's contract (store/protocol.py, records.py); the
+indexes they use are described with the schema (schema.py, version 4). Both answer from
+the database on any instance."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from webhookd.ids import generated_sequence, id_tag
+from webhookd.records import (
+    Failure,
+    FoundWebhook,
+    HistoryQuery,
+    HistoryRecord,
+    ReplaySelection,
+    Webhook,
+)
+from webhookd.store.postgres.writes import selection_where
+
+if TYPE_CHECKING:
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+
+    # A session of the read pool (or any session).
+    Connection = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+
+RECORD_COLUMNS = (
+    "sequence, id, event, accepted_at, finished_at, outcome, attempts, status, duration_ms, "
+    "data, next_sequence"
+)
+FAILURES_SHOWN = 50  # failed attempts a lookup returns at most, newest first
+
+
+async def find_webhook(conn: Connection, tenant: str, webhook_id: str) -> FoundWebhook:
+    """Where `webhook_id` is now (`FoundWebhook`), read in one snapshot."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _find(conn, tenant, webhook_id)
+
+
+async def _find(conn: Connection, tenant: str, webhook_id: str) -> FoundWebhook:
+    state = await conn.fetchrow(
+        """SELECT c.last_sequence, coalesce(s.acked_sequence, 0)
+           FROM counters AS c LEFT JOIN tenant_state AS s USING (tenant)
+           WHERE tenant = $1""",
+        tenant,
+    )
+    last, acked = (state[0], state[1]) if state is not None else (0, 0)
+    sequence = generated_sequence(id_tag(tenant), webhook_id)
+    if sequence is not None:
+        if not 1 <= sequence <= last:
+            return FoundWebhook("unknown")
+    else:
+        named = await conn.fetchval(
+            "SELECT sequence FROM webhook_ids WHERE tenant = $1 AND id = $2", tenant, webhook_id
+        )
+        if named is None:
+            return FoundWebhook("forgotten")
+        sequence = int(named)
+    seen: list[int] = []
+    while True:
+        seen.append(sequence)
+        if acked < sequence <= last:
+            row = await conn.fetchrow(
+                """SELECT sequence, id, event, accepted_at, data FROM webhooks
+                   WHERE tenant = $1 AND sequence = $2""",
+                tenant,
+                sequence,
+            )
+            if row is not None:
+                return FoundWebhook(
+                    "queued",
+                    sequence,
+                    webhook=Webhook(*row),
+                    failures=await _failures(conn, tenant, seen),
+                )
+        row = await conn.fetchrow(
+            """SELECT sequence, id, event, accepted_at, data, parked_at FROM parked
+               WHERE tenant = $1 AND sequence = $2""",
+            tenant,
+            sequence,
+        )
+        if row is not None:
+            return FoundWebhook(
+                "parked",
+                sequence,
+                webhook=Webhook(*row[:5]),
+                parked_at=row[5],
+                failures=await _failures(conn, tenant, seen),
+            )
+        row = await conn.fetchrow(
+            f"SELECT {RECORD_COLUMNS} FROM history WHERE tenant = $1 AND sequence = $2",
+            tenant,
+            sequence,
+        )
+        if row is None:
+            return FoundWebhook("expired", sequence, failures=await _failures(conn, tenant, seen))
+        record = HistoryRecord(*row)
+        following = record.next_sequence
+        if following is not None and following not in seen and following <= last:
+            sequence = following
+            continue
+        return FoundWebhook(
+            "history", sequence, record=record, failures=await _failures(conn, tenant, seen)
+        )
+
+
+async def _failures(conn: Connection, tenant: str, sequences: list[int]) -> tuple[Failure, ...]:
+    """The failed attempts kept that included any of `sequences`, newest first."""
+    rows = await conn.fetch(
+        """SELECT DISTINCT f.id, f.at, f.attempt, f.first_sequence, f.last_sequence, f.count,
+                  f.status, f.error, f.duration_ms
+           FROM unnest($2::bigint[]) AS s (sequence) CROSS JOIN LATERAL (
+               SELECT * FROM failed_attempts
+               WHERE tenant = $1 AND last_sequence >= s.sequence
+                 AND first_sequence <= s.sequence
+               ORDER BY id DESC LIMIT $3) AS f
+           ORDER BY f.id DESC LIMIT $3""",
+        tenant,
+        sequences,
+        FAILURES_SHOWN,
+    )
+    return tuple(Failure(*row[1:]) for row in rows)
+
+
+def history_query(tenant: str, query: HistoryQuery) -> tuple[str, list[Any]]:
+    """The statement for one page of a tenant's history, and its parameters: a range scan
+    in sequence order from the cursor, on the primary key, or on history_event when an
+    event is asked; the other filters are checked on the rows the scan meets."""
+    args: list[Any] = [tenant]
+    selection = ReplaySelection(
+        query.from_sequence, query.to_sequence, query.since, query.until, query.event
+    )
+    where = ["tenant = $1::text", *selection_where(selection, args)]
+    if query.after is not None:
+        args.append(query.after)
+        where.append(f"sequence {'>' if query.oldest_first else '<'} ${len(args)}::bigint")
+    if query.outcomes is not None:
+        args.append(sorted(query.outcomes))
+        where.append(f"outcome = ANY(${len(args)}::text[])")
+    args.append(max(0, query.limit))
+    order = "ASC" if query.oldest_first else "DESC"
+    sql = (
+        f"SELECT {RECORD_COLUMNS} FROM history WHERE {' AND '.join(where)} "
+        f"ORDER BY sequence {order} LIMIT ${len(args)}"
+    )
+    return sql, args
