@@ -41,10 +41,12 @@ async def drain(
     per_request: int,
     batching: bool,
     timeout: float,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Preload a paused backlog, resume every tenant, time until the receiver has it all."""
+    """Preload a paused backlog, resume every tenant, time until the receiver has it all.
+    `options`: more keys for every tenant's table."""
     names = tenant_names(tenants)
-    tables = tenant_tables(names, ctx.receiver, name, batching=batching)
+    tables = tenant_tables(names, ctx.receiver, name, batching=batching, **options)
     total = tenants * per_tenant
     async with ctx.daemon(name, tables) as daemon:
         await daemon.control(ctx.client, names, "pause")
@@ -179,12 +181,33 @@ async def unbatched_many(ctx: Context) -> None:
 
 
 async def e2e_batched(ctx: Context) -> None:
+    result = await end_to_end(ctx, "e2e")
+    cpu = result["cpu_percent"]
+    ctx.report.figures.append(
+        Figure(
+            "e2e_batched",
+            "batched end to end, ingest running",
+            result["per_s"],
+            "webhooks/s",
+            "receiver_webhooks",
+            (">=", 15000.0),
+            f"ingest {result['ingest_per_s']:,.0f}/s",
+            cpu["others"],
+            result["daemon_cpu_us_per_webhook"],  # each webhook is ingested and delivered
+            db_cpu_us=result["postgres_cpu_us_per_webhook"],
+        )
+    )
+
+
+async def end_to_end(ctx: Context, name: str, **options: Any) -> dict[str, Any]:
+    """Batched end to end over 100 tenants, ingest running; `options`: more keys for
+    every tenant's table."""
     duration = ctx.size(15.0, 4.0)
     names = tenant_names(100)
     # A short window only shortens the tail (the last partial batches); under load every
     # batch fills to 100 long before any window.
-    tables = tenant_tables(names, ctx.receiver, "e2e", batching=True, batch_window=1.0)
-    async with ctx.daemon("e2e", tables) as daemon:
+    tables = tenant_tables(names, ctx.receiver, name, batching=True, batch_window=1.0, **options)
+    async with ctx.daemon(name, tables) as daemon:
         urls = [daemon.ingest_url(n) for n in names]
         meter = ctx.cpu(daemon)
         warm = duration / 5
@@ -193,7 +216,7 @@ async def e2e_batched(ctx: Context) -> None:
             await asyncio.sleep(warm)
             return time.time(), (await ctx.receiver.stats(ctx.client))["total"]
 
-        async with ctx.sampled("e2e", daemon):
+        async with ctx.sampled(name, daemon):
             started = time.time()
             warm_sample = asyncio.create_task(sample_after_warmup())
             loaded = await load.closed_loop(
@@ -228,24 +251,11 @@ async def e2e_batched(ctx: Context) -> None:
         "daemon_cpu_us_per_webhook": per_item_us(meter, loaded.items),
         "postgres_cpu_us_per_webhook": per_item_us(meter, loaded.items, "postgres"),
     }
-    ctx.report.details["e2e"] = {**ctx.report.details.get("e2e", {}), **result}
-    ctx.report.figures.append(
-        Figure(
-            "e2e_batched",
-            "batched end to end, ingest running",
-            result["per_s"],
-            "webhooks/s",
-            "receiver_webhooks",
-            (">=", 15000.0),
-            f"ingest {loaded.items_per_s:,.0f}/s",
-            cpu["others"],
-            per_item_us(meter, loaded.items),  # each webhook is ingested and delivered
-            db_cpu_us=per_item_us(meter, loaded.items, "postgres"),
-        )
-    )
+    ctx.report.details[name] = {**ctx.report.details.get(name, {}), **result}
     ctx.say(
         f"  ingested {loaded.items:,} ({loaded.items_per_s:,.0f}/s) while delivering "
         f"{result['per_s']:,.0f}/s (after warm-up {result['steady_per_s']:,.0f}/s); backlog at "
         f"end {result['backlog_at_end']:,}, caught up {result['tail_s']:.1f} s later; "
         f"disorder {result['disorder']}; cpu {cpu}"
     )
+    return result

@@ -9,6 +9,7 @@ from bench.ceilings import ceilings
 from bench.cluster import cluster_throughput, cross_latency, failover
 from bench.context import Context
 from bench.delivery import drain_batched, e2e_batched, unbatched_many, unbatched_one
+from bench.history import history_cost
 from bench.ingest import ingest
 from bench.steady import idle, latency
 from bench.sustained import sustained
@@ -24,6 +25,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "unbatched1": ("(b) unbatched drain, 1 tenant", unbatched_one),
     "unbatched1000": ("(b) unbatched drain, 1000 tenants", unbatched_many),
     "latency": ("(c) unbatched ingest→delivery latency at 500/s, 50 tenants", latency),
+    "historycost": ("history off and on: batched end to end, unbatched 1000 tenants", history_cost),
     "cluster": (
         "two instances on one PostgreSQL: batched end to end, unbatched over 1000 tenants",
         cluster_throughput,
@@ -39,7 +41,16 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
 # others stay on SQLite: backlog builds its SQLite file directly, idle and sustained measure
 # the daemon alone.
 POSTGRES_SCENARIOS = frozenset(
-    {"ceilings", "ingest", "drain", "e2e", "unbatched1", "unbatched1000", "latency"}
+    {
+        "ceilings",
+        "ingest",
+        "drain",
+        "e2e",
+        "unbatched1",
+        "unbatched1000",
+        "latency",
+        "historycost",
+    }
 )
 
 # Several instances on one database: PostgreSQL only (skipped when only SQLite runs).

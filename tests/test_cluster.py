@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 from tests.conftest import Daemon, Receiver, free_port, tenant, wait_for, write_config
 from tests.postgres import PostgresServer
 from webhookd import config as config_mod
+from webhookd import forward
 from webhookd.config import Config, PostgresURL
 from webhookd.serve import Server
 from webhookd.service import Service
@@ -541,6 +542,47 @@ async def test_an_owner_whose_api_does_not_answer_is_503_owner_unreachable(
         assert (status, body["error"]) == (503, "owner_unreachable")
         assert instance(a) in body["detail"] and silent in body["detail"]
     assert not a.service.workers["acme"].row.paused
+
+
+async def test_an_owner_that_accepts_but_never_answers_is_503_after_the_forwarding_timeout(
+    tmp_path: Path,
+    receiver: Receiver,
+    postgres_url: str,
+    start_instance: StartInstance,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(forward, "FORWARD_TIMEOUT_S", 0.5)
+    # Where the owner says its API is, a server takes connections and never answers (a
+    # frozen process, a proxy stuck upstream): the forwarded call must not wait forever.
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hang(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    hung = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = hung.sockets[0].getsockname()[1]
+    try:
+        path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+        a = await start_instance(
+            instance_config(path, postgres_url, advertise_url=f"http://127.0.0.1:{port}")
+        )
+        await wait_for(lambda: held(a) == {"acme"}, timeout=5)
+        b = await start_instance(instance_config(path, postgres_url))
+
+        pause = asyncio.create_task(b.request("POST", "/v1/tenants/acme/pause"))
+        await wait_for(lambda: len(accepted) == 1, timeout=5)
+        # Meanwhile B answers everything else at once.
+        status, _ = await b.request("GET", "/healthz")
+        assert status == 200
+        status, body = await asyncio.wait_for(pause, timeout=5)
+        assert (status, body["error"]) == (503, "owner_unreachable")
+        assert "no answer within 0.5 s" in body["detail"]
+        assert not a.service.workers["acme"].row.paused
+    finally:
+        for writer in accepted:
+            writer.close()
+        hung.close()
+        await hung.wait_closed()
 
 
 async def test_a_control_for_a_tenant_no_one_holds_claims_it_here(

@@ -230,6 +230,8 @@ async def test_instances_whose_main_files_differ_show_a_config_mismatch_until_re
             (id_b, (id_a,)),
         }
         assert len(said) == 2  # once per change, not once per tick
+        status, text = await a.request("GET", "/metrics")
+        assert status == 200 and "\nwebhookd_config_mismatch 1.0\n" in text
 
         # B's file made the same as A's, then reloaded (SIGHUP): cleared on both at once.
         write_config(tmp_path / "b", same)
@@ -245,6 +247,8 @@ async def test_instances_whose_main_files_differ_show_a_config_mismatch_until_re
         )
     cleared = {e["instance"] for e in later if e["event"] == "config_mismatch_cleared"}
     assert cleared == {id_a, id_b}
+    status, text = await a.request("GET", "/metrics")
+    assert status == 200 and "\nwebhookd_config_mismatch 0.0\n" in text
     assert SECRET not in repr(logs) + repr(later)
     conn = await asyncpg.connect(postgres_url)
     try:

@@ -113,7 +113,13 @@ def _cluster_families(
     )
     for change in ("gained", "lost", "released"):
         changes.add_metric([change], cluster.lease_changes[change])
-    yield from (leases, live, changes)
+    mismatch = GaugeMetricFamily(
+        "webhookd_config_mismatch",
+        "Live instances whose main-file tenants differ from this instance's (their "
+        "published digests, last tick): 0 when every instance has the same tenants.",
+    )
+    mismatch.add_metric([], len(cluster.mismatch))
+    yield from (leases, live, changes, mismatch)
 
 
 class _ConnectionsCollector(Collector):
