@@ -151,7 +151,7 @@ async def backlog(ctx: Context) -> None:
 
     build_s = 0.0
 
-    async def prepare(directory: Path) -> None:
+    async def prepare(directory: Path, _database: str) -> None:
         nonlocal build_s
         build_s = await build_backlog(directory / "webhookd.db", names, per_tenant)
         size = (directory / "webhookd.db").stat().st_size

@@ -61,25 +61,31 @@ class Context:
         tenants: dict[str, dict[str, Any]],
         *,
         env: dict[str, str] | None = None,
-        prepare: Callable[[Path], Awaitable[None]] | None = None,
+        prepare: Callable[[Path, str], Awaitable[None]] | None = None,
         expected: frozenset[str] = frozenset(),
         **config: Any,
     ) -> AsyncIterator[Daemon]:
         """A fresh daemon for one scenario; its warnings and errors go into the details.
 
-        `prepare(directory)` runs before the daemon starts (to build its database there);
+        `prepare(directory, database)` runs before the daemon starts, to build its database
+        (a SQLite file's path in `directory`, or the postgresql:// URL of a fresh database);
         `env` is added to the daemon's environment; log events named in `expected` (a
         scenario's failing endpoints: `delivery_failed`) are counted, not shown as problems.
         """
         await self.receiver.reset(self.client)
         database: str | None = None
         with scratch_dir(name) as directory:
-            if prepare is not None:
-                await prepare(directory)
             if self.engine == "postgres":
-                assert self.postgres is not None and prepare is None, "a SQLite-only scenario"
+                assert self.postgres is not None
                 database = await asyncio.to_thread(self.postgres.create_database)
                 config["database"] = self.postgres.database_url(database)
+            if prepare is not None:
+                try:
+                    await prepare(directory, config.get("database", str(directory / "webhookd.db")))
+                except BaseException:
+                    if database is not None:
+                        await asyncio.to_thread(self._drop, database)
+                    raise
             try:
                 daemon = await asyncio.to_thread(Daemon, directory, tenants, env, **config)
             except BaseException:

@@ -1,4 +1,4 @@
-"""What keeping a delivery history costs: the same runs with history off and on.
+"""The delivery history: what keeping it costs, how fast a page answers, pruning.
 
 - historycost: batched end to end (100 tenants, ingest running) and the unbatched drain
   over 1,000 tenants, each run twice on fresh daemons: with `history_retention = "0"` (no
@@ -6,15 +6,42 @@
   of the two rates, beside both rates and the daemon's CPU per webhook in each; the
   issue's design target is >= 0.85. The runs alternate off, on, so that a neighbour's load
   that comes and goes does not favour one side.
+- historylist: 10,000,000 history records (10 tenants of 1,000,000) written straight into
+  the daemon's schema, then pages of 100 through the API as a user asks them: newest,
+  oldest, from a cursor in the middle, by event (common and rare, with a cursor), by
+  sequence range, by time range, by a rare outcome, and a lookup by producer id. p50 of 20
+  of each, against the 50 ms target.
+- historyprune: 1,000,000 records past their tenants' retention. First pruning steps timed
+  through the store (how long one holds the writer, the 20 ms target); then a daemon with a
+  30-day retention for them carries unbatched webhooks at 500/s over 50 other tenants, is
+  reloaded with a 7-day retention, and carries the same load while it prunes them: the
+  latency before and during, and the pruning rate.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+import sqlite3
+import time
+import tomllib
+from pathlib import Path
 from typing import Any
 
-from bench.context import Context
+import asyncpg
+import tomli_w
+
+from bench import load
+from bench.context import MS, Context
 from bench.delivery import drain, end_to_end
+from bench.harness import Daemon, tenant_names, tenant_tables
 from bench.report import Figure
+from webhookd import logs
+from webhookd.config import PostgresURL
+from webhookd.service import PRUNE_STEP
+from webhookd.store import make_store
+from webhookd.store.history import RECORD_OVERHEAD
 
 OFF = {"history_retention": "0"}
 ON: dict[str, Any] = {}  # the defaults: history kept 7 days, with payloads
@@ -72,3 +99,393 @@ async def history_cost(ctx: Context) -> None:
             )
         )
         ctx.say(f"  {label}: history on / off = {ratio:.2f} ({note})")
+
+
+# -- a page of history with 10,000,000 records stored -------------------------------------------
+
+LIST_TENANTS = 10
+PAD = "x" * 200  # a payload of ~230 bytes, as a small event's data
+RARE_EVENT = "RARE_EVENT"  # one record in 1,000
+RARE_OUTCOME = "parked"  # one record in 1,000
+HISTORY_SPAN_S = 6 * 86400.0  # inside the default 7-day retention: nothing is pruned
+
+
+def fill_sqlite(
+    path: str, names: list[str], per_tenant: int, started: float, span: float = HISTORY_SPAN_S
+) -> None:
+    """`per_tenant` history records for each tenant, straight into the daemon's schema (made
+    by its store just before): the indexes dropped, the rows written by one INSERT … SELECT
+    per tenant, the indexes made again from their own definitions, the tenant's counters and
+    history size set as the writes would have left them. The first tenant's records carry
+    producer ids, remembered in webhook_ids (a lookup by id)."""
+    step = span / per_tenant
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = OFF")
+        indexes = [
+            sql
+            for (sql,) in conn.execute(
+                "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name IN "
+                "('history', 'webhook_ids') AND sql IS NOT NULL"
+            )
+        ]
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN "
+            "('history', 'webhook_ids') AND sql IS NOT NULL"
+        ).fetchall():
+            conn.execute(f"DROP INDEX {name}")
+        for number, tenant in enumerate(names):
+            conn.execute(
+                f"""WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < ?)
+                    INSERT INTO history (tenant, sequence, id, event, accepted_at, finished_at,
+                        outcome, attempts, status, duration_ms, data, next_sequence)
+                    SELECT ?, n, ? || '-' || n,
+                           CASE WHEN n % 1000 = 7 THEN '{RARE_EVENT}' ELSE 'EVENT_' || (n % 10)
+                           END,
+                           ? + n * ?, ? + n * ? + 0.05,
+                           CASE WHEN n % 1000 = 3 THEN '{RARE_OUTCOME}' ELSE 'delivered' END,
+                           1, CASE WHEN n % 1000 = 3 THEN NULL ELSE 200 END, 12.5,
+                           '{{"n":' || n || ',"pad":"{PAD}"}}', NULL
+                    FROM s""",
+                (per_tenant, tenant, tenant, started, step, started, step),
+            )
+            if number == 0:
+                conn.execute(
+                    """INSERT INTO webhook_ids (tenant, id, sequence, accepted_at)
+                       SELECT tenant, id, sequence, accepted_at FROM history WHERE tenant = ?""",
+                    (tenant,),
+                )
+            conn.execute(
+                """INSERT INTO tenant_state (tenant, last_sequence, acked_sequence)
+                   VALUES (?, ?, ?)""",
+                (tenant, per_tenant, per_tenant),
+            )
+            conn.execute(
+                """INSERT INTO history_sizes (tenant, records, failures, bytes)
+                   SELECT tenant, count(*), 0,
+                          sum(length(id) + length(event) + length(data) + ?)
+                   FROM history WHERE tenant = ?""",
+                (RECORD_OVERHEAD, tenant),
+            )
+            conn.commit()
+        for sql in indexes:
+            conn.execute(sql)
+        conn.commit()
+        conn.execute("ANALYZE")
+        conn.commit()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+async def fill_postgres(
+    url: str, names: list[str], per_tenant: int, started: float, span: float = HISTORY_SPAN_S
+) -> None:
+    """As fill_sqlite, on PostgreSQL: generate_series, indexes made again from pg_indexes."""
+    step = span / per_tenant
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SET synchronous_commit = off")
+        indexes = await conn.fetch(
+            """SELECT i.indexname, i.indexdef FROM pg_indexes AS i
+               WHERE i.tablename IN ('history', 'webhook_ids') AND NOT EXISTS (
+                   SELECT FROM pg_constraint AS c WHERE c.conname = i.indexname)"""
+        )
+        for row in indexes:
+            await conn.execute(f'DROP INDEX "{row["indexname"]}"')
+        for number, tenant in enumerate(names):
+            await conn.execute(
+                f"""INSERT INTO history (tenant, sequence, id, event, accepted_at, finished_at,
+                        outcome, attempts, status, duration_ms, data, next_sequence)
+                    SELECT $1, n, $1 || '-' || n,
+                           CASE WHEN n % 1000 = 7 THEN '{RARE_EVENT}' ELSE 'EVENT_' || (n % 10)
+                           END,
+                           $2 + n * $3, $2 + n * $3 + 0.05,
+                           CASE WHEN n % 1000 = 3 THEN '{RARE_OUTCOME}' ELSE 'delivered' END,
+                           1, CASE WHEN n % 1000 = 3 THEN NULL ELSE 200 END, 12.5,
+                           '{{"n":' || n || ',"pad":"{PAD}"}}', NULL
+                    FROM generate_series(1, $4::bigint) AS n""",
+                tenant,
+                started,
+                step,
+                per_tenant,
+            )
+            if number == 0:
+                await conn.execute(
+                    """INSERT INTO webhook_ids (tenant, id, sequence, accepted_at)
+                       SELECT tenant, id, sequence, accepted_at FROM history WHERE tenant = $1""",
+                    tenant,
+                )
+            await conn.execute(
+                "INSERT INTO counters (tenant, last_sequence) VALUES ($1, $2)", tenant, per_tenant
+            )
+            await conn.execute(
+                "INSERT INTO tenant_state (tenant, acked_sequence) VALUES ($1, $2)",
+                tenant,
+                per_tenant,
+            )
+            await conn.execute(
+                """INSERT INTO history_sizes (tenant, records, failures, bytes)
+                   SELECT tenant, count(*), 0,
+                          sum(octet_length(id) + octet_length(event) + octet_length(data) + $2)
+                   FROM history WHERE tenant = $1 GROUP BY tenant""",
+                tenant,
+                RECORD_OVERHEAD,
+            )
+        for row in indexes:
+            await conn.execute(row["indexdef"])
+        await conn.execute("VACUUM ANALYZE")
+    finally:
+        await conn.close()
+
+
+async def make_schema(database: str) -> None:
+    """The daemon's schema in a new database, made by its own store."""
+    logs.configure("json", "warning")  # the store logs its migration at info
+    store = make_store(
+        PostgresURL(database) if database.startswith("postgresql://") else Path(database)
+    )
+    await store.open()
+    await store.close()
+
+
+async def timed_get(ctx: Context, url: str, runs: int) -> tuple[float, float, Any]:
+    """p50 and max milliseconds of `runs` GETs of `url` (after one untimed), and its answer."""
+    async with ctx.client.get(url) as response:
+        body = await response.json()
+        if response.status != 200:
+            raise RuntimeError(f"GET {url}: {response.status} {body}")
+    took = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        async with ctx.client.get(url) as response:
+            await response.read()
+        took.append((time.perf_counter() - started) * MS)
+    took.sort()
+    return took[len(took) // 2], took[-1], body
+
+
+async def history_list(ctx: Context) -> None:
+    per_tenant = ctx.size(1_000_000, 20_000)
+    names = [f"h{n}" for n in range(LIST_TENANTS)]
+    total = per_tenant * len(names)
+    started = time.time() - HISTORY_SPAN_S - 60
+    tables = tenant_tables(names, ctx.receiver, "historylist", batching=True)
+    fill_s = 0.0
+
+    async def prepare(_directory: Path, database: str) -> None:
+        nonlocal fill_s
+        began = time.monotonic()
+        await make_schema(database)
+        if database.startswith("postgresql://"):
+            await fill_postgres(database, names, per_tenant, started)
+        else:
+            await asyncio.to_thread(fill_sqlite, database, names, per_tenant, started)
+        fill_s = time.monotonic() - began
+        ctx.say(f"  stored {total:,} history records in {fill_s:.0f} s")
+
+    async with ctx.daemon("historylist", tables, prepare=prepare) as daemon:
+        async with ctx.client.get(f"{daemon.base}/v1/status") as response:
+            totals = (await response.json())["totals"]
+        tenant = names[0]
+        base = f"{daemon.base}/v1/tenants/{tenant}/history"
+        middle = per_tenant // 2
+        step = HISTORY_SPAN_S / per_tenant
+        at = started + middle * step
+        queries = {
+            "newest": "?limit=100",
+            "oldest": "?order=oldest&limit=100",
+            "cursor, middle": f"?cursor={middle}&limit=100",
+            "event, 1 in 10": "?event=EVENT_3&limit=100",
+            "event, 1 in 1,000": f"?event={RARE_EVENT}&limit=100",
+            "event, 1 in 1,000, cursor": f"?event={RARE_EVENT}&cursor={middle}&limit=100",
+            "sequence range": f"?from_sequence={middle}&to_sequence={middle + 99}&order=oldest",
+            "time range": f"?since={at:.3f}&until={at + 100 * step:.3f}&order=oldest",
+            "outcome, 1 in 1,000": f"?outcome={RARE_OUTCOME}&limit=100",
+        }
+        runs = ctx.size(20, 5)
+        results: dict[str, dict[str, float]] = {}
+        for label, query in queries.items():
+            p50, worst, body = await timed_get(ctx, base + query, runs)
+            records = body.get("records", body) if isinstance(body, dict) else body
+            results[label] = {"p50_ms": p50, "max_ms": worst, "records": len(records)}
+        lookup = f"{daemon.base}/v1/tenants/{tenant}/webhooks/{tenant}-{middle}"
+        p50, worst, body = await timed_get(ctx, lookup, runs)
+        results["lookup by producer id"] = {"p50_ms": p50, "max_ms": worst, "records": 1}
+        if body.get("state") != "delivered":
+            raise RuntimeError(f"lookup of {tenant}-{middle}: {body}")
+    ctx.report.details["historylist"] = {
+        "records": total,
+        "tenants": len(names),
+        "fill_s": fill_s,
+        "status_totals": totals,
+        "queries": results,
+    }
+    for label, result in results.items():
+        ctx.report.figures.append(
+            Figure(
+                f"history_page_{label}",
+                f"history, {total / 1e6:g} M records: {label}",
+                result["p50_ms"],
+                "ms",
+                target=("<", 50.0),
+            )
+        )
+        ctx.say(
+            f"  {label}: p50 {result['p50_ms']:.1f} ms, max {result['max_ms']:.1f} ms "
+            f"({result['records']:.0f} records)"
+        )
+
+
+# -- pruning 1,000,000 records while ingest and deliveries run ----------------------------------
+
+PRUNE_TENANTS = 10
+LIVE_TENANTS = 50
+LONG_RETENTION = "30d"  # phase 1: nothing of the old records is past it
+SHORT_RETENTION = "7d"  # phase 2: all of them are
+TIMED_STEPS = 100  # prune steps timed in-process before the daemon starts
+
+
+async def timed_prune_steps(database: str, names: list[str], steps: int) -> list[float]:
+    """Milliseconds each of `steps` pruning steps took through the store, as the daemon's
+    pruner calls it (PRUNE_STEP rows): how long a step holds the writer, and with it every
+    ingest and delivery record waiting behind it."""
+    store = make_store(
+        PostgresURL(database) if database.startswith("postgresql://") else Path(database)
+    )
+    await store.open()
+    took = []
+    try:
+        for _ in range(steps):
+            began = time.perf_counter()
+            result = await store.prune_history(
+                time.time(),
+                retention=dict.fromkeys(names, 7 * 86400.0),
+                default_retention=7 * 86400.0,
+                max_bytes=None,
+                idempotency_window=86400.0,
+                step=PRUNE_STEP,
+            )
+            took.append((time.perf_counter() - began) * MS)
+            if not result.more:
+                break
+    finally:
+        await store.close()
+    return took
+
+
+def with_retention(daemon: Daemon, names: list[str], retention: str) -> None:
+    """Rewrite the daemon's config with `retention` for `names`, and SIGHUP it."""
+    raw = tomllib.loads(daemon.config_path.read_text())
+    for name in names:
+        raw["tenants"][name]["history_retention"] = retention
+    daemon.config_path.write_text(tomli_w.dumps(raw))
+    daemon.proc.proc.send_signal(signal.SIGHUP)
+
+
+async def history_records(ctx: Context, daemon: Daemon) -> int:
+    async with ctx.client.get(f"{daemon.base}/v1/status") as response:
+        return int((await response.json())["totals"]["history_records"])
+
+
+async def paced_latency(
+    ctx: Context, daemon: Daemon, names: list[str], seconds: float
+) -> dict[str, float]:
+    """Unbatched webhooks at 500/s over `names` for `seconds`: send→arrival ms."""
+    await ctx.receiver.reset(ctx.client)
+    urls = [daemon.ingest_url(n) for n in names]
+    sent = await load.paced(lambda k: urls[k % len(urls)], rate=500.0, duration=seconds)
+    stats = await ctx.receiver.wait_total(ctx.client, sent.sent - sent.errors, 15.0)
+    lat = stats["latency"] or {}
+    return {
+        "sent": float(sent.sent),
+        "delivered": float(stats["total"]),
+        **{k: v * MS for k, v in lat.items() if k != "count"},
+    }
+
+
+async def history_prune(ctx: Context) -> None:
+    per_tenant = ctx.size(100_000, 10_000)
+    old = [f"p{n}" for n in range(PRUNE_TENANTS)]
+    live = tenant_names(LIVE_TENANTS, "l")
+    total = per_tenant * len(old)
+    # Accepted 9 to 8 days ago: inside a 30-day retention, past a 7-day one.
+    started = time.time() - 9 * 86400.0
+    tables = {
+        **tenant_tables(old, ctx.receiver, "historyprune", history_retention=LONG_RETENTION),
+        **tenant_tables(live, ctx.receiver, "historyprune", batching=False),
+    }
+    steps: list[float] = []
+
+    async def prepare(_directory: Path, database: str) -> None:
+        nonlocal steps
+        await make_schema(database)
+        span = 86400.0 / per_tenant
+        if database.startswith("postgresql://"):
+            await fill_postgres(database, old, per_tenant, started, span)
+        else:
+            await asyncio.to_thread(fill_sqlite, database, old, per_tenant, started, span)
+        steps = await timed_prune_steps(database, old, TIMED_STEPS)
+        ctx.say(
+            f"  stored {total:,} records past a 7-day retention; {len(steps)} pruning steps of "
+            f"{PRUNE_STEP} timed through the store"
+        )
+
+    seconds = ctx.size(8.0, 3.0)
+    async with ctx.daemon("historyprune", tables, prepare=prepare) as daemon:
+        before = await history_records(ctx, daemon)
+        quiet = await paced_latency(ctx, daemon, live, seconds)
+        with_retention(daemon, old, SHORT_RETENTION)
+        began = time.monotonic()
+        pruning = await paced_latency(ctx, daemon, live, seconds)
+        at_end = await history_records(ctx, daemon)
+        # The rest of the old records, if any: the records left are the live tenants' own.
+        deadline = time.monotonic() + 120.0
+        while time.monotonic() < deadline:
+            left = await history_records(ctx, daemon) - int(
+                quiet["delivered"] + pruning["delivered"]
+            )
+            if left <= 0:
+                break
+            await asyncio.sleep(0.2)
+        prune_s = time.monotonic() - began
+    steps.sort()
+    result = {
+        "records": total,
+        "records_before": before,
+        "pruned_during_load": before + int(quiet["delivered"] + pruning["delivered"]) - at_end,
+        "prune_s": prune_s,
+        "prune_per_s": total / prune_s if prune_s else 0.0,
+        "step_rows": PRUNE_STEP,
+        "step_ms": {
+            "p50": steps[len(steps) // 2],
+            "p99": steps[min(len(steps) - 1, int(0.99 * len(steps)))],
+            "max": steps[-1],
+        },
+        "latency_quiet_ms": quiet,
+        "latency_pruning_ms": pruning,
+    }
+    ctx.report.details["historyprune"] = result
+    ctx.report.figures.append(
+        Figure(
+            "history_prune_step_max",
+            f"history pruning: longest step ({PRUNE_STEP} records)",
+            result["step_ms"]["max"],
+            "ms",
+            target=("<", 20.0),
+        )
+    )
+    ctx.report.figures.append(
+        Figure(
+            "history_prune_latency_p99",
+            "latency p99 @500/s while 1 M records are pruned",
+            pruning.get("p99", 0.0),
+            "ms",
+            note=f"the same load before: p99 {quiet.get('p99', 0.0):.1f} ms",
+        )
+    )
+    ctx.say(
+        f"  pruned {total:,} in {prune_s:.1f} s ({result['prune_per_s']:,.0f}/s); a step of "
+        f"{PRUNE_STEP}: p50 {result['step_ms']['p50']:.1f} ms, max {result['step_ms']['max']:.1f}"
+        f" ms; latency at 500/s before p50/p99/max {quiet.get('p50', 0):.1f}/"
+        f"{quiet.get('p99', 0):.1f}/{quiet.get('max', 0):.1f} ms, while pruning "
+        f"{pruning.get('p50', 0):.1f}/{pruning.get('p99', 0):.1f}/{pruning.get('max', 0):.1f} ms"
+    )

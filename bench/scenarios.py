@@ -9,7 +9,7 @@ from bench.ceilings import ceilings
 from bench.cluster import cluster_throughput, cross_latency, failover
 from bench.context import Context
 from bench.delivery import drain_batched, e2e_batched, unbatched_many, unbatched_one
-from bench.history import history_cost
+from bench.history import history_cost, history_list, history_prune
 from bench.ingest import ingest
 from bench.steady import idle, latency
 from bench.sustained import sustained
@@ -26,6 +26,8 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "unbatched1000": ("(b) unbatched drain, 1000 tenants", unbatched_many),
     "latency": ("(c) unbatched ingest→delivery latency at 500/s, 50 tenants", latency),
     "historycost": ("history off and on: batched end to end, unbatched 1000 tenants", history_cost),
+    "historylist": ("history: a page of 100 with 10,000,000 records stored", history_list),
+    "historyprune": ("history: 1,000,000 records pruned under load at 500/s", history_prune),
     "cluster": (
         "two instances on one PostgreSQL: batched end to end, unbatched over 1000 tenants",
         cluster_throughput,
@@ -50,6 +52,8 @@ POSTGRES_SCENARIOS = frozenset(
         "unbatched1000",
         "latency",
         "historycost",
+        "historylist",
+        "historyprune",
     }
 )
 
