@@ -81,7 +81,7 @@ class _QueueCollector(Collector):
         healthy = GaugeMetricFamily(
             "webhookd_healthy",
             "1 while the health check /healthz runs passes (the database answers; on "
-            "PostgreSQL, the leases are renewed), 0 while it fails; run at each scrape.",
+            "PostgreSQL, the leases are renewed), 0 while it fails; checked at each scrape.",
         )
         healthy.add_metric([], 0 if self.service.problem else 1)
         now = self.service.clock.now()
