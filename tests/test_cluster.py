@@ -315,6 +315,9 @@ async def test_healthz_says_so_while_the_leases_cannot_be_renewed(
         assert body["error"] == "unhealthy"
         assert body["detail"].startswith("the database "), body
         assert "statement timeout" in body["detail"], body
+        # The metrics say so too, from the same check (the database-unreachable alert).
+        status, text = await a.request("GET", "/metrics")
+        assert status == 200 and scraped(text)["webhookd_healthy"][()] == 0
     finally:
         await conn.close()
 
@@ -723,6 +726,8 @@ async def test_metrics_are_per_instance_and_sum_without_double_counting(
     assert sum(m["webhookd_tenants_stalled"][()] for m in metrics) == 4
     assert [m["webhookd_leases"][()] for m in metrics] == [2, 2]
     assert [m["webhookd_cluster_instances"][()] for m in metrics] == [2, 2]
+    assert [m["webhookd_cluster_tenants"][()] for m in metrics] == [4, 4]
+    assert [m["webhookd_healthy"][()] for m in metrics] == [1, 1]
     changes = [
         {dict(k)["change"]: v for k, v in m["webhookd_lease_changes_total"].items()}
         for m in metrics

@@ -1052,6 +1052,7 @@ def test_duration_histogram_buckets_are_cumulative(
         visible_workers=list,
         connections=None,
         cluster=None,
+        problem=None,
     )
     metrics = Metrics(cast(Any, service))
     for duration in durations_ms:
@@ -1154,6 +1155,49 @@ async def test_metrics_in_prometheus_format(receiver: Receiver, start_daemon: St
     assert code == 200
     assert shown["totals"]["history_records"] == 4
     assert shown["totals"]["history_bytes"] == value(text, "webhookd_history_bytes")
+    # The health check /healthz runs, made for the scrape; the ingest calls above, all 202.
+    assert value(text, "webhookd_healthy") == 1
+    assert value(text, "webhookd_disk_full") == 0
+    assert samples(text, "webhookd_ingest_responses_total") == {(("code", "202"),): 4}
+    # The process's own: a restart shows as a new start time.
+    assert 0 < time.time() - (value(text, "process_start_time_seconds") or 0) < 300
+
+
+async def test_metrics_count_ingest_answers_by_status(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    """Every answer ingest gives is counted by its status, refusals included: those of the
+    handler, those of the `Expect: 100-continue` check before the body is sent, and the 503
+    of a daemon on its way down (what the 5xx alert watches)."""
+    daemon = await start_daemon(tenants={"acme": tenant(receiver.url("/acme"))})
+    await daemon.ingest("acme", {"event": EVENT})
+    await daemon.ingest("acme", [{"event": EVENT}, {"event": EVENT}])
+    await daemon.ingest("nobody", {"event": EVENT}, expect=404)
+    status, _ = await daemon.request(
+        "POST",
+        "/v1/tenants/acme/webhooks",
+        data=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 400
+    # Refused before the body is sent: a 404 by the Expect check, not the handler.
+    async with daemon.session.post(
+        f"{daemon.base}/v1/tenants/nobody/webhooks", json={"event": EVENT}, expect100=True
+    ) as response:
+        assert response.status == 404
+    # Other paths are not ingest's answers.
+    assert (await daemon.request("GET", "/v1/tenants/nobody/status"))[0] == 404
+
+    await daemon.service.drain()  # the first step of a stop: ingest is refused from now on
+    await daemon.ingest("acme", {"event": EVENT}, expect=503)
+
+    _, text = await daemon.request("GET", "/metrics")
+    assert samples(text, "webhookd_ingest_responses_total") == {
+        (("code", "202"),): 2,
+        (("code", "400"),): 1,
+        (("code", "404"),): 2,
+        (("code", "503"),): 1,
+    }
 
 
 # -- 7. text views ------------------------------------------------------------------------------

@@ -161,6 +161,11 @@ async def test_a_database_outage_refuses_ingest_and_loses_nothing(
     assert body["detail"].endswith("; webhookd reconnects by itself once it answers")
     status, body = await daemon.request("GET", "/healthz")
     assert (status, body["error"]) == (503, "unhealthy")
+    # The metrics say so too: what the database-unreachable and 5xx alerts watch.
+    status, text = await daemon.request("GET", "/metrics")
+    assert status == 200
+    assert "\nwebhookd_healthy 0.0\n" in text
+    assert 'webhookd_ingest_responses_total{code="503"} 1.0\n' in text
     # The endpoint comes back while the database is still away: deliveries go on, and
     # their outcomes wait to be recorded.
     receiver.always("/acme", 200)
@@ -177,6 +182,7 @@ async def test_a_database_outage_refuses_ingest_and_loses_nothing(
     await wait_for(accepted, timeout=10, interval=0.2)
     status, _ = await daemon.request("GET", "/healthz")
     assert status == 200
+    assert "\nwebhookd_healthy 1.0\n" in (await daemon.request("GET", "/metrics"))[1]
 
     async def drained() -> bool:
         return bool((await daemon.status("acme"))["waiting"] == 0)

@@ -51,18 +51,22 @@ class UnsupportedMediaType(ServiceError):
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error answers JSON `{"error", "detail"}`; a bug answers 500, never a traceback."""
+    """Every error answers JSON `{"error", "detail"}`; a bug answers 500, never a traceback.
+    Ingest's answers are counted by status (the metrics)."""
     try:
-        return await handler(request)
+        response = await handler(request)
     except ServiceError as exc:
-        return error_response(exc.status, exc.code, exc.detail)
+        response = error_response(exc.status, exc.code, exc.detail)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return http_error_response(request, exc)
+        response = http_error_response(request, exc)
     except Exception:
         log.exception("request_failed", method=request.method, path=request.path)
-        return error_response(500, "internal", "an internal error occurred; see the daemon log")
+        response = error_response(500, "internal", "an internal error occurred; see the daemon log")
+    if request.match_info.route.handler is ingest:
+        request.app[SERVICE].metrics.answered_ingest(response.status)
+    return response
 
 
 def authorized(request: web.BaseRequest, expected: bytes) -> bool:
@@ -156,12 +160,18 @@ def preflight(app: web.Application) -> Any:
     token = app[SERVICE].config.daemon.api_token.reveal().encode()
 
     async def check(request: web.BaseRequest) -> web.StreamResponse | None:
+        match = await app.router.resolve(request)  # type: ignore[arg-type]
+        answer = refuse(request, match)
+        if answer is not None and match.route.handler is ingest:
+            app[SERVICE].metrics.answered_ingest(answer.status)  # as the app's answers are
+        return answer
+
+    def refuse(request: web.BaseRequest, match: web.UrlMappingMatchInfo) -> web.Response | None:
         expect = request.headers["Expect"].strip().lower()
         if expect != "100-continue":
             return error_response(
                 417, "expectation_failed", "the only Expect this API takes is 100-continue"
             )
-        match = await app.router.resolve(request)  # type: ignore[arg-type]
         if token and request.path != "/healthz" and not authorized(request, token):
             return refusal(app[SERVICE], request)
         if match.http_exception is not None:
@@ -361,6 +371,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     await service.history_size()  # the history gauges, as of now
+    await service.health()  # webhookd_healthy: the check /healthz runs, made for each scrape
     body = service.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

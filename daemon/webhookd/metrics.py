@@ -12,7 +12,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -39,6 +39,11 @@ class Gauged(Protocol):
 
     @property
     def history_seen(self) -> HistorySize: ...
+
+    @property
+    def problem(self) -> str | None:
+        """What the last health check found wrong (None: healthy)."""
+        ...
 
     def visible_workers(self) -> list[TenantWorker]: ...
 
@@ -76,6 +81,12 @@ class _QueueCollector(Collector):
             "webhookd_disk_full", "1 while ingest is refused because the disk is full."
         )
         disk_full.add_metric([], 1 if self.service.store.disk_full else 0)
+        healthy = GaugeMetricFamily(
+            "webhookd_healthy",
+            "1 while the health check /healthz runs passes (the database answers; on "
+            "PostgreSQL, the leases are renewed), 0 while it fails; checked at each scrape.",
+        )
+        healthy.add_metric([], 0 if self.service.problem else 1)
         now = self.service.clock.now()
         count_stalled = 0
         cluster = self.service.cluster
@@ -91,7 +102,7 @@ class _QueueCollector(Collector):
             parked.add_metric([worker.name], worker.parked)
             count_stalled += worker.queue_state == "stalled"
         stalled.add_metric([], count_stalled)
-        yield from (depth, oldest, attempts, parked, stalled, disk_full)
+        yield from (depth, oldest, attempts, parked, stalled, disk_full, healthy)
 
 
 def _cluster_families(
@@ -105,6 +116,11 @@ def _cluster_families(
         "webhookd_cluster_instances", "Live instances sharing the database (this one included)."
     )
     live.add_metric([], cluster.live_instances)
+    tenants = GaugeMetricFamily(
+        "webhookd_cluster_tenants",
+        "Tenants the instances share (one lease each), as this instance's last tick counted.",
+    )
+    tenants.add_metric([], cluster.tenants)
     changes = CounterMetricFamily(
         "webhookd_lease_changes",
         "Tenant leases gained (claimed), lost (claimed by another instance, or not renewed "
@@ -119,7 +135,7 @@ def _cluster_families(
         "published digests, last tick): 0 when every instance has the same tenants.",
     )
     mismatch.add_metric([], len(cluster.mismatch))
-    yield from (leases, live, changes, mismatch)
+    yield from (leases, live, tenants, changes, mismatch)
 
 
 class _ConnectionsCollector(Collector):
@@ -186,6 +202,13 @@ class _CountsCollector(Collector):
         )
         for (tenant, status), count in sorted(m.ingest.items()):
             ingested.add_metric([tenant, status], count)
+        answers = CounterMetricFamily(
+            "webhookd_ingest_responses",
+            "Ingest requests answered, by HTTP status code.",
+            labels=["code"],
+        )
+        for code, count in sorted(m.ingest_responses.items()):
+            answers.add_metric([str(code)], count)
         duration = HistogramMetricFamily(
             "webhookd_delivery_duration_seconds",
             "Delivery request duration, connect to last byte.",
@@ -213,7 +236,7 @@ class _CountsCollector(Collector):
             "Producer ids forgotten after the idempotency window (they may be used again).",
         )
         forgotten.add_metric([], m.ids_forgotten)
-        yield from (deliveries, delivered, duration, ingested, replayed, pruned, forgotten)
+        yield from (deliveries, delivered, duration, ingested, answers, replayed, pruned, forgotten)
 
 
 class _HistoryCollector(Collector):
@@ -249,6 +272,7 @@ class Metrics:
         self.deliveries: dict[tuple[str, str], int] = {}
         self.delivered: dict[str, int] = {}
         self.ingest: dict[tuple[str, str], int] = {}
+        self.ingest_responses: dict[int, int] = {}  # HTTP status -> ingest requests answered
         # Per bucket (not cumulative), the last one for +Inf.
         self.duration_counts = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_sum = 0.0
@@ -259,6 +283,9 @@ class Metrics:
         self.registry.register(_CountsCollector(self))
         self.registry.register(_QueueCollector(service))
         self.registry.register(_HistoryCollector(service))
+        # process_start_time_seconds and the like: a restart (by the systemd watchdog, say)
+        # shows as a new start time.
+        ProcessCollector(registry=self.registry)
 
     def watch_connections(self, guard: Guard) -> None:
         """Report the API's connections from `guard` too (the process wiring calls this
@@ -285,6 +312,9 @@ class Metrics:
         self.pruned_records["age"] += result.by_age
         self.pruned_records["size"] += result.by_size
         self.ids_forgotten += result.ids
+
+    def answered_ingest(self, status: int) -> None:
+        self.ingest_responses[status] = self.ingest_responses.get(status, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

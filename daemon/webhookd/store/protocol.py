@@ -107,6 +107,11 @@ class Cluster(Protocol):
     live_instances: int
     """Live instances (this one included) as the last tick counted them (the metrics)."""
 
+    tenants: int
+    """The tenants the instances share (a lease row each), as the last tick counted them
+    (the metrics: with `live_instances`, whether an instance without leases is idle by the
+    fair share or missing its part)."""
+
     lease_changes: dict[str, int]
     """Leases `gained`, `lost` (claimed by another, or not renewed in time) and `released`
     (handed over, or back at stop) since start (the metrics)."""

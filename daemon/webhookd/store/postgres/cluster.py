@@ -196,6 +196,7 @@ class PgCluster:
         self.held: dict[str, Lease] = {}
         # For the metrics: live instances as the last tick counted them, and lease changes.
         self.live_instances = 0
+        self.tenants = 0  # tenants with a lease row, as the last survey counted them
         self.lease_changes = {"gained": 0, "lost": 0, "released": 0}
         self.joined = False  # between start and leave: the store fences outcomes then
         self._members: Members | None = None
@@ -518,6 +519,7 @@ class PgCluster:
         survey = await conn.fetchrow(SURVEY, self.lease_seconds)
         assert survey is not None
         self.live_instances = survey["live"]
+        self.tenants = survey["tenants"]
         live = max(1, survey["live"])
         share = math.ceil(survey["tenants"] / live)
         owned = len(self.held) - len(self._releasing)
