@@ -792,8 +792,12 @@ class Client:
             try:
                 sock = await self._open(found, source_address)
             except ConnectError as exc:
-                reason = exc.cause.strerror or str(exc.cause)
-                raise ProxyError(f"cannot connect to {proxy.shown} ({reason.lower()})") from None
+                reason = (
+                    "connection refused"
+                    if isinstance(exc.cause, ConnectionRefusedError)
+                    else (exc.cause.strerror or str(exc.cause)).lower()
+                )
+                raise ProxyError(f"cannot connect to {proxy.shown} ({reason})") from None
             try:
                 status, reason = await _connect_request(sock, proxy, host, port)
             except BaseException:
