@@ -101,9 +101,11 @@ async def test_http_endpoint_goes_through_a_tunnel_too_and_the_tunnel_is_reused(
     daemon = await start_daemon(
         tenants={"acme": tenant(receiver.url("/hooks"))}, daemon=through(proxy, tmp_path)
     )
+    delivered: list[int] = []
     for sequence in (1, 2, 3):
+        delivered.append(sequence)
         await daemon.ingest("acme", {"event": EVENT})
-        await wait_for(lambda n=sequence: len(receiver.sequences("/hooks")) == n, timeout=10)
+        await wait_for(lambda: receiver.sequences("/hooks") == delivered)
     # The proxy saw one CONNECT and no plain request: the three went through one tunnel.
     assert proxy.requests == [f"CONNECT 127.0.0.1:{receiver.port} HTTP/1.1"]
     assert receiver.sequences("/hooks") == [1, 2, 3]
@@ -125,8 +127,9 @@ async def test_per_tenant_proxy_wins_and_an_empty_one_goes_direct(
         )
         for name in ("daemons", "own", "direct"):
             await daemon.ingest(name, {"event": EVENT})
-        for path in ("/daemons", "/own", "/direct"):
-            await wait_for(lambda p=path: receiver.sequences(p) == [1], timeout=10)
+        await wait_for(
+            lambda: all(receiver.sequences(p) == [1] for p in ("/daemons", "/own", "/direct"))
+        )
         target = f"127.0.0.1:{receiver.port}"
         assert (proxy.targets, own.targets) == ([target], [target])
         assert own.authorizations == [None]  # its URL names no user
@@ -164,9 +167,7 @@ async def test_proxy_checks_addresses_hands_the_proxy_the_name(
             "named": tenant(f"http://localhost:{receiver.port}/named"),
             "literal": tenant(receiver.url("/literal")),
         },
-        daemon=through(
-            proxy, tmp_path, allow_private_endpoints=False, proxy_checks_addresses=True
-        ),
+        daemon=through(proxy, tmp_path, allow_private_endpoints=False, proxy_checks_addresses=True),
     )
     await daemon.ingest("named", {"event": EVENT})
     await daemon.ingest("literal", {"event": EVENT})
@@ -273,7 +274,7 @@ async def test_the_proxy_password_is_never_shown(
         await first_failure(daemon)
         shown = [repr(logs), repr(daemon.service.config)]
         for path in ("/v1/tenants/acme/status", "/v1/tenants/acme", "/v1/status", "/metrics"):
-            code, body = await daemon.request("GET", path)
+            _code, body = await daemon.request("GET", path)
             shown.append(str(body))
         assert await daemon.service.reload()
     proc = await asyncio.create_subprocess_exec(
