@@ -673,8 +673,8 @@ def _proxy(table: _Table, base_dir: Path, *, tenant: bool = False) -> ProxyConfi
     file_text = table.get("proxy_password_file", "", _str)
     checks = table.get("proxy_checks_addresses", False, _bool)
     if not url:
-        for key in ("proxy_password_file", "proxy_checks_addresses"):
-            if table.has(key):
+        for key, given in (("proxy_password_file", file_text), ("proxy_checks_addresses", checks)):
+            if given:
                 table.error(key, 'only with a proxy (set proxy = "http://HOST:PORT")')
         if tenant and table.has("proxy") and not isinstance(table.raw["proxy"], str):
             return None  # the error is recorded
