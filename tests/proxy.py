@@ -2,7 +2,8 @@
 
 It records each CONNECT target and the Proxy-Authorization that came with it, and answers as
 told: `refuse = 407` (or 403, 502...) answers that status instead of opening the tunnel,
-`close = True` closes the connection without answering, `password` (with `user`) makes it
+`close = True` closes the connection without answering, `close_tunnel = True` answers 200
+and then closes, `silent = True` never answers, `password` (with `user`) makes it
 answer 407 to any other credentials. Anything but CONNECT is answered 405: a proxy in front
 of webhookd must only ever see tunnels.
 """
@@ -26,6 +27,8 @@ class Proxy:
     password: str = ""
     refuse: int = 0
     close: bool = False
+    close_tunnel: bool = False
+    silent: bool = False
     port: int = 0
     requests: list[str] = field(default_factory=list)  # request lines, as sent
     targets: list[str] = field(default_factory=list)  # CONNECT targets, tunnel opened or not
@@ -82,6 +85,13 @@ class Proxy:
         authorization = headers.get("proxy-authorization")
         self.authorizations.append(authorization)
         if self.close:
+            return
+        if self.silent:
+            await reader.read()  # until the client gives up
+            return
+        if self.close_tunnel:
+            writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            await writer.drain()
             return
         expected = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
         status = self.refuse

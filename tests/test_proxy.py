@@ -240,6 +240,43 @@ async def test_a_proxy_refusal_is_the_proxys_error_not_the_endpoints(
         await refusing.stop()
 
 
+async def test_a_tunnel_closed_during_the_tls_handshake_is_the_proxys_error(
+    tmp_path: Path, tls_receiver: tuple[Receiver, Path], start_daemon: StartDaemon
+) -> None:
+    recv, ca_path = tls_receiver
+    closing = Proxy(close_tunnel=True)
+    await closing.start()
+    try:
+        daemon = await start_daemon(
+            tenants={"acme": tenant(f"https://localhost:{recv.port}/hooks")},
+            daemon={"proxy": closing.url, "ca_file": str(ca_path)},
+        )
+        await daemon.ingest("acme", {"event": EVENT})
+        failure = await first_failure(daemon)
+        shown = f"127.0.0.1:{closing.port}"
+        assert failure["error"] == f"proxy: tunnel through {shown} closed during the TLS handshake"
+        assert recv.requests == []
+    finally:
+        await closing.stop()
+
+
+async def test_a_proxy_silent_until_the_timeout_is_the_proxys_timeout(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    silent = Proxy(silent=True)
+    await silent.start()
+    try:
+        daemon = await start_daemon(
+            tenants={"acme": tenant(receiver.url("/hooks"), timeout=0.5)},
+            daemon={"proxy": silent.url},
+        )
+        await daemon.ingest("acme", {"event": EVENT})
+        failure = await first_failure(daemon)
+        assert failure["error"] == f"proxy: 127.0.0.1:{silent.port}: timeout after 0.5 s"
+    finally:
+        await silent.stop()
+
+
 async def test_a_proxy_that_is_down_cannot_be_connected_to(
     receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
