@@ -560,3 +560,24 @@ def test_check_summarises_what_the_history_keeps(tmp_path: Path) -> None:
         "  history     30d (with payloads), 2 tenants otherwise; no size limit; ids 12h; "
         "replays up to 500" in result.stdout.splitlines()
     ), result.stdout
+
+
+def test_a_proxy_password_file_others_can_read_is_named(tmp_path: Path) -> None:
+    """[daemon]'s and a tenant's own, each under its key; the password itself never shows."""
+    password = tmp_path / "proxy.password"
+    password.write_text("pr0xy-pa55word\n")
+    password.chmod(0o644)
+    proxy = {"proxy": "http://hooks@127.0.0.1:3128", "proxy_password_file": "proxy.password"}
+    path = write_config(
+        tmp_path,
+        {"acme": tenant("https://hooks.acme.example/", **proxy)},
+        daemon={**proxy, "allow_private_endpoints": False},
+    )
+    owner, group = me(), grp.getgrgid(os.getgid()).gr_name
+    shown = f"{password} (mode 0644, owner {owner}, group {group}) is readable by every user"
+    assert checks.findings(config.load(path), resolve=False, service_user=me()) == [
+        f"{path}: daemon.proxy_password_file: {shown}; chmod o-r it",
+        f"{path}: tenants.acme.proxy_password_file: {shown}; chmod o-r it",
+    ]
+    password.chmod(0o600)
+    assert checks.findings(config.load(path), resolve=False, service_user=me()) == []

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trustme
 
-from webhookd.config import ConfigError, PostgresURL, Secret, SecretRef, load
+from webhookd.config import ConfigError, PostgresURL, ProxyConfig, Secret, SecretRef, load
 from webhookd.events import CURRENT
 
 ENDPOINT = "https://hooks.acme.example/passfort"
@@ -1423,3 +1423,122 @@ def test_custom_events_can_be_subscribed(here: Path) -> None:
     config = load("config.toml", environ={})
     assert config.tenants["acme"].subscribed == {"INVOICE_PAID"}
     assert config.tenants["b"].subscribed == frozenset(CURRENT) | {"INVOICE_PAID"}
+
+
+# -- an egress proxy -----------------------------------------------------------------------------
+
+
+def test_proxy_with_a_user_and_its_password_file(here: Path) -> None:
+    write(here / "proxy-password", "pa55\n")
+    write(
+        here / "config.toml",
+        '[daemon]\nproxy = "http://hooks@proxy.internal:3128"\n'
+        'proxy_password_file = "proxy-password"\nproxy_checks_addresses = true\n'
+        + acme()
+        + acme("own", proxy='"http://10.0.0.9:8080"')
+        + acme("direct", proxy='""'),
+    )
+    cfg = load("config.toml")
+    proxy = cfg.daemon.proxy
+    assert proxy is not None
+    assert (proxy.url, proxy.host, proxy.port, proxy.username) == (
+        "http://hooks@proxy.internal:3128",
+        "proxy.internal",
+        3128,
+        "hooks",
+    )
+    assert proxy.password == Secret("pa55") and proxy.checks_addresses
+    assert proxy.password_file == here / "proxy-password"
+    assert "pa55" not in repr(cfg)
+    tenants = cfg.tenants
+    assert tenants["acme"].proxy is None  # the daemon's applies
+    own = tenants["own"].proxy
+    assert own is not None and (own.url, own.checks_addresses) == ("http://10.0.0.9:8080", False)
+    assert tenants["direct"].proxy == ProxyConfig("")  # direct, whatever the daemon's
+
+
+@pytest.mark.parametrize(
+    ("daemon", "error"),
+    [
+        (
+            'proxy = "http://hooks:hunter2@proxy.internal:3128"',
+            "config.toml: daemon.proxy: a password in the proxy URL is not allowed (the URL may "
+            "be printed); put it in proxy_password_file",
+        ),
+        (
+            'proxy = "https://proxy.internal:3128"',
+            "config.toml: daemon.proxy: https:// proxies (TLS to the proxy) are not supported; "
+            "use http://HOST:PORT (the tunnel to an https endpoint is TLS from end to end all "
+            "the same)",
+        ),
+        (
+            'proxy = "http://proxy.internal"',
+            "config.toml: daemon.proxy: expected http://HOST:PORT or http://USER@HOST:PORT "
+            "(the port is required)",
+        ),
+        (
+            'proxy = "socks5://proxy.internal:1080"',
+            "config.toml: daemon.proxy: expected http://HOST:PORT or http://USER@HOST:PORT",
+        ),
+        (
+            'proxy = "http://proxy.internal:3128/path"',
+            "config.toml: daemon.proxy: expected http://HOST:PORT or http://USER@HOST:PORT "
+            "(no path, query or fragment)",
+        ),
+        (
+            'proxy = "http://proxy.internal:3128"\nproxy_password_file = "proxy-password"',
+            "config.toml: daemon.proxy_password_file: the proxy URL names no user "
+            "(http://USER@HOST:PORT): a password alone cannot be sent",
+        ),
+        (
+            'proxy = "http://hooks@proxy.internal:3128"\nproxy_password_file = "missing"',
+            "config.toml: daemon.proxy_password_file: cannot read 'missing': No such file or "
+            "directory",
+        ),
+        (
+            'proxy_password_file = "proxy-password"',
+            'config.toml: daemon.proxy_password_file: only with a proxy (set proxy = "http://'
+            'HOST:PORT")',
+        ),
+        (
+            "proxy_checks_addresses = 1",
+            "config.toml: daemon.proxy_checks_addresses: expected true or false",
+        ),
+    ],
+    ids=["password", "https", "no-port", "scheme", "path", "no-user", "missing", "alone", "bool"],
+)
+def test_proxy_errors_name_the_key_and_never_echo_the_url(
+    here: Path, daemon: str, error: str
+) -> None:
+    write(here / "proxy-password", "pa55\n")
+    write(here / "config.toml", f"[daemon]\n{daemon}\n" + acme())
+    errors = errors_of("config.toml")
+    assert error in errors, errors
+    assert not any("hunter2" in e for e in errors)
+
+
+def test_a_tenant_proxy_is_checked_like_the_daemons(here: Path) -> None:
+    write(
+        here / "config.toml",
+        acme(proxy='"http://u:hunter2@proxy.internal:3128"')
+        + acme("other", proxy='""', proxy_checks_addresses="true"),
+    )
+    errors = errors_of("config.toml")
+    assert errors == [
+        "config.toml: tenants.acme.proxy: a password in the proxy URL is not allowed (the URL "
+        "may be printed); put it in proxy_password_file",
+        'config.toml: tenants.other.proxy_checks_addresses: only with a proxy (set proxy = "'
+        'http://HOST:PORT")',
+    ]
+
+
+def test_a_tenant_of_the_api_cannot_choose_a_proxy(here: Path) -> None:
+    write(here / "config.toml", "")
+    write(
+        here / "tenants.d" / "acme.toml",
+        "\n".join(f"{k} = {v}" for k, v in ACME.items()) + '\nproxy = "http://10.0.0.9:8080"\n',
+    )
+    assert errors_of("config.toml") == [
+        f"{here / 'tenants.d' / 'acme.toml'}: proxy: set in the configuration file only (the "
+        "API's tenants use [daemon] proxy)"
+    ]

@@ -1311,3 +1311,39 @@ async def test_an_endpoint_host_with_a_label_over_63_characters_is_refused_then_
     assert not outcome.ok
     assert outcome.error is not None
     assert outcome.error.startswith("DNS: cannot resolve "), outcome.error
+
+
+# -- CONNECT through a proxy ---------------------------------------------------------------------
+
+
+async def test_connect_names_an_ipv6_target_in_brackets_and_refuses_bytes_after_its_2xx() -> None:
+    """The proxy is given `[::1]:PORT` (RFC 9110 authority form), and a 2xx followed by
+    bytes nobody asked for is not a tunnel to trust."""
+    heads: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\nsurprise")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = http1.Proxy("127.0.0.1", port, "Basic aG9va3M6cHc=")
+    client = http1.Client(ssl.create_default_context(), allow_all)
+    target = http1.parse_target("http://[::1]:8080/hooks")
+    try:
+        with pytest.raises(http1.ProxyError) as caught:
+            async with asyncio.timeout(PROMPT):
+                await client.post(target, head(target, b"{}"), b"{}", proxy=proxy)
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+    assert str(caught.value) == f"proxy: bytes after the answer to CONNECT from 127.0.0.1:{port}"
+    assert heads == [
+        b"CONNECT [::1]:8080 HTTP/1.1\r\nHost: [::1]:8080\r\n"
+        b"Proxy-Authorization: Basic aG9va3M6cHc=\r\n\r\n"
+    ]
+    assert "aG9va3M6cHc" not in repr(proxy)

@@ -78,6 +78,12 @@ def findings(
             cfg.daemon.database_password_file,
             reader,
         )
+    proxies = [(f"{cfg.path}: daemon.proxy_password_file", cfg.daemon.proxy)] + [
+        (where(cfg, t, "proxy_password_file"), t.proxy) for t in cfg.tenants.values()
+    ]
+    for at, proxy in proxies:
+        if proxy is not None and proxy.password_file is not None:
+            found += _private_file(at, proxy.password_file, reader)
     if cfg.daemon.source_address:
         found += _source_address(f"{cfg.path}: daemon.source_address", cfg.daemon.source_address)
     targets = {t.name: http1.parse_target(t.endpoint) for t in cfg.tenants.values()}

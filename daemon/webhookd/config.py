@@ -133,6 +133,8 @@ class DaemonConfig:
     history_max_bytes: int | None = 1 << 30
     idempotency_window: float = 86400.0
     replay_max: int = 100_000
+    # `proxy`, `proxy_password_file`, `proxy_checks_addresses`; None: deliveries go direct.
+    proxy: ProxyConfig | None = None
 
     @property
     def listen(self) -> str:
@@ -170,6 +172,25 @@ class PostgresURL:
 
 
 @dataclass(frozen=True)
+class ProxyConfig:
+    """An egress proxy (`proxy` with `proxy_password_file` and `proxy_checks_addresses`).
+    The password is kept apart, never in `url`; an empty `url` (a tenant's `proxy = ""`)
+    means direct."""
+
+    url: str  # http://USER@HOST:PORT or http://HOST:PORT, never with a password
+    host: str = ""  # IDNA-encoded, no brackets
+    port: int = 0
+    username: str = ""
+    password: Secret = field(default_factory=lambda: Secret(""))
+    password_file: Path | None = None
+    checks_addresses: bool = False
+
+
+DIRECT = ProxyConfig("")
+PROXY_KEYS = ("proxy", "proxy_password_file", "proxy_checks_addresses")
+
+
+@dataclass(frozen=True)
 class SecretRef:
     """Where a tenant's secret comes from: `secret` (inline), `secret_file` or `secret_env`."""
 
@@ -191,6 +212,8 @@ class TenantConfig:
     authorization_header: bool = True
     signing_secret: Secret = field(default_factory=lambda: Secret(""))
     source_address: str = ""
+    # The tenant's own proxy (DIRECT for `proxy = ""`); None: [daemon] proxy, if any.
+    proxy: ProxyConfig | None = None
     delivery: DeliveryOptions = field(default_factory=DeliveryOptions)
     # Keys set explicitly in the tenant's own table, so the API can show them as written.
     overrides: tuple[str, ...] = ()
@@ -712,9 +735,108 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         history_max_bytes=table.get("history_max_bytes", defaults.history_max_bytes, _max_bytes),
         idempotency_window=table.get("idempotency_window", 86400.0, _duration(1, 86400 * 3650)),
         replay_max=table.get("replay_max", 100_000, _int(1, 10_000_000)),
+        proxy=_proxy(table, base_dir),
     )
     table.finish()
     return config
+
+
+# ---------------------------------------------------------------------------------------------
+# An egress proxy: its URL, and its password kept apart
+
+
+def _proxy(table: _Table, base_dir: Path, *, tenant: bool = False) -> ProxyConfig | None:
+    """`proxy` and its two companion keys in `table`. In [daemon], None when no proxy is
+    set; in a tenant, None when the tenant sets none (the daemon's applies) and DIRECT for
+    an explicit `proxy = ""`."""
+    url = table.get("proxy", "", proxy_url)
+    file_text = table.get("proxy_password_file", "", _str)
+    checks = table.get("proxy_checks_addresses", False, _bool)
+    if not url:
+        for key, given in (("proxy_password_file", file_text), ("proxy_checks_addresses", checks)):
+            if given:
+                table.error(key, 'only with a proxy (set proxy = "http://HOST:PORT")')
+        if tenant and table.has("proxy") and not isinstance(table.raw["proxy"], str):
+            return None  # the error is recorded
+        return DIRECT if tenant and table.has("proxy") else None
+    parts = urlsplit(url)
+    username = unquote(parts.username or "")
+    password = ""
+    password_file = None
+    if file_text:
+        if not username:
+            table.error(
+                "proxy_password_file",
+                "the proxy URL names no user (http://USER@HOST:PORT): a password alone "
+                "cannot be sent",
+            )
+        try:
+            password_file = _path(base_dir, file_text)
+            # The final line break an editor adds is not the password's; spaces are.
+            password = _read_file_text(password_file).removesuffix("\n").removesuffix("\r")
+        except ValueError as exc:
+            table.error("proxy_password_file", f"cannot read {file_text!r}: {exc}")
+        else:
+            if not password:
+                table.error("proxy_password_file", f"{file_text!r} is empty")
+            elif CONTROL_CHARACTERS.search(password):
+                table.error(
+                    "proxy_password_file",
+                    f"{file_text!r} holds more than one line, or a control character; the "
+                    "password is the file's one line",
+                )
+    return ProxyConfig(
+        url=url,
+        host=ascii_host(parts.hostname or ""),
+        port=parts.port or 0,
+        username=username,
+        password=Secret(password),
+        password_file=password_file,
+        checks_addresses=checks,
+    )
+
+
+def proxy_url(value: Any) -> str:
+    """`proxy`: http://HOST:PORT or http://USER@HOST:PORT, or "" (none; in a tenant: direct).
+
+    Raises ValueError with a message that never repeats the URL: it may hold a password."""
+    text = _str(value).strip()
+    if not text:
+        return ""
+    form = "expected http://HOST:PORT or http://USER@HOST:PORT"
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{form} (the port is not a number from 1 to 65535)") from None
+    if parts.password is not None:
+        raise ValueError(
+            "a password in the proxy URL is not allowed (the URL may be printed); put it in "
+            "proxy_password_file"
+        )
+    if parts.scheme == "https":
+        raise ValueError(
+            "https:// proxies (TLS to the proxy) are not supported; use http://HOST:PORT "
+            "(the tunnel to an https endpoint is TLS from end to end all the same)"
+        )
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(form)
+    if not port:
+        raise ValueError(f"{form} (the port is required)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{form} (no path, query or fragment)")
+    username = unquote(parts.username or "")
+    if CONTROL_CHARACTERS.search(username) or (parts.username is not None and not username):
+        raise ValueError("the user name is empty or holds a control character")
+    try:
+        host = ascii_host(parts.hostname).encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"{parts.hostname!r} is not a valid host name") from None
+    if not _HOST.fullmatch(host) and not is_ip(host):
+        raise ValueError(f"{parts.hostname!r} is not a valid host name")
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{quote(username, safe='')}@" if username else ""
+    return f"http://{user}{netloc}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1024,6 +1146,7 @@ def parse_tenant(
         authorization_header=table.get("authorization_header", True, _bool),
         signing_secret=Secret(signing),
         source_address=table.get("source_address", "", _ip_or_empty),
+        proxy=_tenant_proxy(table, ctx, from_api=from_api),
         delivery=_delivery(table, ctx.delivery, only_known=False),
         overrides=tuple(k for k in DELIVERY_KEYS if k in table.raw),
         origin=origin,
@@ -1034,6 +1157,20 @@ def parse_tenant(
         return None
     subscribed = ctx.catalogue.resolve(events)
     return replace(tenant, subscribed=subscribed)
+
+
+def _tenant_proxy(table: _Table, ctx: _Context, *, from_api: bool) -> ProxyConfig | None:
+    if from_api:
+        for key in PROXY_KEYS:
+            if table.has(key):
+                # A proxy is an address the private-address rule does not check: only the
+                # configuration file, never the tenant API, chooses one.
+                table.seen.add(key)
+                table.error(
+                    key, "set in the configuration file only (the API's tenants use [daemon] proxy)"
+                )
+        return None
+    return _proxy(table, ctx.base_dir, tenant=True)
 
 
 def _signing_secret(value: Any) -> str:
@@ -1239,6 +1376,12 @@ def tenant_table(tenant: TenantConfig, *, redact: bool) -> dict[str, Any]:
         table["signing_secret"] = "***" if redact else tenant.signing_secret.reveal()
     if tenant.source_address:
         table["source_address"] = tenant.source_address
+    if tenant.proxy is not None:
+        table["proxy"] = tenant.proxy.url
+        if tenant.proxy.password_file is not None:
+            table["proxy_password_file"] = os.fspath(tenant.proxy.password_file)
+        if tenant.proxy.checks_addresses:
+            table["proxy_checks_addresses"] = True
     for key in tenant.overrides:
         value = getattr(tenant.delivery, key)
         table[key] = list(value) if isinstance(value, tuple) else value

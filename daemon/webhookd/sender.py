@@ -12,12 +12,13 @@ import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import orjson
 
 from webhookd import __version__, http1, logs, policy
-from webhookd.config import CONTROL_CHARACTERS, TenantConfig
+from webhookd.config import CONTROL_CHARACTERS, ProxyConfig, TenantConfig
 from webhookd.records import Webhook
 
 log = logs.get_logger("webhookd.sender")
@@ -92,9 +93,12 @@ class Sender:
         source_address: str = "",
         allow_private: bool = False,
         ca_file: Path | None = None,
+        proxy: ProxyConfig | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.source_address = source_address
+        # [daemon] proxy, for tenants without their own; a reload replaces it (set_proxy).
+        self.proxy = proxy
         # Read at connect time, so a reload that flips it applies to the next connection.
         self.allow_private = allow_private
         tls = ssl.create_default_context()
@@ -111,6 +115,11 @@ class Sender:
         self.allow_private = allow
         if tightened:
             self._client.drop_pooled()
+
+    def set_proxy(self, proxy: ProxyConfig | None) -> None:
+        """Use `proxy` from the next connection on. Tunnels through the old one stay pooled
+        under its key (proxy and credentials), unused, until they idle out."""
+        self.proxy = proxy
 
     def _check_address(self, address: str) -> None:
         if not self.allow_private and is_blocked(address):
@@ -147,6 +156,8 @@ class Sender:
                     return Outcome(False, None, UNSENDABLE_ID, 0.0)
         seconds = tenant.delivery.batch_timeout if batched else tenant.delivery.timeout
         source = tenant.source_address or self.source_address
+        proxy = _client_proxy(tenant.proxy if tenant.proxy is not None else self.proxy)
+        progress = http1.Progress()
         # A slot first, then the clock: waiting for a free connection (max_connections)
         # is the daemon's load, not the endpoint's slowness.
         async with self._slots:
@@ -163,9 +174,13 @@ class Sender:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(seconds):
-                    response = await self._client.post(target, request, body, source)
+                    response = await self._client.post(
+                        target, request, body, source, proxy=proxy, progress=progress
+                    )
             except TimeoutError:
-                return Outcome(False, None, f"timeout after {seconds:g} s", _since(started))
+                # Cut short while the proxy had yet to open the tunnel: the proxy's silence.
+                prefix = f"proxy: {progress.proxy}: " if progress.proxy else ""
+                return Outcome(False, None, f"{prefix}timeout after {seconds:g} s", _since(started))
             except (http1.HTTPError, OSError) as exc:
                 return Outcome(False, None, describe_error(exc), _since(started))
             except Exception as exc:
@@ -184,6 +199,18 @@ class Sender:
             error = f"HTTP {status}"
         retry_after = policy.retry_after_seconds(response.headers.get("retry-after"), time.time())
         return Outcome(False, status, error, duration, retry_after)
+
+
+@lru_cache(maxsize=256)
+def _client_proxy(proxy: ProxyConfig | None) -> http1.Proxy | None:
+    """The proxy as the HTTP client takes it (None: direct, as an empty `proxy` says)."""
+    if proxy is None or not proxy.url:
+        return None
+    authorization = ""
+    if proxy.username:
+        pair = f"{proxy.username}:{proxy.password.reveal()}".encode()
+        authorization = "Basic " + base64.b64encode(pair).decode("ascii")
+    return http1.Proxy(proxy.host, proxy.port, authorization, proxy.checks_addresses)
 
 
 def _since(started: float) -> float:

@@ -133,6 +133,7 @@ class Service:
             source_address=daemon.source_address,
             allow_private=daemon.allow_private_endpoints,
             ca_file=daemon.ca_file,
+            proxy=daemon.proxy,
         )
         self.metrics = Metrics(self)
         self.workers: dict[str, TenantWorker] = {}
@@ -472,7 +473,7 @@ class Service:
         restart_keys = [
             key
             for key in vars(new.daemon)
-            if key not in ("log_level", "log_format", "allow_private_endpoints")
+            if key not in ("log_level", "log_format", "allow_private_endpoints", "proxy")
             and getattr(new.daemon, key) != getattr(old.daemon, key)
         ]
         # The new level first: a reload that raises verbosity shows its own warnings.
@@ -485,12 +486,14 @@ class Service:
         for warning in [*new.warnings, *checks.findings(new, resolve=False)]:
             log.warning("config_warning", warning=warning)
         self.sender.set_allow_private(new.daemon.allow_private_endpoints)
+        self.sender.set_proxy(new.daemon.proxy)
         # Keys that need a restart keep their running values until then.
         daemon = replace(
             old.daemon,
             log_level=new.daemon.log_level,
             log_format=new.daemon.log_format,
             allow_private_endpoints=new.daemon.allow_private_endpoints,
+            proxy=new.daemon.proxy,
         )
         self.config = replace(new, daemon=daemon)
         self._switch_tenants(new.tenants)
