@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,10 @@ async def test_a_migrated_database_carries_on_on_postgresql(
         "1 parked webhook",
         "8 producer ids",
         "2 recent failures",
+        "2 failed attempts kept",
     ):
         assert f"  {line}\n" in out
+    assert re.search(r"\n  [1-9]\d* history records?\n", out), out
     assert f'next: set database = "{postgres_url}" in [daemon]' in out
 
     receiver.always("/acme", 200)

@@ -196,6 +196,8 @@ def test_the_five_minute_demo_works_as_written(checkout: Path) -> None:
         code, out = terminal.run(retry)
         assert code == 0, out
         wait_until(lambda: "sequence 2," in receiver.output(), timeout=5, what="the retry")
+        # The receiver prints on arrival; the daemon records the 200 a moment later.
+        wait_until(lambda: status("demo")["queue"] == "empty", timeout=5, what="demo empty")
 
         code, out = terminal.run(overview)
         assert code == 0, out

@@ -283,15 +283,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     except migrate.MigrateError as exc:
         raise CliError(str(exc)) from None
     print(f"copied {source} into {target}:")
-    for count, what in (
-        (copied.tenants, "tenant"),
-        (copied.queued, "queued webhook"),
-        (copied.parked, "parked webhook"),
-        (copied.ids, "producer id"),
-        (copied.failures, "recent failure"),
-        (copied.api_tenants, "API tenant"),
+    for count, what, plural in (
+        (copied.tenants, "tenant", ""),
+        (copied.queued, "queued webhook", ""),
+        (copied.parked, "parked webhook", ""),
+        (copied.ids, "producer id", ""),
+        (copied.failures, "recent failure", ""),
+        (copied.history, "history record", ""),
+        (copied.failed_attempts, "failed attempt kept", "failed attempts kept"),
+        (copied.replays, "replay", ""),
+        (copied.api_tenants, "API tenant", ""),
     ):
-        print(f"  {views.counted(count, what)}")
+        print(f"  {views.counted(count, what, plural)}")
     if copied.api_tenants:
         print(
             f"tenants made through the API now live in the database; {cfg.daemon.tenants_dir} "
