@@ -316,9 +316,11 @@ def write_config(
     delivery: dict[str, Any] | None = None,
     database: str = "webhookd.db",
     lease_seconds: float | None = None,
+    daemon: dict[str, Any] | None = None,
 ) -> Path:
     """`database`: a SQLite file's path (relative to `directory`) or a postgresql:// URL;
-    `lease_seconds`: the cluster's lease (PostgreSQL), when not the default."""
+    `lease_seconds`: the cluster's lease (PostgreSQL), when not the default; `daemon`: more
+    `[daemon]` keys."""
     raw: dict[str, Any] = {
         "daemon": {
             "database": database,
@@ -336,6 +338,7 @@ def write_config(
     }
     if lease_seconds is not None:
         raw["daemon"]["lease_seconds"] = lease_seconds
+    raw["daemon"].update(daemon or {})
     path = directory / "config.toml"
     path.write_text(tomli_w.dumps(raw))
     return path

@@ -282,7 +282,11 @@ async def history_list(ctx: Context) -> None:
         fill_s = time.monotonic() - began
         ctx.say(f"  stored {total:,} history records in {fill_s:.0f} s")
 
-    async with ctx.daemon("historylist", tables, prepare=prepare) as daemon:
+    # No size limit: 10 M records count ~3 GB, past the default 1 GiB, and pruning them
+    # meanwhile would measure pages against a busy pruner rather than a history at rest.
+    async with ctx.daemon(
+        "historylist", tables, prepare=prepare, daemon={"history_max_bytes": "0"}
+    ) as daemon:
         async with ctx.client.get(f"{daemon.base}/v1/status") as response:
             totals = (await response.json())["totals"]
         tenant = names[0]
