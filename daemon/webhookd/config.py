@@ -770,21 +770,8 @@ def _proxy(table: _Table, base_dir: Path, *, tenant: bool = False) -> ProxyConfi
                 "the proxy URL names no user (http://USER@HOST:PORT): a password alone "
                 "cannot be sent",
             )
-        try:
-            password_file = _path(base_dir, file_text)
-            # The final line break an editor adds is not the password's; spaces are.
-            password = _read_file_text(password_file).removesuffix("\n").removesuffix("\r")
-        except ValueError as exc:
-            table.error("proxy_password_file", f"cannot read {file_text!r}: {exc}")
-        else:
-            if not password:
-                table.error("proxy_password_file", f"{file_text!r} is empty")
-            elif CONTROL_CHARACTERS.search(password):
-                table.error(
-                    "proxy_password_file",
-                    f"{file_text!r} holds more than one line, or a control character; the "
-                    "password is the file's one line",
-                )
+        password_file, read = _password_file(table, "proxy_password_file", base_dir, file_text)
+        password = read or ""
     return ProxyConfig(
         url=url,
         host=ascii_host(parts.hostname or ""),
@@ -794,6 +781,31 @@ def _proxy(table: _Table, base_dir: Path, *, tenant: bool = False) -> ProxyConfi
         password_file=password_file,
         checks_addresses=checks,
     )
+
+
+def _password_file(
+    table: _Table, key: str, base_dir: Path, file_text: str
+) -> tuple[Path | None, str | None]:
+    """A password file named by `key`: its path, and the password (its one line), or None
+    with the error recorded under `key` (unreadable, empty, several lines)."""
+    try:
+        path = _path(base_dir, file_text)
+        # The final line break an editor adds is not the password's; spaces are.
+        text = _read_file_text(path).removesuffix("\n").removesuffix("\r")
+    except ValueError as exc:
+        table.error(key, f"cannot read {file_text!r}: {exc}")
+        return None, None
+    if not text:
+        table.error(key, f"{file_text!r} is empty")
+        return path, None
+    if CONTROL_CHARACTERS.search(text):
+        table.error(
+            key,
+            f"{file_text!r} holds more than one line, or a control character; the password "
+            "is the file's one line",
+        )
+        return path, None
+    return path, text
 
 
 def proxy_url(value: Any) -> str:
@@ -873,23 +885,9 @@ def _database(
         passwords["the URL"] = database.password.reveal()
     password_file = None
     if file_text:
-        try:
-            password_file = _path(base_dir, file_text)
-            # The final line break an editor adds is not the password's; spaces are.
-            text = _read_file_text(password_file).removesuffix("\n").removesuffix("\r")
-        except ValueError as exc:
-            table.error("database_password_file", f"cannot read {file_text!r}: {exc}")
-        else:
-            if not text:
-                table.error("database_password_file", f"{file_text!r} is empty")
-            elif CONTROL_CHARACTERS.search(text):
-                table.error(
-                    "database_password_file",
-                    f"{file_text!r} holds more than one line, or a control character; the "
-                    "password is the file's one line",
-                )
-            else:
-                passwords["database_password_file"] = text
+        password_file, text = _password_file(table, "database_password_file", base_dir, file_text)
+        if text is not None:
+            passwords["database_password_file"] = text
     if environ.get(DATABASE_PASSWORD_ENV):
         passwords[f"${DATABASE_PASSWORD_ENV}"] = environ[DATABASE_PASSWORD_ENV]
     if len(passwords) > 1:

@@ -3,7 +3,9 @@ each tenant has. No SQL here; each engine writes the same arithmetic in its own 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+
+from webhookd.records import ReplaySelection
 
 # The bytes a record or a failed attempt counts for besides its text columns (its numbers,
 # its outcome, its tenant's share of the key): an estimate, so that a size limit holds for
@@ -33,3 +35,22 @@ def cutoff(
     a retention of 0 keeps nothing (every time is before the cutoff)."""
     seconds = retention.get(tenant, default_retention)
     return float("inf") if seconds <= 0 else now - seconds
+
+
+# A selection's fields as conditions on history rows: (field, column, operator, PostgreSQL
+# type). Each engine writes them with its own placeholders; both read the same rows.
+SELECTION_CONDITIONS = (
+    ("event", "event", "=", "text"),
+    ("from_sequence", "sequence", ">=", "bigint"),
+    ("to_sequence", "sequence", "<=", "bigint"),
+    ("since", "accepted_at", ">=", "float8"),
+    ("until", "accepted_at", "<", "float8"),
+)
+
+
+def selection_conditions(selection: ReplaySelection) -> Iterator[tuple[str, str, str, str, object]]:
+    """The conditions a selection sets: (field, column, operator, PostgreSQL type, value)."""
+    for field, column, operator, cast in SELECTION_CONDITIONS:
+        value = getattr(selection, field)
+        if value is not None:
+            yield field, column, operator, cast, value

@@ -36,7 +36,7 @@ from webhookd.records import (
     ReplayWithoutPayloads,
     Webhook,
 )
-from webhookd.store.history import FAILURE_OVERHEAD, RECORD_OVERHEAD, cutoff
+from webhookd.store.history import FAILURE_OVERHEAD, RECORD_OVERHEAD, cutoff, selection_conditions
 
 if TYPE_CHECKING:
     import asyncpg
@@ -665,21 +665,9 @@ def selection_where(selection: ReplaySelection, args: list[Any]) -> list[str]:
     """The conditions (AND) on history rows for a selection, its parameters appended to
     `args` (numbered after those already there)."""
     where: list[str] = []
-
-    def arg(value: Any, cast: str) -> str:
+    for _, column, operator, cast, value in selection_conditions(selection):
         args.append(value)
-        return f"${len(args)}::{cast}"
-
-    if selection.event is not None:
-        where.append(f"event = {arg(selection.event, 'text')}")
-    if selection.from_sequence is not None:
-        where.append(f"sequence >= {arg(selection.from_sequence, 'bigint')}")
-    if selection.to_sequence is not None:
-        where.append(f"sequence <= {arg(selection.to_sequence, 'bigint')}")
-    if selection.since is not None:
-        where.append(f"accepted_at >= {arg(selection.since, 'float8')}")
-    if selection.until is not None:
-        where.append(f"accepted_at < {arg(selection.until, 'float8')}")
+        where.append(f"{column} {operator} ${len(args)}::{cast}")
     return where
 
 

@@ -35,7 +35,13 @@ from webhookd.records import (
     TenantRow,
     Webhook,
 )
-from webhookd.store.history import FAILURE_OVERHEAD, RECORD_OVERHEAD, cutoff, record_bytes
+from webhookd.store.history import (
+    FAILURE_OVERHEAD,
+    RECORD_OVERHEAD,
+    cutoff,
+    record_bytes,
+    selection_conditions,
+)
 
 # What a history record counts for (store/history.py), over the history row's columns.
 RECORD_BYTES = (
@@ -663,21 +669,9 @@ def selection_where(
     """The conditions (AND) on history rows for a replay's selection (or a query's), with
     their parameters added to `params`."""
     where: list[str] = []
-    if selection.event is not None:
-        where.append(f"{prefix}event = :event")
-        params["event"] = selection.event
-    if selection.from_sequence is not None:
-        where.append(f"{prefix}sequence >= :from_sequence")
-        params["from_sequence"] = selection.from_sequence
-    if selection.to_sequence is not None:
-        where.append(f"{prefix}sequence <= :to_sequence")
-        params["to_sequence"] = selection.to_sequence
-    if selection.since is not None:
-        where.append(f"{prefix}accepted_at >= :since")
-        params["since"] = selection.since
-    if selection.until is not None:
-        where.append(f"{prefix}accepted_at < :until")
-        params["until"] = selection.until
+    for field, column, operator, _, value in selection_conditions(selection):
+        where.append(f"{prefix}{column} {operator} :{field}")
+        params[field] = value
     return where
 
 
