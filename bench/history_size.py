@@ -26,6 +26,8 @@ from pathlib import Path
 import asyncpg
 import orjson
 
+from bench.context import Context
+from bench.report import Figure
 from webhookd import logs
 from webhookd.config import PostgresURL
 from webhookd.records import Delivered, HistoryPolicy, NewWebhook
@@ -158,3 +160,33 @@ async def main() -> None:
 
 if __name__ == "__main__":
     asyncio.run(main())
+
+
+async def history_size(ctx: Context) -> None:
+    """`make bench`'s figures: disk per retained webhook with 512-byte data, history off,
+    on without payloads and on, on the engine the run uses."""
+    logs.configure("json", "warning")  # the store logs its migration at info
+    count = ctx.size(100_000, 20_000)
+    size = 512
+    for name, policy in POLICIES.items():
+        with tempfile.TemporaryDirectory() as folder:
+            if ctx.engine == "postgres":
+                assert ctx.postgres is not None
+                server = ctx.postgres
+                url = server.database_url(await asyncio.to_thread(server.create_database))
+                database: Path | PostgresURL = PostgresURL(url)
+            else:
+                database = Path(folder) / "webhookd.db"
+            disk, counted = await measure(database, policy, count, size)
+        ratio = f", {disk / counted:.2f}× the {counted:.0f} B counted" if counted else ""
+        ctx.say(f"  history {name}: {disk:.0f} B on disk per webhook{ratio}")
+        ctx.report.figures.append(
+            Figure(
+                f"history_disk_{name.replace(' ', '_')}",
+                f"disk per retained webhook, {size} B data, history {name}",
+                disk,
+                "B",
+                note=f"counted toward history_max_bytes: {counted:.0f} B" if counted else "",
+                engine=ctx.engine,
+            )
+        )
