@@ -44,6 +44,7 @@ from webhookd.store.postgres.schema import refuse_newer, schema_version
 from webhookd.store.sqlite.lock import DatabaseLock
 from webhookd.store.sqlite.schema import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from webhookd.store.sqlite.schema import refuse_newer as sqlite_refuse_newer
+from webhookd.store.sqlite.writes import DELIVERED_COLUMNS, DELIVERED_JOIN
 
 # webhookd's tables, in the order they are copied.
 TABLES = (
@@ -131,10 +132,14 @@ QUERIES: dict[str, tuple[str, list[str]]] = {
             "duration_ms",
         ],
     ),
+    # The other outcomes' records, and the delivered ones: webhooks rows at or below
+    # acked_sequence joined to the deliveries row covering each (SQLite schema version 3).
     "history": (
-        """SELECT tenant, sequence, id, event, accepted_at, finished_at, outcome, attempts,
-                  status, duration_ms, data, next_sequence FROM history
-           ORDER BY tenant, sequence""",
+        f"""SELECT tenant, sequence, id, event, accepted_at, finished_at, outcome, attempts,
+                   status, duration_ms, data, next_sequence FROM history
+            UNION ALL
+            SELECT w.tenant, {DELIVERED_COLUMNS} FROM webhooks AS w {DELIVERED_JOIN}
+            ORDER BY 1, 2""",
         [
             "tenant",
             "sequence",
