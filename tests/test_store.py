@@ -24,8 +24,11 @@ from webhookd.records import (
     Delivered,
     HistoryPolicy,
     HistoryQuery,
+    HistoryRecord,
     HistorySize,
     IngestResult,
+    ReplaySelection,
+    ReplayWithoutPayloads,
     SchemaTooNew,
     StoreError,
     TenantRecord,
@@ -364,3 +367,55 @@ async def test_a_version_1_database_remembers_its_ids_acceptance_time(db_path: P
     conn.close()
     assert (times["b"], times["c"]) == (50.0, 100.0)
     assert before - 1 <= times["a"] <= time.time() + 1
+
+
+async def test_a_version_2_database_keeps_its_history_in_the_new_shape(db_path: Path) -> None:
+    """Version 3 keeps a delivered webhook's row where it is (one deliveries row says how it
+    went) instead of a copy in `history`: the delivered records of a version 2 database
+    move there, payload, missing payload and replay link included; the other outcomes'
+    records stay; listing, lookup, replay and the size read the same as before."""
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for _, statements in MIGRATIONS[:2]:
+        for statement in statements:
+            conn.execute(statement)
+    conn.executescript(
+        """PRAGMA user_version = 2;
+           INSERT INTO tenant_state (tenant, last_sequence, acked_sequence)
+               VALUES ('acme', 5, 3);
+           INSERT INTO webhooks VALUES ('acme', 4, 'd', 'E', 40.0, '{}'),
+                                       ('acme', 5, 'a', 'E', 10.0, '{"n": 1}');
+           INSERT INTO history VALUES
+               ('acme', 1, 'a', 'E', 10.0, 11.0, 'delivered', 1, 200, 5.0, '{"n": 1}', 5),
+               ('acme', 2, 'b', 'F', 20.0, 21.0, 'delivered', 2, 204, 6.0, NULL, NULL),
+               ('acme', 3, 'c', 'E', 30.0, 31.0, 'discarded', 0, NULL, NULL, '{}', NULL);
+           INSERT INTO history_sizes VALUES ('acme', 3, 0, 300);
+           INSERT INTO webhook_ids VALUES ('acme', 'a', 1, 10.0), ('acme', 'b', 2, 20.0);"""
+    )
+    conn.close()
+    store = SqliteStore(db_path)
+    await store.open()
+    try:
+        assert await store.pragma("user_version") == SCHEMA_VERSION == 3
+        records = [
+            HistoryRecord(3, "c", "E", 30.0, 31.0, "discarded", 0, None, None, "{}", None),
+            HistoryRecord(2, "b", "F", 20.0, 21.0, "delivered", 2, 204, 6.0, None, None),
+            HistoryRecord(1, "a", "E", 10.0, 11.0, "delivered", 1, 200, 5.0, '{"n": 1}', 5),
+        ]
+        assert await store.history("acme", HistoryQuery()) == records
+        assert await store.history("acme", HistoryQuery(oldest_first=True)) == records[::-1]
+        delivered = HistoryQuery(outcomes=frozenset({"delivered"}))
+        assert await store.history("acme", delivered) == records[1:]
+        assert await store.history("acme", HistoryQuery(event="E", after=3)) == records[2:]
+        assert await queued(store, "acme") == [4, 5]
+        found = await store.find_webhook("acme", "b")
+        assert (found.place, found.record) == ("history", records[1])
+        found = await store.find_webhook("acme", "a")  # replayed: its newest copy
+        assert (found.place, found.sequence) == ("queued", 5)
+        assert await store.history_size() == HistorySize(3, 0, 300)
+        with pytest.raises(ReplayWithoutPayloads):  # 2 was kept without its data
+            await store.replay("acme", ReplaySelection(from_sequence=1), AT, limit=10)
+        again = await store.replay("acme", ReplaySelection(to_sequence=1), AT, limit=10)
+        assert (again.count, again.first_sequence) == (1, 6)
+    finally:
+        await store.close()
