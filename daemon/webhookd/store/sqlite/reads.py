@@ -153,20 +153,46 @@ def history_query(tenant: str, query: HistoryQuery) -> tuple[str, dict[str, Any]
 
 
 def _selection(query: HistoryQuery) -> ReplaySelection:
-    return ReplaySelection(
-        query.from_sequence, query.to_sequence, query.since, query.until, query.event
-    )
+    """The query's filters but the sequence range (`_bounds` has it)."""
+    return ReplaySelection(None, None, query.since, query.until, query.event)
+
+
+def _bounds(query: HistoryQuery, params: dict[str, Any], column: str, top: str = "") -> list[str]:
+    """The sequence range a page scans, as one lower and one upper bound on `column`: the
+    sequence range asked, the cursor, and `top` (the delivered records: acked_sequence).
+    One each: with two upper bounds SQLite's range scan uses one and checks the other on
+    each row it meets, which from the top of a long history is a scan of all between."""
+    lower = [":from_sequence - 1"] if query.from_sequence is not None else []
+    upper = [":to_sequence"] if query.to_sequence is not None else []
+    if query.from_sequence is not None:
+        params["from_sequence"] = query.from_sequence
+    if query.to_sequence is not None:
+        params["to_sequence"] = query.to_sequence
+    if query.after is not None:
+        (lower if query.oldest_first else upper).append(
+            ":after" if query.oldest_first else ":after - 1"
+        )
+    if top:
+        upper.append(top)
+    where = []
+    if lower:
+        where.append(f"{column} > {_one('max', lower)}")
+    if upper:
+        where.append(f"{column} <= {_one('min', upper)}")
+    return where
+
+
+def _one(function: str, bounds: list[str]) -> str:
+    return bounds[0] if len(bounds) == 1 else f"{function}({', '.join(bounds)})"
 
 
 def _delivered_page(query: HistoryQuery, params: dict[str, Any]) -> str:
+    acked = "coalesce((SELECT acked_sequence FROM tenant_state WHERE tenant = :tenant), 0)"
     where = [
         "w.tenant = :tenant",
-        "w.sequence <= coalesce("
-        "(SELECT acked_sequence FROM tenant_state WHERE tenant = :tenant), 0)",
+        *_bounds(query, params, "w.sequence", acked),
         *selection_where(_selection(query), params, "w."),
     ]
-    if query.after is not None:
-        where.append("w.sequence > :after" if query.oldest_first else "w.sequence < :after")
     if query.event is not None:
         index = "INDEXED BY webhooks_event "
     elif query.since is not None and query.until is not None:
@@ -181,9 +207,11 @@ def _delivered_page(query: HistoryQuery, params: dict[str, Any]) -> str:
 
 
 def _others_page(query: HistoryQuery, others: list[str] | None, params: dict[str, Any]) -> str:
-    where = ["tenant = :tenant", *selection_where(_selection(query), params)]
-    if query.after is not None:
-        where.append("sequence > :after" if query.oldest_first else "sequence < :after")
+    where = [
+        "tenant = :tenant",
+        *_bounds(query, params, "sequence"),
+        *selection_where(_selection(query), params),
+    ]
     if others is not None:
         marks = []
         for n, name in enumerate(others):

@@ -15,6 +15,7 @@ leaves the rows to `Sweep`; a failure, park or requeue that would take a new pag
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -787,17 +788,20 @@ class Replay(_Control):
                 count, first, last = done
                 return ReplayResult(count, first, last, repeated=True)
         current = tx.rows.get(self.tenant)
+        acked = current.acked_sequence if current else 0
+        # The delivered records: webhooks rows at or below acked_sequence that a deliveries
+        # row covers (DELIVERED_JOIN). One upper bound (see reads._bounds).
+        to = self.selection.to_sequence
         params: dict[str, Any] = {
             "tenant": self.tenant,
-            "acked": current.acked_sequence if current else 0,
+            "acked": acked if to is None else min(acked, to),
         }
-        # The delivered records: webhooks rows at or below acked_sequence that a deliveries
-        # row covers (DELIVERED_JOIN).
+        selection = dataclasses.replace(self.selection, to_sequence=None)
         where = " AND ".join(
             [
                 "w.tenant = :tenant",
                 "w.sequence <= :acked",
-                *selection_where(self.selection, params, "w."),
+                *selection_where(selection, params, "w."),
             ]
         )
         count, first, last, bare = conn.execute(
