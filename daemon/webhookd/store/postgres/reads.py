@@ -1,7 +1,7 @@
 """The history's reads on PostgreSQL: a webhook looked up by id, and a page of a tenant's
 history. What they answer is the Store's contract (store/protocol.py, records.py); the
-indexes they use are described with the schema (schema.py, version 4). Both answer from
-the database on any instance."""
+indexes they use are described with the schema (schema.py, versions 4 and 5). Both answer
+from the database on any instance."""
 
 from __future__ import annotations
 

@@ -13,9 +13,12 @@ Queue invariant: a tenant's queued webhooks are exactly the sequences
 `acked_sequence + 1 … last_sequence`, contiguous. Acknowledging and parking remove from the
 head; enqueueing and requeueing append at the tail. So the number waiting is a subtraction,
 never a count over the table, and startup never scans the queue. Rows at or below
-`acked_sequence` may linger (an acknowledgement on a full disk only moves the number, see
-writes.py): every read asks for `sequence > acked_sequence`, and the writer deletes them a
-few at a time once there is room (`Sweep`).
+`acked_sequence` are out of the queue: every queue read asks for `sequence >
+acked_sequence`. With history kept they are the delivered records (a `deliveries` row
+covers each, see schema.py version 3), pruned by age and size; without (history off, or
+a record dropped on a full disk, where an acknowledgement only moves the number, see
+writes.py) the acknowledgement deletes them, or the writer does a few at a time once
+there is room (`Sweep`).
 """
 
 from __future__ import annotations

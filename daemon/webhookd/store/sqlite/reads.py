@@ -1,6 +1,6 @@
 """The history's reads on SQLite: a webhook looked up by id, and a page of a tenant's
 history. What they answer is the Store's contract (store/protocol.py, records.py); the
-indexes they use are described with the schema (schema.py, version 2)."""
+indexes they use are described with the schema (schema.py, versions 2 and 3)."""
 
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ SQLite and the thread-side state rows, never the event loop.
 On a full disk (`Tx.full`), an op takes no new page: the database file cannot grow, and a
 page it cannot take would leave the WAL unable to start over (see reserve.py). An
 acknowledgement then only moves `acked_sequence` (one state row rewritten in place) and
-leaves the rows to `Sweep`; a failure, park or requeue that would take a new page is undone
-(`Tx.in_place`).
+adds its small deliveries row if it fits in the pages there are (else the rows are left to
+`Sweep`, their records dropped and counted); a failure, park or requeue that would take a
+new page is undone (`Tx.in_place`).
 """
 
 from __future__ import annotations
