@@ -30,6 +30,22 @@ SCHEMA_VERSION = 5
 # The advisory lock key (b"whkd-mig") held while migrating.
 MIGRATION_LOCK = int.from_bytes(b"whkd-mig", "big")
 
+# Delivered records kept in `history` (before version 5, or copied from SQLite by
+# `webhookd migrate`) moved to their shape since version 5: the webhook's row in `webhooks`
+# (below acked_sequence) and a deliveries row covering it.
+MOVE_DELIVERED = [
+    """INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data, next_sequence)
+       SELECT tenant, sequence, id, event, accepted_at, coalesce(data, ''), next_sequence
+       FROM history WHERE outcome = 'delivered'
+       ON CONFLICT DO NOTHING""",
+    """INSERT INTO deliveries (tenant, last_sequence, first_sequence, delivered_at,
+           attempts, status, duration_ms, payloads)
+       SELECT tenant, sequence, sequence, finished_at, attempts, status, duration_ms,
+              data IS NOT NULL
+       FROM history WHERE outcome = 'delivered'""",
+    "DELETE FROM history WHERE outcome = 'delivered'",
+]
+
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         1,
@@ -258,18 +274,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             # A page of one rare outcome (parked, discarded) scans that outcome's entries.
             "CREATE INDEX history_outcome ON history (tenant, outcome, sequence)",
             # Existing delivered records move to the new shape, one deliveries row each.
-            """INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data,
-                   next_sequence)
-               SELECT tenant, sequence, id, event, accepted_at, coalesce(data, ''),
-                      next_sequence
-               FROM history WHERE outcome = 'delivered'
-               ON CONFLICT DO NOTHING""",
-            """INSERT INTO deliveries (tenant, last_sequence, first_sequence, delivered_at,
-                   attempts, status, duration_ms, payloads)
-               SELECT tenant, sequence, sequence, finished_at, attempts, status, duration_ms,
-                      data IS NOT NULL
-               FROM history WHERE outcome = 'delivered'""",
-            "DELETE FROM history WHERE outcome = 'delivered'",
+            *MOVE_DELIVERED,
         ],
     ),
 ]
