@@ -39,7 +39,8 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooL
 from aiohttp.web_protocol import RequestHandler
 
 from webhookd import logs
-from webhookd.responses import ERROR_CODES, error_response, http_error_response
+from webhookd.errors import CODES, for_status
+from webhookd.responses import error_response, http_error_response
 
 log = logs.get_logger("webhookd.api")
 
@@ -61,12 +62,20 @@ _REFUSED_BODY = (
     b'{"error":"too_many_connections","detail":"every API connection is busy with a '
     b'request; try again shortly"}'
 )
+# Written at once as bytes, before aiohttp sees the connection; status and Retry-After as the
+# registry (errors.py) has them.
 REFUSED = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"HTTP/1.1 %d Service Unavailable\r\n"
     b"Content-Type: application/json\r\n"
     b"Connection: close\r\n"
-    b"Retry-After: 1\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(_REFUSED_BODY), _REFUSED_BODY)
+    b"Retry-After: %d\r\n"
+    b"Content-Length: %d\r\n\r\n%s"
+    % (
+        CODES["too_many_connections"].status,
+        CODES["too_many_connections"].retry_after or 1,
+        len(_REFUSED_BODY),
+        _REFUSED_BODY,
+    )
 )
 
 
@@ -236,8 +245,7 @@ class GuardedHandler(RequestHandler):
             detail = "an internal error occurred; see the daemon log"
         else:
             detail = "the request could not be handled"
-        code = "internal" if status == 500 else ERROR_CODES.get(status, "bad_request")
-        response = error_response(status, code, detail)
+        response = error_response(for_status(status), detail)
         response.force_close()
         return response
 
@@ -303,7 +311,6 @@ class Listener(web.Server):
             if declared is not None and declared > max_body:
                 # Refused before reading any of it (and without "100 Continue").
                 response = error_response(
-                    413,
                     "too_large",
                     f"the body is {declared} bytes; the limit is {max_body} (max_body_bytes)",
                 )

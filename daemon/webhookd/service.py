@@ -19,6 +19,7 @@ import orjson
 from webhookd import checks, logs, status, views
 from webhookd import config as config_mod
 from webhookd.config import Config, ConfigError, TenantConfig
+from webhookd.errors import CODES
 from webhookd.ids import generated_sequence, id_tag
 from webhookd.ingest import IngestItem
 from webhookd.metrics import Metrics
@@ -51,22 +52,26 @@ PRUNE_INTERVAL_S = 2.0
 
 
 class ServiceError(Exception):
-    """An error an API caller sees as `{"error": code, "detail": message}` with `status`."""
+    """An error an API caller sees as `{"error": code, "detail": message}`, with the status
+    the registry of codes (errors.py) gives `code`."""
 
-    status = 500
     code = "internal"
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
 
+    @property
+    def status(self) -> int:
+        return CODES[self.code].status
+
 
 class NotFound(ServiceError):
-    status, code = 404, "not_found"
+    code = "not_found"
 
 
 class Conflict(ServiceError):
-    status, code = 409, "conflict"
+    code = "conflict"
 
 
 class QueueNotEmpty(Conflict):
@@ -76,47 +81,47 @@ class QueueNotEmpty(Conflict):
 
 
 class UnknownEventType(ServiceError):
-    status, code = 422, "unknown_event"
+    code = "unknown_event"
 
 
 class Unavailable(ServiceError):
-    status, code = 503, "unavailable"
+    code = "unavailable"
 
 
 class OwnerChanged(ServiceError):
     """A control forwarded here by another instance, for a tenant this one does not hold
     (the lease moved meanwhile): not forwarded again, so that no request goes round."""
 
-    status, code = 503, "owner_changed"
+    code = "owner_changed"
 
 
 class UnknownWebhook(ServiceError):
     """A lookup of an id the tenant never gave out."""
 
-    status, code = 404, "unknown_webhook"
+    code = "unknown_webhook"
 
 
 class ForgottenWebhook(ServiceError):
     """A lookup of a producer id not remembered: never seen, or forgotten after the
     idempotency window."""
 
-    status, code = 404, "forgotten"
+    code = "forgotten"
 
 
 class ReplayRefused(ServiceError):
-    status, code = 400, "replay_too_large"
+    code = "replay_too_large"
 
 
 class PayloadsNotKept(ServiceError):
-    status, code = 409, "payloads_not_kept"
+    code = "payloads_not_kept"
 
 
 class InvalidIngest(ServiceError):
-    status, code = 400, "bad_request"
+    code = "bad_request"
 
 
 class InvalidTenant(ServiceError):
-    status, code = 400, "invalid_tenant"
+    code = "invalid_tenant"
 
 
 class Service:
