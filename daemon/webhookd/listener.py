@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import resource
 import sys
 from collections import Counter
@@ -250,9 +251,27 @@ class GuardedHandler(RequestHandler):
         return response
 
 
+# The start of a request line as aiohttp's Python parser quotes it: a method, a space, a target.
+_REQUEST_LINE = re.compile(rb"[A-Z]+ (/|\*|https?://)")
+
+
+def _request_line_too_long(exc: LineTooLong) -> bool:
+    """Whether the line too long was the request line (414) rather than a header (431).
+
+    aiohttp's message no longer says which line it was ("Got more than N bytes when reading:
+    <line>"), so the quoted line tells: its C parser quotes a too-long target as a bytearray
+    and a header value as bytes; its Python parser quotes the whole line, which for the
+    request line starts with a method and a space (no header line can: names hold no space).
+    """
+    line = exc.args[0] if exc.args else b""
+    if isinstance(line, bytearray):
+        return True
+    return isinstance(line, bytes) and _REQUEST_LINE.match(line) is not None
+
+
 def _parse_refusal(exc: HttpProcessingError) -> tuple[int, str]:
     if isinstance(exc, LineTooLong):
-        if "status line" in str(exc).lower() or "request line" in str(exc).lower():
+        if _request_line_too_long(exc):
             return 414, "the request line (method and target) is too long"
         return 431, "a request header line, or the headers together, are too long"
     if isinstance(exc, BadHttpMethod):
