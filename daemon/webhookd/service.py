@@ -587,7 +587,12 @@ class Service:
                 self._api_texts.pop(name, None)
             else:
                 directory = existing.origin.parent
-                await asyncio.to_thread(config_mod.remove_tenant_file, directory, name)
+                try:
+                    await asyncio.to_thread(config_mod.remove_tenant_file, directory, name)
+                except OSError as exc:  # as a PUT that cannot write it: a 503, not a 500
+                    raise Unavailable(
+                        f"cannot remove {directory}/{name}.toml: {exc.strerror}"
+                    ) from None
             self.remove_tenant(name)  # no new attempt starts from here on
             dropped = await self._write(worker.discard()) if discard else 0
             if self.cluster is not None:
@@ -909,12 +914,16 @@ class Service:
 
     async def parked(self, name: str) -> list[dict[str, Any]]:
         self.worker(name)
+        try:
+            rows = await self.store.list_parked(name)
+        except StoreError as exc:  # the database out of reach: 503, as every other read
+            raise Unavailable(str(exc)) from None
         return [
             {
                 **status.webhook(p.webhook),
                 "parked_at": status.iso(p.parked_at),
             }
-            for p in await self.store.list_parked(name)
+            for p in rows
         ]
 
     async def peek(self, name: str, limit: int) -> list[dict[str, Any]]:
