@@ -16,6 +16,7 @@ import json
 import os
 import re
 import threading
+import tomllib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,11 +31,17 @@ from openapi_spec_validator import validate
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
+    allow_header_conformance,
     content_type_conformance,
+    ensure_resource_availability,
+    ignored_auth,
+    missing_required_header,
     negative_data_rejection,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
+    use_after_free,
 )
 
 from tests.conftest import Process, StartDaemon, free_port, tenant, write_config
@@ -68,6 +75,12 @@ def test_the_daemon_ships_the_document_it_is_built_from() -> None:
     """The package's openapi.json (what /v1/openapi.json serves) is docs/openapi.yaml."""
     shipped = json.loads(openapi_document())
     assert shipped == DOCUMENT, "docs/openapi.yaml changed: run `make openapi` and commit both"
+
+
+def test_the_document_is_package_data_of_every_install() -> None:
+    """Shipped in the wheel (a non-editable install) as well as read in place (editable)."""
+    pyproject = tomllib.loads((DOCUMENT_PATH.parent.parent / "pyproject.toml").read_text())
+    assert "openapi.json" in pyproject["tool"]["setuptools"]["package-data"]["webhookd"]
 
 
 def documented_operations() -> set[tuple[str, str]]:
@@ -186,10 +199,13 @@ def under_test() -> dict[str, Any]:
     return document
 
 
-schema = schemathesis.openapi.from_dict(under_test())
-schema.config.update(
-    base_url=f"http://127.0.0.1:{PORT}", headers={"Authorization": f"Bearer {TOKEN}"}
+# The token through the document's own security scheme (not a fixed header): Schemathesis
+# then also sends requests without it, or with another, and checks they are refused.
+schema = schemathesis.openapi.from_dict(
+    under_test(),
+    config=schemathesis.Config.from_dict({"auth": {"openapi": {"bearerAuth": {"bearer": TOKEN}}}}),
 )
+schema.config.update(base_url=f"http://127.0.0.1:{PORT}")
 schema.config.generation.update(
     modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
     max_examples=EXAMPLES,
@@ -205,6 +221,15 @@ CHECKS = [
     response_schema_conformance,
     response_headers_conformance,
     negative_data_rejection,
+    # Requests without the token, or with another, are refused (401).
+    ignored_auth,
+    # A method a path does not take answers 405 with Allow, which lists the right ones.
+    unsupported_method,
+    allow_header_conformance,
+    missing_required_header,
+    # Stateful: a deleted tenant is gone; a created one is there.
+    use_after_free,
+    ensure_resource_availability,
 ]
 BOUNDED = settings(
     max_examples=EXAMPLES,
