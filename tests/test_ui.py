@@ -15,11 +15,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests import test_cluster
 from tests.conftest import Daemon, Receiver, StartDaemon, free_port, tenant, wait_for, write_config
+from tests.test_cluster import held, two_instances
 from webhookd import config as config_mod
 from webhookd.ui import portal
 from webhookd.ui.pages import SESSIONS
 
+start_instance = test_cluster.start_instance  # the fixture: in-process instances
 TOKEN = "ui-test-token-0123456789"
 PORTAL_KEY = "k" * 40
 
@@ -97,6 +100,11 @@ async def test_sign_in_once_then_a_session_cookie(start_daemon: StartDaemon, bro
     for attribute in ("HttpOnly", "SameSite=Strict", "Path=/ui/", "Max-Age=28800"):
         assert attribute in cookie
     assert "Secure" not in cookie  # plain HTTP here; over TLS the cookie is Secure
+    behind_tls = browsers(daemon)
+    async with behind_tls.session.get(
+        daemon.base + "/ui/signin", headers={"X-Forwarded-Proto": "https"}
+    ) as response:
+        assert "Secure" in response.headers["Set-Cookie"]
 
     status, page, _ = await browser.get("/ui/")
     assert status == 200 and "acme" in page and TOKEN not in page
@@ -450,3 +458,33 @@ def test_the_portal_command_prints_a_link(tmp_path, process_factory):
     assert done.stdout.startswith(f"http://127.0.0.1:{port}/portal/acme?expires=")
     assert "read-only" in done.stderr
     assert "sig=" not in process.log()  # the daemon logs no link
+
+
+async def test_with_several_instances_the_forms_act_on_the_tenants_owner(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance, browsers
+):
+    # A backoff of a minute: only a retry makes the next attempt in time.
+    a, b, name = await two_instances(
+        tmp_path, receiver, postgres_url, start_instance, retry_base=60.0
+    )
+    receiver.script(f"/{name}", 503)
+    await b.ingest(name, [{"event": "CHECK_COMPLETED", "id": "r-1", "data": {}}])
+    await wait_for(lambda: a.service.workers[name].queue_state == "stalled", timeout=5)
+
+    browser = browsers(b)  # B's pages, for a tenant A delivers
+    status, page, _ = await browser.get(f"/ui/tenants/{name}")
+    assert status == 200 and "Stalled" in page and "HTTP 503" in page
+    csrf = csrf_of(page)
+    await browser.post(f"/ui/tenants/{name}/retry", {"csrf": csrf})
+    await wait_for(lambda: receiver.sequences(f"/{name}") == [1], timeout=5)
+    _, page, _ = await browser.get(f"/ui/tenants/{name}")
+    assert "Retrying now" in page
+
+    assert len(a.service.workers[name].failures) == 1
+    await browser.post(f"/ui/tenants/{name}/refresh", {"csrf": csrf})
+    assert len(a.service.workers[name].failures) == 0  # the owner's, not B's copy
+    await browser.post(f"/ui/tenants/{name}/pause", {"csrf": csrf})
+    assert a.service.workers[name].row.paused
+    _, page, _ = await browser.get(f"/ui/tenants/{name}")
+    assert "Paused: nothing is delivered" in page and 'id="resume"' in page
+    assert held(a) >= {name}

@@ -85,8 +85,16 @@ def set_cookie(
         path="/ui/",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        secure=over_tls(request),
     )
+
+
+def over_tls(request: web.BaseRequest) -> bool:
+    """The browser reached us over TLS: directly, or through a proxy that ended TLS and says
+    so (X-Forwarded-Proto: https). Trusting the header costs nothing: it can only make the
+    cookie stricter (a Secure cookie is never sent over plain HTTP)."""
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return request.secure or forwarded == "https"
 
 
 def clear_cookie(response: web.StreamResponse) -> None:
