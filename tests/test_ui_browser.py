@@ -15,6 +15,8 @@ WEBHOOKD_SCREENSHOTS set: the PNGs go to docs/screenshots/.
 from __future__ import annotations
 
 import asyncio
+import html
+import http.server
 import json
 import os
 import threading
@@ -36,6 +38,42 @@ CHROMIUM = "/usr/bin/chromium"
 TOKEN = "browser-test-token-0123456789"
 PORTAL_KEY = "p" * 44
 SCRIPT = "<script>window.pwned=1</script>"
+# The SaaS whose own "Webhook config" page frames the portal (served by the test itself).
+# Real servers on loopback, as the daemon is: Chromium refuses a public site's (or an
+# intercepted page's) frame of a loopback address (Private Network Access).
+SAAS_PORT, ELSEWHERE_PORT = free_port(), free_port()
+SAAS = f"http://127.0.0.1:{SAAS_PORT}"
+ELSEWHERE = f"http://127.0.0.1:{ELSEWHERE_PORT}"
+
+
+class FramingSite:
+    """A SaaS's own settings page that frames a URL: a plain HTTP server in a thread."""
+
+    def __init__(self, port: int) -> None:
+        self.framed = ""
+        site = self
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = (
+                    "<!doctype html><h1>Our settings</h1>"
+                    f'<iframe src="{html.escape(site.framed)}" width="600" height="400"></iframe>'
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Page)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class ThreadReceiver:
@@ -128,7 +166,12 @@ def daemon(tmp_path_factory, receivers) -> Iterator[Daemon]:
     path = write_config(
         directory,
         {"main": {"endpoint": "http://127.0.0.1:9/main", "secret": "s3cr3t", "events": ["*"]}},
-        daemon={"api_token": TOKEN, "portal_key_file": str(key), "log_level": "info"},
+        daemon={
+            "api_token": TOKEN,
+            "portal_key_file": str(key),
+            "portal_frame_ancestors": [SAAS],
+            "log_level": "info",
+        },
         delivery={"retry_base": 600},  # a failed tenant stays stalled until Retry
     )
     process = Process(path)
@@ -224,12 +267,11 @@ def test_start_the_receiver_then_retry_with_the_keyboard_delivers(
         raise AssertionError("Tab never reached the Retry button")
     page.keyboard.press("Enter")
     page.wait_for_url(daemon.base + "/ui/tenants/acme")
-    # The live refresh (every 5 s) or a reload shows it: poll by reloading.
-    deadline = time.monotonic() + 15
-    while not page.inner_text("#queue-state").startswith("Empty"):
-        assert time.monotonic() < deadline, page.inner_text("#queue-state")
-        time.sleep(0.2)
-        page.reload()
+    # No reload: the page's live refresh (every 5 s) shows the queue emptied.
+    page.wait_for_function(
+        "() => document.getElementById('queue-state').textContent.startsWith('Empty')",
+        timeout=15_000,
+    )
     assert [w["data"] for w in receivers["down"].recv.requests[0].webhooks] == [{"n": 1}]
     page.close()
 
@@ -320,6 +362,35 @@ def test_a_portal_link_shows_its_tenant_only(browser: Browser, daemon: Daemon) -
         assert response is not None and response.status == 403
         assert page.inner_text("h1") == "This link is not valid"
     context.close()
+
+
+def test_the_portal_embeds_only_in_the_configured_sites(browser: Browser, daemon: Daemon) -> None:
+    _, answer = daemon.api("POST", "/v1/tenants/acme/portal")
+    sites = [FramingSite(SAAS_PORT), FramingSite(ELSEWHERE_PORT)]  # only SAAS is listed
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        for site in sites:
+            site.framed = answer["url"]
+        page.goto(f"{SAAS}/settings")
+        portal_frame = page.frame_locator("iframe")
+        assert portal_frame.locator("h1").inner_text() == "acme"
+        assert portal_frame.locator("#retry").is_visible()
+
+        page.goto(f"{ELSEWHERE}/settings")
+        frame = page.frames[1]
+        frame.wait_for_load_state()
+        # Refused by frame-ancestors: Chromium shows its error page in the frame instead.
+        assert frame.url.startswith("chrome-error://") and "acme" not in frame.content()
+        sites[0].framed = daemon.base + "/ui/"  # the operator's pages: never in a frame
+        page.goto(f"{SAAS}/settings")
+        frame = page.frames[1]
+        frame.wait_for_load_state()
+        assert frame.url.startswith("chrome-error://") and "Sign in" not in frame.content()
+    finally:
+        context.close()
+        for site in sites:
+            site.close()
 
 
 def test_usable_at_390_and_1280_pixels_wide(
