@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -234,7 +235,8 @@ async def test_stalled_tenants_come_first_with_their_failure_as_text(
         tenants={"aaa": tenant(receiver.url("/a")), "zzz": tenant(receiver.url("/z"))},
         delivery={"retry_base": 3600},
     )
-    await daemon.ingest("zzz", {"event": "CHECK_COMPLETED", "data": {"n": "<img src=x>"}})
+    answer = await daemon.ingest("zzz", {"event": "CHECK_COMPLETED", "data": {"n": "<img src=x>"}})
+    webhook_id = answer["webhooks"][0]["id"]
     await wait_for(lambda: daemon.service.workers["zzz"].queue_state == "stalled")
     browser = browsers(daemon)
     _, page, _ = await browser.get("/ui/")
@@ -245,6 +247,8 @@ async def test_stalled_tenants_come_first_with_their_failure_as_text(
     assert "/ui/tenants/zzz" in page and "/ui/tenants/aaa" not in page
     _, page, _ = await browser.get("/ui/tenants/zzz")
     assert "Stalled" in page and "&lt;script&gt;" in page and "<script>window" not in page
+    _, page, _ = await browser.get("/ui/tenants/zzz?id=" + quote(webhook_id))
+    assert "&lt;img src=x&gt;" in page and "<img src=x>" not in page  # its data, as text
     assert page.count("<script") == 1  # ours, from /ui/static/ui.js
 
 
@@ -382,7 +386,10 @@ async def test_a_portal_link_opens_its_tenant_only(
 async def test_a_portal_link_may_edit_when_the_operator_allows_it(
     tmp_path, start_daemon: StartDaemon, browsers, receiver: Receiver
 ):
-    daemon = await start_daemon(tenants={}, daemon=portal_config(tmp_path, portal_can_edit=True))
+    daemon = await start_daemon(
+        tenants={"filed": tenant(receiver.url("/f"))},
+        daemon=portal_config(tmp_path, portal_can_edit=True),
+    )
     await daemon.request("PUT", "/v1/tenants/acme", json=tenant(receiver.url("/a")))
     status, answer = await daemon.request("POST", "/v1/tenants/acme/portal")
     assert status == 200 and answer["can_edit"] is True
@@ -399,6 +406,12 @@ async def test_a_portal_link_may_edit_when_the_operator_allows_it(
     )
     assert status == 303
     assert daemon.service.config.tenants["acme"].endpoint == receiver.url("/n")
+
+    # A main-file tenant's form is read-only, and says so without naming the operator's file.
+    _, answer = await daemon.request("POST", "/v1/tenants/filed/portal")
+    _, page, _ = await browser.get(answer["url"].removeprefix(daemon.base))
+    assert "managed by your provider" in page and "<fieldset disabled>" in page
+    assert str(daemon.service.config.path) not in page and "config.toml" not in page
 
 
 async def test_the_portal_endpoint_without_a_key_says_how_to_set_one(

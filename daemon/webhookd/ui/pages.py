@@ -54,6 +54,7 @@ PORTAL_NOTICES = {
     "saved": "Saved.",
 }
 NONE = "'none'"
+PORTAL_READ_ONLY = "This configuration is managed by your provider; ask them to change it."
 STATIC = {"ui.js": "text/javascript", "ui.css": "text/css"}
 
 
@@ -365,7 +366,10 @@ async def tenant_view(
         and tenant.from_api
         and (operator_view or (link is not None and link.can_edit)),
         "show_config": operator_view or (link is not None and link.can_edit),
-        "read_only_reason": read_only_reason(service, tenant),
+        # A customer is not told where the operator's files are.
+        "read_only_reason": read_only_reason(service, tenant)
+        if operator_view
+        else ("" if tenant is None or tenant.from_api else PORTAL_READ_ONLY),
         "status": 400 if errors else 200,
     }
     if operator_view:
