@@ -361,6 +361,7 @@ def test_a_portal_link_shows_its_tenant_only(browser: Browser, daemon: Daemon) -
         response = page.goto(url)
         assert response is not None and response.status == 403
         assert page.inner_text("h1") == "This link is not valid"
+        assert page.eval_on_selector_all("a[href]", "els => els.length") == 1  # "#main" only
     context.close()
 
 

@@ -155,8 +155,12 @@ def render(
     return aiohttp_jinja2.render_template(template, request, context, status=status)
 
 
-def error_page(request: web.Request, status: int, title: str, detail: str) -> web.Response:
-    return render(request, "error.html", {"title": title, "detail": detail}, status)
+def error_page(
+    request: web.Request, status: int, title: str, detail: str, *, portal: bool = False
+) -> web.Response:
+    """An error as a page; a portal's (`portal`) links nowhere, not even to /ui/."""
+    context = {"title": title, "detail": detail, "portal": portal}
+    return render(request, "error.html", context, status)
 
 
 def forbidden(request: web.Request, detail: str) -> web.Response:
@@ -641,6 +645,7 @@ def invalid_link(request: web.Request) -> web.Response:
         403,
         "This link is not valid",
         "The link has expired or was changed. Ask for a new one.",
+        portal=True,
     )
 
 
@@ -652,7 +657,7 @@ async def portal_page(request: web.Request) -> web.Response:
     try:
         return await tenant_view(request, link.tenant, link=link, notice=notice)
     except ServiceError as exc:
-        return error_page(request, exc.status, "Not available", exc.detail)
+        return error_page(request, exc.status, "Not available", exc.detail, portal=True)
 
 
 async def portal_control(request: web.Request) -> web.StreamResponse:
@@ -666,7 +671,7 @@ async def portal_control(request: web.Request) -> web.StreamResponse:
     try:
         answer = await control(request, link.tenant, action)
     except ServiceError as exc:
-        return error_page(request, exc.status, "Not done", exc.detail)
+        return error_page(request, exc.status, "Not done", exc.detail, portal=True)
     notice = "refreshed"
     if action == "retry":
         notice = "retrying" if answer["retrying"] else "idle"
@@ -685,7 +690,7 @@ async def portal_save(request: web.Request) -> web.Response:
                 request, link.tenant, link=link, form=submitted(form), errors=errors
             )
     except ServiceError as exc:
-        return error_page(request, exc.status, "Not saved", exc.detail)
+        return error_page(request, exc.status, "Not saved", exc.detail, portal=True)
     return redirect(f"{link.path()}&notice=saved")
 
 
