@@ -433,19 +433,23 @@ def test_screenshots(browser: Browser, operator: BrowserContext, daemon: Daemon,
     $WEBHOOKD_SCREENSHOTS (make screenshots: docs/screenshots/), else a temporary folder."""
     folder = Path(os.environ.get("WEBHOOKD_SCREENSHOTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
-    daemon.api("POST", "/v1/tenants/evil/webhooks", {"event": "TASK_CREATED", "data": {}})
-    daemon.wait(lambda: daemon.status("evil")["queue"] == "stalled")
+    # A shop whose receiver is down (nothing listens on its port): stalled.
+    closed = f"http://127.0.0.1:{free_port()}/webhooks"
+    daemon.api("PUT", "/v1/tenants/shop", {"endpoint": closed, "secret": "s", "events": ["*"]})
+    for event in ("TASK_CREATED", "CHECK_COMPLETED"):
+        daemon.api("POST", "/v1/tenants/shop/webhooks", {"event": event, "data": {}})
+    daemon.wait(lambda: daemon.status("shop")["queue"] == "stalled")
     _, answer = daemon.api("POST", "/v1/tenants/acme/portal")
     page = operator.new_page()
     for width in (1280, 390):
         page.set_viewport_size({"width": width, "height": 800})
         for name, url in (
             ("overview", daemon.base + "/ui/"),
-            ("stalled-tenant", daemon.base + "/ui/tenants/evil"),
+            ("stalled-tenant", daemon.base + "/ui/tenants/shop"),
             ("portal", answer["url"]),
         ):
             page.goto(url)
             path = folder / f"{name}-{width}.png"
-            page.screenshot(path=str(path), full_page=True)
+            page.screenshot(path=str(path))  # the first screenful: small files
             assert path.stat().st_size > 1000
     page.close()
