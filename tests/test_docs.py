@@ -158,9 +158,7 @@ def loader_keys() -> dict[str, set[str]]:
     }
 
 
-def test_every_key_the_loader_accepts_is_documented_and_every_documented_key_is_accepted() -> (
-    None
-):
+def test_every_key_the_loader_accepts_is_documented_and_every_documented_key_is_accepted() -> None:
     documented, accepted = documented_keys(), loader_keys()
     tables = {"tenants.NAME" if t == "tenants" else t for t in config.TOP_LEVEL_KEYS}
     assert set(documented) == tables == set(accepted), sorted(documented)
@@ -185,9 +183,7 @@ def test_every_key_of_the_example_file_is_documented() -> None:
         ]
     for name, tenant in example.get("tenants", {}).items():
         problems += [f"[tenants.{name}] {key}" for key in tenant if key not in tenant_keys]
-    assert problems == [], "in config.example.toml, not in configuration.md: " + ", ".join(
-        problems
-    )
+    assert problems == [], "in config.example.toml, not in configuration.md: " + ", ".join(problems)
 
 
 def test_the_loader_refuses_a_key_it_reads_but_does_not_list(tmp_path: Path) -> None:
