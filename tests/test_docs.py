@@ -250,3 +250,22 @@ def test_every_metric_the_daemon_exports_is_documented_and_no_other() -> None:
     documented = set(re.findall(r"^### `(webhookd_\w+)`", text, re.M))
     assert exported - documented == set(), "exported, not documented"
     assert documented - exported == set(), "documented, not exported"
+
+
+def test_every_route_of_the_app_has_its_section_in_the_http_reference_and_no_other() -> None:
+    """The routes as the API modules declare them (`web.get("/path", handler)`, …), path
+    parameters written as the reference writes them ({tenant} as {t}, {id:.+} as {id}),
+    against the `### \\`METHOD /path\\`` headings of docs/http-api.md."""
+    routes = set()
+    for module in sorted((ROOT / "daemon" / "webhookd").glob("*.py")):
+        source = module.read_text(encoding="utf-8")
+        for method, declared in re.findall(
+            r"web\.(get|post|put|delete|patch)\(\s*\"(/[^\"]*)\"", source
+        ):
+            path = re.sub(r"\{(\w+)(?::[^}]*)?\}", r"{\1}", declared).replace("{tenant}", "{t}")
+            routes.add(f"{method.upper()} {path}")
+    assert len(routes) >= 20, routes
+    text = (DOCS / "http-api.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^### `([A-Z]+ /\S*)`", text, re.M))
+    assert routes - documented == set(), "routes without a section in docs/http-api.md"
+    assert documented - routes == set(), "sections in docs/http-api.md for no route"
