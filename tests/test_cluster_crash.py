@@ -25,6 +25,10 @@ request noted as it arrives, before it is answered) and the instances' own logs:
    sequence of the last request that had arrived (perhaps unrecorded) to the highest
    sequence delivered plus one batch (a batch picked before a freeze). A re-send with no
    such claim, a second one for the same claim, or one repeating older sequences fails.
+4. The delivery history (read through an instance's API, from the shared database) never
+   says "delivered" for a webhook the receiver never got, and has a record, with the id and
+   data the receiver got, for each one it got: the record is written in the
+   acknowledgement's transaction, whichever instance made it.
 """
 
 from __future__ import annotations
@@ -380,6 +384,38 @@ def match(resends: list[tuple[float, set[int]]], claims: list[tuple[float, set[i
     return all(place(r, set()) for r in range(len(resends)))
 
 
+async def delivered_history(
+    session: aiohttp.ClientSession, instance: Instance, name: str
+) -> dict[int, dict[str, Any]]:
+    """The tenant's history records that say delivered, by sequence, every page."""
+    found: dict[int, dict[str, Any]] = {}
+    cursor = ""
+    while True:
+        url = f"{instance.base}/v1/tenants/{name}/history?order=oldest&limit=1000{cursor}"
+        async with session.get(url) as response:
+            assert response.status == 200, (url, response.status, await response.text())
+            page = await response.json()
+        found.update({r["sequence"]: r for r in page["records"] if r["outcome"] == "delivered"})
+        if page["next_cursor"] is None:
+            return found
+        cursor = f"&cursor={page['next_cursor']}"
+
+
+def check_history(
+    name: str, arrivals: list[Arrival], delivered: dict[int, dict[str, Any]], context: str
+) -> None:
+    got = {w["sequence"]: w for arrival in arrivals for w in arrival.webhooks}
+    never = sorted(set(delivered) - set(got))
+    assert never == [], f"{name}: history says delivered, never received: {never}; {context}"
+    for sequence, record in delivered.items():
+        webhook = got[sequence]
+        assert (record["id"], record["data"]) == (webhook["id"], webhook["data"]), (
+            f"{name}: the history's record differs from what arrived: {record} {webhook}; {context}"
+        )
+    unrecorded = sorted(set(got) - set(delivered))
+    assert unrecorded == [], f"{name}: received, no history record: {unrecorded}; {context}"
+
+
 def check_tenant(
     name: str, arrivals: list[Arrival], acked: list[Acked], claims: list[float], context: str
 ) -> str:
@@ -474,6 +510,8 @@ async def test_kill9_and_freezes_of_instances_lose_nothing_keep_order_and_resend
     for name in TENANTS:
         acked = [a for a in producers.acked if a.tenant == name]
         print(check_tenant(name, arrivals[name], acked, claims[name], context))
+        delivered = await delivered_history(session, instances[0], name)
+        check_history(name, arrivals[name], delivered, context)
     print(
         f"{len(producers.acked)} acknowledged, {producers.unanswered} ingest requests "
         f"unanswered, {len(producers.refused)} refused (503); faults: {faults.log}"

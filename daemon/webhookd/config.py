@@ -18,7 +18,7 @@ import re
 import socket
 import ssl
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -201,6 +201,52 @@ class ProxyConfig:
 DIRECT = ProxyConfig("")
 PROXY_KEYS = ("proxy", "proxy_password_file", "proxy_checks_addresses")
 
+# The keys each table accepts. `_Table.finish` refuses any other key, and any of these the
+# loader did not read; docs/configuration.md documents exactly these (tests/test_docs.py).
+TOP_LEVEL_KEYS = ("daemon", "events", "delivery", "tenants")
+DAEMON_KEYS = (
+    "database",
+    "database_password_file",
+    "listen",
+    "api_token",
+    "api_token_file",
+    "tenants_dir",
+    "log_format",
+    "log_level",
+    "durability",
+    "max_connections",
+    "source_address",
+    "allow_private_endpoints",
+    "shutdown_grace",
+    "max_body_bytes",
+    "ca_file",
+    *PROXY_KEYS,
+    "api_max_connections",
+    "api_header_timeout",
+    "api_idle_timeout",
+    "lease_seconds",
+    "advertise_url",
+    "history_max_bytes",
+    "idempotency_window",
+    "replay_max",
+)
+EVENTS_KEYS = ("custom",)
+# A tenant's own keys; its table (and a tenants_dir file, and the tenant API's JSON) also
+# takes every [delivery] key and, in the configuration file only, the proxy keys.
+TENANT_KEYS = (
+    "enabled",
+    "batching",
+    "endpoint",
+    "secret",
+    "secret_file",
+    "secret_env",
+    "events",
+    "authorization_header",
+    "signing_secret",
+    "source_address",
+)
+TENANT_TABLE_KEYS = (*TENANT_KEYS, *PROXY_KEYS, *DELIVERY_KEYS)
+
 
 @dataclass(frozen=True)
 class SecretRef:
@@ -291,8 +337,12 @@ class _Table:
             self.error(name, str(exc))
             return default
 
-    def finish(self) -> None:
-        for name in sorted(set(self.raw) - self.seen):
+    def finish(self, known: Collection[str]) -> None:
+        """Refuse every key of the table but those in `known` that were read: a key the
+        loader reads is accepted only once listed (the lists below, which
+        docs/configuration.md documents and tests/test_docs.py checks it against)."""
+        accepted = self.seen.intersection(known)
+        for name in sorted(set(self.raw) - accepted):
             self.error(name, "unknown key")
 
 
@@ -666,7 +716,7 @@ def from_dict(
         tenant = parse_tenant(name, table, ctx, origin=config_path.resolve(), from_api=False)
         if tenant is not None:
             tenants[name] = tenant
-    root.finish()
+    root.finish(TOP_LEVEL_KEYS)
 
     directory = daemon.tenants_dir if tenants_from is AS_CONFIGURED else tenants_from
     if isinstance(daemon.database, PostgresURL):
@@ -757,7 +807,7 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         portal_frame_ancestors=table.get("portal_frame_ancestors", (), frame_ancestors),
         portal_base_url=table.get("portal_base_url", "", portal_base_url),
     )
-    table.finish()
+    table.finish(DAEMON_KEYS)
     return config
 
 
@@ -1161,7 +1211,7 @@ def _catalogue(table: _Table) -> Catalogue:
         return tuple(dict.fromkeys(value))
 
     catalogue = Catalogue(custom=table.get("custom", (), custom))
-    table.finish()
+    table.finish(EVENTS_KEYS)
     return catalogue
 
 
@@ -1184,7 +1234,7 @@ def _delivery(table: _Table, base: DeliveryOptions, *, only_known: bool = True) 
     for key, convert in converters.items():
         values[key] = table.get(key, getattr(base, key), convert)
     if only_known:
-        table.finish()
+        table.finish(DELIVERY_KEYS)
     return DeliveryOptions(**values)
 
 
@@ -1219,7 +1269,7 @@ def parse_tenant(
         origin=origin,
         from_api=from_api,
     )
-    table.finish()
+    table.finish(TENANT_TABLE_KEYS)
     if len(ctx.errors) > errors_before:
         return None
     subscribed = ctx.catalogue.resolve(events)
@@ -1371,20 +1421,6 @@ def _load_tenants_dir(directory: Path, ctx: _Context) -> list[tuple[str, TenantC
 
 # ---------------------------------------------------------------------------------------------
 # Tenants made through the API: validated like the file, written to tenants_dir
-
-
-TENANT_KEYS = (
-    "enabled",
-    "batching",
-    "endpoint",
-    "secret",
-    "secret_file",
-    "secret_env",
-    "events",
-    "authorization_header",
-    "signing_secret",
-    "source_address",
-)
 
 
 def parse_api_tenant(
