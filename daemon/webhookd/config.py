@@ -229,6 +229,12 @@ DAEMON_KEYS = (
     "history_max_bytes",
     "idempotency_window",
     "replay_max",
+    "ui_session_ttl",
+    "portal_key_file",
+    "portal_link_ttl",
+    "portal_can_edit",
+    "portal_frame_ancestors",
+    "portal_base_url",
 )
 EVENTS_KEYS = ("custom",)
 # A tenant's own keys; its table (and a tenants_dir file, and the tenant API's JSON) also
