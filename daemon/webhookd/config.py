@@ -135,6 +135,18 @@ class DaemonConfig:
     replay_max: int = 100_000
     # `proxy`, `proxy_password_file`, `proxy_checks_addresses`; None: deliveries go direct.
     proxy: ProxyConfig | None = None
+    # The pages at /ui/ (issue 15): how long a sign-in lasts.
+    ui_session_ttl: float = 8 * 3600.0
+    # Portal links: the HMAC key (from `portal_key_file`; empty: no links can be made), how
+    # long a link lasts, whether a link may edit the tenant's configuration, the origins
+    # that may frame the portal page (CSP frame-ancestors), and the address links start with
+    # ("": the address the request for the link came to).
+    portal_key: Secret = field(default_factory=lambda: Secret(""))
+    portal_key_file: Path | None = None
+    portal_link_ttl: float = 3600.0
+    portal_can_edit: bool = False
+    portal_frame_ancestors: tuple[str, ...] = ()
+    portal_base_url: str = ""
 
     @property
     def listen(self) -> str:
@@ -217,6 +229,12 @@ DAEMON_KEYS = (
     "history_max_bytes",
     "idempotency_window",
     "replay_max",
+    "ui_session_ttl",
+    "portal_key_file",
+    "portal_link_ttl",
+    "portal_can_edit",
+    "portal_frame_ancestors",
+    "portal_base_url",
 )
 EVENTS_KEYS = ("custom",)
 # A tenant's own keys; its table (and a tenants_dir file, and the tenant API's JSON) also
@@ -761,6 +779,7 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
     ca_file = table.get("ca_file", None, optional_path)
     if ca_file is not None:
         _check_ca_file(table, ca_file)
+    portal_key_file, portal_key = _portal_key(table, base_dir)
     config = DaemonConfig(
         database=database,
         listen_host=host,
@@ -786,9 +805,65 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         idempotency_window=table.get("idempotency_window", 86400.0, _duration(1, 86400 * 3650)),
         replay_max=table.get("replay_max", 100_000, _int(1, 10_000_000)),
         proxy=_proxy(table, base_dir),
+        ui_session_ttl=table.get("ui_session_ttl", 8 * 3600.0, _duration(60, 30 * 86400)),
+        portal_key=Secret(portal_key),
+        portal_key_file=portal_key_file,
+        portal_link_ttl=table.get("portal_link_ttl", 3600.0, _duration(60, 30 * 86400)),
+        portal_can_edit=table.get("portal_can_edit", False, _bool),
+        portal_frame_ancestors=table.get("portal_frame_ancestors", (), frame_ancestors),
+        portal_base_url=table.get("portal_base_url", "", portal_base_url),
     )
     table.finish(DAEMON_KEYS)
     return config
+
+
+# The shortest portal key taken: an HMAC-SHA256 key of fewer bytes is guessable sooner.
+PORTAL_KEY_MIN = 32
+
+
+def _portal_key(table: _Table, base_dir: Path) -> tuple[Path | None, str]:
+    """`portal_key_file`: its path and the key (the file's one line, at least
+    PORTAL_KEY_MIN characters); (None, "") when unset, with any error recorded."""
+    file_text = table.get("portal_key_file", "", _str)
+    if not file_text:
+        return None, ""
+    path, key = _password_file(table, "portal_key_file", base_dir, file_text)
+    if key is not None and len(key) < PORTAL_KEY_MIN:
+        table.error(
+            "portal_key_file",
+            f"{file_text!r} holds {len(key)} characters; a portal key is at least "
+            f"{PORTAL_KEY_MIN} (head -c 32 /dev/urandom | base64 > portal.key)",
+        )
+        key = None
+    return path, key or ""
+
+
+# An origin as CSP's frame-ancestors takes it: scheme://host[:port], a host wildcard allowed.
+FRAME_ANCESTOR = re.compile(r"https?://(\*\.)?[A-Za-z0-9.-]+(:\d{1,5})?")
+
+
+def frame_ancestors(value: Any) -> tuple[str, ...]:
+    """`portal_frame_ancestors`: the origins allowed to embed the portal page."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError('expected a list of origins, e.g. ["https://app.example.com"]')
+    for origin in value:
+        if origin != "'self'" and not FRAME_ANCESTOR.fullmatch(origin):
+            raise ValueError(
+                f"{origin[:80]!r} is not an origin (https://HOST or https://HOST:PORT, "
+                "no path; or 'self')"
+            )
+    return tuple(value)
+
+
+def portal_base_url(value: Any) -> str:
+    """`portal_base_url`: http(s)://HOST[:PORT][/PREFIX], where the portal links point."""
+    text = _str(value).strip().rstrip("/")
+    if not text:
+        return ""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ValueError(f"expected http(s)://HOST[:PORT][/PATH], got {text[:80]!r}")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
