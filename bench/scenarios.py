@@ -10,6 +10,7 @@ from bench.cluster import cluster_throughput, cross_latency, failover
 from bench.context import Context
 from bench.delivery import drain_batched, e2e_batched, unbatched_many, unbatched_one
 from bench.history import history_cost, history_list, history_prune
+from bench.history_size import history_size
 from bench.ingest import ingest
 from bench.steady import idle, latency
 from bench.sustained import sustained
@@ -28,6 +29,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "historycost": ("history off and on: batched end to end, unbatched 1000 tenants", history_cost),
     "historylist": ("history: a page of 100 with 10,000,000 records stored", history_list),
     "historyprune": ("history: 1,000,000 records pruned under load at 500/s", history_prune),
+    "historysize": ("history: disk per retained webhook, with and without payloads", history_size),
     "cluster": (
         "two instances on one PostgreSQL: batched end to end, unbatched over 1000 tenants",
         cluster_throughput,
@@ -54,6 +56,7 @@ POSTGRES_SCENARIOS = frozenset(
         "historycost",
         "historylist",
         "historyprune",
+        "historysize",
     }
 )
 

@@ -169,6 +169,11 @@ WALKED_ELSEWHERE = {
 }
 
 
+# Codes of the HTML pages (webhookd/ui/), answered as a page with the code's status: walked
+# in test_a_page_refusal_is_a_page_with_the_registered_status below.
+PAGES_ONLY = {"forbidden"}
+
+
 def raw_request(daemon: Daemon, head: bytes) -> tuple[int, bytes]:
     """A request written by hand (what an HTTP client would refuse to send): the answer's
     status and body, read as far as its Content-Length."""
@@ -247,6 +252,7 @@ async def test_the_error_paths_answer_their_codes(
         "unsupported_media_type", "POST", ingest, json=one, headers={"Content-Encoding": "gzip"}
     )
     await expect("unknown_event", "POST", ingest, json={"event": "NO_SUCH_EVENT"})
+    await expect("portal_not_configured", "POST", "/v1/tenants/acme/portal")  # no portal key
 
     # Two delivered webhooks: more than replay_max (1) to replay.
     await daemon.ingest("acme", [one, one])
@@ -317,7 +323,7 @@ async def test_the_error_paths_answer_their_codes(
         assert response.headers["Retry-After"] == str(CODES["unavailable"].retry_after)
     seen["unavailable"] = 503
 
-    walked_elsewhere = set(WALKED_ELSEWHERE)
+    walked_elsewhere = set(WALKED_ELSEWHERE) | set(PAGES_ONLY)
     assert set(seen) | walked_elsewhere == set(CODES), set(CODES) - set(seen) - walked_elsewhere
     assert set(seen).isdisjoint(walked_elsewhere)
     for code, test_file in WALKED_ELSEWHERE.items():
@@ -331,3 +337,14 @@ def test_a_busy_listener_refuses_with_the_registered_status_and_retry_after() ->
     status_line = listener.REFUSED.split(b"\r\n", 1)[0]
     assert status_line == b"HTTP/1.1 %d Service Unavailable" % registered.status
     assert b"Retry-After: %d\r\n" % (registered.retry_after or 0) in listener.REFUSED
+
+
+async def test_a_page_refusal_is_a_page_with_the_registered_status(
+    start_daemon: StartDaemon,
+) -> None:
+    """`forbidden` belongs to the pages: a tenant name a page cannot show answers the code's
+    status as a page (no token set: the operator pages are open)."""
+    daemon = await start_daemon(tenants={"acme": tenant("http://127.0.0.1:9/down")})
+    async with daemon.session.get(daemon.base + "/ui/tenants/bad.name") as response:
+        assert response.status == CODES["forbidden"].status
+        assert response.content_type == "text/html"

@@ -55,7 +55,7 @@ METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
 
 # The app's HTML pages are not part of the JSON API this document describes: they are left
 # out of the route comparison by prefix (the operator UI and the customer portal's pages).
-HTML_PREFIXES = ("/ui/", "/portal")
+HTML_PREFIXES = ("/ui", "/portal/")
 
 EXAMPLES = int(os.environ.get("WEBHOOKD_SCHEMATHESIS_EXAMPLES", "25"))
 TOKEN = "schemathesis-token"
@@ -160,6 +160,8 @@ def live_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     url = f"http://127.0.0.1:{receiver.server_address[1]}"
     directory = tmp_path_factory.mktemp("openapi")
     (directory / "tenants.d").mkdir()
+    (directory / "portal.key").write_text("k" * 40)
+    (directory / "portal.key").chmod(0o600)
     path = write_config(
         directory,
         {"acme": tenant(url + "/ok"), "stuck": tenant(url + "/down")},
@@ -167,6 +169,7 @@ def live_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
             "listen": f"127.0.0.1:{PORT}",
             "api_token": TOKEN,
             "tenants_dir": "tenants.d",
+            "portal_key_file": "portal.key",
         },
         delivery={"retry_base": 0.5},
     )

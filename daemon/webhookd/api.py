@@ -102,12 +102,20 @@ def refusal(service: Service, request: web.BaseRequest) -> web.Response:
     return error_response("unauthorized", UNAUTHORIZED)
 
 
+def own_sign_in(path: str) -> bool:
+    """The pages at /ui/ and /portal/ check their own sign-in (a session cookie, a signed
+    link: webhookd/ui/), so the bearer token is not asked of them; the rest of the API
+    asks it as before."""
+    return path == "/ui" or path.startswith(("/ui/", "/portal/"))
+
+
 def auth_middleware(service: Service, token: str) -> Any:
     expected = token.encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS and not authorized(request, expected):
+        path = request.path
+        if path not in PUBLIC_PATHS and not own_sign_in(path) and not authorized(request, expected):
             return refusal(service, request)
         return await handler(request)
 
@@ -154,9 +162,10 @@ def create_app(service: Service) -> web.Application:
             web.get("/v1/openapi.json", openapi),
         ]
     )
-    from webhookd import tenants_api  # its handlers use this module's helpers
+    from webhookd import tenants_api, ui  # their handlers use this module's helpers
 
     tenants_api.add_routes(app)
+    ui.add_routes(app)
     return app
 
 
@@ -179,7 +188,9 @@ def preflight(app: web.Application) -> Any:
             return error_response(
                 "expectation_failed", "the only Expect this API takes is 100-continue"
             )
-        if token and request.path not in PUBLIC_PATHS and not authorized(request, token):
+        path = request.path
+        asked = token and path not in PUBLIC_PATHS and not own_sign_in(path)
+        if asked and not authorized(request, token):
             return refusal(app[SERVICE], request)
         if match.http_exception is not None:
             return http_error_response(request, match.http_exception)

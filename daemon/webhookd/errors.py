@@ -24,6 +24,8 @@ CODES: dict[str, ErrorCode] = {
     "replay_too_large": ErrorCode(400),
     "unauthorized": ErrorCode(401),
     "restart_needed": ErrorCode(401),
+    # The pages (webhookd/ui/): a portal link or a tenant name a page may not show.
+    "forbidden": ErrorCode(403),
     "not_found": ErrorCode(404),
     "unknown_webhook": ErrorCode(404),
     "forgotten": ErrorCode(404),
@@ -32,6 +34,7 @@ CODES: dict[str, ErrorCode] = {
     "conflict": ErrorCode(409),
     "queue_not_empty": ErrorCode(409),
     "payloads_not_kept": ErrorCode(409),
+    "portal_not_configured": ErrorCode(409),
     "too_large": ErrorCode(413),
     "uri_too_long": ErrorCode(414),
     "unsupported_media_type": ErrorCode(415),

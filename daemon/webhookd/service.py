@@ -123,6 +123,12 @@ class InvalidIngest(ServiceError):
 class InvalidTenant(ServiceError):
     code = "invalid_tenant"
 
+    def __init__(self, detail: str, errors: Sequence[str] = ()) -> None:
+        super().__init__(detail)
+        # One sentence per wrong key ("tenant acme: endpoint: ..."), for the page at /ui/
+        # to show each beside its field.
+        self.errors = list(errors) or [detail]
+
 
 class Service:
     def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
@@ -533,7 +539,7 @@ class Service:
                     name, raw, self.config, source=f"tenant {name}", origin=origin
                 )
             except ConfigError as exc:
-                raise InvalidTenant("; ".join(exc.errors)) from None
+                raise InvalidTenant("; ".join(exc.errors), exc.errors) from None
             table = config_mod.tenant_table(tenant, redact=False)
             created = existing is None
             if self.cluster is not None:
