@@ -257,7 +257,7 @@ def test_every_route_of_the_app_has_its_section_in_the_http_reference_and_no_oth
     parameters written as the reference writes them ({tenant} as {t}, {id:.+} as {id}),
     against the `### \\`METHOD /path\\`` headings of docs/http-api.md."""
     routes = set()
-    for module in sorted((ROOT / "daemon" / "webhookd").glob("*.py")):
+    for module in sorted((ROOT / "daemon" / "webhookd").rglob("*.py")):
         source = module.read_text(encoding="utf-8")
         for method, declared in re.findall(
             r"web\.(get|post|put|delete|patch)\(\s*\"(/[^\"]*)\"", source
@@ -267,5 +267,12 @@ def test_every_route_of_the_app_has_its_section_in_the_http_reference_and_no_oth
     assert len(routes) >= 20, routes
     text = (DOCS / "http-api.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^### `([A-Z]+ /\S*)`", text, re.M))
+    # The HTML pages' routes (the forms they post to) are named in their section's prose.
+    pages = text.split("\n## Pages and portal links\n", 1)[1].split("\n## ", 1)[0]
+    documented |= {
+        route
+        for route in re.findall(r"`([A-Z]+ /\S*)`", pages)
+        if route.split()[1].startswith(("/ui", "/portal"))
+    }
     assert routes - documented == set(), "routes without a section in docs/http-api.md"
     assert documented - routes == set(), "sections in docs/http-api.md for no route"
