@@ -111,7 +111,6 @@ class Forwarder:
 
 def unreachable(owner: Owner, why: str) -> web.Response:
     return error_response(
-        503,
         "owner_unreachable",
         f"instance {owner.instance} holds this tenant's lease, but its API "
         f"({owner.api_url or 'no address'}) did not answer: {why}; send again shortly "

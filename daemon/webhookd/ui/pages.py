@@ -59,15 +59,15 @@ STATIC = {"ui.js": "text/javascript", "ui.css": "text/css"}
 
 
 class PortalNotConfigured(ServiceError):
-    status, code = 409, "portal_not_configured"
+    code = "portal_not_configured"
 
 
 class Forbidden(ServiceError):
-    status, code = 403, "forbidden"
+    code = "forbidden"
 
 
 class ReadOnly(ServiceError):
-    status, code = 409, "conflict"
+    code = "conflict"
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -486,7 +486,12 @@ class Relayed(ServiceError):
     def __init__(self, status: int, body: Any) -> None:
         detail = body.get("detail") if isinstance(body, dict) else None
         super().__init__(str(detail or f"the instance holding this tenant answered {status}"))
-        self.status = status
+        self.relayed = status
+
+    @property
+    def status(self) -> int:
+        """The owner's status, shown on the page (this error is never answered as JSON)."""
+        return self.relayed
 
 
 async def control(request: web.Request, name: str, action: str, webhook_id: str = "") -> Any:
