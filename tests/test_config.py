@@ -1347,9 +1347,9 @@ def test_history_max_bytes_zero_is_no_limit(here: Path, size: str, expected: int
 
 
 def test_config_refuses_a_tenant_name_with_a_trailing_line_break(tmp_path: Path) -> None:
-    """SPEC §5: "Tenant names: `[A-Za-z0-9_-]{1,64}`." and "Unknown keys, wrong types and
-    bad values are errors that name the file (as given) and the key path ... and stop
-    startup". `^[A-Za-z0-9_-]{1,64}$` matched with `re.match` would let a final newline
+    """docs/configuration.md#tenantsname: "Tenant names: `[A-Za-z0-9_-]{1,64}`." and "Unknown keys,
+    wrong types and bad values are errors that name the file (as given) and the key path ... and
+    stop startup". `^[A-Za-z0-9_-]{1,64}$` matched with `re.match` would let a final newline
     through: `[tenants."acme\\n"]` would load, and `webhookd check` print OK.
     """
     path = tmp_path / "config.toml"

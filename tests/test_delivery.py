@@ -285,7 +285,7 @@ async def test_partial_batch_window_counts_from_the_oldest_webhook(
 async def test_a_backward_wall_clock_step_does_not_stretch_a_batch_window(
     receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
-    """SPEC §4 Batching on: a batch "is sent as soon as `batch_size` webhooks are waiting,
+    """docs/delivery.md#batching: a batch "is sent as soon as `batch_size` webhooks are waiting,
     or once the oldest waiting webhook has waited `batch_window` seconds".
 
     Measured on the wall clock (`accepted_at + batch_window − clock.now()`), a step back of
@@ -400,8 +400,8 @@ async def test_backoff_doubles_then_levels_at_retry_after_doublings(
 async def test_a_backward_wall_clock_step_does_not_stretch_a_backoff(
     receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
-    """SPEC §4 Backoff: "After a failure the next attempt is at `retry_base × 2^(attempts−1)`
-    while `attempts ≤ retry_doublings`, else `retry_after_doublings` seconds later."
+    """docs/delivery.md#retries-and-backoff: "After a failure the next attempt is at `retry_base ×
+    2^(attempts−1)` while `attempts ≤ retry_doublings`, else `retry_after_doublings` seconds later."
 
     The worker sleeps on the event loop's monotonic timer. Were what is left of the backoff
     measured against the wall clock (`next_attempt_at − clock.now()`), a step back of the
@@ -537,8 +537,9 @@ async def test_authorization_header_false_omits_it_but_keeps_body_secret(
 async def test_the_authorization_header_a_receiver_reads_is_bearer_and_the_body_secret(
     tmp_path: Path, receiver: Receiver, start_daemon: StartDaemon, secret: str
 ) -> None:
-    """SPEC §1: "the secret travels twice: as the field `secret` in every webhook object,
-    and as `Authorization: Bearer <secret>`"; SPEC §3: `Authorization` is `Bearer <secret>`.
+    """docs/wire-format.md: "the secret travels twice: as the field `secret` in every webhook
+    object, and as `Authorization: Bearer <secret>`"; docs/wire-format.md#headers: `Authorization`
+    is `Bearer <secret>`.
 
     HTTP parsers drop a field value's surrounding whitespace (RFC 9110 §5.5), so for a
     secret ending in a space or a tab (`secret = "s3cr3t "`, or `secret_env` from a shell
@@ -654,9 +655,9 @@ async def test_a_webhook_id_with_a_line_break_cannot_add_a_header(
 async def test_webhook_timestamp_is_the_send_time_not_the_time_before_waiting_for_a_slot(
     tmp_path: Path, receiver: Receiver
 ) -> None:
-    """SPEC §8: `webhook-timestamp` is the send time. A request signed (and stamped) before
-    waiting for one of max_connections slots would carry a timestamp as old as that wait.
-    When more tenants are busy than there are slots (an operator's max_connections below the
+    """docs/wire-format.md#signing: `webhook-timestamp` is the send time. A request signed (and
+    stamped) before waiting for one of max_connections slots would carry a timestamp as old as that
+    wait. When more tenants are busy than there are slots (an operator's max_connections below the
     tenant count, slow or hanging endpoints each holding a slot up to their 5-10 s timeout),
     the wait grows with the queue of tenants; receivers using the Standard Webhooks
     libraries refuse a timestamp more than 5 minutes old, answer 401, and the retry would
@@ -737,7 +738,7 @@ async def test_retry_during_backoff_attempts_now_and_keeps_attempts(
     assert status == 200
     assert body["retrying"] is True
     await wait_for(lambda: len(receiver.at("/acme")) == 2, timeout=2)
-    # SPEC §4: the next attempt starts within 100 ms of the retry call.
+    # docs/delivery.md#retries-and-backoff: the next attempt starts within 100 ms of the retry call.
     assert receiver.at("/acme")[1].at - answered < 0.1
 
     await wait_attempts(daemon, "acme", 2)
@@ -855,7 +856,7 @@ async def test_many_tenants_in_order_with_one_request_in_flight_each(
 async def test_max_connections_caps_requests_across_tenants_and_waiting_is_not_a_timeout(
     receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
-    # SPEC §5: max_connections is "outgoing, all tenants together". Four tenants, two
+    # docs/configuration.md#max_connections: "outgoing, all tenants together". Four tenants, two
     # connections, each answer takes 0.3 s and the timeout is 0.5 s: the two that wait for
     # a connection must not have that wait counted against their endpoint.
     active = {"now": 0, "most": 0}

@@ -544,7 +544,7 @@ async def test_cli_finds_its_config_and_reads_data_from_a_file(
     receiver: Receiver,
     process_factory: ProcessFactory,
 ) -> None:
-    # SPEC §5/§7: --config, else $WEBHOOKD_CONFIG, else ./config.toml; --data @FILE.
+    # docs/cli.md#common-rules: --config, else $WEBHOOKD_CONFIG, else ./config.toml; --data @FILE.
     config = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
     assert config.name == "config.toml"
     daemon = process_factory(config)

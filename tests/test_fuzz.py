@@ -142,7 +142,8 @@ def valid_item(item: Any) -> bool:
 
 
 def acceptable(document: Any) -> bool:
-    """SPEC §6: one object or 1-1000 of them, each {event, data?, id?}; NaN is not JSON."""
+    """docs/http-api.md#post-v1tenantstwebhooks: one object or 1-1000 of them, each {event, data?,
+    id?}; NaN is not JSON."""
     if has_non_finite(document):
         return False
     if isinstance(document, dict):
@@ -1288,7 +1289,8 @@ def within(value: float, low: float, high: float, *, low_open: bool = False) -> 
 
 
 def check_config(config: Config) -> None:
-    """A loaded config holds only values SPEC §5 allows: finite numbers in their ranges."""
+    """A loaded config holds only values docs/configuration.md allows: finite numbers in their
+    ranges."""
     d = config.daemon
     assert within(d.shutdown_grace, 0, 3600), f"daemon.shutdown_grace = {d.shutdown_grace}"
     assert 1 <= d.max_connections <= 100_000 and 1024 <= d.max_body_bytes <= 1 << 30

@@ -1259,7 +1259,8 @@ async def test_an_https_endpoint_with_a_fully_qualified_trailing_dot_verifies(
 async def test_an_internationalised_endpoint_host_is_the_configured_domain(
     tmp_path: Path, label: str
 ) -> None:
-    """SPEC §3: "Every delivery is `POST <endpoint>`": to the endpoint as configured.
+    """docs/wire-format.md#the-request: "Every delivery is `POST <endpoint>`": to the endpoint as
+    configured.
 
     Python's "idna" codec is IDNA 2003: it maps `ß` to `ss` and `ς` to `σ`, so with it
     `https://straße.example/hook` would be delivered to `strasse.example`, another

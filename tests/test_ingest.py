@@ -701,7 +701,9 @@ async def test_healthz_and_deliveries_keep_pace_while_a_10_mib_body_is_parsed(
     """A real daemon. While it takes a 10 MiB body of small numbers and one 20-digit integer
     (millions of values, none of which a double changes but one), /healthz keeps answering,
     and webhooks ingested meanwhile for another tenant keep being delivered: both with a
-    p99 under 100 ms."""
+    p99 under 500 ms. Parsing that body on the event loop held it for 8.9 s, so the bound
+    tells a held loop from a busy machine (on two cores shared with other work, answers of
+    200 ms happen without the loop ever being held)."""
     tenants = {"bulk": tenant(receiver.url("/bulk")), "live": tenant(receiver.url("/live"))}
     daemon = process_factory(write_config(tmp_path, tenants, daemon={"max_body_bytes": 11 * MiB}))
     await asyncio.to_thread(daemon.start)
@@ -738,8 +740,8 @@ async def test_healthz_and_deliveries_keep_pace_while_a_10_mib_body_is_parsed(
         assert json.dumps(first["data"]).startswith('{"n": [12345678901234567890, 0, 1, 2,')
     await wait_for(lambda: len(receiver.at("/live", ok_only=True)) == len(queued), timeout=10)
     delivered = [r.at - queued[r.json["id"]] for r in receiver.at("/live", ok_only=True)]
-    assert p99(healthz) < 0.1, f"/healthz p99 {p99(healthz) * 1000:.0f} ms: {sorted(healthz)}"
-    assert p99(delivered) < 0.1, f"delivery p99 {p99(delivered) * 1000:.0f} ms: {sorted(delivered)}"
+    assert p99(healthz) < 0.5, f"/healthz p99 {p99(healthz) * 1000:.0f} ms: {sorted(healthz)}"
+    assert p99(delivered) < 0.5, f"delivery p99 {p99(delivered) * 1000:.0f} ms: {sorted(delivered)}"
     assert len(healthz) >= 10, f"the body was parsed too fast to measure: {healthz}"
 
 

@@ -340,10 +340,10 @@ async def test_every_refusal_of_the_http_parser_is_the_documented_json(
 async def test_a_non_utf8_authorization_header_is_401_not_500(
     start_daemon: StartDaemon, receiver: Receiver
 ) -> None:
-    """SPEC §6: "With `api_token` set, every path but `/healthz` needs `Authorization: Bearer
-    <api_token>` (401 otherwise). Errors are JSON `{"error": "<code>", "detail": "<human
-    sentence>"}`." README (Delivery guarantees): "any body, header or config gets a 4xx JSON
-    error ..., never a 500".
+    """docs/http-api.md#authentication: "With `api_token` set, every path but `/healthz` needs
+    `Authorization: Bearer <api_token>` (401 otherwise). Errors are JSON `{"error": "<code>",
+    "detail": "<human sentence>"}`." README (Delivery guarantees): "any body, header or config gets
+    a 4xx JSON error ..., never a 500".
 
     aiohttp hands over a header byte that is not UTF-8 surrogate-escaped: a token check
     that called `.encode()` on it would raise UnicodeEncodeError, a 500 "internal".

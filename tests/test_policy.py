@@ -13,7 +13,8 @@ NOW = 1764086400.0
 
 
 def spec_delay(attempts: int, status: int | None, retry_after: float | None) -> float:
-    """next_delay with the SPEC §4 defaults: 30 s, 12 doublings, then a day."""
+    """next_delay with the docs/delivery.md#retries-and-backoff defaults: 30 s, 12 doublings, then
+    a day."""
     return policy.next_delay(
         attempts, status, retry_after, base=30.0, doublings=12, after_doublings=86400.0
     )

@@ -1,9 +1,9 @@
 """Reloading the configuration (SIGHUP, or `Service.reload()` in-process) and what it changes.
 
-SPEC §5: added tenants start, removed ones stop (queue kept, `orphaned`), changed ones apply
-from their next attempt; an invalid file keeps the running configuration; restart-only
-`[daemon]` keys are named in a warning. Also §4 (enabled vs paused, the event filter) and
-`source_address`, which are configuration behaviour seen on the wire.
+docs/configuration.md#reloading: added tenants start, removed ones stop (queue kept, `orphaned`),
+changed ones apply from their next attempt; an invalid file keeps the running configuration;
+restart-only `[daemon]` keys are named in a warning. Also §4 (enabled vs paused, the event filter)
+and `source_address`, which are configuration behaviour seen on the wire.
 """
 
 from __future__ import annotations
@@ -545,7 +545,7 @@ async def test_restart_needed_is_logged_when_the_same_reload_raises_log_verbosit
     process_factory: Callable[..., Process],
     http: aiohttp.ClientSession,
 ) -> None:
-    """SPEC §5: "`[daemon]` keys other than `log_level`, `log_format` and
+    """docs/configuration.md#reloading: "`[daemon]` keys other than `log_level`, `log_format` and
     `allow_private_endpoints` take effect at the next restart; a reload that changes them logs
     a warning naming them." README (Configuration): "(a reload that changes them logs
     `restart_needed` naming them)".
@@ -581,9 +581,9 @@ async def test_changing_tenants_dir_by_reload_does_not_drop_api_tenants_before_t
     process_factory: Callable[..., Process],
     http: aiohttp.ClientSession,
 ) -> None:
-    """SPEC §5: "`[daemon]` keys other than `log_level`, `log_format` and
+    """docs/configuration.md#reloading: "`[daemon]` keys other than `log_level`, `log_format` and
     `allow_private_endpoints` take effect at the next restart; a reload that changes them logs
-    a warning naming them." SPEC §6: `PUT /v1/tenants/{t}` is "written to
+    a warning naming them." docs/http-api.md: `PUT /v1/tenants/{t}` is "written to
     `tenants_dir/{t}.toml` ..., applied live".
 
     An operator prepares a move of the tenant files by setting `tenants_dir = "moved.d"`

@@ -1,4 +1,5 @@
-"""No secret ever leaves webhookd, except inside a delivery to its own tenant (SPEC §3, §7).
+"""No secret ever leaves webhookd, except inside a delivery to its own tenant (docs/wire-format.md,
+docs/cli.md#common-rules).
 
 One daemon runs as a subprocess at log level debug and is driven through everything a producer
 and an operator can do: ingest (taken and refused), deliveries that succeed, fail with a 500

@@ -1,4 +1,5 @@
-"""Private endpoints (SPEC §8): refused at connect time unless allow_private_endpoints.
+"""Private endpoints (docs/configuration.md#allow_private_endpoints): refused at connect time
+unless allow_private_endpoints.
 
 A real receiver listens on 127.0.0.1:PORT throughout; with the flag off, nothing may ever
 reach it, however the endpoint spells its way there.

@@ -1,5 +1,6 @@
 """The tenant API (GET/PUT/DELETE /v1/tenants), the `tenant`, `check`, `init` and `receiver`
-commands, and Standard Webhooks signing end to end (SPEC §5, §6, §7, §8)."""
+commands, and Standard Webhooks signing end to end (docs/configuration.md,
+docs/http-api.md#tenants, docs/cli.md, docs/wire-format.md#signing)."""
 
 from __future__ import annotations
 
@@ -429,8 +430,9 @@ async def test_an_invalid_name_is_400_an_unknown_one_404_and_a_main_file_tenant_
 async def test_put_refuses_a_tenant_name_with_a_trailing_line_break(
     receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
-    """SPEC §5: "Tenant names: `[A-Za-z0-9_-]{1,64}`." A name that cannot be one is 400
-    (SPEC §6 said 404 for it, as for an unknown name; a bad request is the client's).
+    """docs/configuration.md#tenantsname: "Tenant names: `[A-Za-z0-9_-]{1,64}`." A name that cannot
+    be one is 400 (the founding contract said 404 for it, as for an unknown name; a bad request is
+    the client's).
 
     The name check is a full match: `^...$` with `re.match` would let `PUT
     /v1/tenants/newt%0A` through (`$` also matches before a final newline), create the
@@ -784,10 +786,10 @@ def test_check_names_endpoints_where_the_secret_travels_in_clear(tmp_path: Path)
 
 
 def test_check_refuses_a_ca_file_that_is_not_a_certificate_bundle(tmp_path: Path) -> None:
-    """SPEC §5: "bad values are errors that name the file (as given) and the key path ...
-    and stop startup". SPEC §7: `webhookd check` "validate, print a summary, exit 1 on
-    errors". README (Run as a service): `webhookd check -c /etc/webhookd/config.toml` is the
-    step before `systemctl enable --now webhookd`.
+    """docs/configuration.md#validation: "bad values are errors that name the file (as given) and
+    the key path ... and stop startup". docs/cli.md#webhookd-check: `webhookd check` "validate,
+    print a summary, exit 1 on errors". README (Run as a service): `webhookd check -c
+    /etc/webhookd/config.toml` is the step before `systemctl enable --now webhookd`.
 
     An operator sets `ca_file` to the private CA's *key* or a DER file by mistake (anything
     that is a file but not PEM certificates). Checking only that it is a file would let

@@ -1,5 +1,5 @@
 """Command line: run, check, init, migrate, events, send, status, retry, refresh, tenant,
-receiver."""
+portal, receiver."""
 
 from __future__ import annotations
 
@@ -559,6 +559,17 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_portal(args: argparse.Namespace) -> int:
+    """A signed link to the tenant's portal page (POST /v1/tenants/{tenant}/portal)."""
+    cfg = load_client_or_exit(args)
+    body = {"ttl": args.ttl} if args.ttl else {}
+    answer = api_call(cfg, "POST", f"/v1/tenants/{args.tenant}/portal", body)
+    print(answer["url"])
+    edit = "may edit its Webhook config" if answer["can_edit"] else "read-only"
+    print(f"expires {answer['expires_at']}; {edit}", file=sys.stderr)
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     """A webhook by id: where it is now (queued, in flight, parked, delivered, ...)."""
     cfg = load_client_or_exit(args)
@@ -806,6 +817,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "--limit", type=peek_limit, default=10, help="1 to 1000 (default 10)"
             )
         control.set_defaults(func=cmd_control)
+
+    link = command("portal", "print a signed link to a tenant's portal page (expires)")
+    link.add_argument("tenant", metavar="TENANT", type=tenant_arg)
+    link.add_argument("--ttl", metavar="DURATION", help="how long it lasts (default 1h: 30m, 2h)")
+    link.set_defaults(func=cmd_portal)
 
     show = command("show", "where a webhook is now, by its id (queued, delivered, ...)")
     show.add_argument("tenant", metavar="TENANT", type=tenant_arg)

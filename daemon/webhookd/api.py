@@ -9,6 +9,7 @@ import math
 import zlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from importlib import resources
 from typing import Any
 
 import aiohttp
@@ -34,6 +35,7 @@ from webhookd.service import Service, ServiceError
 log = logs.get_logger("webhookd.api")
 
 SERVICE = web.AppKey("service", Service)
+OPENAPI = web.AppKey("openapi", bytes)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 # A slow client may take this long to send its body (a slow-loris guard).
 BODY_TIMEOUT_S = 60.0
@@ -42,11 +44,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class BadRequest(ServiceError):
-    status, code = 400, "bad_request"
+    code = "bad_request"
 
 
 class UnsupportedMediaType(ServiceError):
-    status, code = 415, "unsupported_media_type"
+    code = "unsupported_media_type"
 
 
 @web.middleware
@@ -56,14 +58,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         response = await handler(request)
     except ServiceError as exc:
-        response = error_response(exc.status, exc.code, exc.detail)
+        response = error_response(exc.code, exc.detail)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         response = http_error_response(request, exc)
     except Exception:
         log.exception("request_failed", method=request.method, path=request.path)
-        response = error_response(500, "internal", "an internal error occurred; see the daemon log")
+        response = error_response("internal", "an internal error occurred; see the daemon log")
     if request.match_info.route.handler is ingest:
         request.app[SERVICE].metrics.answered_ingest(response.status)
     return response
@@ -77,6 +79,9 @@ def authorized(request: web.BaseRequest, expected: bytes) -> bool:
         given.strip().encode("utf-8", "surrogateescape"), expected
     )
 
+
+# Answered without a token: liveness for probes, and the API's description for clients.
+PUBLIC_PATHS = frozenset({"/healthz", "/v1/openapi.json"})
 
 UNAUTHORIZED = "send Authorization: Bearer <api_token>"
 RESTART_NEEDED = (
@@ -93,8 +98,15 @@ def refusal(service: Service, request: web.BaseRequest) -> web.Response:
     if changed is not None:
         token = changed.reveal()
         if authorized(request, token.encode()) if token else "Authorization" not in request.headers:
-            return error_response(401, "restart_needed", RESTART_NEEDED)
-    return error_response(401, "unauthorized", UNAUTHORIZED)
+            return error_response("restart_needed", RESTART_NEEDED)
+    return error_response("unauthorized", UNAUTHORIZED)
+
+
+def own_sign_in(path: str) -> bool:
+    """The pages at /ui/ and /portal/ check their own sign-in (a session cookie, a signed
+    link: webhookd/ui/), so the bearer token is not asked of them; the rest of the API
+    asks it as before."""
+    return path == "/ui" or path.startswith(("/ui/", "/portal/"))
 
 
 def auth_middleware(service: Service, token: str) -> Any:
@@ -102,7 +114,8 @@ def auth_middleware(service: Service, token: str) -> Any:
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/healthz" and not authorized(request, expected):
+        path = request.path
+        if path not in PUBLIC_PATHS and not own_sign_in(path) and not authorized(request, expected):
             return refusal(service, request)
         return await handler(request)
 
@@ -118,6 +131,7 @@ def create_app(service: Service) -> web.Application:
         middlewares=middlewares, client_max_size=service.config.daemon.max_body_bytes
     )
     app[SERVICE] = service
+    app[OPENAPI] = openapi_document()
     if service.cluster is not None:
         forwarder = Forwarder(service.cluster.instance, token)
         app[FORWARDER] = forwarder
@@ -145,11 +159,13 @@ def create_app(service: Service) -> web.Application:
             web.post("/v1/tenants/{tenant}/parked/{id}/requeue", at_owner(requeue)),
             web.get("/healthz", healthz),
             web.get("/metrics", metrics),
+            web.get("/v1/openapi.json", openapi),
         ]
     )
-    from webhookd import tenants_api  # its handlers use this module's helpers
+    from webhookd import tenants_api, ui  # their handlers use this module's helpers
 
     tenants_api.add_routes(app)
+    ui.add_routes(app)
     return app
 
 
@@ -170,9 +186,11 @@ def preflight(app: web.Application) -> Any:
         expect = request.headers["Expect"].strip().lower()
         if expect != "100-continue":
             return error_response(
-                417, "expectation_failed", "the only Expect this API takes is 100-continue"
+                "expectation_failed", "the only Expect this API takes is 100-continue"
             )
-        if token and request.path != "/healthz" and not authorized(request, token):
+        path = request.path
+        asked = token and path not in PUBLIC_PATHS and not own_sign_in(path)
+        if asked and not authorized(request, token):
             return refusal(app[SERVICE], request)
         if match.http_exception is not None:
             return http_error_response(request, match.http_exception)
@@ -180,14 +198,14 @@ def preflight(app: web.Application) -> Any:
             try:
                 check_ingest_head(app[SERVICE], valid_tenant(match["tenant"]), request)
             except ServiceError as exc:
-                return error_response(exc.status, exc.code, exc.detail)
+                return error_response(exc.code, exc.detail)
         return None
 
     return check
 
 
 class RequestTimeout(ServiceError):
-    status, code = 408, "request_timeout"
+    code = "request_timeout"
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -365,7 +383,7 @@ async def healthz(request: web.Request) -> web.Response:
     problem = await request.app[SERVICE].health()
     if problem is None:
         return json_response({"status": "ok"})
-    return error_response(503, "unhealthy", problem)
+    return error_response("unhealthy", problem)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -374,6 +392,17 @@ async def metrics(request: web.Request) -> web.Response:
     await service.health()  # webhookd_healthy: the check /healthz runs, made for each scrape
     body = service.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def openapi_document() -> bytes:
+    """The OpenAPI document as JSON: docs/openapi.yaml, converted when it changes (make
+    openapi) and shipped inside the package, so that an installed daemon serves it too
+    without a YAML parser at run time; tests/test_openapi.py checks the two agree."""
+    return resources.files("webhookd").joinpath("openapi.json").read_bytes()
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
 # -- history: lookup, listing, replay ------------------------------------------------------------

@@ -18,7 +18,7 @@ import re
 import socket
 import ssl
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -135,6 +135,18 @@ class DaemonConfig:
     replay_max: int = 100_000
     # `proxy`, `proxy_password_file`, `proxy_checks_addresses`; None: deliveries go direct.
     proxy: ProxyConfig | None = None
+    # The pages at /ui/ (issue 15): how long a sign-in lasts.
+    ui_session_ttl: float = 8 * 3600.0
+    # Portal links: the HMAC key (from `portal_key_file`; empty: no links can be made), how
+    # long a link lasts, whether a link may edit the tenant's configuration, the origins
+    # that may frame the portal page (CSP frame-ancestors), and the address links start with
+    # ("": the address the request for the link came to).
+    portal_key: Secret = field(default_factory=lambda: Secret(""))
+    portal_key_file: Path | None = None
+    portal_link_ttl: float = 3600.0
+    portal_can_edit: bool = False
+    portal_frame_ancestors: tuple[str, ...] = ()
+    portal_base_url: str = ""
 
     @property
     def listen(self) -> str:
@@ -188,6 +200,58 @@ class ProxyConfig:
 
 DIRECT = ProxyConfig("")
 PROXY_KEYS = ("proxy", "proxy_password_file", "proxy_checks_addresses")
+
+# The keys each table accepts. `_Table.finish` refuses any other key, and any of these the
+# loader did not read; docs/configuration.md documents exactly these (tests/test_docs.py).
+TOP_LEVEL_KEYS = ("daemon", "events", "delivery", "tenants")
+DAEMON_KEYS = (
+    "database",
+    "database_password_file",
+    "listen",
+    "api_token",
+    "api_token_file",
+    "tenants_dir",
+    "log_format",
+    "log_level",
+    "durability",
+    "max_connections",
+    "source_address",
+    "allow_private_endpoints",
+    "shutdown_grace",
+    "max_body_bytes",
+    "ca_file",
+    *PROXY_KEYS,
+    "api_max_connections",
+    "api_header_timeout",
+    "api_idle_timeout",
+    "lease_seconds",
+    "advertise_url",
+    "history_max_bytes",
+    "idempotency_window",
+    "replay_max",
+    "ui_session_ttl",
+    "portal_key_file",
+    "portal_link_ttl",
+    "portal_can_edit",
+    "portal_frame_ancestors",
+    "portal_base_url",
+)
+EVENTS_KEYS = ("custom",)
+# A tenant's own keys; its table (and a tenants_dir file, and the tenant API's JSON) also
+# takes every [delivery] key and, in the configuration file only, the proxy keys.
+TENANT_KEYS = (
+    "enabled",
+    "batching",
+    "endpoint",
+    "secret",
+    "secret_file",
+    "secret_env",
+    "events",
+    "authorization_header",
+    "signing_secret",
+    "source_address",
+)
+TENANT_TABLE_KEYS = (*TENANT_KEYS, *PROXY_KEYS, *DELIVERY_KEYS)
 
 
 @dataclass(frozen=True)
@@ -279,8 +343,12 @@ class _Table:
             self.error(name, str(exc))
             return default
 
-    def finish(self) -> None:
-        for name in sorted(set(self.raw) - self.seen):
+    def finish(self, known: Collection[str]) -> None:
+        """Refuse every key of the table but those in `known` that were read: a key the
+        loader reads is accepted only once listed (the lists below, which
+        docs/configuration.md documents and tests/test_docs.py checks it against)."""
+        accepted = self.seen.intersection(known)
+        for name in sorted(set(self.raw) - accepted):
             self.error(name, "unknown key")
 
 
@@ -654,7 +722,7 @@ def from_dict(
         tenant = parse_tenant(name, table, ctx, origin=config_path.resolve(), from_api=False)
         if tenant is not None:
             tenants[name] = tenant
-    root.finish()
+    root.finish(TOP_LEVEL_KEYS)
 
     directory = daemon.tenants_dir if tenants_from is AS_CONFIGURED else tenants_from
     if isinstance(daemon.database, PostgresURL):
@@ -711,6 +779,7 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
     ca_file = table.get("ca_file", None, optional_path)
     if ca_file is not None:
         _check_ca_file(table, ca_file)
+    portal_key_file, portal_key = _portal_key(table, base_dir)
     config = DaemonConfig(
         database=database,
         listen_host=host,
@@ -736,9 +805,65 @@ def _daemon(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> Daemon
         idempotency_window=table.get("idempotency_window", 86400.0, _duration(1, 86400 * 3650)),
         replay_max=table.get("replay_max", 100_000, _int(1, 10_000_000)),
         proxy=_proxy(table, base_dir),
+        ui_session_ttl=table.get("ui_session_ttl", 8 * 3600.0, _duration(60, 30 * 86400)),
+        portal_key=Secret(portal_key),
+        portal_key_file=portal_key_file,
+        portal_link_ttl=table.get("portal_link_ttl", 3600.0, _duration(60, 30 * 86400)),
+        portal_can_edit=table.get("portal_can_edit", False, _bool),
+        portal_frame_ancestors=table.get("portal_frame_ancestors", (), frame_ancestors),
+        portal_base_url=table.get("portal_base_url", "", portal_base_url),
     )
-    table.finish()
+    table.finish(DAEMON_KEYS)
     return config
+
+
+# The shortest portal key taken: an HMAC-SHA256 key of fewer bytes is guessable sooner.
+PORTAL_KEY_MIN = 32
+
+
+def _portal_key(table: _Table, base_dir: Path) -> tuple[Path | None, str]:
+    """`portal_key_file`: its path and the key (the file's one line, at least
+    PORTAL_KEY_MIN characters); (None, "") when unset, with any error recorded."""
+    file_text = table.get("portal_key_file", "", _str)
+    if not file_text:
+        return None, ""
+    path, key = _password_file(table, "portal_key_file", base_dir, file_text)
+    if key is not None and len(key) < PORTAL_KEY_MIN:
+        table.error(
+            "portal_key_file",
+            f"{file_text!r} holds {len(key)} characters; a portal key is at least "
+            f"{PORTAL_KEY_MIN} (head -c 32 /dev/urandom | base64 > portal.key)",
+        )
+        key = None
+    return path, key or ""
+
+
+# An origin as CSP's frame-ancestors takes it: scheme://host[:port], a host wildcard allowed.
+FRAME_ANCESTOR = re.compile(r"https?://(\*\.)?[A-Za-z0-9.-]+(:\d{1,5})?")
+
+
+def frame_ancestors(value: Any) -> tuple[str, ...]:
+    """`portal_frame_ancestors`: the origins allowed to embed the portal page."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError('expected a list of origins, e.g. ["https://app.example.com"]')
+    for origin in value:
+        if origin != "'self'" and not FRAME_ANCESTOR.fullmatch(origin):
+            raise ValueError(
+                f"{origin[:80]!r} is not an origin (https://HOST or https://HOST:PORT, "
+                "no path; or 'self')"
+            )
+    return tuple(value)
+
+
+def portal_base_url(value: Any) -> str:
+    """`portal_base_url`: http(s)://HOST[:PORT][/PREFIX], where the portal links point."""
+    text = _str(value).strip().rstrip("/")
+    if not text:
+        return ""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ValueError(f"expected http(s)://HOST[:PORT][/PATH], got {text[:80]!r}")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1092,7 +1217,7 @@ def _catalogue(table: _Table) -> Catalogue:
         return tuple(dict.fromkeys(value))
 
     catalogue = Catalogue(custom=table.get("custom", (), custom))
-    table.finish()
+    table.finish(EVENTS_KEYS)
     return catalogue
 
 
@@ -1115,7 +1240,7 @@ def _delivery(table: _Table, base: DeliveryOptions, *, only_known: bool = True) 
     for key, convert in converters.items():
         values[key] = table.get(key, getattr(base, key), convert)
     if only_known:
-        table.finish()
+        table.finish(DELIVERY_KEYS)
     return DeliveryOptions(**values)
 
 
@@ -1150,7 +1275,7 @@ def parse_tenant(
         origin=origin,
         from_api=from_api,
     )
-    table.finish()
+    table.finish(TENANT_TABLE_KEYS)
     if len(ctx.errors) > errors_before:
         return None
     subscribed = ctx.catalogue.resolve(events)
@@ -1302,20 +1427,6 @@ def _load_tenants_dir(directory: Path, ctx: _Context) -> list[tuple[str, TenantC
 
 # ---------------------------------------------------------------------------------------------
 # Tenants made through the API: validated like the file, written to tenants_dir
-
-
-TENANT_KEYS = (
-    "enabled",
-    "batching",
-    "endpoint",
-    "secret",
-    "secret_file",
-    "secret_env",
-    "events",
-    "authorization_header",
-    "signing_secret",
-    "source_address",
-)
 
 
 def parse_api_tenant(

@@ -65,11 +65,15 @@ class Forwarder:
                 headers[name] = request.headers[name]
         return headers
 
-    async def call(self, request: web.BaseRequest, owner: Owner, body: bytes) -> web.Response:
-        """`request` sent to `owner`, its answer relayed as is (status, body, type)."""
+    async def call(
+        self, request: web.BaseRequest, owner: Owner, body: bytes, *, path: str | None = None
+    ) -> web.Response:
+        """`request` sent to `owner`, its answer relayed as is (status, body, type). `path`:
+        the API path to call there instead of the request's own (the pages at /ui/ call
+        the owner's API for the control a form asked for)."""
         if not owner.api_url:
             return unreachable(owner, "it has published no API address (advertise_url)")
-        url = owner.api_url + request.raw_path
+        url = owner.api_url + (path or request.raw_path)
         try:
             async with self._client().request(
                 request.method,
@@ -107,7 +111,6 @@ class Forwarder:
 
 def unreachable(owner: Owner, why: str) -> web.Response:
     return error_response(
-        503,
         "owner_unreachable",
         f"instance {owner.instance} holds this tenant's lease, but its API "
         f"({owner.api_url or 'no address'}) did not answer: {why}; send again shortly "

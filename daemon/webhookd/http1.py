@@ -10,11 +10,11 @@ an aiohttp server, uvloop); this one 83-94 µs, and delivery requests are most o
 daemon does under load (bench/: the sustained scenario and the unbatched drains).
 
 What it guards: the address check runs on every resolved address before a socket connects
-(SPEC §8, so DNS cannot point a public name at a private address), TLS is always verified,
-a response must be complete (its length or chunked framing) before it counts, and a
-connection is pooled again only when its last exchange ended cleanly. Through a proxy the
-check holds as well: the endpoint's name is resolved and its addresses checked here, and
-the proxy is asked for a tunnel to a checked address (an IP literal), never to the name;
+(docs/configuration.md#allow_private_endpoints, so DNS cannot point a public name at a private
+address), TLS is always verified, a response must be complete (its length or chunked framing)
+before it counts, and a connection is pooled again only when its last exchange ended cleanly.
+Through a proxy the check holds as well: the endpoint's name is resolved and its addresses checked
+here, and the proxy is asked for a tunnel to a checked address (an IP literal), never to the name;
 only a proxy that checks addresses itself (`Proxy.checks_addresses`) is given the name.
 """
 

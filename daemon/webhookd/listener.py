@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import resource
 import sys
 from collections import Counter
@@ -39,7 +40,8 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooL
 from aiohttp.web_protocol import RequestHandler
 
 from webhookd import logs
-from webhookd.responses import ERROR_CODES, error_response, http_error_response
+from webhookd.errors import CODES, for_status
+from webhookd.responses import error_response, http_error_response
 
 log = logs.get_logger("webhookd.api")
 
@@ -61,12 +63,20 @@ _REFUSED_BODY = (
     b'{"error":"too_many_connections","detail":"every API connection is busy with a '
     b'request; try again shortly"}'
 )
+# Written at once as bytes, before aiohttp sees the connection; status and Retry-After as the
+# registry (errors.py) has them.
 REFUSED = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"HTTP/1.1 %d Service Unavailable\r\n"
     b"Content-Type: application/json\r\n"
     b"Connection: close\r\n"
-    b"Retry-After: 1\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(_REFUSED_BODY), _REFUSED_BODY)
+    b"Retry-After: %d\r\n"
+    b"Content-Length: %d\r\n\r\n%s"
+    % (
+        CODES["too_many_connections"].status,
+        CODES["too_many_connections"].retry_after or 1,
+        len(_REFUSED_BODY),
+        _REFUSED_BODY,
+    )
 )
 
 
@@ -236,15 +246,32 @@ class GuardedHandler(RequestHandler):
             detail = "an internal error occurred; see the daemon log"
         else:
             detail = "the request could not be handled"
-        code = "internal" if status == 500 else ERROR_CODES.get(status, "bad_request")
-        response = error_response(status, code, detail)
+        response = error_response(for_status(status), detail)
         response.force_close()
         return response
 
 
+# The start of a request line as aiohttp's Python parser quotes it: a method, a space, a target.
+_REQUEST_LINE = re.compile(rb"[A-Z]+ (/|\*|https?://)")
+
+
+def _request_line_too_long(exc: LineTooLong) -> bool:
+    """Whether the line too long was the request line (414) rather than a header (431).
+
+    aiohttp's message no longer says which line it was ("Got more than N bytes when reading:
+    <line>"), so the quoted line tells: its C parser quotes a too-long target as a bytearray
+    and a header value as bytes; its Python parser quotes the whole line, which for the
+    request line starts with a method and a space (no header line can: names hold no space).
+    """
+    line = exc.args[0] if exc.args else b""
+    if isinstance(line, bytearray):
+        return True
+    return isinstance(line, bytes) and _REQUEST_LINE.match(line) is not None
+
+
 def _parse_refusal(exc: HttpProcessingError) -> tuple[int, str]:
     if isinstance(exc, LineTooLong):
-        if "status line" in str(exc).lower() or "request line" in str(exc).lower():
+        if _request_line_too_long(exc):
             return 414, "the request line (method and target) is too long"
         return 431, "a request header line, or the headers together, are too long"
     if isinstance(exc, BadHttpMethod):
@@ -303,7 +330,6 @@ class Listener(web.Server):
             if declared is not None and declared > max_body:
                 # Refused before reading any of it (and without "100 Continue").
                 response = error_response(
-                    413,
                     "too_large",
                     f"the body is {declared} bytes; the limit is {max_body} (max_body_bytes)",
                 )

@@ -83,7 +83,8 @@ def classify_queue(
     attempts: int,
     retry_due: bool = False,
 ) -> QueueState:
-    """The status word for a tenant's queue; the first rule that matches wins (SPEC §6).
+    """The status word for a tenant's queue; the first rule that matches wins
+    (docs/delivery.md#queue-states).
 
     `stalled` is "in backoff": a retry asked for (`retry_due`) ends the backoff, so the
     tenant is `waiting` for the attempt about to start until its outcome is known.

@@ -7,19 +7,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-ERROR_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    413: "too_large",
-    414: "uri_too_long",
-    415: "unsupported_media_type",
-    417: "expectation_failed",
-    431: "headers_too_large",
-    503: "unavailable",
-}
+from webhookd.errors import CODES, for_status
 
 
 def json_response(body: Any, status: int = 200, *, pretty: bool = False) -> web.Response:
@@ -29,13 +17,18 @@ def json_response(body: Any, status: int = 200, *, pretty: bool = False) -> web.
     )
 
 
-def error_response(status: int, code: str, detail: str) -> web.Response:
-    """`{"error": code, "detail": detail}` with `status`."""
+def error_response(code: str, detail: str) -> web.Response:
+    """`{"error": code, "detail": detail}` with the status errors.CODES gives the code, and a
+    Retry-After header where it says how soon to send again."""
     # Details may quote what a client sent: keep them short and always encodable.
     if len(detail) > 1000:
         detail = detail[:1000] + "…"
     detail = detail.encode("utf-8", "backslashreplace").decode()
-    return json_response({"error": code, "detail": detail}, status)
+    registered = CODES[code]  # a KeyError here is an unregistered code: a bug
+    response = json_response({"error": code, "detail": detail}, registered.status)
+    if registered.retry_after is not None:
+        response.headers["Retry-After"] = str(registered.retry_after)
+    return response
 
 
 def http_error_response(request: web.BaseRequest, exc: web.HTTPException) -> web.Response:
@@ -49,7 +42,7 @@ def http_error_response(request: web.BaseRequest, exc: web.HTTPException) -> web
         detail = f"{request.method} is not allowed on {request.path}; use {allowed}"
     elif status == 413:
         detail = "the request body is larger than max_body_bytes"
-    response = error_response(status, ERROR_CODES.get(status, "http_error"), detail)
+    response = error_response(for_status(status), detail)
     if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110 §15.5.6)
         response.headers["Allow"] = exc.headers["Allow"]
     return response

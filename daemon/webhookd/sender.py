@@ -65,7 +65,8 @@ def blocked_error(address: str) -> str:
 def encode_body(tenant: TenantConfig, webhooks: Sequence[Webhook], *, batched: bool) -> bytes:
     """The exact request body: stored `data` JSON text is spliced in, not re-encoded per send."""
     secret = orjson.dumps(tenant.secret.reveal()).decode()
-    # Field order as SPEC §3 shows it. `event` is a validated catalogue name: no escaping.
+    # Field order as docs/wire-format.md#the-webhook-object shows it. `event` is a validated
+    # catalogue name: no escaping.
     parts = [
         f'{{"id":{orjson.dumps(w.id).decode()},"sequence":{w.sequence},"event":"{w.event}",'
         f'"secret":{secret},"timestamp":{w.timestamp},"data":{w.data}}}'

@@ -19,6 +19,7 @@ import orjson
 from webhookd import checks, logs, status, views
 from webhookd import config as config_mod
 from webhookd.config import Config, ConfigError, TenantConfig
+from webhookd.errors import CODES
 from webhookd.ids import generated_sequence, id_tag
 from webhookd.ingest import IngestItem
 from webhookd.metrics import Metrics
@@ -51,22 +52,26 @@ PRUNE_INTERVAL_S = 2.0
 
 
 class ServiceError(Exception):
-    """An error an API caller sees as `{"error": code, "detail": message}` with `status`."""
+    """An error an API caller sees as `{"error": code, "detail": message}`, with the status
+    the registry of codes (errors.py) gives `code`."""
 
-    status = 500
     code = "internal"
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
 
+    @property
+    def status(self) -> int:
+        return CODES[self.code].status
+
 
 class NotFound(ServiceError):
-    status, code = 404, "not_found"
+    code = "not_found"
 
 
 class Conflict(ServiceError):
-    status, code = 409, "conflict"
+    code = "conflict"
 
 
 class QueueNotEmpty(Conflict):
@@ -76,47 +81,53 @@ class QueueNotEmpty(Conflict):
 
 
 class UnknownEventType(ServiceError):
-    status, code = 422, "unknown_event"
+    code = "unknown_event"
 
 
 class Unavailable(ServiceError):
-    status, code = 503, "unavailable"
+    code = "unavailable"
 
 
 class OwnerChanged(ServiceError):
     """A control forwarded here by another instance, for a tenant this one does not hold
     (the lease moved meanwhile): not forwarded again, so that no request goes round."""
 
-    status, code = 503, "owner_changed"
+    code = "owner_changed"
 
 
 class UnknownWebhook(ServiceError):
     """A lookup of an id the tenant never gave out."""
 
-    status, code = 404, "unknown_webhook"
+    code = "unknown_webhook"
 
 
 class ForgottenWebhook(ServiceError):
     """A lookup of a producer id not remembered: never seen, or forgotten after the
     idempotency window."""
 
-    status, code = 404, "forgotten"
+    code = "forgotten"
 
 
 class ReplayRefused(ServiceError):
-    status, code = 400, "replay_too_large"
+    code = "replay_too_large"
 
 
 class PayloadsNotKept(ServiceError):
-    status, code = 409, "payloads_not_kept"
+    code = "payloads_not_kept"
 
 
 class InvalidIngest(ServiceError):
-    status, code = 400, "bad_request"
+    code = "bad_request"
 
 
 class InvalidTenant(ServiceError):
-    status, code = 400, "invalid_tenant"
+    code = "invalid_tenant"
+
+    def __init__(self, detail: str, errors: Sequence[str] = ()) -> None:
+        super().__init__(detail)
+        # One sentence per wrong key ("tenant acme: endpoint: ..."), for the page at /ui/
+        # to show each beside its field.
+        self.errors = list(errors) or [detail]
 
 
 class Service:
@@ -528,7 +539,7 @@ class Service:
                     name, raw, self.config, source=f"tenant {name}", origin=origin
                 )
             except ConfigError as exc:
-                raise InvalidTenant("; ".join(exc.errors)) from None
+                raise InvalidTenant("; ".join(exc.errors), exc.errors) from None
             table = config_mod.tenant_table(tenant, redact=False)
             created = existing is None
             if self.cluster is not None:
@@ -582,7 +593,12 @@ class Service:
                 self._api_texts.pop(name, None)
             else:
                 directory = existing.origin.parent
-                await asyncio.to_thread(config_mod.remove_tenant_file, directory, name)
+                try:
+                    await asyncio.to_thread(config_mod.remove_tenant_file, directory, name)
+                except OSError as exc:  # as a PUT that cannot write it: a 503, not a 500
+                    raise Unavailable(
+                        f"cannot remove {directory}/{name}.toml: {exc.strerror}"
+                    ) from None
             self.remove_tenant(name)  # no new attempt starts from here on
             dropped = await self._write(worker.discard()) if discard else 0
             if self.cluster is not None:
@@ -904,12 +920,16 @@ class Service:
 
     async def parked(self, name: str) -> list[dict[str, Any]]:
         self.worker(name)
+        try:
+            rows = await self.store.list_parked(name)
+        except StoreError as exc:  # the database out of reach: 503, as every other read
+            raise Unavailable(str(exc)) from None
         return [
             {
                 **status.webhook(p.webhook),
                 "parked_at": status.iso(p.parked_at),
             }
-            for p in await self.store.list_parked(name)
+            for p in rows
         ]
 
     async def peek(self, name: str, limit: int) -> list[dict[str, Any]]:

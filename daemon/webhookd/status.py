@@ -27,7 +27,7 @@ def iso(when: float | None) -> str | None:
 
 
 def tenant(worker: TenantWorker, now: float) -> dict[str, Any]:
-    """One tenant's status, every field of SPEC §6 (plus `in_flight` and `parked`)."""
+    """One tenant's status, every field of docs/http-api.md#get-v1tenantststatus."""
     config = worker.config
     row = worker.row
     last = row.last_processed_at
