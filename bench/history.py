@@ -110,50 +110,88 @@ RARE_OUTCOME = "parked"  # one record in 1,000
 HISTORY_SPAN_S = 6 * 86400.0  # inside the default 7-day retention: nothing is pruned
 
 
+# The generated records, as SELECT lists over a series `n` (a record's sequence): the
+# delivered ones are webhooks rows at or below acked_sequence (schema: SQLite v3 /
+# PostgreSQL v5), covered by one deliveries row per 100 (a batch); one in 1,000 has the rare
+# outcome, in `history`.
+def _event() -> str:
+    return f"CASE WHEN n % 1000 = 7 THEN '{RARE_EVENT}' ELSE 'EVENT_' || (n % 10) END"
+
+
+def _data() -> str:
+    return f"""'{{"n":' || n || ',"pad":"{PAD}"}}'"""
+
+
+BATCH_RECORDS = 100
+
+
 def fill_sqlite(
     path: str, names: list[str], per_tenant: int, started: float, span: float = HISTORY_SPAN_S
 ) -> None:
     """`per_tenant` history records for each tenant, straight into the daemon's schema (made
-    by its store just before): the indexes dropped, the rows written by one INSERT … SELECT
+    by its store just before): the indexes dropped, the rows written by INSERT … SELECT
     per tenant, the indexes made again from their own definitions, the tenant's counters and
     history size set as the writes would have left them. The first tenant's records carry
     producer ids, remembered in webhook_ids (a lookup by id)."""
     step = span / per_tenant
+    series = "WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < ?)"
+    tables = "('history', 'webhook_ids', 'webhooks')"
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = OFF")
         indexes = [
             sql
             for (sql,) in conn.execute(
-                "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name IN "
-                "('history', 'webhook_ids') AND sql IS NOT NULL"
+                f"SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name IN {tables} "
+                "AND sql IS NOT NULL"
             )
         ]
         for (name,) in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN "
-            "('history', 'webhook_ids') AND sql IS NOT NULL"
+            f"SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN {tables} "
+            "AND sql IS NOT NULL"
         ).fetchall():
             conn.execute(f"DROP INDEX {name}")
         for number, tenant in enumerate(names):
+            args = (per_tenant, tenant, tenant, started, step)
             conn.execute(
-                f"""WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < ?)
+                f"""{series}
+                    INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
+                    SELECT ?, n, ? || '-' || n, {_event()}, ? + n * ?, {_data()}
+                    FROM s WHERE n % 1000 != 3""",
+                args,
+            )
+            conn.execute(
+                f"""{series}
                     INSERT INTO history (tenant, sequence, id, event, accepted_at, finished_at,
                         outcome, attempts, status, duration_ms, data, next_sequence)
-                    SELECT ?, n, ? || '-' || n,
-                           CASE WHEN n % 1000 = 7 THEN '{RARE_EVENT}' ELSE 'EVENT_' || (n % 10)
-                           END,
-                           ? + n * ?, ? + n * ? + 0.05,
-                           CASE WHEN n % 1000 = 3 THEN '{RARE_OUTCOME}' ELSE 'delivered' END,
-                           1, CASE WHEN n % 1000 = 3 THEN NULL ELSE 200 END, 12.5,
-                           '{{"n":' || n || ',"pad":"{PAD}"}}', NULL
+                    SELECT ?, n, ? || '-' || n, {_event()}, ? + n * ?, ? + n * ? + 0.05,
+                           '{RARE_OUTCOME}', 1, NULL, NULL, {_data()}, NULL
+                    FROM s WHERE n % 1000 = 3""",
+                (*args, started, step),
+            )
+            conn.execute(
+                f"""{series}
+                    INSERT INTO deliveries (tenant, last_sequence, first_sequence, delivered_at,
+                        attempts, status, duration_ms, payloads)
+                    SELECT ?, min(n * {BATCH_RECORDS}, ?), (n - 1) * {BATCH_RECORDS} + 1,
+                           ? + min(n * {BATCH_RECORDS}, ?) * ? + 0.05, 1, 200, 12.5, 1
                     FROM s""",
-                (per_tenant, tenant, tenant, started, step, started, step),
+                (
+                    -(-per_tenant // BATCH_RECORDS),
+                    tenant,
+                    per_tenant,
+                    started,
+                    per_tenant,
+                    step,
+                ),
             )
             if number == 0:
                 conn.execute(
                     """INSERT INTO webhook_ids (tenant, id, sequence, accepted_at)
+                       SELECT tenant, id, sequence, accepted_at FROM webhooks WHERE tenant = ?
+                       UNION ALL
                        SELECT tenant, id, sequence, accepted_at FROM history WHERE tenant = ?""",
-                    (tenant,),
+                    (tenant, tenant),
                 )
             conn.execute(
                 """INSERT INTO tenant_state (tenant, last_sequence, acked_sequence)
@@ -162,10 +200,10 @@ def fill_sqlite(
             )
             conn.execute(
                 """INSERT INTO history_sizes (tenant, records, failures, bytes)
-                   SELECT tenant, count(*), 0,
-                          sum(length(id) + length(event) + length(data) + ?)
-                   FROM history WHERE tenant = ?""",
-                (RECORD_OVERHEAD, tenant),
+                   SELECT ?, count(*), 0, sum(length(id) + length(event) + length(data) + ?)
+                   FROM (SELECT id, event, data FROM webhooks WHERE tenant = ?
+                         UNION ALL SELECT id, event, data FROM history WHERE tenant = ?)""",
+                (tenant, RECORD_OVERHEAD, tenant, tenant),
             )
             conn.commit()
         for sql in indexes:
@@ -186,31 +224,51 @@ async def fill_postgres(
         await conn.execute("SET synchronous_commit = off")
         indexes = await conn.fetch(
             """SELECT i.indexname, i.indexdef FROM pg_indexes AS i
-               WHERE i.tablename IN ('history', 'webhook_ids') AND NOT EXISTS (
+               WHERE i.tablename IN ('history', 'webhook_ids', 'webhooks') AND NOT EXISTS (
                    SELECT FROM pg_constraint AS c WHERE c.conname = i.indexname)"""
         )
         for row in indexes:
             await conn.execute(f'DROP INDEX "{row["indexname"]}"')
         for number, tenant in enumerate(names):
             await conn.execute(
-                f"""INSERT INTO history (tenant, sequence, id, event, accepted_at, finished_at,
-                        outcome, attempts, status, duration_ms, data, next_sequence)
-                    SELECT $1, n, $1 || '-' || n,
-                           CASE WHEN n % 1000 = 7 THEN '{RARE_EVENT}' ELSE 'EVENT_' || (n % 10)
-                           END,
-                           $2 + n * $3, $2 + n * $3 + 0.05,
-                           CASE WHEN n % 1000 = 3 THEN '{RARE_OUTCOME}' ELSE 'delivered' END,
-                           1, CASE WHEN n % 1000 = 3 THEN NULL ELSE 200 END, 12.5,
-                           '{{"n":' || n || ',"pad":"{PAD}"}}', NULL
-                    FROM generate_series(1, $4::bigint) AS n""",
+                f"""INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
+                    SELECT $1, n, $1 || '-' || n, {_event()}, $2 + n * $3, {_data()}
+                    FROM generate_series(1, $4::bigint) AS n WHERE n % 1000 != 3""",
                 tenant,
                 started,
                 step,
                 per_tenant,
             )
+            await conn.execute(
+                f"""INSERT INTO history (tenant, sequence, id, event, accepted_at, finished_at,
+                        outcome, attempts, status, duration_ms, data, next_sequence)
+                    SELECT $1, n, $1 || '-' || n, {_event()}, $2 + n * $3, $2 + n * $3 + 0.05,
+                           '{RARE_OUTCOME}', 1, NULL, NULL, {_data()}, NULL
+                    FROM generate_series(1, $4::bigint) AS n WHERE n % 1000 = 3""",
+                tenant,
+                started,
+                step,
+                per_tenant,
+            )
+            await conn.execute(
+                f"""INSERT INTO deliveries (tenant, last_sequence, first_sequence, delivered_at,
+                        attempts, status, duration_ms, payloads)
+                    SELECT $1, least(n * {BATCH_RECORDS}, $4::bigint),
+                           (n - 1) * {BATCH_RECORDS} + 1,
+                           $2 + least(n * {BATCH_RECORDS}, $4::bigint) * $3 + 0.05,
+                           1, 200, 12.5, true
+                    FROM generate_series(1, $5::bigint) AS n""",
+                tenant,
+                started,
+                step,
+                per_tenant,
+                -(-per_tenant // BATCH_RECORDS),
+            )
             if number == 0:
                 await conn.execute(
                     """INSERT INTO webhook_ids (tenant, id, sequence, accepted_at)
+                       SELECT tenant, id, sequence, accepted_at FROM webhooks WHERE tenant = $1
+                       UNION ALL
                        SELECT tenant, id, sequence, accepted_at FROM history WHERE tenant = $1""",
                     tenant,
                 )
@@ -218,16 +276,14 @@ async def fill_postgres(
                 "INSERT INTO counters (tenant, last_sequence) VALUES ($1, $2)", tenant, per_tenant
             )
             await conn.execute(
-                "INSERT INTO tenant_state (tenant, acked_sequence) VALUES ($1, $2)",
+                """INSERT INTO tenant_state (tenant, acked_sequence, history_records,
+                       history_bytes)
+                   SELECT $1, $2, count(*),
+                          sum(octet_length(id) + octet_length(event) + octet_length(data) + $3)
+                   FROM (SELECT id, event, data FROM webhooks WHERE tenant = $1
+                         UNION ALL SELECT id, event, data FROM history WHERE tenant = $1) AS r""",
                 tenant,
                 per_tenant,
-            )
-            await conn.execute(
-                """INSERT INTO history_sizes (tenant, records, failures, bytes)
-                   SELECT tenant, count(*), 0,
-                          sum(octet_length(id) + octet_length(event) + octet_length(data) + $2)
-                   FROM history WHERE tenant = $1 GROUP BY tenant""",
-                tenant,
                 RECORD_OVERHEAD,
             )
         for row in indexes:

@@ -305,6 +305,16 @@ async def test_the_history_is_copied_with_its_sizes_ids_and_replays(
         assert [r.next_sequence for r in pages] == [None, None, 7, 6]
         assert await postgres.history_size() == size
         assert {i: await postgres.find_webhook("acme", i) for i in found} == found
+        # The delivered records take PostgreSQL's shape (the webhook's row and a deliveries
+        # row): listed by outcome, and replayed, from there.
+        delivered = HistoryQuery(outcomes=frozenset({"delivered"}))
+        assert await postgres.history("acme", delivered) == [
+            r for r in pages if r.outcome == "delivered"
+        ]
+        again = await postgres.replay(
+            "acme", ReplaySelection(to_sequence=2), AT, limit=10, dry_run=True
+        )
+        assert again.count == 2
         assert await postgres.replay("acme", ReplaySelection(), AT, limit=10, replay_id="r") == (
             dataclasses.replace(replayed, repeated=True)
         )

@@ -8,6 +8,7 @@ The behaviour every engine shares is tests/test_store_contract.py, which runs on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import sqlite3
 import time
@@ -21,9 +22,13 @@ from tests.conftest import wait_for
 from tests.test_store_contract import AT, failure, new, queued
 from webhookd.records import (
     Delivered,
+    HistoryPolicy,
     HistoryQuery,
+    HistoryRecord,
     HistorySize,
     IngestResult,
+    ReplaySelection,
+    ReplayWithoutPayloads,
     SchemaTooNew,
     StoreError,
     TenantRecord,
@@ -71,8 +76,27 @@ async def reopen(store: SqliteStore, open_store: OpenStore) -> tuple[SqliteStore
     return await open_store(durability=store.durability)
 
 
-async def queued_is(store: SqliteStore, tenant: str, expected: list[int]) -> bool:
-    return await queued(store, tenant) == expected
+async def stored(store: SqliteStore, tenant: str) -> list[int]:
+    """Every row the webhooks table holds for the tenant: the queue, the delivered records
+    (history kept), and rows an acknowledgement on a full disk left to delete."""
+
+    def read() -> list[int]:
+        with contextlib.closing(sqlite3.connect(store.path)) as db:
+            rows = db.execute(
+                "SELECT sequence FROM webhooks WHERE tenant = ? ORDER BY sequence", (tenant,)
+            )
+            return [sequence for (sequence,) in rows]
+
+    return await asyncio.to_thread(read)
+
+
+async def stored_is(store: SqliteStore, tenant: str, expected: list[int]) -> bool:
+    return await stored(store, tenant) == expected
+
+
+# Without history, an acknowledgement deletes what it took (left behind on a full disk);
+# with it, the rows stay as the delivered records.
+OFF = HistoryPolicy(keep=False)
 
 
 # -- opening -------------------------------------------------------------------------------------
@@ -193,7 +217,7 @@ async def test_on_a_full_database_ingest_is_refused_but_deliveries_are_recorded(
     # An acknowledgement and a too-big enqueue in one group: the commit runs out of space,
     # the reserve is released, and it runs again without the ingest, which is refused.
     outcomes = await asyncio.gather(
-        store.acknowledge("acme", 2, AT + 1),
+        store.acknowledge("acme", 2, AT + 1, history=OFF),
         store.enqueue("acme", [new(data=big)], AT),
         return_exceptions=True,
     )
@@ -202,7 +226,8 @@ async def test_on_a_full_database_ingest_is_refused_but_deliveries_are_recorded(
     assert disk_full(store) and not reserve.exists()
     # Recorded in place: the rows stay until there is room, out of the queue all the same.
     assert [w.sequence for w in await store.read_queue("acme", 2, 10)] == [3]
-    assert await queued(store, "acme") == [1, 2, 3]
+    assert await queued(store, "acme") == [3]
+    assert await stored(store, "acme") == [1, 2, 3]
     # The filesystem itself has room (only the page count was capped), so the reserve is
     # made again at the next ingest and ingest is accepted (tests/test_diskfull.py fills a
     # real volume, where it stays refused until space is freed).
@@ -210,7 +235,7 @@ async def test_on_a_full_database_ingest_is_refused_but_deliveries_are_recorded(
     assert await store.enqueue("acme", [new("later")], AT) == [IngestResult("later", 4, "queued")]
     assert reserve.exists() and not disk_full(store)
     # With room again, the writer deletes what was acknowledged in place.
-    await wait_for(lambda: queued_is(store, "acme", [3, 4]))
+    await wait_for(lambda: stored_is(store, "acme", [3, 4]))
     store, records = await reopen(store, open_store)
     row = records["acme"].row
     assert (row.acked_sequence, row.last_sequence, row.last_processed_at) == (2, 4, AT + 1)
@@ -240,12 +265,12 @@ async def test_on_a_full_disk_writes_take_no_new_page_and_the_queue_stays_right(
     await fill_the_database(store)
 
     # Acknowledged in place: the rows stay in the table, the queue starts after them.
-    await store.acknowledge("acme", 3, AT + 1)
-    await store.acknowledge("beta", 1, AT + 1)
-    assert await queued(store, "acme") == [1, 2, 3, 4, 5, 6]
+    await store.acknowledge("acme", 3, AT + 1, history=OFF)
+    await store.acknowledge("beta", 1, AT + 1, history=OFF)
+    assert await stored(store, "acme") == [1, 2, 3, 4, 5, 6]
     assert [w.id for w in await store.read_queue("acme", 3, 10)] == ["a3", "a4", "a5"]
     # The head can still be parked and requeued (each takes the pages the other gives back).
-    parked = await store.park("acme", 4, AT + 2)
+    parked = await store.park("acme", 4, AT + 2, OFF)
     assert parked is not None and parked.id == "a3"
     assert await store.park("acme", 2, AT + 2) is None  # not the head: already acknowledged
     requeued = await store.requeue("acme", "a3", AT + 3)
@@ -258,7 +283,7 @@ async def test_on_a_full_disk_writes_take_no_new_page_and_the_queue_stays_right(
     # is refused only at commit, the failure is simply not stored: tests/test_diskfull.py.)
     long = dataclasses.replace(failure(1), error="connection reset " * 12)
     outcomes = await asyncio.gather(
-        store.acknowledge("acme", 5, AT + 4),
+        store.acknowledge("acme", 5, AT + 4, history=OFF),
         *(store.record_failure(name, long, AT + 1, keep=10) for name in many),
         return_exceptions=True,
     )
@@ -267,7 +292,7 @@ async def test_on_a_full_disk_writes_take_no_new_page_and_the_queue_stays_right(
     assert None in outcomes[1:] and any(isinstance(o, StoreError) for o in outcomes), outcomes
     # Discarding counts what was waiting, not the rows acknowledged in place; on a full
     # disk it leaves the rows to be deleted once there is room, as an acknowledgement does.
-    assert await store.discard("beta") == 1
+    assert await store.discard("beta", history=OFF) == 1
     assert await store.read_queue("beta", 2, 10) == []
     assert disk_full(store)
 
@@ -279,8 +304,8 @@ async def test_on_a_full_disk_writes_take_no_new_page_and_the_queue_stays_right(
     assert len(records["acme"].failures) == 10
     assert records["acme"].parked == 0
     assert not disk_full(store)
-    await wait_for(lambda: queued_is(store, "acme", [6, 7]))
-    await wait_for(lambda: queued_is(store, "beta", []))
+    await wait_for(lambda: stored_is(store, "acme", [6, 7]))
+    await wait_for(lambda: stored_is(store, "beta", []))
     assert await store.pragma("integrity_check") == "ok"
 
 
@@ -290,7 +315,9 @@ async def test_on_a_full_database_history_records_give_way(
     """Under SQLite's page cap (which refuses a page inside the statement, and may end the
     transaction): an acknowledgement whose record cannot be stored is recorded without it."""
     monkeypatch.setattr(store_sqlite, "SPACE_CHECK_S", 3600.0)
-    tenants = [f"t{n:02}" for n in range(60)]
+    # Each record is a small deliveries row (the webhook's row stays): enough tenants that
+    # theirs need new pages.
+    tenants = [f"t{n:03}" for n in range(300)]
     for name in tenants:
         await store.enqueue(name, [new(f"{name}-1", '{"pad": "' + "x" * 2000 + '"}')], AT)
     await fill_the_database(store)
@@ -327,7 +354,7 @@ async def test_a_version_1_database_remembers_its_ids_acceptance_time(db_path: P
     records = {r.name: r for r in await store.open()}
     try:
         assert records["acme"].row.last_sequence == 3
-        assert await store.pragma("user_version") == SCHEMA_VERSION == 2
+        assert await store.pragma("user_version") == SCHEMA_VERSION == 3
         assert await store.enqueue("acme", [new("a"), new("b")], AT) == [
             IngestResult("a", 1, "duplicate"),
             IngestResult("b", 2, "duplicate"),
@@ -340,3 +367,55 @@ async def test_a_version_1_database_remembers_its_ids_acceptance_time(db_path: P
     conn.close()
     assert (times["b"], times["c"]) == (50.0, 100.0)
     assert before - 1 <= times["a"] <= time.time() + 1
+
+
+async def test_a_version_2_database_keeps_its_history_in_the_new_shape(db_path: Path) -> None:
+    """Version 3 keeps a delivered webhook's row where it is (one deliveries row says how it
+    went) instead of a copy in `history`: the delivered records of a version 2 database
+    move there, payload, missing payload and replay link included; the other outcomes'
+    records stay; listing, lookup, replay and the size read the same as before."""
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for _, statements in MIGRATIONS[:2]:
+        for statement in statements:
+            conn.execute(statement)
+    conn.executescript(
+        """PRAGMA user_version = 2;
+           INSERT INTO tenant_state (tenant, last_sequence, acked_sequence)
+               VALUES ('acme', 5, 3);
+           INSERT INTO webhooks VALUES ('acme', 4, 'd', 'E', 40.0, '{}'),
+                                       ('acme', 5, 'a', 'E', 10.0, '{"n": 1}');
+           INSERT INTO history VALUES
+               ('acme', 1, 'a', 'E', 10.0, 11.0, 'delivered', 1, 200, 5.0, '{"n": 1}', 5),
+               ('acme', 2, 'b', 'F', 20.0, 21.0, 'delivered', 2, 204, 6.0, NULL, NULL),
+               ('acme', 3, 'c', 'E', 30.0, 31.0, 'discarded', 0, NULL, NULL, '{}', NULL);
+           INSERT INTO history_sizes VALUES ('acme', 3, 0, 300);
+           INSERT INTO webhook_ids VALUES ('acme', 'a', 1, 10.0), ('acme', 'b', 2, 20.0);"""
+    )
+    conn.close()
+    store = SqliteStore(db_path)
+    await store.open()
+    try:
+        assert await store.pragma("user_version") == SCHEMA_VERSION == 3
+        records = [
+            HistoryRecord(3, "c", "E", 30.0, 31.0, "discarded", 0, None, None, "{}", None),
+            HistoryRecord(2, "b", "F", 20.0, 21.0, "delivered", 2, 204, 6.0, None, None),
+            HistoryRecord(1, "a", "E", 10.0, 11.0, "delivered", 1, 200, 5.0, '{"n": 1}', 5),
+        ]
+        assert await store.history("acme", HistoryQuery()) == records
+        assert await store.history("acme", HistoryQuery(oldest_first=True)) == records[::-1]
+        delivered = HistoryQuery(outcomes=frozenset({"delivered"}))
+        assert await store.history("acme", delivered) == records[1:]
+        assert await store.history("acme", HistoryQuery(event="E", after=3)) == records[2:]
+        assert await queued(store, "acme") == [4, 5]
+        found = await store.find_webhook("acme", "b")
+        assert (found.place, found.record) == ("history", records[1])
+        found = await store.find_webhook("acme", "a")  # replayed: its newest copy
+        assert (found.place, found.sequence) == ("queued", 5)
+        assert await store.history_size() == HistorySize(3, 0, 300)
+        with pytest.raises(ReplayWithoutPayloads):  # 2 was kept without its data
+            await store.replay("acme", ReplaySelection(from_sequence=1), AT, limit=10)
+        again = await store.replay("acme", ReplaySelection(to_sequence=1), AT, limit=10)
+        assert (again.count, again.first_sequence) == (1, 6)
+    finally:
+        await store.close()

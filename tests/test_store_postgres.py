@@ -25,8 +25,11 @@ from webhookd.config import PostgresURL
 from webhookd.records import (
     Delivered,
     HistoryQuery,
+    HistoryRecord,
     HistorySize,
     IngestResult,
+    ReplaySelection,
+    ReplayWithoutPayloads,
     SchemaTooNew,
     StoreError,
     TenantRecord,
@@ -128,6 +131,7 @@ async def test_the_schema_is_created_once_and_versioned(
     assert [row["tablename"] for row in tables] == [
         "api_tenants",
         "counters",
+        "deliveries",
         "failed_attempts",
         "failures",
         "history",
@@ -226,7 +230,7 @@ async def test_a_version_3_database_upgrades_in_place_and_keeps_its_data(
     assert (acme.parked, [f.error for f in acme.failures]) == (1, ["HTTP 503"])
     assert await queued(store, "acme") == [3, 4]
     rows = await sql(database, "SELECT version FROM webhookd_schema ORDER BY version")
-    assert [row["version"] for row in rows] == [1, 2, 3, 4] and SCHEMA_VERSION == 4
+    assert [row["version"] for row in rows] == [1, 2, 3, 4, 5] and SCHEMA_VERSION == 5
     times = {
         row["id"]: row["accepted_at"]
         for row in await sql(database, "SELECT id, accepted_at FROM webhook_ids")
@@ -245,6 +249,64 @@ async def test_a_version_3_database_upgrades_in_place_and_keeps_its_data(
     [record] = await store.history("acme", HistoryQuery())
     assert (record.sequence, record.id, record.data, record.attempts) == (3, "c", '{"n": 3}', 4)
     assert (await store.find_webhook("acme", "b")).place == "parked"
+
+
+async def test_a_version_4_database_keeps_its_history_in_the_new_shape(
+    database: PostgresURL, open_store: OpenStore
+) -> None:
+    """Version 5 keeps a delivered webhook's row where it is (one deliveries row says how it
+    went) instead of a copy in `history`: the delivered records of a version 4 database
+    move there, payload, missing payload and replay link included; the other outcomes'
+    records stay; listing, lookup, replay and the size read the same as before."""
+    conn = await asyncpg.connect(database.url)
+    try:
+        await conn.execute(
+            "CREATE TABLE webhookd_schema (version integer PRIMARY KEY, applied_at timestamptz)"
+        )
+        for version, statements in MIGRATIONS:
+            if version <= 4:
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", version)
+        await conn.execute(
+            """INSERT INTO counters (tenant, last_sequence) VALUES ('acme', 5);
+               INSERT INTO tenant_state (tenant, acked_sequence, history_records,
+                   history_bytes) VALUES ('acme', 3, 3, 300);
+               INSERT INTO leases (tenant) VALUES ('acme');
+               INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data)
+                   VALUES ('acme', 4, 'd', 'E', 40, '{}'), ('acme', 5, 'a', 'E', 10, '{"n": 1}');
+               INSERT INTO history VALUES
+                   ('acme', 1, 'a', 'E', 10, 11, 'delivered', 1, 200, 5, '{"n": 1}', 5),
+                   ('acme', 2, 'b', 'F', 20, 21, 'delivered', 2, 204, 6, NULL, NULL),
+                   ('acme', 3, 'c', 'E', 30, 31, 'discarded', 0, NULL, NULL, '{}', NULL);
+               INSERT INTO webhook_ids (tenant, id, sequence, accepted_at)
+                   VALUES ('acme', 'a', 1, 10), ('acme', 'b', 2, 20)"""
+        )
+    finally:
+        await conn.close()
+    store, _ = await open_store()
+    rows = await sql(database, "SELECT version FROM webhookd_schema ORDER BY version")
+    assert [row["version"] for row in rows] == [1, 2, 3, 4, 5] and SCHEMA_VERSION == 5
+    records = [
+        HistoryRecord(3, "c", "E", 30.0, 31.0, "discarded", 0, None, None, "{}", None),
+        HistoryRecord(2, "b", "F", 20.0, 21.0, "delivered", 2, 204, 6.0, None, None),
+        HistoryRecord(1, "a", "E", 10.0, 11.0, "delivered", 1, 200, 5.0, '{"n": 1}', 5),
+    ]
+    assert await store.history("acme", HistoryQuery()) == records
+    assert await store.history("acme", HistoryQuery(oldest_first=True)) == records[::-1]
+    delivered = HistoryQuery(outcomes=frozenset({"delivered"}))
+    assert await store.history("acme", delivered) == records[1:]
+    assert await store.history("acme", HistoryQuery(event="E", after=3)) == records[2:]
+    assert await queued(store, "acme") == [4, 5]
+    found = await store.find_webhook("acme", "b")
+    assert (found.place, found.record) == ("history", records[1])
+    found = await store.find_webhook("acme", "a")  # replayed: its newest copy
+    assert (found.place, found.sequence) == ("queued", 5)
+    assert await store.history_size() == HistorySize(3, 0, 300)
+    with pytest.raises(ReplayWithoutPayloads):  # 2 was kept without its data
+        await store.replay("acme", ReplaySelection(from_sequence=1), AT, limit=10)
+    again = await store.replay("acme", ReplaySelection(to_sequence=1), AT, limit=10)
+    assert (again.count, again.first_sequence) == (1, 6)
 
 
 async def test_two_processes_migrating_at_once_migrate_once(database: PostgresURL) -> None:

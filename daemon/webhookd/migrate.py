@@ -39,11 +39,12 @@ from webhookd.config import PostgresURL
 from webhookd.records import SchemaTooNew, StoreError
 from webhookd.store.postgres import connection
 from webhookd.store.postgres.connection import CONNECT_ERRORS
+from webhookd.store.postgres.schema import MOVE_DELIVERED, refuse_newer, schema_version
 from webhookd.store.postgres.schema import migrate as migrate_schema
-from webhookd.store.postgres.schema import refuse_newer, schema_version
 from webhookd.store.sqlite.lock import DatabaseLock
 from webhookd.store.sqlite.schema import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from webhookd.store.sqlite.schema import refuse_newer as sqlite_refuse_newer
+from webhookd.store.sqlite.writes import DELIVERED_COLUMNS, DELIVERED_JOIN
 
 # webhookd's tables, in the order they are copied.
 TABLES = (
@@ -131,10 +132,14 @@ QUERIES: dict[str, tuple[str, list[str]]] = {
             "duration_ms",
         ],
     ),
+    # The other outcomes' records, and the delivered ones: webhooks rows at or below
+    # acked_sequence joined to the deliveries row covering each (SQLite schema version 3).
     "history": (
-        """SELECT tenant, sequence, id, event, accepted_at, finished_at, outcome, attempts,
-                  status, duration_ms, data, next_sequence FROM history
-           ORDER BY tenant, sequence""",
+        f"""SELECT tenant, sequence, id, event, accepted_at, finished_at, outcome, attempts,
+                   status, duration_ms, data, next_sequence FROM history
+            UNION ALL
+            SELECT w.tenant, {DELIVERED_COLUMNS} FROM webhooks AS w {DELIVERED_JOIN}
+            ORDER BY 1, 2""",
         [
             "tenant",
             "sequence",
@@ -274,6 +279,11 @@ async def _copy(
                 elif records:
                     await pg.copy_records_to_table(table, records=records, columns=columns)
                 setattr(copied, FIELDS[table], len(records))
+            # The delivered records, copied with the others into `history`, take their
+            # shape on PostgreSQL: the webhook's row below acked_sequence and a deliveries
+            # row (schema version 5).
+            for statement in MOVE_DELIVERED:
+                await pg.execute(statement)
             if api_tenants:
                 await pg.copy_records_to_table(
                     "api_tenants",

@@ -472,8 +472,11 @@ class PostgresStore:
 
     async def read_queue(self, tenant: str, after: int, limit: int) -> list[Webhook]:
         rows = await self._fetch(
+            # Rows at or below acked_sequence are delivered records, not the queue.
             """SELECT sequence, id, event, accepted_at, data FROM webhooks
-               WHERE tenant = $1 AND sequence > $2 ORDER BY sequence LIMIT $3""",
+               WHERE tenant = $1 AND sequence > greatest($2::bigint, coalesce(
+                   (SELECT acked_sequence FROM tenant_state WHERE tenant = $1), 0))
+               ORDER BY sequence LIMIT $3""",
             tenant,
             after,
             limit,

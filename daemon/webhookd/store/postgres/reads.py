@@ -1,7 +1,7 @@
 """The history's reads on PostgreSQL: a webhook looked up by id, and a page of a tenant's
 history. What they answer is the Store's contract (store/protocol.py, records.py); the
-indexes they use are described with the schema (schema.py, version 4). Both answer from
-the database on any instance."""
+indexes they use are described with the schema (schema.py, versions 4 and 5). Both answer
+from the database on any instance."""
 
 from __future__ import annotations
 
@@ -16,7 +16,12 @@ from webhookd.records import (
     ReplaySelection,
     Webhook,
 )
-from webhookd.store.postgres.writes import selection_where
+from webhookd.store.postgres.writes import (
+    COVERED,
+    DELIVERED_COLUMNS,
+    DELIVERED_JOIN,
+    selection_where,
+)
 
 if TYPE_CHECKING:
     import asyncpg
@@ -93,6 +98,13 @@ async def _find(conn: Connection, tenant: str, webhook_id: str) -> FoundWebhook:
             tenant,
             sequence,
         )
+        if row is None and sequence <= acked:
+            row = await conn.fetchrow(
+                f"""SELECT {DELIVERED_COLUMNS} FROM webhooks AS w {DELIVERED_JOIN}
+                    WHERE w.tenant = $1 AND w.sequence = $2 AND {COVERED}""",
+                tenant,
+                sequence,
+            )
         if row is None:
             return FoundWebhook("expired", sequence, failures=await _failures(conn, tenant, seen))
         record = HistoryRecord(*row)
@@ -124,24 +136,64 @@ async def _failures(conn: Connection, tenant: str, sequences: list[int]) -> tupl
 
 
 def history_query(tenant: str, query: HistoryQuery) -> tuple[str, list[Any]]:
-    """The statement for one page of a tenant's history, and its parameters: a range scan
-    in sequence order from the cursor, on the primary key, or on history_event when an
-    event is asked; the other filters are checked on the rows the scan meets."""
+    """The statement for one page of a tenant's history, and its parameters.
+
+    Two sources, each read as an index range scan in sequence order from the cursor,
+    LIMIT the page, then merged (UNION ALL, ORDER BY sequence, LIMIT the page):
+    - the delivered records: webhooks rows at or below acked_sequence (on its primary key,
+      or webhooks_event when an event is asked), each joined to its deliveries row by one
+      probe (writes.DELIVERED_JOIN);
+    - the other outcomes in `history` (on its primary key, history_event when an event is
+      asked, history_outcome when outcomes are).
+    An outcome filter reads only the source that holds it. The other filters are checked
+    on the rows the scans meet, or (a time range) the planner starts from
+    webhooks_accepted / history_accepted when that is narrower."""
     args: list[Any] = [tenant]
+    if query.after is not None:
+        args.append(query.after)
+    args.append(max(0, query.limit))
+    limit = f"${len(args)}"
+    order = "ASC" if query.oldest_first else "DESC"
+    outcomes = sorted(query.outcomes) if query.outcomes is not None else None
     selection = ReplaySelection(
         query.from_sequence, query.to_sequence, query.since, query.until, query.event
     )
-    where = ["tenant = $1::text", *selection_where(selection, args)]
-    if query.after is not None:
-        args.append(query.after)
-        where.append(f"sequence {'>' if query.oldest_first else '<'} ${len(args)}::bigint")
-    if query.outcomes is not None:
-        args.append(sorted(query.outcomes))
-        where.append(f"outcome = ANY(${len(args)}::text[])")
-    args.append(max(0, query.limit))
-    order = "ASC" if query.oldest_first else "DESC"
-    sql = (
-        f"SELECT {RECORD_COLUMNS} FROM history WHERE {' AND '.join(where)} "
-        f"ORDER BY sequence {order} LIMIT ${len(args)}"
-    )
-    return sql, args
+    parts: list[str] = []
+    if outcomes is None or "delivered" in outcomes:
+        where = [
+            "w.tenant = $1::text",
+            "w.sequence <= coalesce("
+            "(SELECT acked_sequence FROM tenant_state WHERE tenant = $1::text), 0)",
+            COVERED,
+            *selection_where(selection, args, "w."),
+        ]
+        if query.after is not None:
+            where.append(f"w.sequence {'>' if query.oldest_first else '<'} $2::bigint")
+        parts.append(
+            f"SELECT {DELIVERED_COLUMNS} FROM webhooks AS w {DELIVERED_JOIN} "
+            f"WHERE {' AND '.join(where)} ORDER BY w.sequence {order} LIMIT {limit}"
+        )
+    others: list[str] | None = None
+    if outcomes is not None:
+        others = [o for o in outcomes if o != "delivered"]
+    if others is None or others:
+        where = ["tenant = $1::text", *selection_where(selection, args)]
+        if query.after is not None:
+            where.append(f"sequence {'>' if query.oldest_first else '<'} $2::bigint")
+        if others is not None and len(others) == 1:
+            # One outcome: an equality, so that any plan is a range scan of history_outcome.
+            args.append(others[0])
+            where.append(f"outcome = ${len(args)}::text")
+        elif others is not None:
+            args.append(others)
+            where.append(f"outcome = ANY(${len(args)}::text[])")
+        parts.append(
+            f"SELECT {RECORD_COLUMNS} FROM history WHERE {' AND '.join(where)} "
+            f"ORDER BY sequence {order} LIMIT {limit}"
+        )
+    if not parts:  # only outcomes no record has
+        return f"SELECT {RECORD_COLUMNS} FROM history WHERE false", []
+    if len(parts) == 1:
+        return parts[0], args
+    merged = " UNION ALL ".join(f"({part})" for part in parts)
+    return f"{merged} ORDER BY 1 {order} LIMIT {limit}", args

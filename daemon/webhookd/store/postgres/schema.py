@@ -25,10 +25,26 @@ if TYPE_CHECKING:
 
 log = logs.get_logger("webhookd.store")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # The advisory lock key (b"whkd-mig") held while migrating.
 MIGRATION_LOCK = int.from_bytes(b"whkd-mig", "big")
+
+# Delivered records kept in `history` (before version 5, or copied from SQLite by
+# `webhookd migrate`) moved to their shape since version 5: the webhook's row in `webhooks`
+# (below acked_sequence) and a deliveries row covering it.
+MOVE_DELIVERED = [
+    """INSERT INTO webhooks (tenant, sequence, id, event, accepted_at, data, next_sequence)
+       SELECT tenant, sequence, id, event, accepted_at, coalesce(data, ''), next_sequence
+       FROM history WHERE outcome = 'delivered'
+       ON CONFLICT DO NOTHING""",
+    """INSERT INTO deliveries (tenant, last_sequence, first_sequence, delivered_at,
+           attempts, status, duration_ms, payloads)
+       SELECT tenant, sequence, sequence, finished_at, attempts, status, duration_ms,
+              data IS NOT NULL
+       FROM history WHERE outcome = 'delivered'""",
+    "DELETE FROM history WHERE outcome = 'delivered'",
+]
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (
@@ -223,6 +239,42 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 extract(epoch FROM now())::double precision)""",
             "ALTER TABLE webhook_ids ALTER COLUMN accepted_at SET NOT NULL",
             "CREATE INDEX webhook_ids_accepted ON webhook_ids (tenant, accepted_at)",
+        ],
+    ),
+    (
+        5,
+        [
+            # A delivered webhook stays where it is (issue 13, point 7: keeping history must
+            # not cost a copy and a delete per webhook). Its row in `webhooks`, at or below
+            # the tenant's acked_sequence, is its record's id, sequence, event, accepted_at
+            # and data; one `deliveries` row per acknowledgement (a batch shares them) holds
+            # the rest: a delivered record = webhooks row JOIN LATERAL the first deliveries
+            # row with last_sequence >= its sequence (one probe of this key). `history`
+            # keeps the rarer outcomes (parked, requeued, discarded). `payloads` false:
+            # history_payloads was false, the row's data is stripped ('').
+            """CREATE TABLE deliveries (
+                tenant text NOT NULL,
+                last_sequence bigint NOT NULL,
+                first_sequence bigint NOT NULL,
+                delivered_at double precision NOT NULL,
+                attempts integer NOT NULL,
+                status integer,
+                duration_ms double precision,
+                payloads boolean NOT NULL,
+                PRIMARY KEY (tenant, last_sequence)
+            )""",
+            # A replayed delivered webhook: the sequence of its newest copy.
+            "ALTER TABLE webhooks ADD COLUMN next_sequence bigint",
+            # The delivered records' reads that must stay fast at 10,000,000 records, as
+            # history_event and history_accepted do on `history`: a page filtered by event
+            # scans that event's entries in sequence order; a time range starts from the
+            # tenant's oldest by acceptance.
+            "CREATE INDEX webhooks_event ON webhooks (tenant, event, sequence)",
+            "CREATE INDEX webhooks_accepted ON webhooks (tenant, accepted_at)",
+            # A page of one rare outcome (parked, discarded) scans that outcome's entries.
+            "CREATE INDEX history_outcome ON history (tenant, outcome, sequence)",
+            # Existing delivered records move to the new shape, one deliveries row each.
+            *MOVE_DELIVERED,
         ],
     ),
 ]

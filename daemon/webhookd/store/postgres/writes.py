@@ -120,10 +120,28 @@ RECORD_BYTES = (
 )
 FAILURE_BYTES = f"octet_length(error) + {FAILURE_OVERHEAD}"
 
-# Per acknowledgement, sent together (executemany: one round trip). The webhooks leave the
-# queue and their history records go in, in the one statement that moves the head, and the
-# history's counters on the tenant's state row (locked by `READ`) count them. Scalar
-# parameters keep the plan simple: $1 tenant, $2 through, $3 at, $4 attempts (NULL: the
+# A delivered record (issue 13, point 7): the webhook's row, left in `webhooks` at or below
+# acked_sequence, joined to the `deliveries` row covering its sequence (schema.py, version
+# 5): the first with last_sequence >= the row's, one probe of its key per row (LATERAL,
+# so the webhooks row leads and a page is a range scan of webhooks from the cursor). The
+# columns are a HistoryRecord's (reads.py RECORD_COLUMNS).
+DELIVERED_COLUMNS = (
+    "w.sequence, w.id, w.event, w.accepted_at, d.delivered_at, 'delivered'::text, "
+    "d.attempts, d.status, d.duration_ms, CASE WHEN d.payloads THEN w.data END, "
+    "w.next_sequence"
+)
+DELIVERED_JOIN = """CROSS JOIN LATERAL (
+        SELECT * FROM deliveries AS c
+        WHERE c.tenant = w.tenant AND c.last_sequence >= w.sequence
+        ORDER BY c.last_sequence LIMIT 1) AS d"""
+COVERED = "d.first_sequence <= w.sequence"
+
+# Per acknowledgement, sent together (executemany: one round trip), in the one statement
+# that moves the head. With history kept ($7), the webhooks stay where they are as the
+# delivered records and one deliveries row says how they went (no copy, no delete), their
+# size counted on the tenant's state row (locked by `READ`), their payloads stripped if not
+# kept ($8: for those tenants only). Without, they leave the queue. Scalar parameters keep
+# the plan an index range scan: $1 tenant, $2 through, $3 at, $4 attempts (NULL: the
 # tenant's plus this one), $5 status, $6 duration, $7 keep records, $8 keep payloads.
 ACKNOWLEDGE = f"""
     WITH state AS (
@@ -132,23 +150,35 @@ ACKNOWLEDGE = f"""
     gone AS (
         DELETE FROM webhooks
         WHERE tenant = $1::text AND sequence <= $2::bigint
-          AND sequence > (SELECT acked_sequence FROM state)
-        RETURNING sequence, id, event, accepted_at, data
+          AND sequence > (SELECT acked_sequence FROM state) AND NOT $7::boolean
     ),
     kept AS (
-        INSERT INTO history (tenant, sequence, id, event, accepted_at, finished_at, outcome,
-            attempts, status, duration_ms, data)
-        SELECT $1::text, sequence, id, event, accepted_at, $3::float8, 'delivered',
-               coalesce($4::integer, (SELECT attempts FROM state) + 1), $5::integer,
-               $6::float8, CASE WHEN $8::boolean THEN data END
-        FROM gone WHERE $7::boolean
+        INSERT INTO deliveries (tenant, last_sequence, first_sequence, delivered_at,
+            attempts, status, duration_ms, payloads)
+        SELECT $1::text, $2::bigint, s.acked_sequence + 1, $3::float8,
+               coalesce($4::integer, s.attempts + 1), $5::integer, $6::float8, $8::boolean
+        FROM state AS s WHERE $7::boolean AND $2::bigint > s.acked_sequence
         ON CONFLICT DO NOTHING
-        RETURNING {RECORD_BYTES} AS size
+        RETURNING first_sequence
+    ),
+    stripped AS (
+        UPDATE webhooks SET data = ''
+        WHERE tenant = $1::text AND sequence <= $2::bigint
+          AND sequence > (SELECT first_sequence - 1 FROM kept) AND NOT $8::boolean
+    ),
+    sized AS (
+        SELECT count(*) AS n, coalesce(sum(
+            octet_length(id) + octet_length(event)
+            + CASE WHEN $8::boolean THEN octet_length(data) ELSE 0 END
+            + {RECORD_OVERHEAD}), 0) AS size
+        FROM webhooks
+        WHERE tenant = $1::text AND sequence <= $2::bigint
+          AND sequence > (SELECT first_sequence - 1 FROM kept)
     )
     UPDATE tenant_state SET acked_sequence = greatest(acked_sequence, $2::bigint),
         attempts = 0, next_attempt_at = NULL, last_processed_at = $3::float8,
-        history_records = history_records + (SELECT count(*) FROM kept),
-        history_bytes = history_bytes + (SELECT coalesce(sum(size), 0) FROM kept)
+        history_records = history_records + (SELECT n FROM sized),
+        history_bytes = history_bytes + (SELECT size FROM sized)
     WHERE tenant = $1::text"""
 
 
@@ -606,6 +636,7 @@ class Discard(Op):
                     ),
                     queue AS (
                         DELETE FROM webhooks WHERE tenant = $1::text
+                          AND sequence > (SELECT acked_sequence FROM before)
                         RETURNING sequence, id, event, accepted_at, data
                     ),
                     kept AS (
@@ -661,13 +692,13 @@ class Show(Op):
         self.result = await tx.conn.fetchval("SELECT current_setting($1)", self.name)
 
 
-def selection_where(selection: ReplaySelection, args: list[Any]) -> list[str]:
+def selection_where(selection: ReplaySelection, args: list[Any], prefix: str = "") -> list[str]:
     """The conditions (AND) on history rows for a selection, its parameters appended to
     `args` (numbered after those already there)."""
     where: list[str] = []
     for _, column, operator, cast, value in selection_conditions(selection):
         args.append(value)
-        where.append(f"{column} {operator} ${len(args)}::{cast}")
+        where.append(f"{prefix}{column} {operator} ${len(args)}::{cast}")
     return where
 
 
@@ -708,14 +739,21 @@ class Replay(Op):
                 count, first, last = done
                 self.result = ReplayResult(count, first, last, repeated=True)
                 return
+        # The delivered records: webhooks rows at or below acked_sequence that a
+        # deliveries row covers (DELIVERED_JOIN).
         args: list[Any] = [self.tenant]
         where = " AND ".join(
-            ["tenant = $1::text", "outcome = 'delivered'", *selection_where(self.selection, args)]
+            [
+                "w.tenant = $1::text",
+                "w.sequence <= (SELECT acked_sequence FROM tenant_state WHERE tenant = $1)",
+                COVERED,
+                *selection_where(self.selection, args, "w."),
+            ]
         )
         counted = await conn.fetchrow(
-            f"""SELECT count(*), min(sequence), max(sequence),
-                       count(*) FILTER (WHERE data IS NULL)
-                FROM history WHERE {where}""",
+            f"""SELECT count(*), min(w.sequence), max(w.sequence),
+                       count(*) FILTER (WHERE NOT d.payloads)
+                FROM webhooks AS w {DELIVERED_JOIN} WHERE {where}""",
             *args,
         )
         assert counted is not None
@@ -734,8 +772,9 @@ class Replay(Op):
             return
         found = (
             await conn.fetch(
-                f"""SELECT sequence, id, event, accepted_at, data FROM history
-                    WHERE {where} ORDER BY sequence""",
+                f"""SELECT w.sequence, w.id, w.event, w.accepted_at, w.data
+                    FROM webhooks AS w {DELIVERED_JOIN}
+                    WHERE {where} ORDER BY w.sequence""",
                 *args,
             )
             if count
@@ -759,7 +798,7 @@ class Replay(Op):
                                                   $6::float8[], $7::text[])
                ),
                moved AS (
-                   UPDATE history AS h SET next_sequence = u.new
+                   UPDATE webhooks AS h SET next_sequence = u.new
                    FROM unnest($8::bigint[], $3::bigint[]) AS u (old, new)
                    WHERE h.tenant = $1::text AND h.sequence = u.old
                ),
@@ -820,47 +859,56 @@ class PruneHistory(Op):
         by_age = by_size = failures = 0
         # Each tenant's oldest record and failed attempt, and its counters (one statement:
         # an index probe per tenant on the server).
-        rows = await conn.fetch(
-            """SELECT s.tenant, s.acked_sequence, s.history_bytes,
-                      (SELECT min(accepted_at) FROM history AS h WHERE h.tenant = s.tenant),
-                      (SELECT min(at) FROM failed_attempts AS f WHERE f.tenant = s.tenant)
-               FROM tenant_state AS s ORDER BY s.tenant"""
-        )
+        rows = await conn.fetch(OLDEST)
         # (tenant, table) -> its oldest time
         oldest: dict[tuple[str, str], float] = {}
+        acked: dict[str, int] = {}
         for r in rows:
-            if r[3] is not None:
-                oldest[(r[0], "history")] = r[3]
-            if r[4] is not None:
-                oldest[(r[0], "failed_attempts")] = r[4]
+            acked[r[0]] = r[1]
+            for n, table in enumerate(TABLES):
+                if r[3 + n] is not None:
+                    oldest[(r[0], table)] = r[3 + n]
         total = sum(r[2] for r in rows)
-        # Per tenant, its records first, then its failed attempts.
+        # Per tenant, its records first (the other outcomes', the delivered), then its
+        # failed attempts.
         for (tenant, table), at in sorted(
-            oldest.items(), key=lambda item: (item[0][0], item[0][1] != "history")
+            oldest.items(), key=lambda item: (item[0][0], TABLES.index(item[0][1]))
         ):
             if budget <= 0:
                 break
             before = cutoff(tenant, self.now, self.retention, self.default)
             if at >= before:
                 continue
-            removed, freed = await self._delete(
-                conn, tenant, table, condition=f"{TIME[table]} < $2", args=[before], budget=budget
-            )
-            if table == "history":
-                by_age += removed
+            if table == "webhooks":
+                removed, freed, records = await _delete_delivered(
+                    conn, tenant, acked[tenant], budget, before=before
+                )
             else:
+                removed, freed = await self._delete(
+                    conn,
+                    tenant,
+                    table,
+                    condition=f"{TIME[table]} < $2",
+                    args=[before],
+                    budget=budget,
+                )
+                records = removed if table == "history" else 0
+            by_age += records
+            if table == "failed_attempts":
                 failures += removed
             total -= freed
             budget -= removed
         if self.max_bytes is not None:
             while budget > 0 and total > self.max_bytes:
-                removed, freed, table = await self._oldest(conn, budget, total - self.max_bytes)
+                removed, freed, table, records = await self._oldest(
+                    conn, budget, total - self.max_bytes
+                )
                 if not removed:
                     break
-                if table == "history":
-                    by_size += removed
-                else:
+                if table == "failed_attempts":
                     failures += removed
+                else:
+                    by_size += records
                 total -= freed
                 budget -= removed
         ids = 0
@@ -869,8 +917,9 @@ class PruneHistory(Op):
             befores = [
                 self.now - max(self.window, self.retention.get(t, self.default)) for t in tenants
             ]
-            acked = [r[1] for r in rows]
-            status = await conn.execute(FORGET_IDS, tenants, befores, acked, budget)
+            status = await conn.execute(
+                FORGET_IDS, tenants, befores, [acked[t] for t in tenants], budget
+            )
             ids = int(status.split()[-1])
             budget -= ids
         self.result = PruneResult(by_age, by_size, failures, ids, more=budget <= 0)
@@ -911,27 +960,28 @@ class PruneHistory(Op):
         assert found is not None
         return int(found[0]), int(found[1])
 
-    async def _oldest(self, conn: Connection, budget: int, excess: int) -> tuple[int, int, str]:
+    async def _oldest(
+        self, conn: Connection, budget: int, excess: int
+    ) -> tuple[int, int, str, int]:
         """Remove the oldest records (or failed attempts) of the tenant that holds the
         oldest, up to `budget` rows, until `excess` bytes are gone or another tenant's
-        oldest is older; return (rows, bytes, table)."""
-        mins = await conn.fetch(
-            """SELECT s.tenant,
-                      (SELECT min(accepted_at) FROM history AS h WHERE h.tenant = s.tenant),
-                      (SELECT min(at) FROM failed_attempts AS f WHERE f.tenant = s.tenant)
-               FROM tenant_state AS s
-               WHERE s.history_records > 0 OR s.history_failures > 0"""
-        )
+        oldest is older; return (rows, bytes, table, records)."""
+        mins = await conn.fetch(f"{OLDEST} WHERE s.history_records > 0 OR s.history_failures > 0")
         candidates = sorted(
-            (at, tenant, table)
-            for tenant, record_at, failure_at in mins
-            for at, table in ((record_at, "history"), (failure_at, "failed_attempts"))
+            (at, tenant, table, acked)
+            for tenant, acked, _, *times in mins
+            for at, table in zip(times, TABLES, strict=True)
             if at is not None
         )
         if not candidates:
-            return 0, 0, "history"
-        _, tenant, table = candidates[0]
+            return 0, 0, "history", 0
+        _, tenant, table, acked = candidates[0]
         until = candidates[1][0] if len(candidates) > 1 else float("inf")
+        if table == "webhooks":
+            removed, freed, records = await _delete_delivered(
+                conn, tenant, acked, budget, excess=excess, until=until
+            )
+            return removed, freed, table, records
         size = RECORD_BYTES if table == "history" else FAILURE_BYTES
         rows = await conn.fetch(
             f"""SELECT {TIME[table]}, {size} FROM {table} WHERE tenant = $1
@@ -952,10 +1002,81 @@ class PruneHistory(Op):
         removed, freed = await self._delete(
             conn, tenant, table, condition=f"{TIME[table]} <= $2", args=[last], budget=taken
         )
-        return removed, freed, table
+        return removed, freed, table, removed if table == "history" else 0
 
 
 TIME = {"history": "accepted_at", "failed_attempts": "at"}
+# Where a tenant's oldest is looked for: the other outcomes' records, the delivered ones
+# (webhooks rows at or below acked_sequence: the lowest sequence's), the failed attempts.
+TABLES = ("history", "webhooks", "failed_attempts")
+OLDEST = """
+    SELECT s.tenant, s.acked_sequence, s.history_bytes,
+           (SELECT min(accepted_at) FROM history AS h WHERE h.tenant = s.tenant),
+           (SELECT w.accepted_at FROM webhooks AS w
+            WHERE w.tenant = s.tenant AND w.sequence <= s.acked_sequence
+            ORDER BY w.sequence LIMIT 1),
+           (SELECT min(at) FROM failed_attempts AS f WHERE f.tenant = s.tenant)
+    FROM tenant_state AS s"""
+
+
+async def _delete_delivered(
+    conn: Connection,
+    tenant: str,
+    acked: int,
+    budget: int,
+    *,
+    before: float | None = None,
+    excess: int | None = None,
+    until: float = float("inf"),
+) -> tuple[int, int, int]:
+    """Delete a tenant's oldest rows at or below acked_sequence (its delivered records), in
+    sequence order, up to `budget`: those accepted `before` (pruning by age: up to the
+    first that is not), or until `excess` bytes of records are gone or a row is accepted
+    after `until` (by size); with them the deliveries rows no longer covering any, all
+    counted off the state row. Returns (rows, bytes, records)."""
+    rows = await conn.fetch(
+        f"""SELECT w.sequence, w.accepted_at,
+                   octet_length(w.id) + octet_length(w.event) + octet_length(w.data)
+                       + {RECORD_OVERHEAD},
+                   coalesce(d.first_sequence <= w.sequence, false)
+            FROM webhooks AS w LEFT JOIN LATERAL (
+                SELECT c.first_sequence FROM deliveries AS c
+                WHERE c.tenant = w.tenant AND c.last_sequence >= w.sequence
+                ORDER BY c.last_sequence LIMIT 1) AS d ON true
+            WHERE w.tenant = $1 AND w.sequence <= $2 ORDER BY w.sequence LIMIT $3""",
+        tenant,
+        acked,
+        budget,
+    )
+    taken = records = freed = 0
+    last = 0
+    for sequence, at, size, covered in rows:
+        if before is not None and at >= before:
+            break
+        if excess is not None and taken and (freed >= excess or at > until):
+            break
+        taken += 1
+        last = sequence
+        if covered:
+            records += 1
+            freed += size
+    if taken:
+        await conn.execute(
+            """WITH gone AS (
+                   DELETE FROM webhooks WHERE tenant = $1 AND sequence <= $2
+               ),
+               covering AS (
+                   DELETE FROM deliveries WHERE tenant = $1 AND last_sequence <= $2
+               )
+               UPDATE tenant_state SET history_records = history_records - $3,
+                   history_bytes = history_bytes - $4
+               WHERE tenant = $1""",
+            tenant,
+            last,
+            records,
+            freed,
+        )
+    return taken, freed, records
 
 
 # Producer ids past the window (per tenant: `before`) whose webhook is neither queued
@@ -973,6 +1094,9 @@ FORGET_IDS = """
               AND NOT EXISTS (
                   SELECT FROM history AS h
                   WHERE h.tenant = i.tenant AND h.sequence = i.sequence)
+              AND NOT EXISTS (
+                  SELECT FROM webhooks AS w
+                  WHERE w.tenant = i.tenant AND w.sequence = i.sequence)
             ORDER BY i.accepted_at LIMIT $4
         ) AS c
         LIMIT $4

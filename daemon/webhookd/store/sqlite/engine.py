@@ -13,9 +13,12 @@ Queue invariant: a tenant's queued webhooks are exactly the sequences
 `acked_sequence + 1 … last_sequence`, contiguous. Acknowledging and parking remove from the
 head; enqueueing and requeueing append at the tail. So the number waiting is a subtraction,
 never a count over the table, and startup never scans the queue. Rows at or below
-`acked_sequence` may linger (an acknowledgement on a full disk only moves the number, see
-writes.py): every read asks for `sequence > acked_sequence`, and the writer deletes them a
-few at a time once there is room (`Sweep`).
+`acked_sequence` are out of the queue: every queue read asks for `sequence >
+acked_sequence`. With history kept they are the delivered records (a `deliveries` row
+covers each, see schema.py version 3), pruned by age and size; without (history off, or
+a record dropped on a full disk, where an acknowledgement only moves the number, see
+writes.py) the acknowledgement deletes them, or the writer does a few at a time once
+there is room (`Sweep`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from webhookd.store.sqlite.reserve import (
 )
 from webhookd.store.sqlite.schema import load_records, migrate, refuse_newer
 from webhookd.store.sqlite.writes import (
+    COVERING,
     Acknowledge,
     ClearFailures,
     Discard,
@@ -123,7 +127,8 @@ class SqliteStore:
         self._reserve: Reserve  # made at open, sized by the database's page size
         self._page_size = 4096
         # Tenants with rows acknowledged on a full disk still in the table (see `Sweep`).
-        self._behind: set[str] = set()
+        # Tenants with rows acknowledged in place on a full disk, and where their sweep is.
+        self._behind: dict[str, int] = {}
         # Set when a commit ran out of space: ingest is refused, deliveries still recorded.
         self.disk_full = False
         self._space_watch: asyncio.Task[None] | None = None
@@ -172,7 +177,7 @@ class SqliteStore:
             conn.execute(f"PRAGMA journal_size_limit = {wal_limit(self._page_size)}")
             migrate(conn)
             records = load_records(conn)
-            self._behind = {r.name for r in records if _left_behind(conn, r)}
+            self._behind = {r.name: 0 for r in records if _left_behind(conn, r)}
             self._reserve = Reserve(
                 self.path.with_name(self.path.name + "-reserve"), size_for(self._page_size)
             )
@@ -263,7 +268,8 @@ class SqliteStore:
         rows acknowledged in place; True if one was queued."""
         if not self._behind or self.disk_full or self._closing:
             return False
-        self._pending.append(Sweep(next(iter(self._behind))))
+        tenant, after = next(iter(self._behind.items()))
+        self._pending.append(Sweep(tenant, after))
         return True
 
     def _settle(self, op: Op, result: Any) -> None:
@@ -271,9 +277,11 @@ class SqliteStore:
         if isinstance(op, Sweep):  # the writer's own op: nobody awaits it
             if isinstance(result, StoreError) and not result.disk_full:
                 # Not for lack of room (that is waited out): left until the next start.
-                self._behind.discard(op.tenant)
+                self._behind.pop(op.tenant, None)
             elif result is not None and result < Sweep.ROWS:
-                self._behind.discard(op.tenant)
+                self._behind.pop(op.tenant, None)
+            elif op.tenant in self._behind and isinstance(op, Sweep):
+                self._behind[op.tenant] = op.after
             op.future.cancel()
             return
         if isinstance(result, StoreError):
@@ -289,7 +297,7 @@ class SqliteStore:
                 # instead. The writer itself must keep running.
                 log.exception("enqueue_notify_failed", tenant=op.tenant)
         if getattr(op, "left_behind", False):
-            self._behind.add(op.tenant)
+            self._behind.setdefault(op.tenant, 0)
         if not op.future.done():  # the caller may have been cancelled meanwhile
             op.future.set_result(result)
 
@@ -591,10 +599,12 @@ class SqliteStore:
         return [r for r in records if r.name in wanted]
 
     async def read_queue(self, tenant: str, after: int, limit: int) -> list[Webhook]:
-        """Up to `limit` queued webhooks of `tenant` with sequence > `after`, in order."""
+        """Up to `limit` queued webhooks of `tenant` with sequence > `after`, in order.
+        Rows at or below acked_sequence are delivered records, not the queue."""
         rows = await self._db.execute_fetchall(
             """SELECT sequence, id, event, accepted_at, data FROM webhooks
-               WHERE tenant = :tenant AND sequence > :after
+               WHERE tenant = :tenant AND sequence > max(:after, coalesce(
+                   (SELECT acked_sequence FROM tenant_state WHERE tenant = :tenant), 0))
                ORDER BY sequence LIMIT :limit""",
             {"tenant": tenant, "after": after, "limit": limit},
         )
@@ -652,12 +662,18 @@ def _grows(op: Op) -> bool:
 
 
 def _left_behind(conn: sqlite3.Connection, record: TenantRecord) -> bool:
-    """Whether rows acknowledged on a full disk before the last stop are still there."""
+    """Whether rows acknowledged on a full disk before the last stop are still there: the
+    tenant's oldest row at or below acked_sequence is not a delivered record. (Any further
+    up are left to pruning, which deletes every row below acked_sequence by age.)"""
     found = conn.execute(
-        "SELECT 1 FROM webhooks WHERE tenant = :tenant AND sequence <= :acked LIMIT 1",
+        f"""SELECT coalesce((SELECT d.first_sequence FROM deliveries AS d
+                             WHERE d.tenant = w.tenant AND d.last_sequence = {COVERING})
+                            <= w.sequence, 0)
+            FROM webhooks AS w INDEXED BY webhooks_queue
+            WHERE w.tenant = :tenant AND w.sequence <= :acked ORDER BY w.sequence LIMIT 1""",
         {"tenant": record.name, "acked": record.row.acked_sequence},
     ).fetchone()
-    return found is not None
+    return found is not None and not found[0]
 
 
 DISK_FULL = (

@@ -1,6 +1,6 @@
 """The history's reads on SQLite: a webhook looked up by id, and a page of a tenant's
 history. What they answer is the Store's contract (store/protocol.py, records.py); the
-indexes they use are described with the schema (schema.py, version 2)."""
+indexes they use are described with the schema (schema.py, versions 2 and 3)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from webhookd.records import (
     ReplaySelection,
     Webhook,
 )
-from webhookd.store.sqlite.writes import selection_where
+from webhookd.store.sqlite.writes import DELIVERED_COLUMNS, DELIVERED_JOIN, selection_where
 
 RECORD_COLUMNS = (
     "sequence, id, event, accepted_at, finished_at, outcome, attempts, status, duration_ms, "
@@ -83,6 +83,12 @@ def _find(conn: sqlite3.Connection, tenant: str, webhook_id: str) -> FoundWebhoo
             f"SELECT {RECORD_COLUMNS} FROM history WHERE tenant = ? AND sequence = ?",
             (tenant, sequence),
         ).fetchone()
+        if row is None and sequence <= acked:
+            row = conn.execute(
+                f"""SELECT {DELIVERED_COLUMNS} FROM webhooks AS w {DELIVERED_JOIN}
+                    WHERE w.tenant = ? AND w.sequence = ?""",
+                (tenant, sequence),
+            ).fetchone()
         if row is None:
             return FoundWebhook("expired", sequence, failures=_failures(conn, tenant, seen))
         record = HistoryRecord(*row)
@@ -114,35 +120,114 @@ def _failures(conn: sqlite3.Connection, tenant: str, sequences: list[int]) -> tu
 def history_query(tenant: str, query: HistoryQuery) -> tuple[str, dict[str, Any]]:
     """The statement for one page of a tenant's history, and its parameters.
 
-    The page is a range scan in sequence order from the cursor: on history_order, or on
-    history_event when an event is asked (equal tenant and event, then sequence order);
-    the other filters are checked on the rows the scan meets."""
+    Two sources, each read as a range scan in sequence order from the cursor, LIMIT the
+    page, then merged (UNION ALL, ORDER BY sequence, LIMIT the page):
+    - the delivered records: webhooks rows at or below acked_sequence (on webhooks_queue,
+      or webhooks_event when an event is asked), each joined to its deliveries row by one
+      probe (writes.DELIVERED_JOIN);
+    - the other outcomes in `history` (on history_order, history_event when an event is
+      asked, history_outcome when one outcome is).
+    An outcome filter reads only the source that holds it. A time range bounded at both
+    ends leaves the choice to the planner: the range on webhooks_accepted /
+    history_accepted (then sorted: few rows when narrow) or the sequence order. The other
+    filters are checked on the rows the scans meet."""
     params: dict[str, Any] = {"tenant": tenant, "limit": max(0, query.limit)}
-    selection = ReplaySelection(
-        query.from_sequence, query.to_sequence, query.since, query.until, query.event
-    )
-    where = ["tenant = :tenant", *selection_where(selection, params)]
     if query.after is not None:
-        where.append("sequence > :after" if query.oldest_first else "sequence < :after")
         params["after"] = query.after
-    if query.outcomes is not None:
-        names = sorted(query.outcomes)
+    order = "ASC" if query.oldest_first else "DESC"
+    outcomes = sorted(query.outcomes) if query.outcomes is not None else None
+    parts: list[str] = []
+    if outcomes is None or "delivered" in outcomes:
+        parts.append(_delivered_page(query, params))
+    others: list[str] | None = None
+    if outcomes is not None:
+        others = [o for o in outcomes if o != "delivered"]
+    if others is None or others:
+        parts.append(_others_page(query, others, params))
+    if not parts:  # only outcomes no record has
+        return f"SELECT {RECORD_COLUMNS} FROM history WHERE 0", {}
+    if len(parts) == 1:
+        return parts[0], params
+    merged = " UNION ALL ".join(f"SELECT * FROM ({part})" for part in parts)
+    return f"{merged} ORDER BY 1 {order} LIMIT :limit", params
+
+
+def _selection(query: HistoryQuery) -> ReplaySelection:
+    """The query's filters but the sequence range (`_bounds` has it)."""
+    return ReplaySelection(None, None, query.since, query.until, query.event)
+
+
+def _bounds(query: HistoryQuery, params: dict[str, Any], column: str, top: str = "") -> list[str]:
+    """The sequence range a page scans, as one lower and one upper bound on `column`: the
+    sequence range asked, the cursor, and `top` (the delivered records: acked_sequence).
+    One each: with two upper bounds SQLite's range scan uses one and checks the other on
+    each row it meets, which from the top of a long history is a scan of all between."""
+    lower = [":from_sequence - 1"] if query.from_sequence is not None else []
+    upper = [":to_sequence"] if query.to_sequence is not None else []
+    if query.from_sequence is not None:
+        params["from_sequence"] = query.from_sequence
+    if query.to_sequence is not None:
+        params["to_sequence"] = query.to_sequence
+    if query.after is not None:
+        (lower if query.oldest_first else upper).append(
+            ":after" if query.oldest_first else ":after - 1"
+        )
+    if top:
+        upper.append(top)
+    where = []
+    if lower:
+        where.append(f"{column} > {_one('max', lower)}")
+    if upper:
+        where.append(f"{column} <= {_one('min', upper)}")
+    return where
+
+
+def _one(function: str, bounds: list[str]) -> str:
+    return bounds[0] if len(bounds) == 1 else f"{function}({', '.join(bounds)})"
+
+
+def _delivered_page(query: HistoryQuery, params: dict[str, Any]) -> str:
+    acked = "coalesce((SELECT acked_sequence FROM tenant_state WHERE tenant = :tenant), 0)"
+    where = [
+        "w.tenant = :tenant",
+        *_bounds(query, params, "w.sequence", acked),
+        *selection_where(_selection(query), params, "w."),
+    ]
+    if query.event is not None:
+        index = "INDEXED BY webhooks_event "
+    elif query.since is not None and query.until is not None:
+        index = ""
+    else:
+        index = "INDEXED BY webhooks_queue "
+    order = "ASC" if query.oldest_first else "DESC"
+    return (
+        f"SELECT {DELIVERED_COLUMNS} FROM webhooks AS w {index}{DELIVERED_JOIN} "
+        f"WHERE {' AND '.join(where)} ORDER BY w.sequence {order} LIMIT :limit"
+    )
+
+
+def _others_page(query: HistoryQuery, others: list[str] | None, params: dict[str, Any]) -> str:
+    where = [
+        "tenant = :tenant",
+        *_bounds(query, params, "sequence"),
+        *selection_where(_selection(query), params),
+    ]
+    if others is not None:
         marks = []
-        for n, name in enumerate(names):
+        for n, name in enumerate(others):
             params[f"outcome{n}"] = name
             marks.append(f":outcome{n}")
-        where.append(f"outcome IN ({', '.join(marks) or 'NULL'})")
-    # A time range bounded at both ends: the planner chooses between the range on
-    # history_accepted (then sorted: few rows when narrow) and the sequence order.
+        where.append(f"outcome IN ({', '.join(marks)})")
     if query.event is not None:
         index = "INDEXED BY history_event "
+    elif others is not None and len(others) == 1:
+        index = "INDEXED BY history_outcome "
     elif query.since is not None and query.until is not None:
         index = ""
     else:
         index = "INDEXED BY history_order "
     order = "ASC" if query.oldest_first else "DESC"
-    sql = (
+    return (
         f"SELECT {RECORD_COLUMNS} FROM history {index}"
         f"WHERE {' AND '.join(where)} ORDER BY sequence {order} LIMIT :limit"
     )
-    return sql, params

@@ -13,7 +13,7 @@ from webhookd.records import Failure, SchemaTooNew, TenantRecord, TenantRow
 
 log = logs.get_logger("webhookd.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (
@@ -157,6 +157,53 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                  WHERE p.tenant = webhook_ids.tenant AND p.sequence = webhook_ids.sequence),
                 (julianday('now') - 2440587.5) * 86400.0)""",
             "CREATE INDEX webhook_ids_accepted ON webhook_ids (tenant, accepted_at)",
+        ],
+    ),
+    (
+        3,
+        [
+            # A delivered webhook stays where it is (issue 13, point 7: keeping history must
+            # not cost a copy and a delete per webhook). Its row in `webhooks`, at or below
+            # the tenant's acked_sequence, is its record's id, sequence, event, accepted_at
+            # and data; one `deliveries` row per acknowledgement (a batch shares them) holds
+            # the rest: a delivered record = webhooks row JOIN the deliveries row covering
+            # its sequence (the first with last_sequence >= it: one probe of this key). The
+            # `history` table keeps the rarer outcomes (parked, requeued, discarded).
+            # `payloads` = 0: history_payloads was false, the row's data is stripped ('').
+            """CREATE TABLE deliveries (
+                tenant TEXT NOT NULL,
+                last_sequence INTEGER NOT NULL,
+                first_sequence INTEGER NOT NULL,
+                delivered_at REAL NOT NULL,
+                attempts INTEGER NOT NULL,
+                status INTEGER,
+                duration_ms REAL,
+                payloads INTEGER NOT NULL,
+                PRIMARY KEY (tenant, last_sequence)
+            ) WITHOUT ROWID""",
+            # A replayed delivered webhook: the sequence of its newest copy.
+            "ALTER TABLE webhooks ADD COLUMN next_sequence INTEGER",
+            # The delivered records' reads that must stay fast at 10,000,000 records, as
+            # history_event and history_accepted do on `history`: a page filtered by event
+            # is a range scan within the event; a time range and pruning by age start from
+            # the tenant's oldest by acceptance.
+            "CREATE INDEX webhooks_event ON webhooks (tenant, event, sequence)",
+            "CREATE INDEX webhooks_accepted ON webhooks (tenant, accepted_at)",
+            # A page of one rare outcome (parked, discarded) is a range scan within it.
+            "CREATE INDEX history_outcome ON history (tenant, outcome, sequence)",
+            # Existing delivered records move to the new shape, one deliveries row each.
+            # OR REPLACE: a row acknowledged in place on a full disk may still be there.
+            """INSERT OR REPLACE INTO webhooks (tenant, sequence, id, event, accepted_at, data,
+                   next_sequence)
+               SELECT tenant, sequence, id, event, accepted_at, coalesce(data, ''),
+                      next_sequence
+               FROM history WHERE outcome = 'delivered'""",
+            """INSERT INTO deliveries (tenant, last_sequence, first_sequence, delivered_at,
+                   attempts, status, duration_ms, payloads)
+               SELECT tenant, sequence, sequence, finished_at, attempts, status, duration_ms,
+                      data IS NOT NULL
+               FROM history WHERE outcome = 'delivered'""",
+            "DELETE FROM history WHERE outcome = 'delivered'",
         ],
     ),
 ]

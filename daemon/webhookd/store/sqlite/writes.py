@@ -8,13 +8,15 @@ SQLite and the thread-side state rows, never the event loop.
 On a full disk (`Tx.full`), an op takes no new page: the database file cannot grow, and a
 page it cannot take would leave the WAL unable to start over (see reserve.py). An
 acknowledgement then only moves `acked_sequence` (one state row rewritten in place) and
-leaves the rows to `Sweep`; a failure, park or requeue that would take a new page is undone
-(`Tx.in_place`).
+adds its small deliveries row if it fits in the pages there are (else the rows are left to
+`Sweep`, their records dropped and counted); a failure, park or requeue that would take a
+new page is undone (`Tx.in_place`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -43,11 +45,16 @@ from webhookd.store.history import (
     selection_conditions,
 )
 
+
 # What a history record counts for (store/history.py), over the history row's columns.
-RECORD_BYTES = (
-    "length(CAST(id AS BLOB)) + length(CAST(event AS BLOB))"
-    f" + coalesce(length(CAST(data AS BLOB)), 0) + {RECORD_OVERHEAD}"
-)
+def record_bytes_sql(prefix: str = "") -> str:
+    return (
+        f"length(CAST({prefix}id AS BLOB)) + length(CAST({prefix}event AS BLOB))"
+        f" + coalesce(length(CAST({prefix}data AS BLOB)), 0) + {RECORD_OVERHEAD}"
+    )
+
+
+RECORD_BYTES = record_bytes_sql()
 FAILURE_BYTES = f"length(CAST(error AS BLOB)) + {FAILURE_OVERHEAD}"
 
 # Records for the queued webhooks `after` < sequence <= `through` as they leave the queue
@@ -62,6 +69,24 @@ RECORD_QUEUED = f"""
            :status, :ms, CASE WHEN :payloads THEN data END
     FROM webhooks WHERE tenant = :tenant AND sequence > :after AND sequence <= :through
     RETURNING {RECORD_BYTES}"""
+
+# A delivered record (issue 13, point 7): the webhook's row, left in `webhooks` at or below
+# acked_sequence, joined to the `deliveries` row covering its sequence (schema.py, version
+# 3): the first with last_sequence >= the row's, one probe of its key per row. CROSS JOIN:
+# the webhooks row leads (SQLite keeps the written order), so a page is a range scan of
+# webhooks from the cursor. The columns are a HistoryRecord's (reads.py RECORD_COLUMNS).
+DELIVERED_COLUMNS = (
+    "w.sequence, w.id, w.event, w.accepted_at, d.delivered_at, 'delivered', d.attempts, "
+    "d.status, d.duration_ms, CASE WHEN d.payloads THEN w.data END, w.next_sequence"
+)
+COVERING = """(SELECT c.last_sequence FROM deliveries AS c
+                WHERE c.tenant = w.tenant AND c.last_sequence >= w.sequence
+                ORDER BY c.last_sequence LIMIT 1)"""
+DELIVERED_JOIN = f"""CROSS JOIN deliveries AS d ON d.tenant = w.tenant
+    AND d.last_sequence = {COVERING} AND d.first_sequence <= w.sequence"""
+# What a delivered record counts for: RECORD_BYTES over its webhooks row (whose data is ''
+# when the payload was not kept).
+DELIVERED_BYTES = record_bytes_sql("w.")
 
 T = TypeVar("T")
 
@@ -84,6 +109,7 @@ class Tx:
         self.inserts: list[tuple[str, int, str, str, float, str]] = []
         self.id_inserts: list[tuple[str, str, int, float]] = []
         self.records: list[dict[str, Any]] = []  # RECORD_QUEUED runs, before `deletes`
+        self.deliveries: list[dict[str, Any]] = []  # `deliver` runs
         self.deletes: list[tuple[str, int, int]] = []
         self.known_ids: dict[tuple[str, str], int | None] = {}
         # The history's size per tenant before this transaction ([records, failures,
@@ -108,6 +134,29 @@ class Tx:
         """Run RECORD_QUEUED now, counting what it added."""
         added = self.conn.execute(RECORD_QUEUED, params).fetchall()
         self.grow(params["tenant"], len(added), 0, sum(n for (n,) in added))
+
+    def deliver(self, params: dict[str, Any]) -> None:
+        """Record webhooks `after` < sequence <= `through` as delivered where they are: one
+        deliveries row, the payloads stripped if not kept, their size counted."""
+        self.conn.execute(
+            """INSERT OR REPLACE INTO deliveries (tenant, last_sequence, first_sequence,
+                   delivered_at, attempts, status, duration_ms, payloads)
+               VALUES (:tenant, :through, :after + 1, :at, :attempts, :status, :ms,
+                       :payloads)""",
+            params,
+        )
+        if not params["payloads"]:
+            self.conn.execute(
+                """UPDATE webhooks SET data = '' WHERE tenant = :tenant
+                   AND sequence > :after AND sequence <= :through""",
+                params,
+            )
+        count, size = self.conn.execute(
+            f"""SELECT count(*), coalesce(sum({RECORD_BYTES}), 0) FROM webhooks
+                WHERE tenant = :tenant AND sequence > :after AND sequence <= :through""",
+            params,
+        ).fetchone()
+        self.grow(params["tenant"], count, 0, size)
 
     def save_sizes(self) -> None:
         """The history sizes this transaction changed, added to the stored counters. On a
@@ -156,6 +205,10 @@ class Tx:
             records, self.records = self.records, []
             for params in records:
                 self.record(params)
+        if self.deliveries:
+            deliveries, self.deliveries = self.deliveries, []
+            for params in deliveries:
+                self.deliver(params)
         if self.deletes:
             # Only the range acknowledged now: rows left from a full disk go by `Sweep`,
             # a few at a time, not all at once inside some delivery's commit.
@@ -305,19 +358,20 @@ class Acknowledge(Op):
         row = tx.row(self.tenant)
         self.left_behind = False  # a transaction may be retried: start clean
         if self.through > row.acked_sequence:
+            # With history kept, the rows stay where they are as the delivered records
+            # (below acked_sequence, out of the queue) and one deliveries row says how they
+            # went: no copy, no delete (schema.py, version 3). Without, they are deleted.
+            kept = False
             if self.history.keep and self.skip_history:
                 tx.dropped += self.through - row.acked_sequence
             elif self.history.keep:
                 d = self.delivered
-                attempts = d.attempts if d is not None else row.attempts + 1
                 params = {
                     "tenant": self.tenant,
                     "after": row.acked_sequence,
                     "through": self.through,
                     "at": self.at,
-                    "outcome": "delivered",
-                    "attempts": attempts,
-                    "others": attempts,
+                    "attempts": d.attempts if d is not None else row.attempts + 1,
                     "status": d.status if d is not None else None,
                     "ms": d.duration_ms if d is not None else None,
                     "payloads": self.history.payloads,
@@ -325,11 +379,15 @@ class Acknowledge(Op):
                 if tx.full:
                     # Only if it fits in the pages there are: the acknowledgement is
                     # recorded either way, its records dropped (and counted) if not.
-                    if isinstance(tx.in_place(lambda: tx.record(params)), StoreError):
+                    kept = not isinstance(tx.in_place(lambda: tx.deliver(params)), StoreError)
+                    if not kept:
                         tx.dropped += self.through - row.acked_sequence
                 else:
-                    tx.records.append(params)
-            if tx.full:
+                    tx.deliveries.append(params)
+                    kept = True
+            if kept:
+                pass  # the rows are the records now
+            elif tx.full:
                 # Deleting rows rewrites their pages and the free list: WAL space we may
                 # not have. Moving `acked_sequence` is one state row, rewritten in place,
                 # and takes the rows out of the queue as surely (reads ask for sequences
@@ -555,10 +613,10 @@ class Discard(_Control):
         self.left_behind = False
 
     def apply(self, tx: Tx) -> int:
-        params = {"tenant": self.tenant}
         row = tx.row(self.tenant)
-        # The queue is contiguous: what waits is a subtraction. Rows acknowledged in place
-        # on a full disk (at or below acked_sequence) go too, but were not waiting.
+        params = {"tenant": self.tenant, "acked": row.acked_sequence}
+        # The queue is contiguous: what waits is a subtraction. Rows at or below
+        # acked_sequence are delivered records (or rows left on a full disk, for `Sweep`).
         dropped = row.last_sequence - row.acked_sequence
         if self.history.keep and dropped and self.skip_history:
             tx.dropped += dropped
@@ -593,7 +651,9 @@ class Discard(_Control):
         # queue is emptied as an acknowledgement empties it, and `Sweep` deletes the rows.
         self.left_behind = tx.full
         if not tx.full:
-            tx.conn.execute("DELETE FROM webhooks WHERE tenant = :tenant", params)
+            tx.conn.execute(
+                "DELETE FROM webhooks WHERE tenant = :tenant AND sequence > :acked", params
+            )
         tx.conn.execute("DELETE FROM parked WHERE tenant = :tenant", params)
         tx.conn.execute("DELETE FROM failures WHERE tenant = :tenant", params)
         # The sequence counter stays: sequences are never reused, not even after a discard.
@@ -618,23 +678,44 @@ class Discard(_Control):
 
 class Sweep(_Control):
     """Delete a few rows acknowledged in place on a full disk (the writer's own op, run
-    when it has nothing else to do). Its result: rows deleted; None when the disk is full."""
+    when it has nothing else to do): rows at or below acked_sequence that no deliveries row
+    covers (those it covers are delivered records). It looks at up to ROWS rows above
+    `after` and moves `after` past them. Its result: rows looked at (fewer than ROWS: done);
+    None when the disk is full."""
 
     ROWS = 200  # a step: small enough not to hold up the commits queued behind it
 
-    def __init__(self, tenant: str) -> None:
+    def __init__(self, tenant: str, after: int = 0) -> None:
         super().__init__(tenant)
+        self.after = after
 
     def apply(self, tx: Tx) -> int | None:
         row = tx.rows.get(self.tenant)
         if tx.full or row is None:
             return None if tx.full else 0
-        return tx.conn.execute(
-            """DELETE FROM webhooks WHERE rowid IN (
-                   SELECT rowid FROM webhooks WHERE tenant = :tenant AND sequence <= :acked
-                   ORDER BY sequence LIMIT :rows)""",
-            {"tenant": self.tenant, "acked": row.acked_sequence, "rows": self.ROWS},
-        ).rowcount
+        seen = tx.conn.execute(
+            f"""SELECT w.rowid, w.sequence, coalesce(
+                       (SELECT d.first_sequence FROM deliveries AS d
+                        WHERE d.tenant = w.tenant AND d.last_sequence = {COVERING})
+                       <= w.sequence, 0)
+                FROM webhooks AS w INDEXED BY webhooks_queue
+                WHERE w.tenant = :tenant AND w.sequence > :after AND w.sequence <= :acked
+                ORDER BY w.sequence LIMIT :rows""",
+            {
+                "tenant": self.tenant,
+                "after": self.after,
+                "acked": row.acked_sequence,
+                "rows": self.ROWS,
+            },
+        ).fetchall()
+        loose = [rowid for rowid, _, covered in seen if not covered]
+        if loose:
+            tx.conn.execute(
+                f"DELETE FROM webhooks WHERE rowid IN ({','.join('?' * len(loose))})", loose
+            )
+        if seen:
+            self.after = seen[-1][1]
+        return len(seen)
 
 
 NO_ROOM = (
@@ -707,13 +788,26 @@ class Replay(_Control):
             if done is not None:
                 count, first, last = done
                 return ReplayResult(count, first, last, repeated=True)
-        params: dict[str, Any] = {"tenant": self.tenant}
+        current = tx.rows.get(self.tenant)
+        acked = current.acked_sequence if current else 0
+        # The delivered records: webhooks rows at or below acked_sequence that a deliveries
+        # row covers (DELIVERED_JOIN). One upper bound (see reads._bounds).
+        to = self.selection.to_sequence
+        params: dict[str, Any] = {
+            "tenant": self.tenant,
+            "acked": acked if to is None else min(acked, to),
+        }
+        selection = dataclasses.replace(self.selection, to_sequence=None)
         where = " AND ".join(
-            ["tenant = :tenant", "outcome = 'delivered'", *selection_where(self.selection, params)]
+            [
+                "w.tenant = :tenant",
+                "w.sequence <= :acked",
+                *selection_where(selection, params, "w."),
+            ]
         )
         count, first, last, bare = conn.execute(
-            f"""SELECT count(*), min(sequence), max(sequence), sum(data IS NULL)
-                FROM history WHERE {where}""",
+            f"""SELECT count(*), min(w.sequence), max(w.sequence), sum(NOT d.payloads)
+                FROM webhooks AS w {DELIVERED_JOIN} WHERE {where}""",
             params,
         ).fetchone()
         if count > self.limit:
@@ -727,8 +821,9 @@ class Replay(_Control):
             return ReplayResult(count, None, None, dry_run=True)
         row = tx.row(self.tenant)
         found = conn.execute(
-            f"""SELECT sequence, id, event, accepted_at, data FROM history WHERE {where}
-                ORDER BY sequence""",
+            f"""SELECT w.sequence, w.id, w.event, w.accepted_at, w.data
+                FROM webhooks AS w {DELIVERED_JOIN} WHERE {where}
+                ORDER BY w.sequence""",
             params,
         ).fetchall()
         start = row.last_sequence
@@ -743,7 +838,7 @@ class Replay(_Control):
                 [(self.tenant, *w) for w in self.queued],
             )
             conn.executemany(
-                "UPDATE history SET next_sequence = ? WHERE tenant = ? AND sequence = ?",
+                "UPDATE webhooks SET next_sequence = ? WHERE tenant = ? AND sequence = ?",
                 [
                     (w.sequence, self.tenant, old[0])
                     for w, old in zip(self.queued, found, strict=True)
@@ -769,6 +864,66 @@ class Replay(_Control):
                 ),
             )
         return result
+
+
+def prune_delivered(
+    tx: Tx,
+    tenant: str,
+    budget: int,
+    *,
+    before: float | None = None,
+    excess: int | None = None,
+    until: float = float("inf"),
+) -> tuple[int, int]:
+    """Delete a tenant's oldest rows at or below acked_sequence (its delivered records, and
+    any row a full disk left), in sequence order, up to `budget`: those accepted `before`
+    (pruning by age: up to the first that is not), or until `excess` bytes of records are
+    gone or a row is accepted after `until` (by size). With them go the deliveries rows no
+    longer covering any. Returns (rows deleted, of which records)."""
+    current = tx.rows.get(tenant)
+    acked = current.acked_sequence if current else 0
+    if before is not None:
+        # One probe first: most steps find nothing old enough, and must cost next to
+        # nothing (the pruner runs every few seconds, in the writer).
+        oldest = tx.conn.execute(
+            """SELECT accepted_at FROM webhooks INDEXED BY webhooks_queue
+               WHERE tenant = ? AND sequence <= ? ORDER BY sequence LIMIT 1""",
+            (tenant, acked),
+        ).fetchone()
+        if oldest is None or oldest[0] >= before:
+            return 0, 0
+    rows = tx.conn.execute(
+        f"""SELECT w.rowid, w.sequence, w.accepted_at, {DELIVERED_BYTES}, coalesce(
+                   (SELECT d.first_sequence FROM deliveries AS d
+                    WHERE d.tenant = w.tenant AND d.last_sequence = {COVERING})
+                   <= w.sequence, 0)
+            FROM webhooks AS w INDEXED BY webhooks_queue
+            WHERE w.tenant = ? AND w.sequence <= ? ORDER BY w.sequence LIMIT ?""",
+        (tenant, acked, budget),
+    ).fetchall()
+    chosen: list[int] = []
+    last = records = freed = 0
+    for rowid, sequence, at, size, covered in rows:
+        if before is not None and at >= before:
+            break
+        if excess is not None and chosen and (freed >= excess or at > until):
+            break
+        chosen.append(rowid)
+        last = sequence
+        if covered:
+            records += 1
+            freed += size
+    for start in range(0, len(chosen), 900):
+        chunk = chosen[start : start + 900]
+        tx.conn.execute(
+            f"DELETE FROM webhooks WHERE rowid IN ({','.join('?' * len(chunk))})", chunk
+        )
+    if chosen:
+        tx.conn.execute(
+            "DELETE FROM deliveries WHERE tenant = ? AND last_sequence <= ?", (tenant, last)
+        )
+        tx.grow(tenant, -records, 0, -freed)
+    return len(chosen), records
 
 
 class PruneHistory(_Control):
@@ -812,6 +967,11 @@ class PruneHistory(_Control):
             budget -= len(gone)
             if budget <= 0:
                 break
+            removed, records = prune_delivered(tx, tenant, budget, before=before)
+            by_age += records
+            budget -= removed
+            if budget <= 0:
+                break
             gone = conn.execute(
                 f"""DELETE FROM failed_attempts WHERE id IN (
                         SELECT id FROM failed_attempts WHERE tenant = ? AND at < ?
@@ -849,6 +1009,9 @@ class PruneHistory(_Control):
                              AND NOT EXISTS (SELECT 1 FROM history AS h
                                              WHERE h.tenant = :tenant
                                                AND h.sequence = i.sequence)
+                             AND NOT EXISTS (SELECT 1 FROM webhooks AS w
+                                             WHERE w.tenant = :tenant
+                                               AND w.sequence = i.sequence)
                            ORDER BY i.accepted_at LIMIT :budget)""",
                     {
                         "tenant": tenant,
@@ -875,6 +1038,14 @@ class PruneHistory(_Control):
                 ).fetchone()
                 if at is not None:
                     oldest.append((at, tenant, "history"))
+                current = tx.rows.get(tenant)
+                at = conn.execute(
+                    """SELECT accepted_at FROM webhooks INDEXED BY webhooks_queue
+                       WHERE tenant = ? AND sequence <= ? ORDER BY sequence LIMIT 1""",
+                    (tenant, current.acked_sequence if current else 0),
+                ).fetchone()
+                if at is not None:
+                    oldest.append((at[0], tenant, "webhooks"))
             if kept_failures:
                 (at,) = conn.execute(
                     "SELECT min(at) FROM failed_attempts WHERE tenant = ?", (tenant,)
@@ -886,6 +1057,8 @@ class PruneHistory(_Control):
         oldest.sort()
         _, tenant, table = oldest[0]
         until = oldest[1][0] if len(oldest) > 1 else float("inf")
+        if table == "webhooks":
+            return prune_delivered(tx, tenant, budget, excess=excess, until=until)
         if table == "history":
             rows = conn.execute(
                 f"""SELECT rowid, accepted_at, {RECORD_BYTES} FROM history
