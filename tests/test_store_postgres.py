@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from tests.conftest import wait_for
 from tests.postgres import PostgresServer
-from tests.test_store_contract import AT, new, queued, sequences
+from tests.test_store_contract import AT, DAY, OK, new, prune, queued, sequences
 from webhookd.config import PostgresURL
 from webhookd.records import (
     Delivered,
@@ -28,6 +28,7 @@ from webhookd.records import (
     HistoryRecord,
     HistorySize,
     IngestResult,
+    PruneResult,
     ReplaySelection,
     ReplayWithoutPayloads,
     SchemaTooNew,
@@ -38,6 +39,7 @@ from webhookd.records import (
 from webhookd.store import make_store
 from webhookd.store.postgres import SCHEMA_VERSION, PostgresStore
 from webhookd.store.postgres.schema import MIGRATIONS, migrate
+from webhookd.store.postgres.writes import PRUNE_LOCK
 from webhookd.store.sqlite import SqliteStore
 
 Records = dict[str, TenantRecord]
@@ -358,6 +360,30 @@ async def test_two_stores_on_one_database_share_the_sequence_counters(
     sequences = sorted(r.sequence for results in firsts for r in results if r.sequence)
     assert sequences == list(range(1, 41))  # no gaps, no repeats, whoever ingests
     assert await queued(other, "acme") == list(range(1, 41))
+
+
+async def test_one_instance_prunes_at_a_time_the_others_steps_do_nothing(
+    store: PostgresStore, open_store: OpenStore, database: PostgresURL
+) -> None:
+    """Every instance runs the pruner; a step finding another instance's step under way
+    (its transaction's advisory lock) returns at once with nothing done, rather than
+    picking the same oldest rows and waiting on their locks."""
+    other, _ = await open_store()
+    for n in range(5):
+        await store.enqueue("acme", [new(f"a{n}")], AT + n * DAY)
+    await store.acknowledge("acme", 5, AT + 5 * DAY, OK)
+    conn = await asyncpg.connect(database.url)
+    try:
+        async with conn.transaction():  # a step under way elsewhere
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", PRUNE_LOCK)
+            skipped = await asyncio.wait_for(prune(other, AT + 9 * DAY, default=5 * DAY), 5)
+            assert skipped == PruneResult()
+            assert (await other.history_size()).records == 5
+    finally:
+        await conn.close()
+    done = await prune(other, AT + 9 * DAY, default=5 * DAY)
+    assert done.by_age == 4  # accepted before AT + 4 days
+    assert (await store.history_size()).records == 1
 
 
 async def test_two_stores_creating_the_same_new_tenants_at_once_both_succeed(

@@ -831,6 +831,10 @@ class Replay(Op):
         self.result = result
 
 
+# The advisory lock key (b"whkd-prn") a pruning step holds for its transaction.
+PRUNE_LOCK = int.from_bytes(b"whkd-prn", "big")
+
+
 class PruneHistory(Op):
     """One step of pruning (Store.prune_history), in a transaction of its own (`alone`):
     it locks the state rows of the tenants it prunes, in tenant order, to count what goes."""
@@ -855,6 +859,15 @@ class PruneHistory(Op):
 
     async def apply(self, tx: Tx) -> None:
         conn = tx.conn
+        # One instance prunes at a time: the others' steps would pick the same oldest rows
+        # and wait on each other's locks for nothing. An instance that finds the lock taken
+        # does nothing this round; the pruner holding it goes on.
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PRUNE_LOCK):
+            self.result = PruneResult()
+            return
+        self.result = await self._prune(conn)
+
+    async def _prune(self, conn: Connection) -> PruneResult:
         budget = self.step
         by_age = by_size = failures = 0
         # Each tenant's oldest record and failed attempt, and its counters (one statement:
@@ -922,7 +935,7 @@ class PruneHistory(Op):
             )
             ids = int(status.split()[-1])
             budget -= ids
-        self.result = PruneResult(by_age, by_size, failures, ids, more=budget <= 0)
+        return PruneResult(by_age, by_size, failures, ids, more=budget <= 0)
 
     async def _delete(
         self,
