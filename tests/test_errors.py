@@ -161,6 +161,8 @@ def test_retry_after_is_documented_where_it_is_sent() -> None:
 # (checked to name the code): they need several instances, a broken database, a bug, or a
 # full connection table.
 WALKED_ELSEWHERE = {
+    # A tenant that has forgotten producer ids: the idempotency window passed.
+    "forgotten": "test_history.py",
     "owner_changed": "test_cluster.py",
     "owner_unreachable": "test_cluster.py",
     "unhealthy": "test_postgres_daemon.py",
@@ -240,7 +242,7 @@ async def test_the_error_paths_answer_their_codes(
     await expect("not_found", "POST", "/v1/tenants/acme/parked/nothing/requeue")
     beyond = generated_id(id_tag("acme"), 999)
     await expect("unknown_webhook", "GET", f"/v1/tenants/acme/webhooks/{beyond}")
-    await expect("forgotten", "GET", "/v1/tenants/acme/webhooks/never-seen")
+    await expect("unknown_webhook", "GET", "/v1/tenants/acme/webhooks/never-seen")
     await expect("method_not_allowed", "DELETE", "/v1/status")
     await expect("conflict", "PUT", "/v1/tenants/acme", json={"enabled": False})
     await expect("conflict", "POST", "/v1/tenants/acme/skip")  # nothing waiting

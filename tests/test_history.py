@@ -186,13 +186,14 @@ async def test_lookup_follows_a_webhook_through_every_state(
     found = await wait_for(lambda: _state_is(daemon, "acme", generated, "delivered"), timeout=5)
     assert found["sequence"] == 6
 
-    # 404s that say which: a generated id never given out, a producer id never seen.
+    # 404s that say which: a generated id never given out, a producer id never seen (the
+    # tenant has forgotten no id yet: forgotten ones are the next test's).
     status, body = await lookup(daemon, "acme", generated_id(id_tag("acme"), 99))
     assert status == 404 and body["error"] == "unknown_webhook", body
-    assert "never gave out" in body["detail"]
+    assert "never had" in body["detail"]
     status, body = await lookup(daemon, "acme", "never-sent")
-    assert status == 404 and body["error"] == "forgotten", body
-    assert "idempotency_window (24h)" in body["detail"]
+    assert status == 404 and body["error"] == "unknown_webhook", body
+    assert "was never seen (the tenant has forgotten none)" in body["detail"]
     status, body = await lookup(daemon, "nobody", "q-1")
     assert status == 404 and body["error"] == "not_found", body
     status, body = await lookup(daemon, "acme", "x" * 256)
@@ -255,6 +256,9 @@ async def test_expired_after_retention_forgotten_after_the_window_and_sizes_show
         return status == 404 and body["error"] == "forgotten"
 
     await wait_for(forgotten, timeout=10)
+    status, body = await lookup(daemon, "short", "never-sent")  # it may have been, now
+    assert status == 404 and body["error"] == "forgotten", body
+    assert "never seen, or accepted before 20" in body["detail"], body
     again = await daemon.ingest("short", {"event": EVENT, "id": "mine"})
     assert again["webhooks"][0] == {"id": "mine", "sequence": 3, "status": "queued"}
 
@@ -443,7 +447,7 @@ async def test_cli_show_and_history_against_a_subprocess(
     assert [r["id"] for r in as_json["records"]] == ["c/3", "c/2", "c/1"]
 
     code, _, err = await run_cli("show", "acme", "never", "-c", str(path))
-    assert code == 1 and err.startswith("error: acme does not remember"), err
+    assert code == 1 and err.startswith("error: acme never had a webhook"), err
     code, _, err = await run_cli("history", "acme", "--since", "monday", "-c", str(path))
     assert code == 1 and "since must be an RFC 3339 time" in err, err
 

@@ -22,6 +22,7 @@ from tests.conftest import wait_for
 from tests.test_store_contract import AT, failure, new, queued
 from webhookd.records import (
     Delivered,
+    FoundWebhook,
     HistoryPolicy,
     HistoryQuery,
     HistoryRecord,
@@ -354,7 +355,7 @@ async def test_a_version_1_database_remembers_its_ids_acceptance_time(db_path: P
     records = {r.name: r for r in await store.open()}
     try:
         assert records["acme"].row.last_sequence == 3
-        assert await store.pragma("user_version") == SCHEMA_VERSION == 3
+        assert await store.pragma("user_version") == SCHEMA_VERSION == 4
         assert await store.enqueue("acme", [new("a"), new("b")], AT) == [
             IngestResult("a", 1, "duplicate"),
             IngestResult("b", 2, "duplicate"),
@@ -396,7 +397,7 @@ async def test_a_version_2_database_keeps_its_history_in_the_new_shape(db_path: 
     store = SqliteStore(db_path)
     await store.open()
     try:
-        assert await store.pragma("user_version") == SCHEMA_VERSION == 3
+        assert await store.pragma("user_version") == SCHEMA_VERSION == 4
         records = [
             HistoryRecord(3, "c", "E", 30.0, 31.0, "discarded", 0, None, None, "{}", None),
             HistoryRecord(2, "b", "F", 20.0, 21.0, "delivered", 2, 204, 6.0, None, None),
@@ -412,6 +413,10 @@ async def test_a_version_2_database_keeps_its_history_in_the_new_shape(db_path: 
         assert (found.place, found.record) == ("history", records[1])
         found = await store.find_webhook("acme", "a")  # replayed: its newest copy
         assert (found.place, found.sequence) == ("queued", 5)
+        # Ids it once had may have been forgotten before the version that notes it: an id
+        # it does not know may be one accepted before its oldest remembered.
+        forgotten = FoundWebhook("forgotten", forgotten_before=10.0)
+        assert await store.find_webhook("acme", "zzz") == forgotten
         assert await store.history_size() == HistorySize(3, 0, 300)
         with pytest.raises(ReplayWithoutPayloads):  # 2 was kept without its data
             await store.replay("acme", ReplaySelection(from_sequence=1), AT, limit=10)

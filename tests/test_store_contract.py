@@ -619,11 +619,12 @@ async def test_find_webhook_wherever_it_is(store: Store) -> None:
     found = await store.find_webhook("acme", "c")
     assert (found.place, found.sequence) == ("history", 5)
     assert found.record is not None and found.record.outcome == "delivered"
-    # Never given out: a producer id not remembered, a generated id past the counter.
-    assert await store.find_webhook("acme", "zzz") == FoundWebhook("forgotten")
+    # Never given out: a producer id never seen (the tenant has forgotten none), a
+    # generated id past the counter, another tenant's generated id.
+    assert await store.find_webhook("acme", "zzz") == FoundWebhook("unknown")
     past = generated_id(id_tag("acme"), 99)
     assert await store.find_webhook("acme", past) == FoundWebhook("unknown")
-    assert await store.find_webhook("nobody", generated) == FoundWebhook("forgotten")
+    assert await store.find_webhook("nobody", generated) == FoundWebhook("unknown")
 
 
 async def test_find_webhook_says_expired_once_pruned(store: Store) -> None:
@@ -848,15 +849,25 @@ async def test_producer_ids_are_remembered_for_the_window(store: Store) -> None:
     off = {"acme": 0.0}
     assert (await prune(store, AT + DAY - 1, retention=off)).ids == 0
     assert [r.status for r in await store.enqueue("acme", [new("a")], AT)] == ["duplicate"]
+    assert await store.find_webhook("acme", "zzz") == FoundWebhook("unknown")
     assert (await prune(store, AT + DAY + 1, retention=off)).ids == 1
-    assert await store.find_webhook("acme", "a") == FoundWebhook("forgotten")
+    # Once it forgot one, an id it does not know may be one it forgot: it says since when.
+    assert await store.find_webhook("acme", "a") == FoundWebhook(
+        "forgotten", forgotten_before=AT + 1
+    )
+    assert await store.find_webhook("acme", "zzz") == FoundWebhook(
+        "forgotten", forgotten_before=AT + 1
+    )
+    assert await store.find_webhook("beta", "zzz") == FoundWebhook("unknown")
     again = await store.enqueue("acme", [new("a"), new("c")], AT + DAY + 1)
     assert [(r.status, r.sequence) for r in again] == [("queued", 3), ("duplicate", 2)]
     assert [r.status for r in await store.enqueue("beta", [new("b")], AT)] == ["duplicate"]
     # b goes with its record, once the retention is over.
     step = await prune(store, AT + 8 * DAY, retention=off)
     assert (step.by_age, step.ids) == (1, 1)
-    assert await store.find_webhook("beta", "b") == FoundWebhook("forgotten")
+    assert await store.find_webhook("beta", "b") == FoundWebhook(
+        "forgotten", forgotten_before=AT + DAY
+    )
     assert [r.status for r in await store.enqueue("beta", [new("b")], AT)] == ["queued"]
 
 

@@ -24,6 +24,7 @@ from tests.test_store_contract import AT, DAY, OK, new, prune, queued, sequences
 from webhookd.config import PostgresURL
 from webhookd.records import (
     Delivered,
+    FoundWebhook,
     HistoryQuery,
     HistoryRecord,
     HistorySize,
@@ -232,7 +233,7 @@ async def test_a_version_3_database_upgrades_in_place_and_keeps_its_data(
     assert (acme.parked, [f.error for f in acme.failures]) == (1, ["HTTP 503"])
     assert await queued(store, "acme") == [3, 4]
     rows = await sql(database, "SELECT version FROM webhookd_schema ORDER BY version")
-    assert [row["version"] for row in rows] == [1, 2, 3, 4, 5] and SCHEMA_VERSION == 5
+    assert [row["version"] for row in rows] == [1, 2, 3, 4, 5, 6] and SCHEMA_VERSION == 6
     times = {
         row["id"]: row["accepted_at"]
         for row in await sql(database, "SELECT id, accepted_at FROM webhook_ids")
@@ -288,7 +289,7 @@ async def test_a_version_4_database_keeps_its_history_in_the_new_shape(
         await conn.close()
     store, _ = await open_store()
     rows = await sql(database, "SELECT version FROM webhookd_schema ORDER BY version")
-    assert [row["version"] for row in rows] == [1, 2, 3, 4, 5] and SCHEMA_VERSION == 5
+    assert [row["version"] for row in rows] == [1, 2, 3, 4, 5, 6] and SCHEMA_VERSION == 6
     records = [
         HistoryRecord(3, "c", "E", 30.0, 31.0, "discarded", 0, None, None, "{}", None),
         HistoryRecord(2, "b", "F", 20.0, 21.0, "delivered", 2, 204, 6.0, None, None),
@@ -304,6 +305,10 @@ async def test_a_version_4_database_keeps_its_history_in_the_new_shape(
     assert (found.place, found.record) == ("history", records[1])
     found = await store.find_webhook("acme", "a")  # replayed: its newest copy
     assert (found.place, found.sequence) == ("queued", 5)
+    # Ids it once had may have been forgotten before the version that notes it: an id
+    # it does not know may be one accepted before its oldest remembered.
+    forgotten = FoundWebhook("forgotten", forgotten_before=10.0)
+    assert await store.find_webhook("acme", "zzz") == forgotten
     assert await store.history_size() == HistorySize(3, 0, 300)
     with pytest.raises(ReplayWithoutPayloads):  # 2 was kept without its data
         await store.replay("acme", ReplaySelection(from_sequence=1), AT, limit=10)

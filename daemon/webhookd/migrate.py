@@ -11,7 +11,8 @@ the same database are left alone. The instance lock is taken on the target too, 
 already running on it is refused.
 
 Everything is copied in one PostgreSQL transaction, with COPY: every tenant's state (last
-and acknowledged sequences, attempts, next attempt, last processed, paused), the live queue
+and acknowledged sequences, attempts, next attempt, last processed, paused, since when its
+producer ids may have been forgotten), the live queue
 (only rows after the acknowledged sequence: rows acknowledged on a full disk may wait there
 for the sweep), producer ids with their acceptance time, parked webhooks, and recent
 failures in their order (newest last, so their new ids keep "newest first"); then the
@@ -82,7 +83,7 @@ QUERIES: dict[str, tuple[str, list[str]]] = {
     "tenant_state": (
         """SELECT t.tenant, t.last_sequence, t.acked_sequence, t.attempts, t.next_attempt_at,
                   t.last_processed_at, t.paused, coalesce(h.records, 0),
-                  coalesce(h.failures, 0), coalesce(h.bytes, 0)
+                  coalesce(h.failures, 0), coalesce(h.bytes, 0), t.ids_forgotten_before
            FROM tenant_state AS t LEFT JOIN history_sizes AS h USING (tenant)
            ORDER BY t.tenant""",
         [
@@ -96,6 +97,7 @@ QUERIES: dict[str, tuple[str, list[str]]] = {
             "history_records",
             "history_failures",
             "history_bytes",
+            "ids_forgotten_before",
         ],
     ),
     # The live queue only: sequence > acked_sequence.

@@ -249,10 +249,11 @@ class FoundWebhook:
     - `expired`: given out and gone from the queue, but its record is older than the
       retention (pruned): known from a generated id's sequence or a producer id still
       remembered; `sequence` is the one it had.
-    - `unknown`: never given out (an id this tenant never had; a generated id whose
-      sequence was never reached).
-    - `forgotten`: a producer id not remembered: never seen, or forgotten after the
-      idempotency window (the two cannot be told apart).
+    - `unknown`: never given out (a generated id whose sequence was never reached; a
+      producer id not remembered by a tenant that never forgot one).
+    - `forgotten`: a producer id not remembered by a tenant that has forgotten ids
+      accepted before `forgotten_before` (after the idempotency window): it was never
+      seen, or accepted before then (the two cannot be told apart).
 
     `failures` are the failed attempts kept in history that included its sequence, newest
     first."""
@@ -263,6 +264,7 @@ class FoundWebhook:
     parked_at: float | None = None
     record: HistoryRecord | None = None
     failures: tuple[Failure, ...] = ()
+    forgotten_before: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,14 +96,14 @@ class OwnerChanged(ServiceError):
 
 
 class UnknownWebhook(ServiceError):
-    """A lookup of an id the tenant never gave out."""
+    """A lookup of an id the tenant never had."""
 
     code = "unknown_webhook"
 
 
 class ForgottenWebhook(ServiceError):
-    """A lookup of a producer id not remembered: never seen, or forgotten after the
-    idempotency window."""
+    """A lookup of a producer id not remembered by a tenant that has forgotten ids: never
+    seen, or forgotten after the idempotency window."""
 
     code = "forgotten"
 
@@ -971,15 +971,17 @@ class Service:
             raise Unavailable(str(exc)) from None
         if found.place == "unknown":
             raise UnknownWebhook(
-                f"{name} never gave out a webhook with id {webhook_id!r} (a generated id "
-                "names a sequence this tenant has not reached)"
+                f"{name} never had a webhook with id {webhook_id!r}: a generated id names a "
+                "sequence the tenant has not reached, and a producer id was never seen (the "
+                "tenant has forgotten none)"
             )
         if found.place == "forgotten":
             window = views.span(self.config.daemon.idempotency_window)
+            since = status.iso(found.forgotten_before)
             raise ForgottenWebhook(
                 f"{name} does not remember a webhook with id {webhook_id!r}: it was never "
-                f"seen, or accepted more than idempotency_window ({window}) ago and no "
-                "longer queued, parked or in the history"
+                f"seen, or accepted before {since} and forgotten after idempotency_window "
+                f"({window}), no longer queued, parked or in the history"
             )
         answer: dict[str, Any] = {"tenant": name, "id": webhook_id}
         if found.place == "queued":

@@ -45,12 +45,12 @@ async def find_webhook(conn: Connection, tenant: str, webhook_id: str) -> FoundW
 
 async def _find(conn: Connection, tenant: str, webhook_id: str) -> FoundWebhook:
     state = await conn.fetchrow(
-        """SELECT c.last_sequence, coalesce(s.acked_sequence, 0)
+        """SELECT c.last_sequence, coalesce(s.acked_sequence, 0), s.ids_forgotten_before
            FROM counters AS c LEFT JOIN tenant_state AS s USING (tenant)
            WHERE tenant = $1""",
         tenant,
     )
-    last, acked = (state[0], state[1]) if state is not None else (0, 0)
+    last, acked, forgotten_before = tuple(state) if state is not None else (0, 0, None)
     sequence = generated_sequence(id_tag(tenant), webhook_id)
     if sequence is not None:
         if not 1 <= sequence <= last:
@@ -60,7 +60,9 @@ async def _find(conn: Connection, tenant: str, webhook_id: str) -> FoundWebhook:
             "SELECT sequence FROM webhook_ids WHERE tenant = $1 AND id = $2", tenant, webhook_id
         )
         if named is None:
-            return FoundWebhook("forgotten")
+            if forgotten_before is None:
+                return FoundWebhook("unknown")  # the tenant never forgot a producer id
+            return FoundWebhook("forgotten", forgotten_before=forgotten_before)
         sequence = int(named)
     seen: list[int] = []
     while True:

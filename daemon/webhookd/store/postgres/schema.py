@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logs.get_logger("webhookd.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The advisory lock key (b"whkd-mig") held while migrating.
 MIGRATION_LOCK = int.from_bytes(b"whkd-mig", "big")
@@ -275,6 +275,22 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX history_outcome ON history (tenant, outcome, sequence)",
             # Existing delivered records move to the new shape, one deliveries row each.
             *MOVE_DELIVERED,
+        ],
+    ),
+    (
+        6,
+        [
+            # Producer ids accepted before this time may have been forgotten (pruned after
+            # the idempotency window); NULL: the tenant never forgot one, so a producer id
+            # it does not know was never seen (lookup answers unknown_webhook, not
+            # forgotten). Databases from before it may have forgotten ids: the oldest
+            # remaining id's time is the most that can be said.
+            "ALTER TABLE tenant_state ADD COLUMN ids_forgotten_before double precision",
+            """UPDATE tenant_state AS s SET ids_forgotten_before = coalesce(
+                   (SELECT min(i.accepted_at) FROM webhook_ids AS i WHERE i.tenant = s.tenant),
+                   extract(epoch FROM now()))
+               WHERE EXISTS (SELECT FROM counters AS c
+                             WHERE c.tenant = s.tenant AND c.last_sequence > 0)""",
         ],
     ),
 ]

@@ -930,10 +930,9 @@ class PruneHistory(Op):
             befores = [
                 self.now - max(self.window, self.retention.get(t, self.default)) for t in tenants
             ]
-            status = await conn.execute(
+            ids = await conn.fetchval(
                 FORGET_IDS, tenants, befores, [acked[t] for t in tenants], budget
             )
-            ids = int(status.split()[-1])
             budget -= ids
         return PruneResult(by_age, by_size, failures, ids, more=budget <= 0)
 
@@ -1094,8 +1093,10 @@ async def _delete_delivered(
 
 # Producer ids past the window (per tenant: `before`) whose webhook is neither queued
 # (its sequence after the tenant's head), parked nor in the history: the oldest of each
-# tenant through (tenant, accepted_at), `$4` at most in all.
+# tenant through (tenant, accepted_at), `$4` at most in all. A tenant that forgot any
+# notes that ids accepted before its `before` may be forgotten; the count is the answer.
 FORGET_IDS = """
+    WITH gone AS (
     DELETE FROM webhook_ids AS d USING (
         SELECT c.tenant, c.id
         FROM unnest($1::text[], $2::float8[], $3::bigint[]) AS t (tenant, before, acked)
@@ -1113,5 +1114,13 @@ FORGET_IDS = """
             ORDER BY i.accepted_at LIMIT $4
         ) AS c
         LIMIT $4
-    ) AS gone
-    WHERE d.tenant = gone.tenant AND d.id = gone.id"""
+    ) AS chosen
+    WHERE d.tenant = chosen.tenant AND d.id = chosen.id
+    RETURNING d.tenant
+    ), noted AS (
+        UPDATE tenant_state AS s
+        SET ids_forgotten_before = greatest(coalesce(s.ids_forgotten_before, 0), t.before)
+        FROM unnest($1::text[], $2::float8[]) AS t (tenant, before)
+        WHERE s.tenant = t.tenant AND t.tenant IN (SELECT tenant FROM gone)
+    )
+    SELECT count(*) FROM gone"""

@@ -36,9 +36,11 @@ def find_webhook(conn: sqlite3.Connection, tenant: str, webhook_id: str) -> Foun
 
 def _find(conn: sqlite3.Connection, tenant: str, webhook_id: str) -> FoundWebhook:
     state = conn.execute(
-        "SELECT last_sequence, acked_sequence FROM tenant_state WHERE tenant = ?", (tenant,)
+        """SELECT last_sequence, acked_sequence, ids_forgotten_before FROM tenant_state
+           WHERE tenant = ?""",
+        (tenant,),
     ).fetchone()
-    last, acked = state if state is not None else (0, 0)
+    last, acked, forgotten_before = state if state is not None else (0, 0, None)
     sequence = generated_sequence(id_tag(tenant), webhook_id)
     if sequence is not None:
         if not 1 <= sequence <= last:
@@ -47,8 +49,10 @@ def _find(conn: sqlite3.Connection, tenant: str, webhook_id: str) -> FoundWebhoo
         named = conn.execute(
             "SELECT sequence FROM webhook_ids WHERE tenant = ? AND id = ?", (tenant, webhook_id)
         ).fetchone()
+        if named is None and forgotten_before is None:
+            return FoundWebhook("unknown")  # the tenant never forgot a producer id
         if named is None or named[0] is None:
-            return FoundWebhook("forgotten")
+            return FoundWebhook("forgotten", forgotten_before=forgotten_before)
         sequence = named[0]
     seen: list[int] = []
     while True:

@@ -13,7 +13,7 @@ from webhookd.records import Failure, SchemaTooNew, TenantRecord, TenantRow
 
 log = logs.get_logger("webhookd.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (
@@ -204,6 +204,21 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                       data IS NOT NULL
                FROM history WHERE outcome = 'delivered'""",
             "DELETE FROM history WHERE outcome = 'delivered'",
+        ],
+    ),
+    (
+        4,
+        [
+            # Producer ids accepted before this time may have been forgotten (pruned after
+            # the idempotency window); NULL: the tenant never forgot one, so a producer id
+            # it does not know was never seen (lookup answers unknown_webhook, not
+            # forgotten). Databases from before it may have forgotten ids: the oldest
+            # remaining id's time is the most that can be said.
+            "ALTER TABLE tenant_state ADD COLUMN ids_forgotten_before REAL",
+            """UPDATE tenant_state SET ids_forgotten_before = (
+                   SELECT coalesce(min(i.accepted_at), strftime('%s', 'now'))
+                   FROM webhook_ids AS i WHERE i.tenant = tenant_state.tenant)
+               WHERE last_sequence > 0""",
         ],
     ),
 ]

@@ -1020,6 +1020,12 @@ class PruneHistory(_Control):
                         "budget": budget,
                     },
                 ).rowcount
+                if forgotten:
+                    conn.execute(
+                        """UPDATE tenant_state SET ids_forgotten_before =
+                               max(coalesce(ids_forgotten_before, 0), ?) WHERE tenant = ?""",
+                        (before, tenant),
+                    )
                 ids += forgotten
                 budget -= forgotten
         return PruneResult(by_age, by_size, failures, ids, more=budget <= 0)
