@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sqlite3
 import time
@@ -293,6 +294,28 @@ async def fill_postgres(
         await conn.close()
 
 
+async def settle(database: str) -> None:
+    """What a database filled over days would be when the bench starts: on disk (the
+    fill's writes flushed, not left for the first checkpoint's fsync to pay) and, on
+    PostgreSQL, vacuumed and analysed (not left for autovacuum to do under the load)."""
+    if database.startswith("postgresql://"):
+        conn = await asyncpg.connect(database)
+        try:
+            await conn.execute("VACUUM ANALYZE")
+            await conn.execute("CHECKPOINT")
+        finally:
+            await conn.close()
+        return
+
+    def flush() -> None:
+        with sqlite3.connect(database) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with open(database, "rb") as file:
+            os.fsync(file.fileno())
+
+    await asyncio.to_thread(flush)
+
+
 async def make_schema(database: str) -> None:
     """The daemon's schema in a new database, made by its own store."""
     logs.configure("json", "warning")  # the store logs its migration at info
@@ -483,6 +506,7 @@ async def history_prune(ctx: Context) -> None:
             await fill_postgres(database, old, per_tenant, started, span)
         else:
             await asyncio.to_thread(fill_sqlite, database, old, per_tenant, started, span)
+        await settle(database)
         steps = await timed_prune_steps(database, old, TIMED_STEPS)
         ctx.say(
             f"  stored {total:,} records past a 7-day retention; {len(steps)} pruning steps of "

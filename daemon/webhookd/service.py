@@ -10,6 +10,7 @@ what is pending and closes the database.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -47,7 +48,9 @@ log = logs.get_logger("webhookd.service")
 HEALTH_TIMEOUT_S = 2.0  # a database slower than this to answer a ping is unhealthy
 # History pruning: rows per step (one short transaction), and the pause between rounds once
 # nothing is left to prune now. While a step says more remain, the next follows at once.
-PRUNE_STEP = 500
+PRUNE_STEP = 200
+# The least pause between two pruning steps while more remain (see _prune_forever).
+PRUNE_BREATHER_S = 0.002
 PRUNE_INTERVAL_S = 2.0
 
 
@@ -1140,9 +1143,13 @@ class Service:
         return result
 
     async def _prune_forever(self) -> None:
-        """Pruning in the background: a step, then at once another while `more` remain, else
-        a pause; each step a short transaction, so that ingest and deliveries interleave."""
+        """Pruning in the background: a step, then another while `more` remain, else a
+        pause; each step a short transaction, so that ingest and deliveries interleave.
+        Between two steps the writer is left free for as long as the step took (at least
+        PRUNE_BREATHER_S): the writes that queued behind one step commit before the next,
+        rather than wait behind step after step while a million records go."""
         while True:
+            began = time.monotonic()  # the step's real duration, whatever the clock says
             try:
                 result = await self.prune_step()
             except StoreError as exc:
@@ -1162,7 +1169,11 @@ class Service:
                     ids=result.ids,
                     more=result.more,
                 )
-            await asyncio.sleep(0 if result.more else self.prune_interval)
+            if result.more:
+                took = time.monotonic() - began
+                await asyncio.sleep(min(max(PRUNE_BREATHER_S, took), 1.0))
+            else:
+                await asyncio.sleep(self.prune_interval)
 
     async def _write(self, operation: Any) -> Any:
         try:
