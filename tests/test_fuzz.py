@@ -36,7 +36,14 @@ from structlog.testing import capture_logs
 from tests.conftest import Daemon, StartDaemon, tenant, write_config
 from webhookd import config as config_mod
 from webhookd import ingest
-from webhookd.config import DELIVERY_KEYS, TENANT_KEYS, TENANT_NAME, Config, ConfigError
+from webhookd.config import (
+    DELIVERY_KEYS,
+    PROXY_KEYS,
+    TENANT_KEYS,
+    TENANT_NAME,
+    Config,
+    ConfigError,
+)
 from webhookd.ingest import IngestItem
 from webhookd.service import InvalidIngest
 
@@ -1047,8 +1054,21 @@ DAEMON_KEYS = [
     "history_max_bytes",
     "idempotency_window",
     "replay_max",
+    "database_password_file",
+    "lease_seconds",
+    "advertise_url",
+    "api_max_connections",
+    "api_header_timeout",
+    "api_idle_timeout",
+    *PROXY_KEYS,
+    "ui_session_ttl",
+    "portal_key_file",
+    "portal_link_ttl",
+    "portal_can_edit",
+    "portal_frame_ancestors",
+    "portal_base_url",
 ]
-TENANT_TABLE_KEYS = [*TENANT_KEYS, *DELIVERY_KEYS]
+TENANT_TABLE_KEYS = [*TENANT_KEYS, *PROXY_KEYS, *DELIVERY_KEYS]
 KNOWN = {
     "": {"daemon", "events", "delivery", "tenants"},
     "daemon": set(DAEMON_KEYS),
@@ -1149,6 +1169,35 @@ PLAUSIBLE: dict[str, list[Any]] = {
         2**20,
     ],
     "history_payloads": [True, False, "false", 0],
+    "database_password_file": PATHS_IN_CONFIG,
+    "proxy_password_file": PATHS_IN_CONFIG,
+    "portal_key_file": PATHS_IN_CONFIG,
+    "proxy": [
+        "http://proxy.example:3128",
+        "http://user@proxy.example:3128",
+        "https://proxy.example",
+        "socks5://proxy.example:1080",
+        "http://proxy.example:3128/path",
+        "",
+    ],
+    "proxy_checks_addresses": [True, False, "yes"],
+    "portal_can_edit": [True, False, 1],
+    "portal_frame_ancestors": [
+        [],
+        ["https://app.example.com"],
+        ["'self'", "https://*.example.com:8443"],
+        ["https://app.example.com/path"],
+        ["javascript:alert(1)"],
+        "https://app.example.com",
+    ],
+    "portal_base_url": ["", "https://hooks.example", "https://hooks.example/w/", "ftp://x", "x"],
+    "advertise_url": ["http://10.0.0.5:8787", "https://a.example", "", "10.0.0.5:8787"],
+    **{
+        key: DURATIONS
+        for key in ("lease_seconds", "api_header_timeout", "api_idle_timeout", "ui_session_ttl")
+    },
+    "portal_link_ttl": DURATIONS,
+    "api_max_connections": [0, 1, 100, 1000, -1, 2**40, 1.5],
     "replay_max": [1, 0, 100_000, 10_000_001, -5, 1.5],
     "secret": ["s3cr3t", "", 0],
     "secret_env": ["PATH", "WEBHOOKD_NO_SUCH_VARIABLE", ""],
