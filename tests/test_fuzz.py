@@ -1430,6 +1430,8 @@ NASTY_CONFIGS: dict[str, dict[str, Any]] = {
     "database-in-unknown-home": {"daemon": {"database": f"{NO_HOME}/db"}},
     "tenants_dir-in-unknown-home": {"daemon": {"tenants_dir": NO_HOME}},
     "api_token_file-with-nul": {"daemon": {"api_token_file": "a\x00b"}},
+    # Found by the fuzzer once it drew more keys: Path.is_file() raised ENAMETOOLONG.
+    "ca_file-name-too-long": {"daemon": {"ca_file": "x" * 300}},
     "api_token_file-not-utf8": {"daemon": {"api_token_file": BINARY_FILE}},
     "secret_file-in-unknown-home": {
         "tenants": {"t": {**TENANT_BASE_NO_SECRET, "secret_file": f"{NO_HOME}/s"}}

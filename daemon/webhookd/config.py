@@ -1181,7 +1181,12 @@ def _api_token(table: _Table, base_dir: Path) -> str:
 
 def _check_ca_file(table: _Table, ca_file: Path) -> None:
     """The bundle must load now: at start-up, a bad one would fail far from its key."""
-    if not ca_file.is_file():
+    try:
+        found = ca_file.is_file()
+    except OSError as exc:  # a name too long for the file system, say
+        table.error("ca_file", f"cannot use {str(ca_file)[:80]!r}: {exc.strerror}")
+        return
+    if not found:
         table.error("ca_file", f"no such file: {table.raw['ca_file']!r}")
         return
     try:
