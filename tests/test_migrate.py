@@ -24,6 +24,7 @@ from webhookd.config import Config, PostgresURL
 from webhookd.records import (
     Delivered,
     Failure,
+    FoundWebhook,
     HistoryPolicy,
     HistoryQuery,
     HistorySize,
@@ -291,9 +292,24 @@ async def test_the_history_is_copied_with_its_sizes_ids_and_replays(
     replayed = await sqlite.replay(
         "acme", ReplaySelection(to_sequence=2), AT + 5, limit=10, replay_id="r"
     )
+    # beta keeps no history: its producer id is forgotten after the window, and since when
+    # ids may be forgotten is copied too.
+    await sqlite.enqueue("beta", [NewWebhook("b0", EVENT, "{}")], AT)
+    await sqlite.acknowledge("beta", 1, AT + 1, Delivered(200, 1.0, 1), HistoryPolicy(keep=False))
+    forgot = await sqlite.prune_history(
+        AT + 2 * 86400.0,
+        retention={"acme": 30 * 86400.0, "beta": 0.0},
+        default_retention=30 * 86400.0,
+        max_bytes=None,
+        idempotency_window=86400.0,
+        step=100,
+    )
+    assert forgot.ids == 1
     pages = await sqlite.history("acme", HistoryQuery())
     size = await sqlite.history_size()
     found = {i: await sqlite.find_webhook("acme", i) for i in ("a0", "a2", "a3", "zz")}
+    beta = await sqlite.find_webhook("beta", "b0")
+    assert beta == FoundWebhook("forgotten", forgotten_before=AT + 86400.0)
     await sqlite.close()
 
     copied = await migrate.run(path, PostgresURL(postgres_url))
@@ -305,6 +321,7 @@ async def test_the_history_is_copied_with_its_sizes_ids_and_replays(
         assert [r.next_sequence for r in pages] == [None, None, 7, 6]
         assert await postgres.history_size() == size
         assert {i: await postgres.find_webhook("acme", i) for i in found} == found
+        assert await postgres.find_webhook("beta", "b0") == beta
         # The delivered records take PostgreSQL's shape (the webhook's row and a deliveries
         # row): listed by outcome, and replayed, from there.
         delivered = HistoryQuery(outcomes=frozenset({"delivered"}))
