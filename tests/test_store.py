@@ -19,17 +19,19 @@ from typing import Literal
 import pytest
 
 from tests.conftest import wait_for
-from tests.test_store_contract import AT, failure, new, queued
+from tests.test_store_contract import (
+    AT,
+    failure,
+    new,
+    queued,
+    reads_an_old_history_in_the_new_shape,
+)
 from webhookd.records import (
     Delivered,
-    FoundWebhook,
     HistoryPolicy,
     HistoryQuery,
-    HistoryRecord,
     HistorySize,
     IngestResult,
-    ReplaySelection,
-    ReplayWithoutPayloads,
     SchemaTooNew,
     StoreError,
     TenantRecord,
@@ -398,29 +400,6 @@ async def test_a_version_2_database_keeps_its_history_in_the_new_shape(db_path: 
     await store.open()
     try:
         assert await store.pragma("user_version") == SCHEMA_VERSION == 4
-        records = [
-            HistoryRecord(3, "c", "E", 30.0, 31.0, "discarded", 0, None, None, "{}", None),
-            HistoryRecord(2, "b", "F", 20.0, 21.0, "delivered", 2, 204, 6.0, None, None),
-            HistoryRecord(1, "a", "E", 10.0, 11.0, "delivered", 1, 200, 5.0, '{"n": 1}', 5),
-        ]
-        assert await store.history("acme", HistoryQuery()) == records
-        assert await store.history("acme", HistoryQuery(oldest_first=True)) == records[::-1]
-        delivered = HistoryQuery(outcomes=frozenset({"delivered"}))
-        assert await store.history("acme", delivered) == records[1:]
-        assert await store.history("acme", HistoryQuery(event="E", after=3)) == records[2:]
-        assert await queued(store, "acme") == [4, 5]
-        found = await store.find_webhook("acme", "b")
-        assert (found.place, found.record) == ("history", records[1])
-        found = await store.find_webhook("acme", "a")  # replayed: its newest copy
-        assert (found.place, found.sequence) == ("queued", 5)
-        # Ids it once had may have been forgotten before the version that notes it: an id
-        # it does not know may be one accepted before its oldest remembered.
-        forgotten = FoundWebhook("forgotten", forgotten_before=10.0)
-        assert await store.find_webhook("acme", "zzz") == forgotten
-        assert await store.history_size() == HistorySize(3, 0, 300)
-        with pytest.raises(ReplayWithoutPayloads):  # 2 was kept without its data
-            await store.replay("acme", ReplaySelection(from_sequence=1), AT, limit=10)
-        again = await store.replay("acme", ReplaySelection(to_sequence=1), AT, limit=10)
-        assert (again.count, again.first_sequence) == (1, 6)
+        await reads_an_old_history_in_the_new_shape(store)
     finally:
         await store.close()

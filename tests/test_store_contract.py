@@ -874,3 +874,33 @@ async def test_producer_ids_are_remembered_for_the_window(store: Store) -> None:
 async def test_prune_with_nothing_to_do(store: Store) -> None:
     assert await prune(store, AT) == PruneResult()
     assert await store.history_size() == HistorySize(0, 0, 0)
+
+
+async def reads_an_old_history_in_the_new_shape(store: Store) -> None:
+    """What each engine's upgrade test checks once a database from before the delivered
+    records moved (SQLite 2, PostgreSQL 4) is opened: acme had sequences 1-2 delivered (1
+    replayed as 5, 2 kept without its data), 3 discarded, 4-5 queued, and ids a and b."""
+    records = [
+        HistoryRecord(3, "c", "E", 30.0, 31.0, "discarded", 0, None, None, "{}", None),
+        HistoryRecord(2, "b", "F", 20.0, 21.0, "delivered", 2, 204, 6.0, None, None),
+        HistoryRecord(1, "a", "E", 10.0, 11.0, "delivered", 1, 200, 5.0, '{"n": 1}', 5),
+    ]
+    assert await store.history("acme", HistoryQuery()) == records
+    assert await store.history("acme", HistoryQuery(oldest_first=True)) == records[::-1]
+    delivered = HistoryQuery(outcomes=frozenset({"delivered"}))
+    assert await store.history("acme", delivered) == records[1:]
+    assert await store.history("acme", HistoryQuery(event="E", after=3)) == records[2:]
+    assert await queued(store, "acme") == [4, 5]
+    found = await store.find_webhook("acme", "b")
+    assert (found.place, found.record) == ("history", records[1])
+    found = await store.find_webhook("acme", "a")  # replayed: its newest copy
+    assert (found.place, found.sequence) == ("queued", 5)
+    # Ids it once had may have been forgotten before the version that notes it: an id
+    # it does not know may be one accepted before its oldest remembered.
+    forgotten = FoundWebhook("forgotten", forgotten_before=10.0)
+    assert await store.find_webhook("acme", "zzz") == forgotten
+    assert await store.history_size() == HistorySize(3, 0, 300)
+    with pytest.raises(ReplayWithoutPayloads):  # 2 was kept without its data
+        await store.replay("acme", ReplaySelection(from_sequence=1), AT, limit=10)
+    again = await store.replay("acme", ReplaySelection(to_sequence=1), AT, limit=10)
+    assert (again.count, again.first_sequence) == (1, 6)

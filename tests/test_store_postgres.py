@@ -20,18 +20,23 @@ from structlog.testing import capture_logs
 
 from tests.conftest import wait_for
 from tests.postgres import PostgresServer
-from tests.test_store_contract import AT, DAY, OK, new, prune, queued, sequences
+from tests.test_store_contract import (
+    AT,
+    DAY,
+    OK,
+    new,
+    prune,
+    queued,
+    reads_an_old_history_in_the_new_shape,
+    sequences,
+)
 from webhookd.config import PostgresURL
 from webhookd.records import (
     Delivered,
-    FoundWebhook,
     HistoryQuery,
-    HistoryRecord,
     HistorySize,
     IngestResult,
     PruneResult,
-    ReplaySelection,
-    ReplayWithoutPayloads,
     SchemaTooNew,
     StoreError,
     TenantRecord,
@@ -290,30 +295,7 @@ async def test_a_version_4_database_keeps_its_history_in_the_new_shape(
     store, _ = await open_store()
     rows = await sql(database, "SELECT version FROM webhookd_schema ORDER BY version")
     assert [row["version"] for row in rows] == [1, 2, 3, 4, 5, 6] and SCHEMA_VERSION == 6
-    records = [
-        HistoryRecord(3, "c", "E", 30.0, 31.0, "discarded", 0, None, None, "{}", None),
-        HistoryRecord(2, "b", "F", 20.0, 21.0, "delivered", 2, 204, 6.0, None, None),
-        HistoryRecord(1, "a", "E", 10.0, 11.0, "delivered", 1, 200, 5.0, '{"n": 1}', 5),
-    ]
-    assert await store.history("acme", HistoryQuery()) == records
-    assert await store.history("acme", HistoryQuery(oldest_first=True)) == records[::-1]
-    delivered = HistoryQuery(outcomes=frozenset({"delivered"}))
-    assert await store.history("acme", delivered) == records[1:]
-    assert await store.history("acme", HistoryQuery(event="E", after=3)) == records[2:]
-    assert await queued(store, "acme") == [4, 5]
-    found = await store.find_webhook("acme", "b")
-    assert (found.place, found.record) == ("history", records[1])
-    found = await store.find_webhook("acme", "a")  # replayed: its newest copy
-    assert (found.place, found.sequence) == ("queued", 5)
-    # Ids it once had may have been forgotten before the version that notes it: an id
-    # it does not know may be one accepted before its oldest remembered.
-    forgotten = FoundWebhook("forgotten", forgotten_before=10.0)
-    assert await store.find_webhook("acme", "zzz") == forgotten
-    assert await store.history_size() == HistorySize(3, 0, 300)
-    with pytest.raises(ReplayWithoutPayloads):  # 2 was kept without its data
-        await store.replay("acme", ReplaySelection(from_sequence=1), AT, limit=10)
-    again = await store.replay("acme", ReplaySelection(to_sequence=1), AT, limit=10)
-    assert (again.count, again.first_sequence) == (1, 6)
+    await reads_an_old_history_in_the_new_shape(store)
 
 
 async def test_two_processes_migrating_at_once_migrate_once(database: PostgresURL) -> None:
