@@ -1,22 +1,19 @@
 """Disk per retained webhook: what the history costs in bytes on each engine, with and
 without payloads, beside what the store counts toward `history_max_bytes`.
 
-    .venv/bin/python -m bench.history_size [--webhooks N] [--payload BYTES]
-                                           [--engines sqlite,postgres]
+    make bench ARGS="--only historysize --engine both"
 
-For each engine and history setting (off, on without payloads, on), it queues N webhooks
-over 10 tenants in batches of 100 and acknowledges them (as delivery does), twice: the
-first round fills the pages a steady state reuses (SQLite's free list, PostgreSQL's space
-freed by VACUUM), the second is measured. The figure is the growth of the database in that
-second round (SQLite: pages in use; PostgreSQL: the tables' and indexes' relation sizes
-after VACUUM) divided by N, beside the bytes the store counted for the same records
-(`history_size().bytes`, what `history_max_bytes` bounds). Their ratio is how to size the
-limit: disk for the history ≈ ratio × history_max_bytes.
+For each history setting (off, on without payloads, on), it queues N webhooks over 10
+tenants in batches of 100 and acknowledges them (as delivery does), twice: the first round
+fills the pages a steady state reuses (SQLite's free list, PostgreSQL's space freed by
+VACUUM), the second is measured. The figure is the growth of the database in that second
+round (SQLite: pages in use; PostgreSQL: the tables' and indexes' relation sizes after
+VACUUM) divided by N, beside the bytes the store counted for the same records
+(`history_size().bytes`, what `history_max_bytes` bounds).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sqlite3
 import tempfile
@@ -119,47 +116,6 @@ async def measure(
     finally:
         await store.close()
     return (after - before) / count, (counted_after - counted_before) / count
-
-
-async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--webhooks", type=int, default=100_000)
-    parser.add_argument("--payload", type=int, default=512, help="bytes of data per webhook")
-    parser.add_argument("--engines", default="sqlite,postgres")
-    args = parser.parse_args()
-    logs.configure("json", "warning")  # the store logs its migration at info
-    server = None
-    if "postgres" in args.engines:
-        from tests.postgres import started_server
-
-        server = await asyncio.to_thread(started_server, {"shared_buffers": "128MB"})
-    print(
-        f"{args.webhooks:,} webhooks retained per run, data of {args.payload} bytes each "
-        f"(id ~12 bytes, event CHECK_COMPLETED)"
-    )
-    try:
-        for engine in args.engines.split(","):
-            for name, policy in POLICIES.items():
-                with tempfile.TemporaryDirectory() as folder:
-                    if engine == "sqlite":
-                        database: Path | PostgresURL = Path(folder) / "webhookd.db"
-                    else:
-                        assert server is not None
-                        database = PostgresURL(server.database_url(server.create_database()))
-                    disk, counted = await measure(database, policy, args.webhooks, args.payload)
-                ratio = f"{disk / counted:4.2f}× counted" if counted else ""
-                print(
-                    f"{engine:8} history {name:11}  disk {disk:7.0f} B/webhook  "
-                    f"counted {counted:6.0f} B/webhook  {ratio}",
-                    flush=True,
-                )
-    finally:
-        if server is not None:
-            server.remove()
-
-
-if __name__ == "__main__":
-    asyncio.run(main())
 
 
 async def history_size(ctx: Context) -> None:
