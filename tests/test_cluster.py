@@ -219,6 +219,42 @@ async def test_a_wake_up_lost_with_its_session_is_caught_up_by_the_next_tick(
     await wait_for(lambda: receiver.sequences("/acme") == [1, 2, 3, 4], timeout=3 * LEASE_S)
 
 
+async def test_small_webhooks_reach_the_owner_with_their_announcement_large_ones_are_read(
+    tmp_path: Path,
+    receiver: Receiver,
+    postgres_url: str,
+    start_instance: StartInstance,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = write_config(tmp_path, {"acme": tenant(receiver.url("/acme"))})
+    owner = await start_instance(instance_config(path, postgres_url))
+    await wait_for(lambda: held(owner) == {"acme"}, timeout=5)
+    other = await start_instance(instance_config(path, postgres_url))
+    reads: list[int] = []
+    read_queue = owner.service.store.read_queue
+
+    async def counted(tenant_name: str, after: int, limit: int) -> Any:
+        reads.append(after)
+        return await read_queue(tenant_name, after, limit)
+
+    monkeypatch.setattr(owner.service.store, "read_queue", counted)
+
+    # Text that JSON escapes, and text it does not: delivered byte for byte as ingested.
+    small = {"quote": '"\\\n\t', "accents": "héllo ✓ 🚀", "nul": "\u0000", "n": 1.5e-7}
+    await other.ingest("acme", [{"event": EVENT, "id": "small", "data": small}])
+    await wait_for(lambda: receiver.sequences("/acme") == [1], timeout=5)
+    [sent] = receiver.at("/acme")[0].webhooks
+    assert (sent["id"], sent["data"]) == ("small", small)
+    assert reads == []  # the announcement carried it
+
+    # Larger than a notification may carry: announced by its sequence, read from the table.
+    large = {"blob": "x" * 9000}
+    await other.ingest("acme", [{"event": EVENT, "id": "large", "data": large}])
+    await wait_for(lambda: receiver.sequences("/acme") == [1, 2], timeout=5)
+    assert receiver.at("/acme")[1].webhooks[0]["data"] == large
+    assert reads == [1]
+
+
 async def test_a_generated_id_given_by_one_instance_is_a_duplicate_through_another(
     tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
 ) -> None:

@@ -177,7 +177,10 @@ class TenantWorker:
     # -- events from outside -----------------------------------------------------------------
 
     def enqueued(self, webhooks: list[Webhook]) -> None:
-        """A commit queued `webhooks` (consecutive) for this tenant."""
+        """A commit queued `webhooks` (consecutive) for this tenant. Told twice (an
+        instance hears its own commits' announcements too), the second changes nothing."""
+        if webhooks[-1].sequence <= self.buffer_end:
+            return
         before = self.waiting
         self.row.last_sequence = max(self.row.last_sequence, webhooks[-1].sequence)
         room = self._capacity - len(self.buffer)

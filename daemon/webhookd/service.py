@@ -393,10 +393,15 @@ class Service:
             worker.stop()  # the attempt in flight ends and is recorded
             await worker.join()
 
-    def queued(self, tenant: str, last_sequence: int) -> None:
+    def queued(
+        self, tenant: str, last_sequence: int, webhooks: list[Webhook] | None = None
+    ) -> None:
         worker = self.workers.get(tenant)
         if worker is not None and worker.task is not None:
-            worker.announced(last_sequence)
+            if webhooks:
+                worker.enqueued(webhooks)
+            else:
+                worker.announced(last_sequence)
 
     def waiting_for(self, tenant: str) -> int:
         """How busy a tenant is, to hand the idle ones over first."""

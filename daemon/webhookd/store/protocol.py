@@ -76,9 +76,12 @@ class Members(Protocol):
         once the attempt in flight, if any, has ended and its outcome is recorded."""
         ...
 
-    def queued(self, tenant: str, last_sequence: int) -> None:
+    def queued(
+        self, tenant: str, last_sequence: int, webhooks: list[Webhook] | None = None
+    ) -> None:
         """Another instance (or a commit whose announcement was lost) queued webhooks for
-        `tenant`, up to `last_sequence`."""
+        `tenant`, up to `last_sequence`: `webhooks` when the announcement carried them
+        (consecutive, ending at `last_sequence`), else the worker reads them."""
         ...
 
     def discarded(self, tenant: str) -> None:

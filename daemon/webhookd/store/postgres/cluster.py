@@ -20,8 +20,9 @@ order holds only if one instance at a time sends its head. So each tenant has a 
 - **Rebalancing.** An instance holding more than its share hands the extra tenants over:
   their workers finish the attempt in flight, then the lease is freed and a NOTIFY tells
   the others to claim at once. A SIGTERM hands every lease back the same way.
-- **Wake-ups.** A commit that queues webhooks sends `NOTIFY webhookd_queued` ('tenant
-  sequence') with it; the owner's worker reads them from the table. Each tick also reads
+- **Wake-ups.** A commit that queues webhooks sends `NOTIFY webhookd_queued` with it
+  (announce.py): the tenant, its last sequence and, when they are small, the webhooks
+  themselves; the owner's worker takes those, or reads them from the table. Each tick also reads
   the owned tenants' counters, so a notification lost with a dropped session delays a
   delivery by one tick at most.
 - **Configuration.** Tenants made through the tenant API are rows of `api_tenants`; a write
@@ -50,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from webhookd import logs
 from webhookd.config import PostgresURL
 from webhookd.records import Owner, StoreError
-from webhookd.store.postgres import connection
+from webhookd.store.postgres import announce, connection
 from webhookd.store.postgres.connection import CONNECT_ERRORS
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logs.get_logger("webhookd.cluster")
 
-QUEUED = "webhookd_queued"  # payload: "tenant last_sequence"
+QUEUED = announce.CHANNEL
 # Payload: why ("free", "joined", "tenants", "config"): every instance ticks now; but
 # "discarded TENANT" only has the others read that removed tenant's state again.
 CHANGED = "webhookd_cluster"
@@ -443,9 +444,9 @@ class PgCluster:
         return conn
 
     def _heard_queued(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        tenant, _, last = str(payload).rpartition(" ")
+        tenant, rest = announce.heard(str(payload))
         if tenant in self.held and self._members is not None:
-            self._members.queued(tenant, int(last))
+            self._members.queued(tenant, *announce.webhooks(rest))
 
     def _heard_changed(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
         reason, _, tenant = str(payload).partition(" ")

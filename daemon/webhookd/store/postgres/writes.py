@@ -37,6 +37,7 @@ from webhookd.records import (
     Webhook,
 )
 from webhookd.store.history import FAILURE_OVERHEAD, RECORD_OVERHEAD, cutoff, selection_conditions
+from webhookd.store.postgres.announce import announcement
 
 if TYPE_CHECKING:
     import asyncpg
@@ -87,8 +88,8 @@ CREATE = """
 # A group's ingest in one statement: the counters move, the webhooks and their producer ids
 # go in. `= ANY($1)` as well as the join: an index condition of its own, so the planner finds
 # the counters by key rather than joining with a scan of every tenant's row. Each tenant's
-# new counter is also announced to every instance (cluster.py), delivered with the commit:
-# the tenant's owner may be another process.
+# new webhooks are also announced to every instance ($13, announce.py), delivered with the
+# commit: the tenant's owner may be another process.
 ENQUEUE = """
     WITH allocated AS (
         UPDATE counters AS s SET last_sequence = s.last_sequence + u.n
@@ -105,9 +106,9 @@ ENQUEUE = """
         INSERT INTO webhook_ids (tenant, id, sequence, accepted_at)
         SELECT * FROM unnest($9::text[], $10::text[], $11::bigint[], $12::float8[])
     )
-    SELECT tenant, last_sequence,
-           pg_notify('webhookd_queued', tenant || ' ' || last_sequence)::text AS told
-    FROM allocated"""
+    SELECT a.tenant, a.last_sequence, pg_notify('webhookd_queued', m.told)::text AS told
+    FROM allocated AS a JOIN unnest($1::text[], $13::text[]) AS m (tenant, told)
+      ON m.tenant = a.tenant"""
 
 # Per tenant, sent together (executemany: one round trip). Scalar parameters keep the plan
 # an index range scan from the queue's head (acked_sequence before the update: the
@@ -302,8 +303,20 @@ class Tx:
             op.plan(self.last, counts, self.known, rows, ids)
         if not counts:
             return  # duplicates only
+        queued: dict[str, list[Webhook]] = {}
+        for op in ops:
+            queued.setdefault(op.tenant, []).extend(op.queued)
+        told = [
+            announcement(tenant, self.last[tenant] + n, queued[tenant])
+            for tenant, n in counts.items()
+        ]
         allocated = await self.conn.fetch(
-            ENQUEUE, list(counts), list(counts.values()), *_columns(rows, 6), *_columns(ids, 4)
+            ENQUEUE,
+            list(counts),
+            list(counts.values()),
+            *_columns(rows, 6),
+            *_columns(ids, 4),
+            told,
         )
         for row in allocated:
             tenant, last = row["tenant"], row["last_sequence"]
