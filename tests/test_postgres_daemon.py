@@ -161,6 +161,13 @@ async def test_a_database_outage_refuses_ingest_and_loses_nothing(
     assert body["detail"].endswith("; webhookd reconnects by itself once it answers")
     status, body = await daemon.request("GET", "/healthz")
     assert (status, body["error"]) == (503, "unhealthy")
+    # Reads of the database answer the same: 503 to send again, not a 500.
+    for route in ("/v1/tenants/acme/parked", "/v1/tenants/acme/webhooks"):
+        async with daemon.session.get(daemon.base + route, headers=daemon.headers) as answer:
+            body = await answer.json()
+            assert (answer.status, body["error"]) == (503, "unavailable"), (route, body)
+            assert answer.headers["Retry-After"] == "1"
+            assert postgres_url in body["detail"]
     # The metrics say so too: what the database-unreachable and 5xx alerts watch.
     status, text = await daemon.request("GET", "/metrics")
     assert status == 200

@@ -501,6 +501,36 @@ async def test_delete_is_refused_while_webhooks_wait_unless_discard(
     assert (status, answer["discarded"]) == (200, 0)
 
 
+async def test_a_tenant_file_that_cannot_be_removed_is_503_and_the_tenant_stays(
+    receiver: Receiver, start_daemon: StartDaemon
+) -> None:
+    daemon = await start_daemon(tenants={})
+    body = {"endpoint": receiver.url("/stuck"), "secret": "s", "events": [EVENT]}
+    status, _ = await daemon.request("PUT", "/v1/tenants/stuck", json=body)
+    assert status == 201
+    # Where its file was, something unlink cannot remove (as root, permissions cannot stop
+    # it): a directory that is not empty.
+    path = tenants_dir(daemon) / "stuck.toml"
+    path.unlink()
+    path.mkdir()
+    (path / "inside").write_text("x")
+
+    async with daemon.session.delete(
+        daemon.base + "/v1/tenants/stuck", headers=daemon.headers
+    ) as answer:
+        refused = await answer.json()
+        assert (answer.status, refused["error"]) == (503, "unavailable"), refused
+        assert answer.headers["Retry-After"] == "1"
+    assert refused["detail"].startswith(f"cannot remove {path.parent}/stuck.toml: ")
+    await daemon.ingest("stuck", {"event": EVENT})  # still there, still delivering
+    await wait_for(lambda: receiver.sequences("/stuck") == [1])
+
+    (path / "inside").unlink()
+    path.rmdir()
+    status, answer = await daemon.request("DELETE", "/v1/tenants/stuck")
+    assert (status, answer["deleted"]) == (200, True), answer
+
+
 async def test_tenant_created_again_after_a_restart_continues_its_sequences(
     receiver: Receiver, start_daemon: StartDaemon
 ) -> None:
