@@ -11,6 +11,8 @@
   oldest, from a cursor in the middle, by event (common and rare, with a cursor), by
   sequence range, by time range, by a rare outcome, and a lookup by producer id. p50 of 20
   of each, against the 50 ms target.
+- historytenants: 10,000 tenants of 30 records over `history_max_bytes`: the longest
+  pruning step by size, and the latency at 500/s while the daemon prunes.
 - historyprune: 1,000,000 records past their tenants' retention. First pruning steps timed
   through the store (how long one holds the writer, the 20 ms target); then a daemon with a
   30-day retention for them carries unbatched webhooks at 500/s over 50 other tenants, is
@@ -572,4 +574,134 @@ async def history_prune(ctx: Context) -> None:
         f" ms; latency at 500/s before p50/p99/max {quiet.get('p50', 0):.1f}/"
         f"{quiet.get('p99', 0):.1f}/{quiet.get('max', 0):.1f} ms, while pruning "
         f"{pruning.get('p50', 0):.1f}/{pruning.get('p99', 0):.1f}/{pruning.get('max', 0):.1f} ms"
+    )
+
+
+SIZE_TENANTS = 10_000
+SIZE_PER_TENANT = 30
+
+
+async def timed_size_steps(database: str, max_bytes: int, steps: int) -> list[float]:
+    """Milliseconds of each of `steps` pruning steps by size through the store, as the
+    daemon's pruner calls them; the first also reads the survey (off the writer)."""
+    store = make_store(
+        PostgresURL(database) if database.startswith("postgresql://") else Path(database)
+    )
+    await store.open()
+    took = []
+    try:
+        for _ in range(steps):
+            began = time.perf_counter()
+            result = await store.prune_history(
+                time.time(),
+                retention={},
+                default_retention=7 * 86400.0,
+                max_bytes=max_bytes,
+                idempotency_window=86400.0,
+                step=PRUNE_STEP,
+            )
+            took.append((time.perf_counter() - began) * MS)
+            if not result.more:
+                break
+    finally:
+        await store.close()
+    return took
+
+
+def filled_bytes(names: list[str], per_tenant: int) -> int:
+    """The history bytes the store counts for what fill_sqlite / fill_postgres write."""
+    total = 0
+    for tenant in names:
+        for n in range(1, per_tenant + 1):
+            event = RARE_EVENT if n % 1000 == 7 else f"EVENT_{n % 10}"
+            data = f'{{"n":{n},"pad":"{PAD}"}}'
+            total += len(f"{tenant}-{n}") + len(event) + len(data) + RECORD_OVERHEAD
+    return total
+
+
+async def history_tenants(ctx: Context) -> None:
+    """10,000 tenants (1,000 with --quick) of 30 records each, inside their retention but
+    over `history_max_bytes` (half of what they hold): pruning by size goes tenant by
+    tenant, their records interleaving in time. How long a step holds the writer (timed
+    through the store before the daemon starts), and the latency at 500/s over 50 other
+    tenants while the daemon prunes."""
+    count = int(ctx.size(SIZE_TENANTS, 1_000))
+    old = [f"s{n:05d}" for n in range(count)]
+    live = tenant_names(LIVE_TENANTS, "l")
+    started = time.time() - 3 * 86400.0  # inside the 7-day default retention
+    stored = count * SIZE_PER_TENANT
+    counted = filled_bytes(old, SIZE_PER_TENANT)
+    bound = max(2**20, counted // 2)
+    tables = {
+        **tenant_tables(old, ctx.receiver, "historytenants"),
+        **tenant_tables(live, ctx.receiver, "historytenants", batching=False),
+    }
+    steps: list[float] = []
+
+    async def prepare(_directory: Path, database: str) -> None:
+        nonlocal steps
+        await make_schema(database)
+        if database.startswith("postgresql://"):
+            await fill_postgres(database, old, SIZE_PER_TENANT, started, 86400.0)
+        else:
+            await asyncio.to_thread(fill_sqlite, database, old, SIZE_PER_TENANT, started, 86400.0)
+        await settle(database)
+        # Most of it stays over the bound for the daemon: the steps timed here take a little.
+        steps = await timed_size_steps(database, counted - (counted - bound) // 10, TIMED_STEPS)
+        ctx.say(
+            f"  stored {stored:,} records of {count:,} tenants ({counted / 2**20:.0f} MiB "
+            f"counted); {len(steps)} steps by size timed through the store"
+        )
+
+    seconds = ctx.size(8.0, 3.0)
+    async with ctx.daemon(
+        "historytenants",
+        tables,
+        prepare=prepare,
+        daemon={"history_max_bytes": f"{bound // 2**20}MiB"},
+    ) as daemon:
+        before = await history_records(ctx, daemon)
+        pruning = await paced_latency(ctx, daemon, live, seconds)
+        after = await history_records(ctx, daemon)
+    first, rest = steps[0], sorted(steps[1:]) or [0.0]
+    step_ms = {
+        "p50": rest[len(rest) // 2],
+        "p99": rest[min(len(rest) - 1, int(0.99 * len(rest)))],
+        "max": rest[-1],
+    }
+    result: dict[str, Any] = {
+        "tenants": count,
+        "records": stored,
+        "counted_bytes": counted,
+        "first_step_ms": first,
+        "step_ms": step_ms,
+        "pruned_during_load": before + int(pruning["delivered"]) - after,
+        "latency_pruning_ms": pruning,
+    }
+    ctx.report.details["historytenants"] = result
+    ctx.report.figures.append(
+        Figure(
+            "history_size_step_max",
+            f"history by size, {count:,} tenants: longest step",
+            step_ms["max"],
+            "ms",
+            target=("<", 20.0),
+            note=f"the first, with the survey read off the writer: {first:.1f} ms",
+        )
+    )
+    ctx.report.figures.append(
+        Figure(
+            "history_size_latency_p99",
+            f"latency p99 @500/s while {count:,} tenants are pruned by size",
+            pruning.get("p99", 0.0),
+            "ms",
+            target=("<", 20.0),
+        )
+    )
+    ctx.say(
+        f"  a step by size: first (with the survey) {first:.1f} ms, then p50 "
+        f"{step_ms['p50']:.1f} ms, max {step_ms['max']:.1f} ms; latency at "
+        f"500/s while pruning p50/p99/max {pruning.get('p50', 0):.1f}/"
+        f"{pruning.get('p99', 0):.1f}/{pruning.get('max', 0):.1f} ms; "
+        f"{result['pruned_during_load']:,} records pruned meanwhile"
     )

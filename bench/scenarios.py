@@ -9,7 +9,7 @@ from bench.ceilings import ceilings
 from bench.cluster import cluster_throughput, cross_latency, failover
 from bench.context import Context
 from bench.delivery import drain_batched, e2e_batched, unbatched_many, unbatched_one
-from bench.history import history_cost, history_list, history_prune
+from bench.history import history_cost, history_list, history_prune, history_tenants
 from bench.history_size import history_size
 from bench.ingest import ingest
 from bench.steady import idle, latency
@@ -30,6 +30,10 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "historylist": ("history: a page of 100 with 10,000,000 records stored", history_list),
     "historyprune": ("history: 1,000,000 records pruned under load at 500/s", history_prune),
     "historysize": ("history: disk per retained webhook, with and without payloads", history_size),
+    "historytenants": (
+        "history: 10,000 tenants pruned by size under load at 500/s",
+        history_tenants,
+    ),
     "cluster": (
         "two instances on one PostgreSQL: batched end to end, unbatched over 1000 tenants",
         cluster_throughput,
@@ -57,6 +61,7 @@ POSTGRES_SCENARIOS = frozenset(
         "historylist",
         "historyprune",
         "historysize",
+        "historytenants",
     }
 )
 

@@ -839,6 +839,42 @@ async def test_prune_by_size_takes_the_oldest_first(store: Store) -> None:
     assert await prune(store, AT + 20, max_bytes=3 * one, window=30 * DAY) == PruneResult()
 
 
+async def test_prune_by_size_over_many_tenants_keeps_exactly_the_newest(store: Store) -> None:
+    # Thirty tenants whose records interleave in time, pruned in small steps: each step
+    # goes tenant by tenant from what the pruner last surveyed, and what is left must be
+    # the newest records of all of them together, whatever order the steps took them in.
+    tenants = [f"t{n:02d}" for n in range(30)]
+    for k in range(4):
+        for n, tenant in enumerate(tenants):
+            await store.enqueue(tenant, [new(f"{tenant}-{k}")], AT + 30 * k + n)
+    for tenant in tenants:
+        await store.acknowledge(tenant, 4, AT + 200, OK)
+    one = record_bytes("t00-0", EVENT, "{}")
+    steps = 0
+    while (step := await prune(store, AT + 300, max_bytes=45 * one, step=7, window=DAY)).more:
+        assert step.by_size <= 7
+        steps += 1
+    assert steps >= 10  # 75 records go, 7 at most per step
+    kept = sorted([r.accepted_at for t in tenants for r in await page(store, t)])
+    assert kept == [AT + 30 * k + n for k in range(4) for n in range(30)][-45:]
+    assert await store.history_size() == HistorySize(45, 0, 45 * one)
+
+
+async def test_prune_finds_records_older_than_what_it_surveyed(store: Store) -> None:
+    # Pruning looks at which tenants have anything to prune now and then, not at every
+    # step: a record that comes with an old time after that look (a replay's copy keeps
+    # its acceptance time) is pruned once the look is renewed, within seconds.
+    await store.enqueue("acme", [new("a")], AT + DAY)
+    await store.acknowledge("acme", 1, AT + DAY, OK)
+    now = AT + 3 * DAY
+    assert await prune(store, now, default=2.5 * DAY, window=DAY) == PruneResult()
+    await store.enqueue("beta", [new("b")], AT)  # past its retention already
+    await store.acknowledge("beta", 1, now, OK)
+    assert (await prune(store, now + 60, default=2.5 * DAY, window=DAY)).by_age == 1
+    assert await page(store, "beta") == []
+    assert [r.id for r in await page(store)] == ["a"]
+
+
 async def test_producer_ids_are_remembered_for_the_window(store: Store) -> None:
     # acme keeps no history: its ids are remembered for the window, or while queued.
     await store.enqueue("acme", [new("a"), new("c")], AT)

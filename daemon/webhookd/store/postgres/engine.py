@@ -53,11 +53,13 @@ from webhookd.records import (
     TenantRecord,
     Webhook,
 )
+from webhookd.store.history import Survey, settings_of
 from webhookd.store.postgres import connection, reads
 from webhookd.store.postgres.cluster import PgCluster
 from webhookd.store.postgres.connection import CONNECT_ERRORS
 from webhookd.store.postgres.schema import load_records, migrate
 from webhookd.store.postgres.writes import (
+    SURVEY,
     Acknowledge,
     ClearFailures,
     Discard,
@@ -106,6 +108,7 @@ class PostgresStore:
         self.commits = 0
         self._conn: Connection | None = None  # the writer's session
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._survey: Survey | None = None  # what pruning knows of every tenant
         self._pending: list[Op] = []
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -436,6 +439,11 @@ class PostgresStore:
         idempotency_window: float,
         step: int,
     ) -> PruneResult:
+        settings = settings_of(retention, default_retention, max_bytes, idempotency_window)
+        survey = self._survey
+        if survey is None or not survey.serves(now, settings):
+            rows = await self._fetch(SURVEY)
+            survey = self._survey = Survey.of((tuple(r) for r in rows), now, settings)
         op = PruneHistory(
             now,
             retention=dict(retention),
@@ -443,6 +451,7 @@ class PostgresStore:
             max_bytes=max_bytes,
             idempotency_window=idempotency_window,
             step=step,
+            survey=survey,
         )
         result: PruneResult = await self._submit(op)
         return result

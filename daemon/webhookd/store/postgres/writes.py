@@ -36,7 +36,13 @@ from webhookd.records import (
     ReplayWithoutPayloads,
     Webhook,
 )
-from webhookd.store.history import FAILURE_OVERHEAD, RECORD_OVERHEAD, cutoff, selection_conditions
+from webhookd.store.history import (
+    FAILURE_OVERHEAD,
+    RECORD_OVERHEAD,
+    StepClock,
+    Survey,
+    selection_conditions,
+)
 from webhookd.store.postgres.announce import announcement
 
 if TYPE_CHECKING:
@@ -865,10 +871,13 @@ class PruneHistory(Op):
         max_bytes: int | None,
         idempotency_window: float,
         step: int,
+        survey: Survey,
     ) -> None:
         super().__init__(None)
         self.now, self.retention, self.default = now, retention, default_retention
         self.max_bytes, self.window, self.step = max_bytes, idempotency_window, step
+        self.survey = survey
+        self.clock = StepClock()  # when the step stops (started again by apply)
 
     async def apply(self, tx: Tx) -> None:
         conn = tx.conn
@@ -881,36 +890,33 @@ class PruneHistory(Op):
         self.result = await self._prune(conn)
 
     async def _prune(self, conn: Connection) -> PruneResult:
-        budget = self.step
-        by_age = by_size = failures = 0
-        # Each tenant's oldest record and failed attempt, and its counters (one statement:
-        # an index probe per tenant on the server).
-        rows = await conn.fetch(OLDEST)
-        # (tenant, table) -> its oldest time
-        oldest: dict[tuple[str, str], float] = {}
-        acked: dict[str, int] = {}
-        for r in rows:
-            acked[r[0]] = r[1]
-            for n, table in enumerate(TABLES):
-                if r[3 + n] is not None:
-                    oldest[(r[0], table)] = r[3 + n]
-        total = sum(r[2] for r in rows)
-        # Per tenant, its records first (the other outcomes', the delivered), then its
-        # failed attempts.
-        for (tenant, table), at in sorted(
-            oldest.items(), key=lambda item: (item[0][0], TABLES.index(item[0][1]))
-        ):
+        self.clock = StepClock()
+        by_age, failures, budget = await self._by_age(conn, self.step)
+        by_size = ids = 0
+        if self.max_bytes is not None and budget > 0:
+            by_size, failed, budget = await self._by_size(conn, budget, self.max_bytes)
+            failures += failed
+        if budget > 0:
+            ids = await self._forget_ids(conn, budget)
+            budget -= ids
+        return PruneResult(by_age, by_size, failures, ids, more=budget <= 0)
+
+    async def _by_age(self, conn: Connection, budget: int) -> tuple[int, int, int]:
+        """The rows past their tenant's retention, of the tenants the survey found with
+        any; returns (records, failed attempts, budget left)."""
+        survey = self.survey
+        by_age = failures = 0
+        for tenant, table, before in survey.due(self.now, self.retention, self.default):
             if budget <= 0:
                 break
-            before = cutoff(tenant, self.now, self.retention, self.default)
-            if at >= before:
-                continue
+            if self.clock.over():
+                return by_age, failures, 0  # 0: more to do, in the next step
             if table == "webhooks":
-                removed, freed, records = await _delete_delivered(
-                    conn, tenant, acked[tenant], budget, before=before
+                removed, _, records = await _delete_delivered(
+                    conn, tenant, survey.acked.get(tenant, 0), budget, before=before
                 )
             else:
-                removed, freed = await self._delete(
+                removed, _ = await self._delete(
                     conn,
                     tenant,
                     table,
@@ -919,35 +925,57 @@ class PruneHistory(Op):
                     budget=budget,
                 )
                 records = removed if table == "history" else 0
+            if removed < budget:
+                survey.pruned(tenant, table, before)
             by_age += records
             if table == "failed_attempts":
                 failures += removed
+            budget -= removed
+        return by_age, failures, budget
+
+    async def _by_size(self, conn: Connection, budget: int, max_bytes: int) -> tuple[int, int, int]:
+        """The oldest rows of every tenant together while the history is over
+        `max_bytes`; returns (records, failed attempts, budget left)."""
+        total = await conn.fetchval(TOTAL_BYTES)
+        by_size = failures = 0
+        # Each look at a tenant's oldest either prunes or corrects what the survey knew of
+        # it (a lower bound): bounded, so that a step stays short.
+        looks = 2 * budget + 10
+        while budget > 0 and total > max_bytes and looks > 0:
+            looks -= 1
+            if self.clock.over():
+                looks = 0
+                break
+            removed, freed, table, records = await self._oldest(conn, budget, total - max_bytes)
+            if table == "failed_attempts":
+                failures += removed
+            else:
+                by_size += records
             total -= freed
             budget -= removed
-        if self.max_bytes is not None:
-            while budget > 0 and total > self.max_bytes:
-                removed, freed, table, records = await self._oldest(
-                    conn, budget, total - self.max_bytes
-                )
-                if not removed:
-                    break
-                if table == "failed_attempts":
-                    failures += removed
-                else:
-                    by_size += records
-                total -= freed
-                budget -= removed
-        ids = 0
-        if budget > 0 and rows:
-            tenants = [r[0] for r in rows]
-            befores = [
-                self.now - max(self.window, self.retention.get(t, self.default)) for t in tenants
-            ]
-            ids = await conn.fetchval(
-                FORGET_IDS, tenants, befores, [acked[t] for t in tenants], budget
-            )
-            budget -= ids
-        return PruneResult(by_age, by_size, failures, ids, more=budget <= 0)
+            if not removed and self.survey.heap == []:
+                break
+        return by_size, failures, 0 if looks <= 0 else budget  # 0: more to look at
+
+    async def _forget_ids(self, conn: Connection, budget: int) -> int:
+        """Producer ids past the window and the retention, of the tenants the survey found
+        with any; returns how many were forgotten."""
+        survey = self.survey
+        due = survey.ids_due(self.now, self.window, self.retention, self.default)
+        if not due:
+            return 0
+        tenants = [t for t, _ in due]
+        ids: int = await conn.fetchval(
+            FORGET_IDS,
+            tenants,
+            [before for _, before in due],
+            [survey.acked.get(t, 0) for t in tenants],
+            budget,
+        )
+        if ids < budget:
+            for tenant, before in due:
+                survey.ids_tried(tenant, before)
+        return ids
 
     async def _delete(
         self,
@@ -990,18 +1018,23 @@ class PruneHistory(Op):
     ) -> tuple[int, int, str, int]:
         """Remove the oldest records (or failed attempts) of the tenant that holds the
         oldest, up to `budget` rows, until `excess` bytes are gone or another tenant's
-        oldest is older; return (rows, bytes, table, records)."""
-        mins = await conn.fetch(f"{OLDEST} WHERE s.history_records > 0 OR s.history_failures > 0")
-        candidates = sorted(
-            (at, tenant, table, acked)
-            for tenant, acked, _, *times in mins
-            for at, table in zip(times, TABLES, strict=True)
-            if at is not None
-        )
-        if not candidates:
+        oldest is older; return (rows, bytes, table, records). The survey's heap says which
+        tenant: a time found newer than it knew goes back into the heap, and nothing is
+        removed this time."""
+        survey = self.survey
+        popped = survey.pop_oldest()
+        if popped is None:
             return 0, 0, "history", 0
-        _, tenant, table, acked = candidates[0]
-        until = candidates[1][0] if len(candidates) > 1 else float("inf")
+        known, tenant, table = popped
+        acked = survey.acked.get(tenant, 0)
+        at = await conn.fetchval(ONE_OLDEST[table], tenant, acked)
+        if at is None:
+            return 0, 0, table, 0
+        if at > known:
+            survey.push(at, tenant, table)
+            return 0, 0, table, 0
+        until = survey.next_oldest()
+        survey.push(at, tenant, table)  # a lower bound of what it keeps
         if table == "webhooks":
             removed, freed, records = await _delete_delivered(
                 conn, tenant, acked, budget, excess=excess, until=until
@@ -1031,17 +1064,26 @@ class PruneHistory(Op):
 
 
 TIME = {"history": "accepted_at", "failed_attempts": "at"}
-# Where a tenant's oldest is looked for: the other outcomes' records, the delivered ones
-# (webhooks rows at or below acked_sequence: the lowest sequence's), the failed attempts.
-TABLES = ("history", "webhooks", "failed_attempts")
-OLDEST = """
-    SELECT s.tenant, s.acked_sequence, s.history_bytes,
+# What pruning knows of every tenant (store/history.py Survey), read off the writer: each
+# tenant's oldest record of the other outcomes, delivered record (the lowest sequence at or
+# below acked_sequence), failed attempt and producer id, in the order of history.PRUNED.
+SURVEY = """
+    SELECT s.tenant, s.acked_sequence,
            (SELECT min(accepted_at) FROM history AS h WHERE h.tenant = s.tenant),
            (SELECT w.accepted_at FROM webhooks AS w
             WHERE w.tenant = s.tenant AND w.sequence <= s.acked_sequence
             ORDER BY w.sequence LIMIT 1),
-           (SELECT min(at) FROM failed_attempts AS f WHERE f.tenant = s.tenant)
+           (SELECT min(at) FROM failed_attempts AS f WHERE f.tenant = s.tenant),
+           (SELECT min(accepted_at) FROM webhook_ids AS i WHERE i.tenant = s.tenant)
     FROM tenant_state AS s"""
+# One tenant's oldest, as the survey reads it ($2: its acked_sequence as the survey knew it).
+ONE_OLDEST = {
+    "history": "SELECT min(accepted_at) FROM history WHERE tenant = $1 AND $2::bigint >= 0",
+    "webhooks": """SELECT accepted_at FROM webhooks WHERE tenant = $1 AND sequence <= $2
+                   ORDER BY sequence LIMIT 1""",
+    "failed_attempts": "SELECT min(at) FROM failed_attempts WHERE tenant = $1 AND $2::bigint >= 0",
+}
+TOTAL_BYTES = "SELECT coalesce(sum(history_bytes), 0)::bigint FROM tenant_state"
 
 
 async def _delete_delivered(

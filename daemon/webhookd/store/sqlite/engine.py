@@ -55,6 +55,7 @@ from webhookd.records import (
     TenantRow,
     Webhook,
 )
+from webhookd.store.history import Survey, settings_of
 from webhookd.store.protocol import KEEP_ALL, Cluster, OnEnqueued
 from webhookd.store.sqlite import reads
 from webhookd.store.sqlite.lock import DatabaseLock
@@ -69,6 +70,7 @@ from webhookd.store.sqlite.reserve import (
 from webhookd.store.sqlite.schema import load_records, migrate, refuse_newer
 from webhookd.store.sqlite.writes import (
     COVERING,
+    SURVEY,
     Acknowledge,
     ClearFailures,
     Discard,
@@ -116,6 +118,7 @@ class SqliteStore:
         self._conn: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._rows: dict[str, TenantRow] = {}
+        self._survey: Survey | None = None  # what pruning knows of every tenant
         self._pending: list[Op] = []
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -564,6 +567,11 @@ class SqliteStore:
         idempotency_window: float,
         step: int,
     ) -> PruneResult:
+        settings = settings_of(retention, default_retention, max_bytes, idempotency_window)
+        survey = self._survey
+        if survey is None or not survey.serves(now, settings):
+            rows = await self._db.execute_fetchall(SURVEY)
+            survey = self._survey = Survey.of((tuple(r) for r in rows), now, settings)
         op = PruneHistory(
             now,
             retention=dict(retention),
@@ -571,6 +579,7 @@ class SqliteStore:
             max_bytes=max_bytes,
             idempotency_window=idempotency_window,
             step=step,
+            survey=survey,
         )
         result: PruneResult = await self._submit(op)
         return result

@@ -40,7 +40,8 @@ from webhookd.records import (
 from webhookd.store.history import (
     FAILURE_OVERHEAD,
     RECORD_OVERHEAD,
-    cutoff,
+    StepClock,
+    Survey,
     record_bytes,
     selection_conditions,
 )
@@ -926,9 +927,32 @@ def prune_delivered(
     return len(chosen), records
 
 
+# What pruning knows of every tenant (store/history.py Survey), read on the reader
+# connection, not the writer: each tenant's oldest record of the other outcomes, delivered
+# record (the lowest sequence at or below acked_sequence), failed attempt and producer id,
+# in the order of history.PRUNED.
+SURVEY = """
+    SELECT s.tenant, s.acked_sequence,
+           (SELECT min(accepted_at) FROM history AS h WHERE h.tenant = s.tenant),
+           (SELECT w.accepted_at FROM webhooks AS w INDEXED BY webhooks_queue
+            WHERE w.tenant = s.tenant AND w.sequence <= s.acked_sequence
+            ORDER BY w.sequence LIMIT 1),
+           (SELECT min(at) FROM failed_attempts AS f WHERE f.tenant = s.tenant),
+           (SELECT min(accepted_at) FROM webhook_ids AS i WHERE i.tenant = s.tenant)
+    FROM tenant_state AS s"""
+# One tenant's oldest, as the survey reads it.
+ONE_OLDEST = {
+    "history": "SELECT min(accepted_at) FROM history WHERE tenant = ? AND ? >= 0",
+    "webhooks": """SELECT accepted_at FROM webhooks INDEXED BY webhooks_queue
+                   WHERE tenant = ? AND sequence <= ? ORDER BY sequence LIMIT 1""",
+    "failed_attempts": "SELECT min(at) FROM failed_attempts WHERE tenant = ? AND ? >= 0",
+}
+
+
 class PruneHistory(_Control):
     """One step of pruning the history (Store.prune_history): by age per tenant, then by
-    size (oldest first, every tenant together), then producer ids; at most `step` rows."""
+    size (oldest first, every tenant together), then producer ids; at most `step` rows.
+    Which tenants have anything to prune, the survey says (read off the writer)."""
 
     def __init__(
         self,
@@ -939,132 +963,160 @@ class PruneHistory(_Control):
         max_bytes: int | None,
         idempotency_window: float,
         step: int,
+        survey: Survey,
     ) -> None:
         super().__init__("")
         self.now, self.retention, self.default = now, retention, default_retention
         self.max_bytes, self.window, self.step = max_bytes, idempotency_window, step
+        self.survey = survey
+        self.clock = StepClock()  # when the step stops (started again by apply)
 
     def apply(self, tx: Tx) -> PruneResult:
-        conn = tx.conn
+        self.clock = StepClock()
         budget = self.step
-        by_age = by_size = failures = ids = 0
-        holding = sorted(
-            {t for t in (*tx.sizes, *tx.grown) if any(tx.size_of(t)[:2])},
-        )
-        for tenant in holding:
-            if budget <= 0:
-                break
-            before = cutoff(tenant, self.now, self.retention, self.default)
-            gone = conn.execute(
-                f"""DELETE FROM history WHERE rowid IN (
-                        SELECT rowid FROM history WHERE tenant = ? AND accepted_at < ?
-                        ORDER BY accepted_at LIMIT ?)
-                    RETURNING {RECORD_BYTES}""",
-                (tenant, before, budget),
-            ).fetchall()
-            tx.grow(tenant, -len(gone), 0, -sum(n for (n,) in gone))
-            by_age += len(gone)
-            budget -= len(gone)
-            if budget <= 0:
-                break
-            removed, records = prune_delivered(tx, tenant, budget, before=before)
-            by_age += records
-            budget -= removed
-            if budget <= 0:
-                break
-            gone = conn.execute(
-                f"""DELETE FROM failed_attempts WHERE id IN (
-                        SELECT id FROM failed_attempts WHERE tenant = ? AND at < ?
-                        ORDER BY at LIMIT ?)
-                    RETURNING {FAILURE_BYTES}""",
-                (tenant, before, budget),
-            ).fetchall()
-            tx.grow(tenant, 0, -len(gone), -sum(n for (n,) in gone))
-            failures += len(gone)
-            budget -= len(gone)
-        if self.max_bytes is not None:
-            while budget > 0:
-                total = sum(tx.size_of(t)[2] for t in {*tx.sizes, *tx.grown})
-                if total <= self.max_bytes:
-                    break
-                removed, records = self._oldest(tx, budget, total - self.max_bytes)
-                if not removed:
-                    break
-                by_size += records
-                failures += removed - records
-                budget -= removed
+        by_age, failures, budget = self._by_age(tx, budget)
+        by_size = ids = 0
+        if self.max_bytes is not None and budget > 0:
+            by_size, failed, budget = self._by_size(tx, budget, self.max_bytes)
+            failures += failed
         if budget > 0:
-            for tenant in sorted(tx.rows):
-                if budget <= 0:
-                    break
-                seconds = self.retention.get(tenant, self.default)
-                before = self.now - max(self.window, seconds)
-                forgotten: int = conn.execute(
-                    """DELETE FROM webhook_ids WHERE tenant = :tenant AND id IN (
-                           SELECT i.id FROM webhook_ids AS i
-                           WHERE i.tenant = :tenant AND i.accepted_at < :before
-                             AND NOT coalesce(i.sequence > :acked, 0)
-                             AND NOT EXISTS (SELECT 1 FROM parked AS p
-                                             WHERE p.tenant = :tenant AND p.id = i.id)
-                             AND NOT EXISTS (SELECT 1 FROM history AS h
-                                             WHERE h.tenant = :tenant
-                                               AND h.sequence = i.sequence)
-                             AND NOT EXISTS (SELECT 1 FROM webhooks AS w
-                                             WHERE w.tenant = :tenant
-                                               AND w.sequence = i.sequence)
-                           ORDER BY i.accepted_at LIMIT :budget)""",
-                    {
-                        "tenant": tenant,
-                        "before": before,
-                        "acked": tx.rows[tenant].acked_sequence,
-                        "budget": budget,
-                    },
-                ).rowcount
-                if forgotten:
-                    conn.execute(
-                        """UPDATE tenant_state SET ids_forgotten_before =
-                               max(coalesce(ids_forgotten_before, 0), ?) WHERE tenant = ?""",
-                        (before, tenant),
-                    )
-                ids += forgotten
-                budget -= forgotten
+            ids = self._forget_ids(tx, budget)
+            budget -= ids
         return PruneResult(by_age, by_size, failures, ids, more=budget <= 0)
 
-    def _oldest(self, tx: Tx, budget: int, excess: int) -> tuple[int, int]:
+    def _by_age(self, tx: Tx, budget: int) -> tuple[int, int, int]:
+        """The rows past their tenant's retention, of the tenants the survey found with
+        any; returns (records, failed attempts, budget left)."""
+        conn, survey = tx.conn, self.survey
+        by_age = failures = 0
+        for tenant, table, before in survey.due(self.now, self.retention, self.default):
+            if budget <= 0:
+                break
+            if self.clock.over():
+                return by_age, failures, 0  # 0: more to do, in the next step
+            if table == "webhooks":
+                removed, records = prune_delivered(tx, tenant, budget, before=before)
+            else:
+                sql = (
+                    f"""DELETE FROM history WHERE rowid IN (
+                            SELECT rowid FROM history WHERE tenant = ? AND accepted_at < ?
+                            ORDER BY accepted_at LIMIT ?)
+                        RETURNING {RECORD_BYTES}"""
+                    if table == "history"
+                    else f"""DELETE FROM failed_attempts WHERE id IN (
+                            SELECT id FROM failed_attempts WHERE tenant = ? AND at < ?
+                            ORDER BY at LIMIT ?)
+                        RETURNING {FAILURE_BYTES}"""
+                )
+                gone = conn.execute(sql, (tenant, before, budget)).fetchall()
+                freed = sum(n for (n,) in gone)
+                removed = len(gone)
+                if table == "history":
+                    tx.grow(tenant, -removed, 0, -freed)
+                    records = removed
+                else:
+                    tx.grow(tenant, 0, -removed, -freed)
+                    records = 0
+                    failures += removed
+            if removed < budget:
+                survey.pruned(tenant, table, before)
+            by_age += records
+            budget -= removed
+        return by_age, failures, budget
+
+    def _by_size(self, tx: Tx, budget: int, max_bytes: int) -> tuple[int, int, int]:
+        """The oldest rows of every tenant together while the history is over
+        `max_bytes`; returns (records, failed attempts, budget left)."""
+        total = sum(tx.size_of(t)[2] for t in {*tx.sizes, *tx.grown})
+        by_size = failures = 0
+        # Each look at a tenant's oldest either prunes or corrects what the survey knew of
+        # it (a lower bound): bounded, so that a step stays short.
+        looks = 2 * budget + 10
+        while budget > 0 and total > max_bytes and looks > 0:
+            looks -= 1
+            if self.clock.over():
+                looks = 0
+                break
+            taken = self._oldest(tx, budget, total - max_bytes)
+            if taken is None:
+                break
+            removed, records, freed = taken
+            by_size += records
+            failures += removed - records
+            budget -= removed
+            total -= freed
+        return by_size, failures, 0 if looks <= 0 else budget  # 0: more to look at
+
+    def _forget_ids(self, tx: Tx, budget: int) -> int:
+        """Producer ids past the window and the retention, of the tenants the survey found
+        with any; returns how many were forgotten."""
+        conn, survey = tx.conn, self.survey
+        ids = 0
+        for tenant, before in survey.ids_due(self.now, self.window, self.retention, self.default):
+            if ids >= budget or self.clock.over():
+                break
+            row = tx.rows.get(tenant)
+            if row is None:
+                continue
+            forgotten: int = conn.execute(
+                """DELETE FROM webhook_ids WHERE tenant = :tenant AND id IN (
+                       SELECT i.id FROM webhook_ids AS i
+                       WHERE i.tenant = :tenant AND i.accepted_at < :before
+                         AND NOT coalesce(i.sequence > :acked, 0)
+                         AND NOT EXISTS (SELECT 1 FROM parked AS p
+                                         WHERE p.tenant = :tenant AND p.id = i.id)
+                         AND NOT EXISTS (SELECT 1 FROM history AS h
+                                         WHERE h.tenant = :tenant
+                                           AND h.sequence = i.sequence)
+                         AND NOT EXISTS (SELECT 1 FROM webhooks AS w
+                                         WHERE w.tenant = :tenant
+                                           AND w.sequence = i.sequence)
+                       ORDER BY i.accepted_at LIMIT :budget)""",
+                {
+                    "tenant": tenant,
+                    "before": before,
+                    "acked": row.acked_sequence,
+                    "budget": budget - ids,
+                },
+            ).rowcount
+            if forgotten:
+                conn.execute(
+                    """UPDATE tenant_state SET ids_forgotten_before =
+                           max(coalesce(ids_forgotten_before, 0), ?) WHERE tenant = ?""",
+                    (before, tenant),
+                )
+            if forgotten < budget - ids:
+                survey.ids_tried(tenant, before)
+            ids += forgotten
+        return ids
+
+    def _oldest(self, tx: Tx, budget: int, excess: int) -> tuple[int, int, int] | None:
         """Remove the oldest records (or failed attempts) of the tenant that holds the
         oldest, up to `budget` rows, until `excess` bytes are gone or another tenant's
-        oldest is older; return (rows removed, of which records)."""
+        oldest is older; return (rows removed, of which records, bytes freed), or None when
+        nothing is left. The survey's heap says which tenant: a time found newer than it
+        knew goes back into the heap, and nothing is removed this time."""
         conn = tx.conn
-        oldest: list[tuple[float, str, str]] = []
-        for tenant in sorted({*tx.sizes, *tx.grown}):
-            records, kept_failures, _ = tx.size_of(tenant)
-            if records:
-                (at,) = conn.execute(
-                    "SELECT min(accepted_at) FROM history WHERE tenant = ?", (tenant,)
-                ).fetchone()
-                if at is not None:
-                    oldest.append((at, tenant, "history"))
-                current = tx.rows.get(tenant)
-                at = conn.execute(
-                    """SELECT accepted_at FROM webhooks INDEXED BY webhooks_queue
-                       WHERE tenant = ? AND sequence <= ? ORDER BY sequence LIMIT 1""",
-                    (tenant, current.acked_sequence if current else 0),
-                ).fetchone()
-                if at is not None:
-                    oldest.append((at[0], tenant, "webhooks"))
-            if kept_failures:
-                (at,) = conn.execute(
-                    "SELECT min(at) FROM failed_attempts WHERE tenant = ?", (tenant,)
-                ).fetchone()
-                if at is not None:
-                    oldest.append((at, tenant, "failed_attempts"))
-        if not oldest:
-            return 0, 0
-        oldest.sort()
-        _, tenant, table = oldest[0]
-        until = oldest[1][0] if len(oldest) > 1 else float("inf")
+        survey = self.survey
+        popped = survey.pop_oldest()
+        if popped is None:
+            return None
+        known, tenant, table = popped
+        current = tx.rows.get(tenant)
+        acked = current.acked_sequence if current else 0
+        found = conn.execute(ONE_OLDEST[table], (tenant, acked)).fetchone()
+        at = found[0] if found else None
+        if at is None:
+            return 0, 0, 0
+        if at > known:
+            survey.push(at, tenant, table)
+            return 0, 0, 0
+        until = survey.next_oldest()
+        survey.push(at, tenant, table)  # a lower bound of what it keeps
+        size_before = tx.size_of(tenant)[2]
         if table == "webhooks":
-            return prune_delivered(tx, tenant, budget, excess=excess, until=until)
+            removed, records = prune_delivered(tx, tenant, budget, excess=excess, until=until)
+            return removed, records, size_before - tx.size_of(tenant)[2]
         if table == "history":
             rows = conn.execute(
                 f"""SELECT rowid, accepted_at, {RECORD_BYTES} FROM history
@@ -1092,6 +1144,6 @@ class PruneHistory(_Control):
             )
         if table == "history":
             tx.grow(tenant, -len(chosen), 0, -freed)
-            return len(chosen), len(chosen)
+            return len(chosen), len(chosen), freed
         tx.grow(tenant, 0, -len(chosen), -freed)
-        return len(chosen), 0
+        return len(chosen), 0, freed
