@@ -5,6 +5,7 @@ tests/test_ui_browser.py drives a browser."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
+from yarl import URL
 
 from tests import test_cluster
 from tests.conftest import Daemon, Receiver, StartDaemon, free_port, tenant, wait_for, write_config
@@ -25,6 +27,7 @@ from webhookd import config as config_mod
 from webhookd.ui import portal
 from webhookd.ui import throttle as throttle_mod
 from webhookd.ui.pages import SESSIONS, SIGN_IN_THROTTLE
+from webhookd.ui.sessions import COOKIE
 from webhookd.ui.throttle import SignInThrottle, client_key
 
 start_instance = test_cluster.start_instance  # the fixture: in-process instances
@@ -220,6 +223,52 @@ async def test_ten_wrong_tokens_lock_the_address_out_even_for_the_right_token(
         assert (status, body["error"]) == (401, "unauthorized")
     status, _ = await daemon.request("GET", "/v1/status")
     assert status == 200
+
+
+async def test_wrong_tokens_sent_together_get_no_more_guesses_than_the_limit(
+    start_daemon: StartDaemon, browsers, receiver, monkeypatch: pytest.MonkeyPatch
+):
+    """Twelve sign-ins sent at once, their bodies held back until every one has passed the
+    check made before the body is read: the lock still stops the two past the 10th."""
+    daemon = await start_daemon(
+        tenants={"acme": tenant(receiver.url("/a"))}, daemon={"api_token": TOKEN}
+    )
+    throttle, _ = throttle_of(daemon)
+    browser = browsers(daemon)
+    csrf = await browser.csrf("/ui/signin")
+    checked: list[str | None] = []
+    check = throttle.locked_for
+
+    def counted_check(remote: str | None) -> int:
+        checked.append(remote)
+        return check(remote)
+
+    monkeypatch.setattr(throttle, "locked_for", counted_check)
+    cookie = browser.session.cookie_jar.filter_cookies(URL(browser.base + "/ui/"))[COOKIE].value
+    host, port = browser.base.removeprefix("http://").split(":")
+    release = asyncio.Event()
+
+    async def sign_in(n: int) -> int:
+        # By hand: aiohttp's client holds a request's head back until its body comes.
+        body = f"csrf={csrf}&token=wrong-{n}".encode()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /ui/signin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            + f"Cookie: {COOKIE}={cookie}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        await release.wait()
+        writer.write(body)
+        status_line = await reader.readline()
+        writer.close()
+        await writer.wait_closed()
+        return int(status_line.split()[1])
+
+    sent = [asyncio.create_task(sign_in(n)) for n in range(12)]
+    await wait_for(lambda: len(checked) == 12)  # all twelve wait for their bodies
+    release.set()
+    statuses = sorted(await asyncio.gather(*sent))
+    assert statuses == [401] * 10 + [429] * 2
 
 
 async def test_the_right_token_before_the_lock_clears_the_count(

@@ -260,13 +260,19 @@ async def signin(request: web.Request) -> web.StreamResponse:
     expected = service.config.daemon.api_token.reveal()
     if not expected:
         return redirect("/ui/")
-    # Before anything is read or checked: a locked address learns nothing, not even
-    # whether the token it sent is the right one.
+    # A locked address learns nothing, not even whether the token it sent is the right one;
+    # its body is not even read.
     locked = throttle.locked_for(request.remote)
     if locked:
         return locked_page(request, locked)
     session = sessions.get(request, time.time())
     form = await request.post()
+    # Again once the body is in: requests sent together all passed the check above while
+    # their bodies arrived, and each would get its guess. From here to the count below
+    # nothing awaits, so the 10th wrong token locks out every request behind it.
+    locked = throttle.locked_for(request.remote)
+    if locked:
+        return locked_page(request, locked)
     if not csrf_ok(session, form.get("csrf")):
         return forbidden(request, "The sign-in form was not sent from this page; load it again.")
     assert session is not None
