@@ -25,6 +25,7 @@ from tests.conftest import Daemon, Receiver, StartDaemon, tenant, wait_for
 from webhookd import api, errors, forward, ingest, listener, service, tenants_api
 from webhookd.errors import CODES
 from webhookd.ids import generated_id, id_tag
+from webhookd.ui.pages import SIGN_IN_THROTTLE
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ROOT / "daemon" / "webhookd"
@@ -173,7 +174,7 @@ WALKED_ELSEWHERE = {
 
 # Codes of the HTML pages (webhookd/ui/), answered as a page with the code's status: walked
 # in test_a_page_refusal_is_a_page_with_the_registered_status below.
-PAGES_ONLY = {"forbidden"}
+PAGES_ONLY = {"forbidden", "too_many_sign_ins"}
 
 
 def raw_request(daemon: Daemon, head: bytes) -> tuple[int, bytes]:
@@ -350,3 +351,22 @@ async def test_a_page_refusal_is_a_page_with_the_registered_status(
     async with daemon.session.get(daemon.base + "/ui/tenants/bad.name") as response:
         assert response.status == CODES["forbidden"].status
         assert response.content_type == "text/html"
+
+
+async def test_too_many_sign_ins_is_a_page_with_the_registered_status(
+    start_daemon: StartDaemon,
+) -> None:
+    """`too_many_sign_ins` belongs to the sign-in page: after 10 wrong tokens from one
+    address, the next sign-in answers the code's status as a page, with Retry-After."""
+    daemon = await start_daemon(
+        tenants={"acme": tenant("http://127.0.0.1:9/down")}, daemon={"api_token": TOKEN}
+    )
+    runner = daemon.server._runner
+    assert runner is not None
+    throttle = runner.app[SIGN_IN_THROTTLE]
+    for _ in range(throttle.limit):
+        throttle.wrong("127.0.0.1")
+    async with daemon.session.post(daemon.base + "/ui/signin", data={"token": TOKEN}) as response:
+        assert response.status == CODES["too_many_sign_ins"].status
+        assert response.content_type == "text/html"
+        assert 0 < int(response.headers["Retry-After"]) <= 60

@@ -1,9 +1,11 @@
-"""The pages at /ui/ and /portal/, read with aiohttp's client: sign-in and sessions, CSRF,
-the headers, the overview's paging, the tenant page's controls and Webhook config form,
-portal links, and hostile text kept as text. tests/test_ui_browser.py drives a browser."""
+"""The pages at /ui/ and /portal/, read with aiohttp's client: sign-in and sessions, wrong
+tokens locking an address out, CSRF, the headers, the overview's paging, the tenant page's
+controls and Webhook config form, portal links, and hostile text kept as text.
+tests/test_ui_browser.py drives a browser."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -15,13 +17,18 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
+from yarl import URL
 
 from tests import test_cluster
 from tests.conftest import Daemon, Receiver, StartDaemon, free_port, tenant, wait_for, write_config
 from tests.test_cluster import held, two_instances
 from webhookd import config as config_mod
 from webhookd.ui import portal
-from webhookd.ui.pages import SESSIONS
+from webhookd.ui import throttle as throttle_mod
+from webhookd.ui.pages import SESSIONS, SIGN_IN_THROTTLE
+from webhookd.ui.sessions import COOKIE
+from webhookd.ui.throttle import SignInThrottle, client_key
 
 start_instance = test_cluster.start_instance  # the fixture: in-process instances
 TOKEN = "ui-test-token-0123456789"
@@ -29,11 +36,15 @@ PORTAL_KEY = "k" * 40
 
 
 class Browser:
-    """A cookie-keeping client, as a browser is: pages, forms and their CSRF tokens."""
+    """A cookie-keeping client, as a browser is: pages, forms and their CSRF tokens. `source`
+    is the client's own address (any of 127.0.0.0/8 reaches a daemon on 127.0.0.1)."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, source: str = "") -> None:
         self.base = daemon.base
-        self.session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        self.session = aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+            connector=aiohttp.TCPConnector(local_addr=(source, 0)) if source else None,
+        )
 
     async def get(self, path: str) -> tuple[int, str, Any]:
         async with self.session.get(self.base + path, allow_redirects=False) as response:
@@ -69,8 +80,8 @@ def csrf_of(page: str) -> str:
 async def browsers():
     made: list[Browser] = []
 
-    def make(daemon: Daemon) -> Browser:
-        made.append(Browser(daemon))
+    def make(daemon: Daemon, source: str = "") -> Browser:
+        made.append(Browser(daemon, source))
         return made[-1]
 
     yield make
@@ -134,6 +145,207 @@ async def test_a_session_expires(tmp_path, start_daemon: StartDaemon, browsers, 
         session.expires = time.time() - 1  # as if 60 s had passed
     status, _, _ = await browser.get("/ui/")
     assert status == 303
+
+
+class Clock:
+    """The throttle's clock, moved by hand: a minute passes without waiting one."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def throttle_of(daemon: Daemon) -> tuple[SignInThrottle, Clock]:
+    runner = daemon.server._runner
+    assert runner is not None
+    throttle = runner.app[SIGN_IN_THROTTLE]
+    clock = Clock()
+    throttle.clock = clock
+    return throttle, clock
+
+
+async def wrong_tokens(browser: Browser, count: int) -> None:
+    for n in range(count):
+        status, page, _ = await browser.sign_in(f"wrong-{n}")
+        assert status == 401 and "not the daemon's API token" in page, (n, status)
+
+
+async def test_ten_wrong_tokens_lock_the_address_out_even_for_the_right_token(
+    start_daemon: StartDaemon, browsers, receiver
+):
+    daemon = await start_daemon(
+        tenants={"acme": tenant(receiver.url("/a"))}, daemon={"api_token": TOKEN}
+    )
+    throttle, clock = throttle_of(daemon)
+    browser = browsers(daemon)
+    with capture_logs() as logs:
+        await wrong_tokens(browser, 9)
+        assert [e for e in logs if e["event"].startswith("ui_")] == []  # none logged one by one
+        clock.now += 15
+        await wrong_tokens(browser, 1)  # the 10th, 15 s into the window: locked for 45 s
+    locks = [e for e in logs if e["event"] == "ui_signin_locked"]
+    assert locks == [
+        {"event": "ui_signin_locked", "remote": "127.0.0.1", "lock_s": 45, "log_level": "warning"}
+    ]
+    assert not any("wrong-" in str(e) or TOKEN in str(e) for e in logs)
+
+    # The 11th, with the right token: refused without being checked, as a page.
+    clock.now += 5
+    status, page, response = await browser.sign_in()
+    assert status == 429 and response.headers["Retry-After"] == "40"
+    assert "Too many wrong tokens" in page and "Try again in 40 seconds" in page
+    assert "10 wrong API tokens were sent from your address within 60 seconds" in page
+    assert response.headers["Content-Security-Policy"].endswith("frame-ancestors 'none'")
+    assert page.count("<script") == 1 and TOKEN not in page
+    status, _, response = await browser.get("/ui/")
+    assert (status, response.headers["Location"]) == (303, "/ui/signin")  # not signed in
+    # Even a form without its CSRF token is answered 429: nothing is read while locked.
+    status, _, _ = await browser.post("/ui/signin", {"token": TOKEN})
+    assert status == 429
+    clock.now += 39
+    status, _, response = await browser.sign_in()
+    assert status == 429 and response.headers["Retry-After"] == "1"
+
+    # The window is over: the right token signs in.
+    clock.now += 1
+    status, _, response = await browser.sign_in()
+    assert (status, response.headers["Location"]) == (303, "/ui/")
+    status, page, _ = await browser.get("/ui/")
+    assert status == 200 and "acme" in page
+    assert len(throttle) == 0
+    # The API's bearer token is no part of it: a wrong one is a plain 401, ever.
+    for _ in range(12):
+        status, body = await daemon.request(
+            "GET", "/v1/status", headers={"Authorization": "Bearer nope"}
+        )
+        assert (status, body["error"]) == (401, "unauthorized")
+    status, _ = await daemon.request("GET", "/v1/status")
+    assert status == 200
+
+
+async def test_wrong_tokens_sent_together_get_no_more_guesses_than_the_limit(
+    start_daemon: StartDaemon, browsers, receiver, monkeypatch: pytest.MonkeyPatch
+):
+    """Twelve sign-ins sent at once, their bodies held back until every one has passed the
+    check made before the body is read: the lock still stops the two past the 10th."""
+    daemon = await start_daemon(
+        tenants={"acme": tenant(receiver.url("/a"))}, daemon={"api_token": TOKEN}
+    )
+    throttle, _ = throttle_of(daemon)
+    browser = browsers(daemon)
+    csrf = await browser.csrf("/ui/signin")
+    checked: list[str | None] = []
+    check = throttle.locked_for
+
+    def counted_check(remote: str | None) -> int:
+        checked.append(remote)
+        return check(remote)
+
+    monkeypatch.setattr(throttle, "locked_for", counted_check)
+    cookie = browser.session.cookie_jar.filter_cookies(URL(browser.base + "/ui/"))[COOKIE].value
+    host, port = browser.base.removeprefix("http://").split(":")
+    release = asyncio.Event()
+
+    async def sign_in(n: int) -> int:
+        # By hand: aiohttp's client holds a request's head back until its body comes.
+        body = f"csrf={csrf}&token=wrong-{n}".encode()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /ui/signin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            + f"Cookie: {COOKIE}={cookie}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        await release.wait()
+        writer.write(body)
+        status_line = await reader.readline()
+        writer.close()
+        await writer.wait_closed()
+        return int(status_line.split()[1])
+
+    sent = [asyncio.create_task(sign_in(n)) for n in range(12)]
+    await wait_for(lambda: len(checked) == 12)  # all twelve wait for their bodies
+    release.set()
+    statuses = sorted(await asyncio.gather(*sent))
+    assert statuses == [401] * 10 + [429] * 2
+
+
+async def test_the_right_token_before_the_lock_clears_the_count(
+    start_daemon: StartDaemon, browsers, receiver
+):
+    daemon = await start_daemon(
+        tenants={"acme": tenant(receiver.url("/a"))}, daemon={"api_token": TOKEN}
+    )
+    throttle, _ = throttle_of(daemon)
+    first = browsers(daemon)
+    await wrong_tokens(first, 9)
+    status, _, _ = await first.sign_in()
+    assert status == 303 and len(throttle) == 0
+    # Nine more from the same address: without the right token's clearing, the first of
+    # them would have been the 10th, and the right token after them refused.
+    second = browsers(daemon)
+    await wrong_tokens(second, 9)
+    status, _, response = await second.sign_in()
+    assert (status, response.headers["Location"]) == (303, "/ui/")
+
+
+async def test_a_locked_address_does_not_lock_another(
+    start_daemon: StartDaemon, browsers, receiver
+):
+    daemon = await start_daemon(
+        tenants={"acme": tenant(receiver.url("/a"))}, daemon={"api_token": TOKEN}
+    )
+    throttle, _ = throttle_of(daemon)
+    attacker = browsers(daemon, "127.0.0.2")
+    await wrong_tokens(attacker, 10)
+    status, _, _ = await attacker.sign_in()
+    assert status == 429
+    operator = browsers(daemon, "127.0.0.1")
+    status, _, response = await operator.sign_in()
+    assert (status, response.headers["Location"]) == (303, "/ui/")
+    assert throttle.locked_for("127.0.0.2") == 60 and throttle.locked_for("127.0.0.1") == 0
+
+
+async def test_the_table_of_addresses_stays_bounded(start_daemon: StartDaemon, browsers, receiver):
+    daemon = await start_daemon(
+        tenants={"acme": tenant(receiver.url("/a"))}, daemon={"api_token": TOKEN}
+    )
+    throttle, clock = throttle_of(daemon)
+    throttle.capacity = 4
+    for n in range(2, 12):  # ten addresses, one wrong token each, a second apart
+        await wrong_tokens(browsers(daemon, f"127.0.0.{n}"), 1)
+        clock.now += 1
+        assert len(throttle) == min(n - 1, 4)
+    # The oldest went first: the four newest are kept.
+    kept = list(throttle._by_key)
+    assert kept == ["127.0.0.8", "127.0.0.9", "127.0.0.10", "127.0.0.11"]
+    # And an entry goes with its window: a minute later, the next call finds none left.
+    clock.now += 60
+    assert throttle.locked_for("127.0.0.11") == 0 and len(throttle) == 0
+
+
+def test_a_spray_of_addresses_keeps_at_most_the_capacity() -> None:
+    clock = Clock()
+    throttle = SignInThrottle(clock=clock)
+    for n in range(3 * throttle_mod.CAPACITY):
+        throttle.wrong(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}")
+    assert len(throttle) == throttle_mod.CAPACITY
+    # Every IPv6 address of one /64 is one client: a million of them count as one.
+    for n in range(1, 12):
+        throttle.wrong(f"2001:db8:0:7::{n:x}")
+    assert len(throttle) == throttle_mod.CAPACITY
+    assert throttle.locked_for("2001:db8:0:7:ffff::1") == 60
+    assert throttle.locked_for("2001:db8:0:8::1") == 0
+    clock.now += 60
+    assert throttle.locked_for("2001:db8:0:7::1") == 0 and len(throttle) == 0
+
+
+def test_whom_the_throttle_counts() -> None:
+    assert client_key("192.0.2.7") == "192.0.2.7"
+    assert client_key("::ffff:192.0.2.7") == "192.0.2.7"  # a dual-stack socket's IPv4 client
+    assert client_key("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+    assert client_key(None) == "-"
 
 
 async def test_a_post_without_the_csrf_token_is_refused(

@@ -40,6 +40,9 @@ CODES: dict[str, ErrorCode] = {
     "unsupported_media_type": ErrorCode(415),
     "expectation_failed": ErrorCode(417),
     "unknown_event": ErrorCode(422),
+    # The pages: too many wrong tokens at /ui/signin from one address. The page sets its own
+    # Retry-After (what is left of the address's lock), so none is registered here.
+    "too_many_sign_ins": ErrorCode(429),
     "headers_too_large": ErrorCode(431),
     "internal": ErrorCode(500),
     "unavailable": ErrorCode(503, retry_after=1),

@@ -28,10 +28,12 @@ from webhookd.service import InvalidTenant, Service, ServiceError
 from webhookd.status import QUEUE_STATES
 from webhookd.ui import portal
 from webhookd.ui.sessions import Session, Sessions, clear_cookie, csrf_ok, set_cookie
+from webhookd.ui.throttle import SignInThrottle, client_key
 
 log = logs.get_logger("webhookd.ui")
 
 SESSIONS = web.AppKey("ui_sessions", Sessions)
+SIGN_IN_THROTTLE = web.AppKey("ui_sign_in_throttle", SignInThrottle)
 PAGE_SIZE = 50
 # How often the live parts of a page reload themselves (seconds; the script reads it).
 REFRESH_S = 5
@@ -70,6 +72,12 @@ class ReadOnly(ServiceError):
     code = "conflict"
 
 
+class TooManySignIns(ServiceError):
+    """Too many wrong tokens from one address: answered as a page, with Retry-After."""
+
+    code = "too_many_sign_ins"
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SessionHandler = Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
 
@@ -85,6 +93,7 @@ def add_routes(app: web.Application) -> None:
         filters={"ago": since, "until": until, "data": data_text, "word": state_word},
     )
     app[SESSIONS] = Sessions(service.config.daemon.ui_session_ttl)
+    app[SIGN_IN_THROTTLE] = SignInThrottle()
     app.on_response_prepare.append(security_headers)
     static = {
         name: (resources.files("webhookd.ui").joinpath("static", name).read_bytes(), kind)
@@ -247,11 +256,23 @@ async def signin_page(request: web.Request, *, wrong: bool = False) -> web.Respo
 async def signin(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     sessions = request.app[SESSIONS]
+    throttle = request.app[SIGN_IN_THROTTLE]
     expected = service.config.daemon.api_token.reveal()
     if not expected:
         return redirect("/ui/")
+    # A locked address learns nothing, not even whether the token it sent is the right one;
+    # its body is not even read.
+    locked = throttle.locked_for(request.remote)
+    if locked:
+        return locked_page(request, locked)
     session = sessions.get(request, time.time())
     form = await request.post()
+    # Again once the body is in: requests sent together all passed the check above while
+    # their bodies arrived, and each would get its guess. From here to the count below
+    # nothing awaits, so the 10th wrong token locks out every request behind it.
+    locked = throttle.locked_for(request.remote)
+    if locked:
+        return locked_page(request, locked)
     if not csrf_ok(session, form.get("csrf")):
         return forbidden(request, "The sign-in form was not sent from this page; load it again.")
     assert session is not None
@@ -259,13 +280,34 @@ async def signin(request: web.Request) -> web.StreamResponse:
     if not isinstance(given, str) or not hmac.compare_digest(
         given.strip().encode("utf-8", "surrogateescape"), expected.encode()
     ):
-        log.warning("ui_sign_in_refused", remote=request.remote)
+        # Not logged one by one (a guesser would flood the log): only the lock is.
+        lock = throttle.wrong(request.remote)
+        if lock:
+            log.warning("ui_signin_locked", remote=client_key(request.remote), lock_s=lock)
         return await signin_page(request, wrong=True)
+    throttle.right(request.remote)
     sessions.end(session)  # a new id once signed in: a planted cookie does not carry over
     signed = sessions.new(time.time(), signed_in=True)
     log.info("ui_signed_in", remote=request.remote)
     response = redirect("/ui/")
     set_cookie(response, request, signed, sessions.ttl)
+    return response
+
+
+def locked_page(request: web.Request, seconds: int) -> web.Response:
+    """The 429 for an address locked out: when to try again, in seconds (Retry-After) and
+    as a time of day on the page."""
+    throttle = request.app[SIGN_IN_THROTTLE]
+    at = time.strftime("%H:%M:%S UTC", time.gmtime(time.time() + seconds))
+    context = {
+        "title": "Too many wrong tokens",
+        "limit": throttle.limit,
+        "window": views.counted(round(throttle.window), "second"),
+        "wait": views.counted(seconds, "second"),
+        "at": at,
+    }
+    response = render(request, "signin_locked.html", context, TooManySignIns("").status)
+    response.headers["Retry-After"] = str(seconds)
     return response
 
 
