@@ -136,6 +136,8 @@ class InvalidTenant(ServiceError):
 class Service:
     def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
         self.config = config
+        self._retentions_made: Mapping[str, float] = {}
+        self._retentions_of: Config | None = None  # the config they were made from
         self.clock = clock or Clock()
         daemon = config.daemon
         self.store = make_store(daemon.database, daemon.durability, daemon.lease_seconds)
@@ -1138,7 +1140,7 @@ class Service:
         daemon = self.config.daemon
         result = await self.store.prune_history(
             self.clock.now(),
-            retention={n: t.delivery.history_retention for n, t in self.config.tenants.items()},
+            retention=self._retentions(),
             default_retention=self.config.delivery.history_retention,
             max_bytes=daemon.history_max_bytes,
             idempotency_window=daemon.idempotency_window,
@@ -1146,6 +1148,18 @@ class Service:
         )
         self.metrics.pruned(result)
         return result
+
+    def _retentions(self) -> Mapping[str, float]:
+        """Each configured tenant's history retention: worked out once per configuration
+        (a Config is frozen; a change makes another), not at every pruning step (10,000
+        tenants: 2 ms a step)."""
+        config = self.config
+        if self._retentions_of is not config:
+            self._retentions_made = {
+                n: t.delivery.history_retention for n, t in config.tenants.items()
+            }
+            self._retentions_of = config
+        return self._retentions_made
 
     async def _prune_forever(self) -> None:
         """Pruning in the background: a step, then another while `more` remain, else a

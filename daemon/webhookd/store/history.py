@@ -4,8 +4,12 @@ writes the same arithmetic in its own dialect."""
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
+import itertools
+import math
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -75,12 +79,18 @@ STEP_S = 0.005
 # ... once it has done this many pieces (a tenant's rows of one table): a step of a few
 # tenants always goes through, however slow the machine.
 STEP_PIECES_MIN = 8
+# At most this many (tenant, table) a step is given to prune by age (a step prunes PRUNE_STEP
+# rows at most, each of them at least one).
+DUE_PER_STEP = 500
 # At most this many tenants looked at per step for their producer ids (a tenant whose
 # oldest id must stay, its record still kept, is tried again at the next survey only).
 IDS_TENANTS_PER_STEP = 500
 
 SurveyRow = tuple[str, int, float | None, float | None, float | None, float | None]
-Settings = tuple[tuple[tuple[str, float], ...], float, int | None, float]
+# What a survey was made for: (retention per tenant, default retention, max bytes, window).
+# The service hands the same retention mapping each step until its configuration changes:
+# compared by identity first, then by value (in C: a few hundred µs for 10,000 tenants).
+Settings = tuple[Mapping[str, float], float, int | None, float]
 
 
 @dataclass
@@ -91,77 +101,94 @@ class Survey:
     10,000 tenants the probes took 30-200 ms per step, and pruning by size, which looked
     for the oldest again for every tenant it pruned, seconds; the writer waited meanwhile.
 
-    Times are lower bounds: a tenant's oldest rows only get newer (pruned, or new rows
-    after them), and the steps raise them as they prune. A row it does not know of (a
-    tenant that came since, a replay's copy keeping its old acceptance time) waits for the
-    next survey."""
+    Each oldest row waits in a heap by the time it falls due (past its tenant's retention,
+    or for a producer id past the window too); each step takes what has fallen due by
+    then, and a tenant pruned of all it could is not looked at again before the next
+    survey. A row the survey does not know of (one that fell due behind the oldest, a
+    tenant that came since, a replay's copy keeping its old acceptance time) waits for
+    the next survey. For pruning by size the times are lower bounds: a tenant's oldest rows
+    only get newer (pruned, or new rows after them)."""
 
     now: float
     settings: Settings
     acked: dict[str, int]
     oldest: dict[tuple[str, str], float]  # (tenant, table in PRUNED): its oldest row's time
-    ids: dict[str, float]  # tenant: its oldest remembered producer id's accepted_at
     heap: list[tuple[float, str, str]] | None = None  # by size: (time, tenant, table)
+    lifetime: float = SURVEY_S  # how long it serves, in the store's `now`
+    # By age: (falls due at, tenant, index in PRUNED) not yet due, and those due, in turn.
+    _waiting: list[tuple[float, str, int]] = dataclasses.field(default_factory=list)
+    _due: deque[tuple[str, str]] = dataclasses.field(default_factory=deque)
+    # Producer ids: (falls due at, tenant) not yet due, and the tenants due, in turn.
+    _ids_waiting: list[tuple[float, str]] = dataclasses.field(default_factory=list)
+    _ids_due: deque[str] = dataclasses.field(default_factory=deque)
 
     @classmethod
     def of(cls, rows: Iterable[SurveyRow], now: float, settings: Settings) -> Survey:
-        survey = cls(now, settings, {}, {}, {})
+        survey = cls(now, settings, {}, {})
+        kept, default, _, window = settings
+        # SURVEY_S, or a tenth of the shortest retention or window: a retention of seconds
+        # is pruned within a fraction of it.
+        spans = [s for s in (default, window, *kept.values()) if s > 0]
+        survey.lifetime = min(SURVEY_S, min(spans, default=SURVEY_S) / 10)
         for tenant, acked, *times, id_at in rows:
             survey.acked[tenant] = acked
-            for table, at in zip(PRUNED, times, strict=True):
+            seconds = kept.get(tenant, default)
+            for index, (table, at) in enumerate(zip(PRUNED, times, strict=True)):
                 if at is not None:
                     survey.oldest[(tenant, table)] = at
+                    due = at + seconds if seconds > 0 else -math.inf
+                    survey._waiting.append((due, tenant, index))
             if id_at is not None:
-                survey.ids[tenant] = id_at
+                survey._ids_waiting.append((id_at + max(window, seconds), tenant))
+        heapq.heapify(survey._waiting)
+        heapq.heapify(survey._ids_waiting)
         return survey
 
     def serves(self, now: float, settings: Settings) -> bool:
         """Whether this survey may still guide a step at `now`: the same settings, and
-        not older than SURVEY_S, or a tenth of the shortest retention or window (a
-        retention of seconds is pruned within a fraction of it)."""
-        retention, default, _, window = settings
-        spans = [s for s in (default, window, *(v for _, v in retention)) if s > 0]
-        lifetime = min(SURVEY_S, min(spans, default=SURVEY_S) / 10)
-        return settings == self.settings and self.now <= now <= self.now + lifetime
+        not older than its lifetime."""
+        return self.now <= now <= self.now + self.lifetime and (
+            settings is self.settings or settings == self.settings
+        )
 
-    def due(
-        self, now: float, retention: Mapping[str, float], default_retention: float
-    ) -> list[tuple[str, str, float]]:
-        """(tenant, table, cutoff) with rows past the tenant's retention, per tenant its
-        records first, then its failed attempts."""
-        found = []
-        for (tenant, table), at in self.oldest.items():
-            before = cutoff(tenant, now, retention, default_retention)
-            if at < before:
-                found.append((tenant, table, before))
-        found.sort(key=lambda item: (item[0], PRUNED.index(item[1])))
-        return found
+    def due(self, now: float) -> list[tuple[str, str, float]]:
+        """(tenant, table, cutoff) with rows past the tenant's retention at `now`, in the
+        order they fell due; those a step has pruned (`pruned`) are no longer in it."""
+        while self._waiting and self._waiting[0][0] < now:
+            _, tenant, index = heapq.heappop(self._waiting)
+            self._due.append((tenant, PRUNED[index]))
+        kept, default, _, _ = self.settings
+        return [
+            (tenant, table, cutoff(tenant, now, kept, default))
+            for tenant, table in itertools.islice(self._due, DUE_PER_STEP)
+        ]
 
     def pruned(self, tenant: str, table: str, before: float) -> None:
         """A step removed every row of `table` older than `before` it could (for the
-        delivered ones: up to the first within retention): none is due before the next
-        survey."""
+        delivered ones: up to the first within retention): not looked at again before the
+        next survey."""
         if self.oldest.get((tenant, table), before) < before:
             self.oldest[(tenant, table)] = before
+        if self._due and self._due[0] == (tenant, table):
+            self._due.popleft()
 
-    def ids_due(
-        self, now: float, window: float, retention: Mapping[str, float], default: float
-    ) -> list[tuple[str, float]]:
+    def ids_due(self, now: float) -> list[tuple[str, float]]:
         """(tenant, before): tenants with producer ids older than both the window and the
-        tenant's retention, at most IDS_TENANTS_PER_STEP."""
-        found = []
-        for tenant in sorted(self.ids):
-            before = now - max(window, retention.get(tenant, default))
-            if self.ids[tenant] < before:
-                found.append((tenant, before))
-                if len(found) == IDS_TENANTS_PER_STEP:
-                    break
-        return found
+        tenant's retention, at most IDS_TENANTS_PER_STEP; those a step has tried
+        (`ids_tried`) are no longer in it."""
+        while self._ids_waiting and self._ids_waiting[0][0] < now:
+            self._ids_due.append(heapq.heappop(self._ids_waiting)[1])
+        kept, default, _, window = self.settings
+        return [
+            (tenant, now - max(window, kept.get(tenant, default)))
+            for tenant in itertools.islice(self._ids_due, IDS_TENANTS_PER_STEP)
+        ]
 
-    def ids_tried(self, tenant: str, before: float) -> None:
-        """A step forgot what it could of the tenant's ids older than `before`."""
-        if self.ids.get(tenant, before) < before:
-            self.ids[tenant] = before
+    def ids_tried(self, tenant: str) -> None:
+        """A step forgot what it could of the tenant's ids: not looked at again before the
+        next survey."""
+        if self._ids_due and self._ids_due[0] == tenant:
+            self._ids_due.popleft()
 
     # By size: the oldest row of every tenant together, in a heap of lower bounds.
 
@@ -184,7 +211,7 @@ class Survey:
 def settings_of(
     retention: Mapping[str, float], default: float, max_bytes: int | None, window: float
 ) -> Settings:
-    return (tuple(sorted(retention.items())), default, max_bytes, window)
+    return (retention, default, max_bytes, window)
 
 
 class StepClock:

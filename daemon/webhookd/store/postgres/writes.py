@@ -906,7 +906,7 @@ class PruneHistory(Op):
         any; returns (records, failed attempts, budget left)."""
         survey = self.survey
         by_age = failures = 0
-        for tenant, table, before in survey.due(self.now, self.retention, self.default):
+        for tenant, table, before in survey.due(self.now):
             if budget <= 0:
                 break
             if self.clock.over():
@@ -961,7 +961,7 @@ class PruneHistory(Op):
         """Producer ids past the window and the retention, of the tenants the survey found
         with any; returns how many were forgotten."""
         survey = self.survey
-        due = survey.ids_due(self.now, self.window, self.retention, self.default)
+        due = survey.ids_due(self.now)
         if not due:
             return 0
         tenants = [t for t, _ in due]
@@ -973,8 +973,8 @@ class PruneHistory(Op):
             budget,
         )
         if ids < budget:
-            for tenant, before in due:
-                survey.ids_tried(tenant, before)
+            for tenant, _ in due:
+                survey.ids_tried(tenant)
         return ids
 
     async def _delete(

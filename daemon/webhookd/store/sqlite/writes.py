@@ -989,7 +989,7 @@ class PruneHistory(_Control):
         any; returns (records, failed attempts, budget left)."""
         conn, survey = tx.conn, self.survey
         by_age = failures = 0
-        for tenant, table, before in survey.due(self.now, self.retention, self.default):
+        for tenant, table, before in survey.due(self.now):
             if budget <= 0:
                 break
             if self.clock.over():
@@ -1027,7 +1027,8 @@ class PruneHistory(_Control):
     def _by_size(self, tx: Tx, budget: int, max_bytes: int) -> tuple[int, int, int]:
         """The oldest rows of every tenant together while the history is over
         `max_bytes`; returns (records, failed attempts, budget left)."""
-        total = sum(tx.size_of(t)[2] for t in {*tx.sizes, *tx.grown})
+        total = sum(size[2] for size in tx.sizes.values())
+        total += sum(delta[2] for delta in tx.grown.values())
         by_size = failures = 0
         # Each look at a tenant's oldest either prunes or corrects what the survey knew of
         # it (a lower bound): bounded, so that a step stays short.
@@ -1052,11 +1053,12 @@ class PruneHistory(_Control):
         with any; returns how many were forgotten."""
         conn, survey = tx.conn, self.survey
         ids = 0
-        for tenant, before in survey.ids_due(self.now, self.window, self.retention, self.default):
+        for tenant, before in survey.ids_due(self.now):
             if ids >= budget or self.clock.over():
                 break
             row = tx.rows.get(tenant)
-            if row is None:
+            if row is None:  # removed since the survey
+                survey.ids_tried(tenant)
                 continue
             forgotten: int = conn.execute(
                 """DELETE FROM webhook_ids WHERE tenant = :tenant AND id IN (
@@ -1086,7 +1088,7 @@ class PruneHistory(_Control):
                     (before, tenant),
                 )
             if forgotten < budget - ids:
-                survey.ids_tried(tenant, before)
+                survey.ids_tried(tenant)
             ids += forgotten
         return ids
 
