@@ -28,7 +28,7 @@ from webhookd import forward
 from webhookd.config import Config, PostgresURL
 from webhookd.serve import Server
 from webhookd.service import Service
-from webhookd.store.postgres.cluster import PgCluster
+from webhookd.store.postgres.cluster import RENEW_CHUNK, PgCluster
 
 EVENT = "CHECK_COMPLETED"
 LEASE_S = 2.0
@@ -253,6 +253,25 @@ async def test_small_webhooks_reach_the_owner_with_their_announcement_large_ones
     await wait_for(lambda: receiver.sequences("/acme") == [1, 2], timeout=5)
     assert receiver.at("/acme")[1].webhooks[0]["data"] == large
     assert reads == [1]
+
+
+async def test_an_instance_keeps_more_leases_than_one_renewal_commit_holds(
+    tmp_path: Path, receiver: Receiver, postgres_url: str, start_instance: StartInstance
+) -> None:
+    # Leases are renewed RENEW_CHUNK to a commit (a renewal holds up those tenants'
+    # outcomes until it commits): every chunk must be renewed, tick after tick.
+    names = [f"t{n:04d}" for n in range(2 * RENEW_CHUNK + 100)]
+    path = write_config(tmp_path, {name: tenant(receiver.url(f"/{name}")) for name in names})
+    a = await start_instance(instance_config(path, postgres_url))
+    await wait_for(lambda: len(held(a)) == len(names), timeout=30)
+    cluster = a.service.cluster
+    assert cluster is not None
+    lost = cluster.lease_changes["lost"]
+    await asyncio.sleep(2.5 * LEASE_S)  # several ticks, past the lease
+    assert held(a) == set(names)
+    assert cluster.lease_changes["lost"] == lost
+    await a.ingest(names[-1], items("last", 1))  # the last chunk's tenant still delivers
+    await wait_for(lambda: receiver.sequences(f"/{names[-1]}") == [1], timeout=5)
 
 
 async def test_a_generated_id_given_by_one_instance_is_a_duplicate_through_another(
