@@ -429,10 +429,13 @@ SHORT_RETENTION = "7d"  # phase 2: all of them are
 TIMED_STEPS = 100  # prune steps timed in-process before the daemon starts
 
 
-async def timed_prune_steps(database: str, names: list[str], steps: int) -> list[float]:
+async def timed_prune_steps(
+    database: str, names: list[str], steps: int, max_bytes: int | None = None
+) -> list[float]:
     """Milliseconds each of `steps` pruning steps took through the store, as the daemon's
-    pruner calls it (PRUNE_STEP rows): how long a step holds the writer, and with it every
-    ingest and delivery record waiting behind it."""
+    pruner calls it (PRUNE_STEP rows, `names` kept 7 days, the history bounded to
+    `max_bytes`): how long a step holds the writer, and with it every ingest and delivery
+    record waiting behind it. The first also reads the survey (off the writer)."""
     store = make_store(
         PostgresURL(database) if database.startswith("postgresql://") else Path(database)
     )
@@ -445,7 +448,7 @@ async def timed_prune_steps(database: str, names: list[str], steps: int) -> list
                 time.time(),
                 retention=dict.fromkeys(names, 7 * 86400.0),
                 default_retention=7 * 86400.0,
-                max_bytes=None,
+                max_bytes=max_bytes,
                 idempotency_window=86400.0,
                 step=PRUNE_STEP,
             )
@@ -581,33 +584,6 @@ SIZE_TENANTS = 10_000
 SIZE_PER_TENANT = 30
 
 
-async def timed_size_steps(database: str, max_bytes: int, steps: int) -> list[float]:
-    """Milliseconds of each of `steps` pruning steps by size through the store, as the
-    daemon's pruner calls them; the first also reads the survey (off the writer)."""
-    store = make_store(
-        PostgresURL(database) if database.startswith("postgresql://") else Path(database)
-    )
-    await store.open()
-    took = []
-    try:
-        for _ in range(steps):
-            began = time.perf_counter()
-            result = await store.prune_history(
-                time.time(),
-                retention={},
-                default_retention=7 * 86400.0,
-                max_bytes=max_bytes,
-                idempotency_window=86400.0,
-                step=PRUNE_STEP,
-            )
-            took.append((time.perf_counter() - began) * MS)
-            if not result.more:
-                break
-    finally:
-        await store.close()
-    return took
-
-
 def filled_bytes(names: list[str], per_tenant: int) -> int:
     """The history bytes the store counts for what fill_sqlite / fill_postgres write."""
     total = 0
@@ -647,7 +623,9 @@ async def history_tenants(ctx: Context) -> None:
             await asyncio.to_thread(fill_sqlite, database, old, SIZE_PER_TENANT, started, 86400.0)
         await settle(database)
         # Most of it stays over the bound for the daemon: the steps timed here take a little.
-        steps = await timed_size_steps(database, counted - (counted - bound) // 10, TIMED_STEPS)
+        steps = await timed_prune_steps(
+            database, old, TIMED_STEPS, max_bytes=counted - (counted - bound) // 10
+        )
         ctx.say(
             f"  stored {stored:,} records of {count:,} tenants ({counted / 2**20:.0f} MiB "
             f"counted); {len(steps)} steps by size timed through the store"
