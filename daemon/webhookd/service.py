@@ -405,6 +405,10 @@ class Service:
             else:
                 worker.announced(last_sequence)
 
+    def last_known(self, tenant: str) -> int:
+        worker = self.workers.get(tenant)
+        return 0 if worker is None else worker.row.last_sequence
+
     def waiting_for(self, tenant: str) -> int:
         """How busy a tenant is, to hand the idle ones over first."""
         worker = self.workers.get(tenant)

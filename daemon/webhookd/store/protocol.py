@@ -84,6 +84,10 @@ class Members(Protocol):
         (consecutive, ending at `last_sequence`), else the worker reads them."""
         ...
 
+    def last_known(self, tenant: str) -> int:
+        """The last sequence this instance knows `tenant` has queued (0: none)."""
+        ...
+
     def discarded(self, tenant: str) -> None:
         """Another instance discarded the queue of `tenant`, removed from the tenant API."""
         ...

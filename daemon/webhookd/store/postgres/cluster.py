@@ -112,7 +112,13 @@ ADD_TENANTS = """
 ADD_STORED = """
     INSERT INTO leases (tenant) SELECT tenant FROM tenant_state ON CONFLICT (tenant) DO NOTHING"""
 
-COUNTERS = "SELECT tenant, last_sequence FROM counters WHERE tenant = ANY($1::text[])"
+# The counters of the tenants held that moved past what this instance knows ($2, in the
+# order of $1): usually none, rather than every held tenant's at every tick.
+COUNTERS = """
+    SELECT c.tenant, c.last_sequence
+    FROM counters AS c JOIN unnest($1::text[], $2::bigint[]) AS k (tenant, known)
+      ON c.tenant = k.tenant
+    WHERE c.tenant = ANY($1::text[]) AND c.last_sequence > k.known"""
 
 # The tenant's owner while its lease is live, and where that instance's API is reached.
 OWNER = """
@@ -519,7 +525,9 @@ class PgCluster:
                 lease.valid_until = sent + self.lease_seconds
         # Counters of the tenants held: what a lost notification did not say.
         if self.held:
-            for row in await conn.fetch(COUNTERS, list(self.held)):
+            tenants = list(self.held)
+            known = [members.last_known(t) for t in tenants]
+            for row in await conn.fetch(COUNTERS, tenants, known):
                 members.queued(row["tenant"], row["last_sequence"])
         if not self._claiming:
             return
