@@ -37,6 +37,7 @@ from tests.conftest import Daemon, StartDaemon, tenant, write_config
 from webhookd import config as config_mod
 from webhookd import ingest
 from webhookd.config import (
+    DAEMON_KEYS,
     DELIVERY_KEYS,
     PROXY_KEYS,
     TENANT_KEYS,
@@ -1036,38 +1037,6 @@ async def test_truncated_bodies_and_content_length_lies_are_not_internal_errors(
 # 3. The config loader, and the tenant API that writes tenant files
 
 
-DAEMON_KEYS = [
-    "database",
-    "listen",
-    "api_token",
-    "api_token_file",
-    "tenants_dir",
-    "log_format",
-    "log_level",
-    "durability",
-    "max_connections",
-    "source_address",
-    "allow_private_endpoints",
-    "shutdown_grace",
-    "max_body_bytes",
-    "ca_file",
-    "history_max_bytes",
-    "idempotency_window",
-    "replay_max",
-    "database_password_file",
-    "lease_seconds",
-    "advertise_url",
-    "api_max_connections",
-    "api_header_timeout",
-    "api_idle_timeout",
-    *PROXY_KEYS,
-    "ui_session_ttl",
-    "portal_key_file",
-    "portal_link_ttl",
-    "portal_can_edit",
-    "portal_frame_ancestors",
-    "portal_base_url",
-]
 TENANT_TABLE_KEYS = [*TENANT_KEYS, *PROXY_KEYS, *DELIVERY_KEYS]
 KNOWN = {
     "": {"daemon", "events", "delivery", "tenants"},
@@ -1275,7 +1244,7 @@ TENANT_FILE_NAMES = st.from_regex(r"[A-Za-z0-9_-]{1,8}", fullmatch=True) | st.te
 def config_documents(draw: st.DrawFn) -> dict[str, Any]:
     document: dict[str, Any] = {}
     sections = {
-        "daemon": tables(DAEMON_KEYS, {"listen": "127.0.0.1:8787"}),
+        "daemon": tables(list(DAEMON_KEYS), {"listen": "127.0.0.1:8787"}),
         "events": tables(["custom"]),
         "delivery": tables(list(DELIVERY_KEYS)),
         "tenants": st.dictionaries(
