@@ -112,7 +112,9 @@ class Survey:
     now: float
     settings: Settings
     acked: dict[str, int]
-    oldest: dict[tuple[str, str], float]  # (tenant, table in PRUNED): its oldest row's time
+    # (tenant, table in PRUNED): its oldest row's time; raised by `pruned`, read once, to
+    # make the heap by size.
+    oldest: dict[tuple[str, str], float]
     heap: list[tuple[float, str, str]] | None = None  # by size: (time, tenant, table)
     lifetime: float = SURVEY_S  # how long it serves, in the store's `now`
     # By age: (falls due at, tenant, index in PRUNED) not yet due, and those due, in turn.
@@ -204,7 +206,6 @@ class Survey:
 
     def push(self, at: float, tenant: str, table: str) -> None:
         assert self.heap is not None
-        self.oldest[(tenant, table)] = at
         heapq.heappush(self.heap, (at, tenant, table))
 
 

@@ -939,13 +939,10 @@ class PruneHistory(Op):
         total = await conn.fetchval(TOTAL_BYTES)
         by_size = failures = 0
         # Each look at a tenant's oldest either prunes or corrects what the survey knew of
-        # it (a lower bound): bounded, so that a step stays short.
-        looks = 2 * budget + 10
-        while budget > 0 and total > max_bytes and looks > 0:
-            looks -= 1
+        # it (a lower bound); the step's clock bounds how many.
+        while budget > 0 and total > max_bytes:
             if self.clock.over():
-                looks = 0
-                break
+                return by_size, failures, 0  # 0: more to look at, in the next step
             removed, freed, table, records = await self._oldest(conn, budget, total - max_bytes)
             if table == "failed_attempts":
                 failures += removed
@@ -955,7 +952,7 @@ class PruneHistory(Op):
             budget -= removed
             if not removed and self.survey.heap == []:
                 break
-        return by_size, failures, 0 if looks <= 0 else budget  # 0: more to look at
+        return by_size, failures, budget
 
     async def _forget_ids(self, conn: Connection, budget: int) -> int:
         """Producer ids past the window and the retention, of the tenants the survey found

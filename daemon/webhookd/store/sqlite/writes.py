@@ -1031,13 +1031,10 @@ class PruneHistory(_Control):
         total += sum(delta[2] for delta in tx.grown.values())
         by_size = failures = 0
         # Each look at a tenant's oldest either prunes or corrects what the survey knew of
-        # it (a lower bound): bounded, so that a step stays short.
-        looks = 2 * budget + 10
-        while budget > 0 and total > max_bytes and looks > 0:
-            looks -= 1
+        # it (a lower bound); the step's clock bounds how many.
+        while budget > 0 and total > max_bytes:
             if self.clock.over():
-                looks = 0
-                break
+                return by_size, failures, 0  # 0: more to look at, in the next step
             taken = self._oldest(tx, budget, total - max_bytes)
             if taken is None:
                 break
@@ -1046,7 +1043,7 @@ class PruneHistory(_Control):
             failures += removed - records
             budget -= removed
             total -= freed
-        return by_size, failures, 0 if looks <= 0 else budget  # 0: more to look at
+        return by_size, failures, budget
 
     def _forget_ids(self, tx: Tx, budget: int) -> int:
         """Producer ids past the window and the retention, of the tenants the survey found
