@@ -460,6 +460,16 @@ async def timed_prune_steps(
     return took
 
 
+def spread(millis: list[float]) -> dict[str, float]:
+    """p50, p99 and max of step times."""
+    ordered = sorted(millis)
+    return {
+        "p50": ordered[len(ordered) // 2],
+        "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "max": ordered[-1],
+    }
+
+
 def with_retention(daemon: Daemon, names: list[str], retention: str) -> None:
     """Rewrite the daemon's config with `retention` for `names`, and SIGHUP it."""
     raw = tomllib.loads(daemon.config_path.read_text())
@@ -536,7 +546,6 @@ async def history_prune(ctx: Context) -> None:
                 break
             await asyncio.sleep(0.2)
         prune_s = time.monotonic() - began
-    steps.sort()
     result = {
         "records": total,
         "records_before": before,
@@ -544,11 +553,7 @@ async def history_prune(ctx: Context) -> None:
         "prune_s": prune_s,
         "prune_per_s": total / prune_s if prune_s else 0.0,
         "step_rows": PRUNE_STEP,
-        "step_ms": {
-            "p50": steps[len(steps) // 2],
-            "p99": steps[min(len(steps) - 1, int(0.99 * len(steps)))],
-            "max": steps[-1],
-        },
+        "step_ms": spread(steps),
         "latency_quiet_ms": quiet,
         "latency_pruning_ms": pruning,
     }
@@ -645,12 +650,7 @@ async def history_tenants(ctx: Context) -> None:
         async with ctx.sampled("historytenants", daemon):  # --profile
             pruning = await paced_latency(ctx, daemon, live, seconds)
         after = await history_records(ctx, daemon)
-    first, rest = steps[0], sorted(steps[1:]) or [0.0]
-    step_ms = {
-        "p50": rest[len(rest) // 2],
-        "p99": rest[min(len(rest) - 1, int(0.99 * len(rest)))],
-        "max": rest[-1],
-    }
+    first, step_ms = steps[0], spread(steps[1:] or [0.0])
     result: dict[str, Any] = {
         "tenants": count,
         "records": stored,
