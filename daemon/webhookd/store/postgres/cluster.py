@@ -22,9 +22,9 @@ order holds only if one instance at a time sends its head. So each tenant has a 
   the others to claim at once. A SIGTERM hands every lease back the same way.
 - **Wake-ups.** A commit that queues webhooks sends `NOTIFY webhookd_queued` with it
   (announce.py): the tenant, its last sequence and, when they are small, the webhooks
-  themselves; the owner's worker takes those, or reads them from the table. Each tick also reads
-  the owned tenants' counters, so a notification lost with a dropped session delays a
-  delivery by one tick at most.
+  themselves; the owner's worker takes those, or reads them from the table. Each tick also
+  asks which owned tenants' counters moved past what their workers know, so a notification
+  lost with a dropped session delays a delivery by one tick at most.
 - **Configuration.** Tenants made through the tenant API are rows of `api_tenants`; a write
   sends NOTIFY webhookd_cluster 'tenants', and every instance reads them again (each tick
   also checks a fingerprint of the table). Each instance publishes a digest of its main
